@@ -1,0 +1,328 @@
+//! The stream worker runtime shared by coordinators and participants.
+//!
+//! A [`Consumer`] reads its stream through a consumer group in batches (`XREADGROUP COUNT`),
+//! hands each batch of decoded messages to a [`Handler`], and `XACK`s an entry only after the
+//! handler has finished with it (its replies written). Entries left pending by a dead worker are
+//! taken over with `XAUTOCLAIM` once idle for `claim_idle`. An entry that cannot be decoded, or
+//! that the handler refuses, goes to the dead-letter stream with the reason, is counted and acked:
+//! a worker never crash-loops on one entry. Redis errors are logged and retried with a backoff;
+//! the affected entries stay pending and are claimed again.
+
+use crate::conn::RedisUrl;
+use crate::protocol::Message;
+use crate::shutdown::Shutdown;
+use crate::{keys, Error, Result};
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How a consumer reads.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Stream to read.
+    pub stream: String,
+    /// Consumer group (created at id 0 if missing, so nothing added before is skipped).
+    pub group: String,
+    /// This consumer's name, unique per process.
+    pub consumer: String,
+    /// Most entries per `XREADGROUP`/`XAUTOCLAIM`.
+    pub batch: usize,
+    /// How long one `XREADGROUP` blocks.
+    pub block: Duration,
+    /// Pending entries idle this long are taken over from their (presumably dead) consumer.
+    pub claim_idle: Duration,
+    /// How often to look for such entries (and to run [`Handler::tick`]).
+    pub tick_every: Duration,
+}
+
+impl ConsumerConfig {
+    /// Sane defaults for `stream`/`group`: batches of 256, 1 s block, claim after 5 s idle.
+    pub fn new(stream: String, group: String) -> Self {
+        ConsumerConfig {
+            stream,
+            group,
+            consumer: unique_consumer_name(),
+            batch: 256,
+            block: Duration::from_millis(1000),
+            claim_idle: Duration::from_secs(5),
+            tick_every: Duration::from_millis(250),
+        }
+    }
+}
+
+/// `<host>-<pid>-<random>`: unique across processes and restarts.
+pub fn unique_consumer_name() -> String {
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "host".into());
+    format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// A decoded entry handed to the handler.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Stream entry id.
+    pub id: String,
+    /// The message.
+    pub msg: Message,
+}
+
+/// What to do with an entry once the handler looked at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done (its effects and replies are written): `XACK`.
+    Ack,
+    /// Not processable, ever (wrong participant, protocol violation): dead-letter with the reason
+    /// and `XACK`.
+    DeadLetter(String),
+    /// Could not be done now (e.g. Redis unreachable): leave pending; it is claimed again after
+    /// `claim_idle`.
+    Retry,
+}
+
+/// The role-specific part of a worker.
+pub trait Handler: Send {
+    /// Processes a batch; returns one disposition per delivery, in order. An `Err` means none
+    /// of the batch is known done: all of it stays pending.
+    fn handle(&mut self, batch: Vec<Delivery>) -> impl Future<Output = Result<Vec<Disposition>>> + Send;
+
+    /// Periodic work (the coordinator scans deadlines here). Called about every `tick_every`.
+    fn tick(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// Counters of one consumer, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Entries handled and acked.
+    pub acked: AtomicU64,
+    /// Entries dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Entries taken over from idle consumers.
+    pub claimed: AtomicU64,
+    /// Batches that failed and were left pending.
+    pub failed_batches: AtomicU64,
+}
+
+/// A worker reading one stream through one consumer group.
+pub struct Consumer {
+    url: RedisUrl,
+    cfg: ConsumerConfig,
+    /// Dedicated to blocking reads, so they never delay other commands.
+    read_conn: MultiplexedConnection,
+    conn: MultiplexedConnection,
+    stats: Arc<ConsumerStats>,
+}
+
+impl Consumer {
+    /// Connects and creates the group if needed.
+    pub async fn connect(url: &RedisUrl, cfg: ConsumerConfig) -> Result<Self> {
+        let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
+        let mut conn = url.connect().await?;
+        ensure_group(&mut conn, url, &cfg.stream, &cfg.group).await?;
+        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, stats: Arc::default() })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
+    pub async fn run<H: Handler>(mut self, handler: &mut H, shutdown: Shutdown) -> Result<()> {
+        let mut last_tick = Instant::now() - self.cfg.tick_every;
+        let mut backoff = Backoff::default();
+        tracing::info!(stream = %self.cfg.stream, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "worker started");
+        while !shutdown.is_triggered() {
+            let step = async {
+                if last_tick.elapsed() >= self.cfg.tick_every {
+                    last_tick = Instant::now();
+                    self.claim_idle(handler).await?;
+                    handler.tick().await?;
+                }
+                let entries = tokio::select! {
+                    r = self.read() => r?,
+                    _ = shutdown.wait() => return Ok(()),
+                };
+                self.process(handler, entries).await
+            };
+            match step.await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    let pause = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?pause, "worker step failed; entries stay pending");
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.wait() => {} }
+                }
+            }
+        }
+        tracing::info!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, "worker stopped");
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<Vec<StreamId>> {
+        let opts = StreamReadOptions::default()
+            .group(&self.cfg.group, &self.cfg.consumer)
+            .count(self.cfg.batch)
+            .block(self.cfg.block.as_millis() as usize);
+        let reply: Option<StreamReadReply> =
+            self.read_conn.xread_options(&[&self.cfg.stream], &[">"], &opts).await.map_err(|e| Error::redis(&self.url, e))?;
+        Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
+    }
+
+    /// Takes over entries idle longer than `claim_idle` (from dead consumers, or our own failed
+    /// batches) and processes them.
+    async fn claim_idle<H: Handler>(&mut self, handler: &mut H) -> Result<()> {
+        let mut start = "0-0".to_string();
+        loop {
+            let reply: StreamAutoClaimReply = self
+                .conn
+                .xautoclaim_options(
+                    &self.cfg.stream,
+                    &self.cfg.group,
+                    &self.cfg.consumer,
+                    self.cfg.claim_idle.as_millis() as u64,
+                    &start,
+                    StreamAutoClaimOptions::default().count(self.cfg.batch),
+                )
+                .await
+                .map_err(|e| Error::redis(&self.url, e))?;
+            let n = reply.claimed.len();
+            if n > 0 {
+                self.stats.claimed.fetch_add(n as u64, Ordering::Relaxed);
+                tracing::info!(stream = %self.cfg.stream, claimed = n, "took over idle pending entries");
+                self.process(handler, reply.claimed).await?;
+            }
+            if reply.next_stream_id == "0-0" || n < self.cfg.batch {
+                return Ok(());
+            }
+            start = reply.next_stream_id;
+        }
+    }
+
+    async fn process<H: Handler>(&mut self, handler: &mut H, entries: Vec<StreamId>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(entries.len());
+        let mut dead: Vec<(StreamId, String)> = Vec::new();
+        for e in entries {
+            match Message::from_entry(&e.map) {
+                Ok(msg) => batch.push(Delivery { id: e.id, msg }),
+                Err(err) => dead.push((e, err.to_string())),
+            }
+        }
+        let mut ack: Vec<String> = Vec::with_capacity(batch.len());
+        if !batch.is_empty() {
+            let ids: Vec<String> = batch.iter().map(|d| d.id.clone()).collect();
+            let kinds: Vec<&'static str> = batch.iter().map(|d| d.msg.kind()).collect();
+            let dispositions = match handler.handle(batch).await {
+                Ok(d) => d,
+                Err(e) => {
+                    self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    // Dead letters found above are still written: they do not depend on the batch.
+                    self.dead_letter(dead).await?;
+                    return Err(e);
+                }
+            };
+            assert_eq!(dispositions.len(), ids.len(), "handler must return one disposition per delivery");
+            for ((id, kind), d) in ids.into_iter().zip(kinds).zip(dispositions) {
+                match d {
+                    Disposition::Ack => ack.push(id),
+                    Disposition::DeadLetter(reason) => {
+                        let mut map = std::collections::HashMap::new();
+                        map.insert("t".to_string(), redis::Value::BulkString(kind.as_bytes().to_vec()));
+                        dead.push((StreamId { id, map, ..Default::default() }, reason))
+                    }
+                    Disposition::Retry => {}
+                }
+            }
+        }
+        self.dead_letter(dead).await?;
+        if !ack.is_empty() {
+            let n: u64 = self.conn.xack(&self.cfg.stream, &self.cfg.group, &ack).await.map_err(|e| Error::redis(&self.url, e))?;
+            self.stats.acked.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Copies each entry to the dead-letter stream with the reason, counts it, then acks it.
+    async fn dead_letter(&mut self, dead: Vec<(StreamId, String)>) -> Result<()> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let mut p = redis::pipe();
+        let now = crate::now_ms();
+        for (entry, reason) in &dead {
+            tracing::warn!(stream = %self.cfg.stream, id = %entry.id, %reason, "dead-lettering entry");
+            let mut fields: Vec<(String, Vec<u8>)> = vec![
+                ("stream".into(), self.cfg.stream.clone().into_bytes()),
+                ("group".into(), self.cfg.group.clone().into_bytes()),
+                ("id".into(), entry.id.clone().into_bytes()),
+                ("reason".into(), reason.clone().into_bytes()),
+                ("at".into(), now.to_string().into_bytes()),
+            ];
+            for (k, v) in &entry.map {
+                if let redis::Value::BulkString(b) = v {
+                    fields.push((format!("orig.{k}"), b.clone()));
+                }
+            }
+            p.xadd(keys::dead_letter_stream(), "*", &fields).ignore();
+            p.hincr(keys::dead_letter_counts(), &self.cfg.stream, 1).ignore();
+        }
+        let ids: Vec<&str> = dead.iter().map(|(e, _)| e.id.as_str()).collect();
+        p.xack(&self.cfg.stream, &self.cfg.group, &ids).ignore();
+        p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        self.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// `XGROUP CREATE stream group 0 MKSTREAM`, tolerating an existing group.
+pub async fn ensure_group(conn: &mut MultiplexedConnection, url: &RedisUrl, stream: &str, group: &str) -> Result<()> {
+    let r: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "0").await;
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(Error::redis(url, e)),
+    }
+}
+
+/// Exponential backoff between retries, with named presets.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    current: Option<Duration>,
+}
+
+impl Default for Backoff {
+    /// 50 ms doubling to 2 s: for a worker waiting out a Redis restart.
+    fn default() -> Self {
+        Backoff { first: Duration::from_millis(50), max: Duration::from_secs(2), current: None }
+    }
+}
+
+impl Backoff {
+    /// 1 ms doubling to 50 ms: for a producer polling a result.
+    pub fn fast() -> Self {
+        Backoff { first: Duration::from_millis(1), max: Duration::from_millis(50), current: None }
+    }
+
+    /// The next pause.
+    pub fn next(&mut self) -> Duration {
+        let d = match self.current {
+            None => self.first,
+            Some(d) => (d * 2).min(self.max),
+        };
+        self.current = Some(d);
+        d
+    }
+
+    /// Back to the first pause.
+    pub fn reset(&mut self) {
+        self.current = None;
+    }
+}

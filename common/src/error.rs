@@ -1,0 +1,49 @@
+//! The error enum of `redtx-common`.
+
+use crate::spec::SpecError;
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the shared layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The transaction spec is invalid; nothing was enqueued.
+    #[error("invalid transaction spec: {0}")]
+    Spec(#[from] SpecError),
+    /// A Redis URL could not be parsed. The message never contains the password.
+    #[error("invalid Redis URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    /// Redis could not be reached or answered with an error. `url` has its password removed.
+    #[error("Redis at {url}: {source}")]
+    Redis {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A stream entry or record could not be decoded.
+    #[error("undecodable message: {0}")]
+    Decode(#[from] crate::protocol::DecodeError),
+    /// A Lua script answered something the caller does not understand (a bug or a version skew).
+    #[error("unexpected reply from script {script}: {detail}")]
+    ScriptReply { script: &'static str, detail: String },
+    /// Waiting for an outcome gave up; the transaction goes on and its outcome is still unknown.
+    #[error("gave up waiting for transaction {id} after {waited:?}; it goes on, `redtx status {id}` tells its outcome later")]
+    WaitTimeout { id: String, waited: std::time::Duration },
+    /// `redis-server` is not installed (needed by `redtx demo` and the tests).
+    #[error("redis-server was not found ({binary}); install it, e.g. `apt-get install -y redis-server` or `brew install redis`, or pass --redis URL")]
+    RedisServerMissing { binary: String },
+    /// A private `redis-server` could not be started.
+    #[error("could not start redis-server: {0}")]
+    ServerStart(String),
+    /// Local I/O failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Wraps a Redis error with the (redacted) URL of the server it came from.
+    pub fn redis(url: &crate::conn::RedisUrl, source: redis::RedisError) -> Self {
+        Error::Redis { url: url.redacted().to_string(), source }
+    }
+}

@@ -1,0 +1,42 @@
+//! Shared pieces of redtx: everything the coordinator, the participants and producers must agree on.
+//!
+//! # Layout
+//! - [`spec`]: the transaction spec a producer submits (JSON on the CLI, the same types in Rust),
+//!   its validation and its limits.
+//! - [`protocol`]: the typed messages exchanged over Redis Streams and their wire format
+//!   (stream fields `t` and `m`, MessagePack in a versioned envelope).
+//! - [`keys`]: the names of every Redis key and stream redtx uses.
+//! - [`record`]: the transaction record (`rtx:txn:{id}`) and its state machine.
+//! - [`scripts`]: the registry of Lua scripts (from `lua/`), called by SHA, pipelined, reloaded on
+//!   `NOSCRIPT`.
+//! - [`consumer`]: the stream worker runtime shared by coordinators and participants (batched
+//!   `XREADGROUP`, `XAUTOCLAIM` take-over, dead-lettering, graceful shutdown).
+//! - [`client`]: the producer library (`Client`): submit a transaction, read its status, wait for
+//!   its outcome.
+//! - [`conn`]: Redis URLs (with secrets redacted for display) and connections.
+//! - [`server`]: starts private `redis-server` processes on free ports (for `redtx demo` and tests).
+//! - [`shutdown`]: SIGINT/SIGTERM handling.
+//! - [`error`]: the crate's error enum.
+
+pub mod client;
+pub mod conn;
+pub mod consumer;
+pub mod error;
+pub mod keys;
+pub mod protocol;
+pub mod record;
+pub mod scripts;
+pub mod server;
+pub mod shutdown;
+pub mod spec;
+
+pub use client::Client;
+pub use error::{Error, Result};
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp redtx stores.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,134 @@
+//! Lua scripts: declared once (`include_str!` of a file in `lua/`), called by SHA, pipelined.
+//!
+//! Each crate declares its scripts as `static` [`LuaScript`]s. [`run`] sends a batch of calls as
+//! one pipeline of `EVALSHA`; a call answered `NOSCRIPT` (a restarted or flushed Redis) is
+//! loaded and re-sent. Per-call failures come back per call, so one bad call never hides the
+//! others' replies.
+
+use crate::conn::RedisUrl;
+use crate::{Error, Result};
+use redis::aio::MultiplexedConnection;
+use redis::{RedisResult, ToRedisArgs, Value};
+use std::sync::OnceLock;
+
+/// One Lua script of `lua/`.
+pub struct LuaScript {
+    /// Short name, for errors and logs.
+    pub name: &'static str,
+    /// The source.
+    pub source: &'static str,
+    sha: OnceLock<String>,
+}
+
+impl LuaScript {
+    /// Declares a script (usually `static X: LuaScript = LuaScript::new("x", include_str!(...))`).
+    pub const fn new(name: &'static str, source: &'static str) -> Self {
+        LuaScript { name, source, sha: OnceLock::new() }
+    }
+
+    /// SHA1 of the source, as `EVALSHA` wants it.
+    pub fn sha(&self) -> &str {
+        self.sha.get_or_init(|| redis::Script::new(self.source).get_hash().to_string())
+    }
+
+    /// Starts a call of this script.
+    pub fn call(&'static self) -> Call {
+        Call { script: self, keys: Vec::new(), args: Vec::new() }
+    }
+
+    /// `SCRIPT LOAD`s this script.
+    pub async fn load(&self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+        let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(self.source).query_async(conn).await?;
+        Ok(())
+    }
+}
+
+/// One pending call of a script with its KEYS and ARGV.
+#[derive(Clone)]
+pub struct Call {
+    script: &'static LuaScript,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call {
+    /// Appends to KEYS.
+    pub fn key(mut self, k: impl ToRedisArgs) -> Self {
+        self.keys.extend(k.to_redis_args());
+        self
+    }
+
+    /// Appends to ARGV.
+    pub fn arg(mut self, a: impl ToRedisArgs) -> Self {
+        self.args.extend(a.to_redis_args());
+        self
+    }
+
+    /// The script this call runs.
+    pub fn script(&self) -> &'static LuaScript {
+        self.script
+    }
+
+    fn evalsha(&self) -> redis::Cmd {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(self.script.sha()).arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        c
+    }
+
+    /// Runs this one call.
+    pub async fn run(&self, conn: &mut MultiplexedConnection, url: &RedisUrl) -> Result<Value> {
+        let mut out = run(conn, url, std::slice::from_ref(self)).await?;
+        out.pop().expect("one reply per call").map_err(|e| Error::redis(url, e))
+    }
+}
+
+/// Runs `calls` as one pipeline and returns one reply per call, in order. The outer error is a
+/// connection-level failure (nothing known about which calls ran); inner errors are per call.
+pub async fn run(conn: &mut MultiplexedConnection, url: &RedisUrl, calls: &[Call]) -> Result<Vec<RedisResult<Value>>> {
+    if calls.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut replies = pipeline(conn, url, calls.iter()).await?;
+    let missing: Vec<usize> = (0..calls.len()).filter(|&i| is_noscript(&replies[i])).collect();
+    if !missing.is_empty() {
+        for i in &missing {
+            calls[*i].script.load(conn).await.map_err(|e| Error::redis(url, e))?;
+        }
+        let again = pipeline(conn, url, missing.iter().map(|&i| &calls[i])).await?;
+        for (i, r) in missing.into_iter().zip(again) {
+            replies[i] = r;
+        }
+    }
+    Ok(replies)
+}
+
+async fn pipeline<'a>(conn: &mut MultiplexedConnection, url: &RedisUrl, calls: impl Iterator<Item = &'a Call>) -> Result<Vec<RedisResult<Value>>> {
+    let mut p = redis::pipe();
+    p.ignore_errors();
+    for c in calls {
+        p.add_command(c.evalsha());
+    }
+    p.query_async(conn).await.map_err(|e| Error::redis(url, e))
+}
+
+fn is_noscript(r: &RedisResult<Value>) -> bool {
+    matches!(r, Err(e) if e.code() == Some("NOSCRIPT"))
+}
+
+/// Reads a script reply that is an array, as a list of byte strings (integers become their
+/// decimal text, nil becomes empty).
+pub fn reply_strings(script: &'static str, v: &Value) -> Result<Vec<String>> {
+    let Value::Array(items) = v else {
+        return Err(Error::ScriptReply { script, detail: format!("expected an array, got {v:?}") });
+    };
+    items
+        .iter()
+        .map(|i| match i {
+            Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Value::SimpleString(s) => Ok(s.clone()),
+            Value::Int(n) => Ok(n.to_string()),
+            Value::Nil => Ok(String::new()),
+            other => Err(Error::ScriptReply { script, detail: format!("unexpected item {other:?}") }),
+        })
+        .collect()
+}
