@@ -2,11 +2,11 @@
 //!
 //! ```no_run
 //! # async fn demo() -> redtx_common::Result<()> {
-//! use redtx_common::{Client, spec::{Branch, Op, TxnSpec}};
+//! use redtx_common::{Client, spec::{Branch, IncrbyOp, Op, TxnSpec}};
 //! let client = Client::connect("redis://127.0.0.1:6379").await?;
 //! let spec = TxnSpec::new(vec![
-//!     Branch { participant: "bank-a".into(), ops: vec![Op::Incrby { key: "acct:alice".into(), by: -10, min: Some(0), max: None }] },
-//!     Branch { participant: "bank-b".into(), ops: vec![Op::Incrby { key: "acct:bob".into(), by: 10, min: None, max: None }] },
+//!     Branch { participant: "bank-a".into(), ops: vec![Op::Incrby(IncrbyOp { key: "acct:alice".into(), by: -10, min: Some(0), max: None })] },
+//!     Branch { participant: "bank-b".into(), ops: vec![Op::incrby("acct:bob", 10)] },
 //! ]);
 //! let record = client.submit_and_wait(&spec, std::time::Duration::from_secs(30)).await?;
 //! println!("{} is {}", record.id, record.state);

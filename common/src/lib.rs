@@ -16,12 +16,14 @@
 //! - [`conn`]: Redis URLs (with secrets redacted for display) and connections.
 //! - [`server`]: starts private `redis-server` processes on free ports (for `redtx demo` and tests).
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
+//! - [`failpoint`]: named freeze points for kill-at-this-step tests.
 //! - [`error`]: the crate's error enum.
 
 pub mod client;
 pub mod conn;
 pub mod consumer;
 pub mod error;
+pub mod failpoint;
 pub mod keys;
 pub mod protocol;
 pub mod record;

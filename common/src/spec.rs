@@ -72,43 +72,92 @@ impl Mode {
     }
 }
 
-/// One change (or guard) applied by the built-in key-value participant.
+/// One change (or guard) applied by the built-in key-value participant. On the wire and in JSON
+/// an op is one map whose `op` field names the variant, e.g.
+/// `{"op":"incrby","key":"acct:alice","by":-10,"min":0}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "op", rename_all = "lowercase")]
 pub enum Op {
     /// `SET key value`.
-    Set { key: String, value: String },
+    Set(SetOp),
     /// `DEL key`.
-    Del { key: String },
+    Del(DelOp),
     /// `INCRBY key by`, refused (vote no) if the result would leave `[min, max]`.
-    Incrby {
-        key: String,
-        by: i64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        min: Option<i64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max: Option<i64>,
-    },
+    Incrby(IncrbyOp),
     /// `HSET key field value`.
-    Hset { key: String, field: String, value: String },
+    Hset(HsetOp),
     /// `HDEL key field`.
-    Hdel { key: String, field: String },
+    Hdel(HdelOp),
     /// `HINCRBY key field by`, refused if the result would leave `[min, max]`.
-    Hincrby {
-        key: String,
-        field: String,
-        by: i64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        min: Option<i64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max: Option<i64>,
-    },
+    Hincrby(HincrbyOp),
     /// Guard only: the string at `key` must equal `value`; `null` means the key must not exist.
-    Expect {
-        key: String,
-        #[serde(deserialize_with = "present_nullable")]
-        value: Option<String>,
-    },
+    Expect(ExpectOp),
+}
+
+/// Fields of [`Op::Set`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetOp {
+    pub key: String,
+    pub value: String,
+}
+
+/// Fields of [`Op::Del`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelOp {
+    pub key: String,
+}
+
+/// Fields of [`Op::Incrby`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrbyOp {
+    pub key: String,
+    pub by: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<i64>,
+}
+
+/// Fields of [`Op::Hset`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsetOp {
+    pub key: String,
+    pub field: String,
+    pub value: String,
+}
+
+/// Fields of [`Op::Hdel`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HdelOp {
+    pub key: String,
+    pub field: String,
+}
+
+/// Fields of [`Op::Hincrby`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HincrbyOp {
+    pub key: String,
+    pub field: String,
+    pub by: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<i64>,
+}
+
+/// Fields of [`Op::Expect`]. `value` must be present; `null` means "the key must not exist".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectOp {
+    pub key: String,
+    #[serde(deserialize_with = "present_nullable")]
+    pub value: Option<String>,
 }
 
 /// Accepts `null` or a string, but (unlike a plain `Option`) insists that the field is present.
@@ -116,47 +165,91 @@ fn present_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D
     Option::<String>::deserialize(d)
 }
 
+/// Names of the ops, as written in specs.
+pub const OP_NAMES: [&str; 7] = ["set", "del", "incrby", "hset", "hdel", "hincrby", "expect"];
+
+impl Op {
+    /// Shorthand for an unbounded [`Op::Incrby`].
+    pub fn incrby(key: impl Into<String>, by: i64) -> Op {
+        Op::Incrby(IncrbyOp { key: key.into(), by, min: None, max: None })
+    }
+
+    /// Shorthand for [`Op::Set`].
+    pub fn set(key: impl Into<String>, value: impl Into<String>) -> Op {
+        Op::Set(SetOp { key: key.into(), value: value.into() })
+    }
+
+    /// Parses one op from JSON, naming the failing field precisely (`by`, not just the op).
+    fn from_json_value(mut v: serde_json::Value, path: &str) -> Result<Op, SpecError> {
+        let obj = v.as_object_mut().ok_or_else(|| SpecError::new(path, "an op must be an object like {\"op\": \"set\", ...}"))?;
+        let tag = match obj.remove("op") {
+            Some(serde_json::Value::String(t)) => t,
+            Some(other) => return Err(SpecError::new(format!("{path}.op"), format!("expected an op name, got {other}"))),
+            None => return Err(SpecError::new(path, format!("missing field `op` (one of {})", OP_NAMES.join(", ")))),
+        };
+        fn fields<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &str) -> Result<T, SpecError> {
+            serde_path_to_error::deserialize(v).map_err(|e| {
+                let p = e.path().to_string();
+                let field = if p == "." { path.to_string() } else { format!("{path}.{p}") };
+                SpecError::new(field, e.into_inner().to_string())
+            })
+        }
+        Ok(match tag.as_str() {
+            "set" => Op::Set(fields(v, path)?),
+            "del" => Op::Del(fields(v, path)?),
+            "incrby" => Op::Incrby(fields(v, path)?),
+            "hset" => Op::Hset(fields(v, path)?),
+            "hdel" => Op::Hdel(fields(v, path)?),
+            "hincrby" => Op::Hincrby(fields(v, path)?),
+            "expect" => Op::Expect(fields(v, path)?),
+            other => {
+                return Err(SpecError::new(format!("{path}.op"), format!("unknown op {other:?}; known ops: {}", OP_NAMES.join(", "))))
+            }
+        })
+    }
+}
+
 impl Op {
     /// The key this op reads or writes.
     pub fn key(&self) -> &str {
         match self {
-            Op::Set { key, .. }
-            | Op::Del { key }
-            | Op::Incrby { key, .. }
-            | Op::Hset { key, .. }
-            | Op::Hdel { key, .. }
-            | Op::Hincrby { key, .. }
-            | Op::Expect { key, .. } => key,
+            Op::Set(SetOp { key, .. })
+            | Op::Del(DelOp { key })
+            | Op::Incrby(IncrbyOp { key, .. })
+            | Op::Hset(HsetOp { key, .. })
+            | Op::Hdel(HdelOp { key, .. })
+            | Op::Hincrby(HincrbyOp { key, .. })
+            | Op::Expect(ExpectOp { key, .. }) => key,
         }
     }
 
     /// The op's name as written in specs.
     pub fn name(&self) -> &'static str {
         match self {
-            Op::Set { .. } => "set",
-            Op::Del { .. } => "del",
-            Op::Incrby { .. } => "incrby",
-            Op::Hset { .. } => "hset",
-            Op::Hdel { .. } => "hdel",
-            Op::Hincrby { .. } => "hincrby",
-            Op::Expect { .. } => "expect",
+            Op::Set(_) => "set",
+            Op::Del(_) => "del",
+            Op::Incrby(_) => "incrby",
+            Op::Hset(_) => "hset",
+            Op::Hdel(_) => "hdel",
+            Op::Hincrby(_) => "hincrby",
+            Op::Expect(_) => "expect",
         }
     }
 
     fn validate(&self, path: &str) -> Result<(), SpecError> {
         check_key(&format!("{path}.key"), self.key())?;
         match self {
-            Op::Set { value, .. } | Op::Hset { value, .. } => check_value(&format!("{path}.value"), value)?,
-            Op::Expect { value: Some(v), .. } => check_value(&format!("{path}.value"), v)?,
+            Op::Set(SetOp { value, .. }) | Op::Hset(HsetOp { value, .. }) => check_value(&format!("{path}.value"), value)?,
+            Op::Expect(ExpectOp { value: Some(v), .. }) => check_value(&format!("{path}.value"), v)?,
             _ => {}
         }
         match self {
-            Op::Hset { field, .. } | Op::Hdel { field, .. } | Op::Hincrby { field, .. } => {
+            Op::Hset(HsetOp { field, .. }) | Op::Hdel(HdelOp { field, .. }) | Op::Hincrby(HincrbyOp { field, .. }) => {
                 check_len(&format!("{path}.field"), field, MAX_KEY_BYTES)?
             }
             _ => {}
         }
-        if let Op::Incrby { min: Some(lo), max: Some(hi), .. } | Op::Hincrby { min: Some(lo), max: Some(hi), .. } = self {
+        if let Op::Incrby(IncrbyOp { min: Some(lo), max: Some(hi), .. }) | Op::Hincrby(HincrbyOp { min: Some(lo), max: Some(hi), .. }) = self {
             if lo > hi {
                 return Err(SpecError::new(format!("{path}.min"), format!("min {lo} is above max {hi}")));
             }
@@ -211,7 +304,14 @@ struct SpecJson {
     mode: Option<String>,
     #[serde(default)]
     timeout: Option<String>,
-    branches: Vec<Branch>,
+    branches: Vec<BranchJson>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BranchJson {
+    participant: String,
+    ops: Vec<serde_json::Value>,
 }
 
 impl TxnSpec {
@@ -267,7 +367,17 @@ impl TxnSpec {
                 .map_err(|e| SpecError::new("timeout", format!("{t:?} is not a duration ({e}); write e.g. \"250ms\" or \"5s\"")))?
                 .as_millis() as u64,
         };
-        let spec = TxnSpec { id: raw.id.unwrap_or_else(new_txn_id), mode, timeout_ms, branches: raw.branches };
+        let mut branches = Vec::with_capacity(raw.branches.len());
+        for (i, b) in raw.branches.into_iter().enumerate() {
+            let ops = b
+                .ops
+                .into_iter()
+                .enumerate()
+                .map(|(k, v)| Op::from_json_value(v, &format!("branches[{i}].ops[{k}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            branches.push(Branch { participant: b.participant, ops });
+        }
+        let spec = TxnSpec { id: raw.id.unwrap_or_else(new_txn_id), mode, timeout_ms, branches };
         spec.validate()?;
         Ok(spec)
     }
@@ -364,14 +474,9 @@ fn check_len(field: &str, s: &str, max: usize) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// serde_json appends " at line L column C"; keep it (it helps) but make unknown variants readable.
+/// serde_json's message (with " at line L column C", which helps).
 fn clean_json_error(e: &serde_json::Error) -> String {
-    let msg = e.to_string();
-    if msg.contains("unknown variant") {
-        msg.replacen("unknown variant", "unknown op", 1)
-    } else {
-        msg
-    }
+    e.to_string()
 }
 
 #[cfg(test)]
@@ -391,7 +496,7 @@ mod tests {
         let s = TxnSpec::from_json(OK.as_bytes()).unwrap();
         assert_eq!(s.id, "t1");
         assert_eq!(s.timeout_ms, 5000);
-        assert_eq!(s.branches[1].ops[1], Op::Expect { key: "x".into(), value: None });
+        assert_eq!(s.branches[1].ops[1], Op::Expect(ExpectOp { key: "x".into(), value: None }));
         assert_eq!(s.branches[1].keys(), vec!["acct:bob".to_string(), "x".to_string()]);
     }
 
@@ -406,8 +511,8 @@ mod tests {
     fn errors_name_the_field() {
         assert!(err("{").problem.contains("EOF"));
         let e = err(r#"{"branches":[{"participant":"p","ops":[{"op":"frob","key":"k"}]}]}"#);
-        assert_eq!(e.field, "branches[0].ops[0]");
-        assert!(e.problem.contains("unknown op `frob`"), "{e}");
+        assert_eq!(e.field, "branches[0].ops[0].op");
+        assert!(e.problem.contains("unknown op \"frob\""), "{e}");
         let e = err(r#"{"branches":[{"participant":"p","ops":[{"op":"incrby","key":"k"}]}]}"#);
         assert!(e.to_string().contains("missing field `by`"), "{e}");
         let e = err(r#"{"branches":[{"participant":"p","ops":[{"op":"incrby","key":"k","by":"ten"}]}]}"#);
