@@ -72,7 +72,8 @@ impl Client {
         spec.validate()?;
         let msg = Message::Submit(Submit { spec: spec.clone(), submitted_ms: crate::now_ms() });
         let mut conn = self.conn.clone();
-        let _: String = conn.xadd(keys::coord_stream(), "*", &msg.fields()).await.map_err(|e| Error::redis(&self.url, e))?;
+        let _: String =
+            conn.xadd(keys::coord_stream(), "*", &msg.fields()).await.map_err(|e| Error::redis(&self.url, e))?;
         Ok(spec.id.clone())
     }
 
@@ -80,7 +81,8 @@ impl Client {
     /// by a coordinator, or expired after its retention window).
     pub async fn status(&self, id: &str) -> Result<Option<TxnRecord>> {
         let mut conn = self.conn.clone();
-        let h: HashMap<String, Vec<u8>> = conn.hgetall(keys::txn_record(id)).await.map_err(|e| Error::redis(&self.url, e))?;
+        let h: HashMap<String, Vec<u8>> =
+            conn.hgetall(keys::txn_record(id)).await.map_err(|e| Error::redis(&self.url, e))?;
         TxnRecord::from_hash(id, &h).map_err(|detail| Error::ScriptReply { script: "record", detail })
     }
 

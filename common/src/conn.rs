@@ -26,7 +26,8 @@ impl RedisUrl {
     /// Parses and checks a URL (no connection yet).
     pub fn parse(raw: &str) -> Result<Self> {
         let redacted = redact(raw);
-        let client = redis::Client::open(raw).map_err(|e| Error::BadUrl { url: redacted.clone(), reason: e.to_string() })?;
+        let client =
+            redis::Client::open(raw).map_err(|e| Error::BadUrl { url: redacted.clone(), reason: e.to_string() })?;
         Ok(RedisUrl { raw: raw.to_string(), redacted, client })
     }
 

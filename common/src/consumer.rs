@@ -167,8 +167,11 @@ impl Consumer {
             .group(&self.cfg.group, &self.cfg.consumer)
             .count(self.cfg.batch)
             .block(self.cfg.block.as_millis() as usize);
-        let reply: Option<StreamReadReply> =
-            self.read_conn.xread_options(&[&self.cfg.stream], &[">"], &opts).await.map_err(|e| Error::redis(&self.url, e))?;
+        let reply: Option<StreamReadReply> = self
+            .read_conn
+            .xread_options(&[&self.cfg.stream], &[">"], &opts)
+            .await
+            .map_err(|e| Error::redis(&self.url, e))?;
         Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
     }
 
@@ -242,7 +245,11 @@ impl Consumer {
         }
         self.dead_letter(dead).await?;
         if !ack.is_empty() {
-            let n: u64 = self.conn.xack(&self.cfg.stream, &self.cfg.group, &ack).await.map_err(|e| Error::redis(&self.url, e))?;
+            let n: u64 = self
+                .conn
+                .xack(&self.cfg.stream, &self.cfg.group, &ack)
+                .await
+                .map_err(|e| Error::redis(&self.url, e))?;
             self.stats.acked.fetch_add(n, Ordering::Relaxed);
         }
         Ok(())

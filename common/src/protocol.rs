@@ -239,10 +239,17 @@ mod tests {
         prop_oneof![
             (s, s).prop_map(|(key, value)| Op::Set(SetOp { key, value })),
             s.prop_map(|key| Op::Del(DelOp { key })),
-            (s, any::<i64>(), any::<Option<i64>>(), any::<Option<i64>>()).prop_map(|(key, by, min, max)| Op::Incrby(IncrbyOp { key, by, min, max })),
+            (s, any::<i64>(), any::<Option<i64>>(), any::<Option<i64>>())
+                .prop_map(|(key, by, min, max)| Op::Incrby(IncrbyOp { key, by, min, max })),
             (s, s, s).prop_map(|(key, field, value)| Op::Hset(HsetOp { key, field, value })),
             (s, s).prop_map(|(key, field)| Op::Hdel(HdelOp { key, field })),
-            (s, s, any::<i64>(), any::<Option<i64>>()).prop_map(|(key, field, by, min)| Op::Hincrby(HincrbyOp { key, field, by, min, max: None })),
+            (s, s, any::<i64>(), any::<Option<i64>>()).prop_map(|(key, field, by, min)| Op::Hincrby(HincrbyOp {
+                key,
+                field,
+                by,
+                min,
+                max: None
+            })),
             (s, proptest::option::of(s)).prop_map(|(key, value)| Op::Expect(ExpectOp { key, value })),
         ]
     }
@@ -250,8 +257,13 @@ mod tests {
     fn message() -> impl Strategy<Value = Message> {
         let s = "[a-z0-9]{1,10}";
         prop_oneof![
-            (s, proptest::collection::vec((s, proptest::collection::vec(op(), 1..4)), 1..4), any::<u64>(), any::<u64>()).prop_map(
-                |(id, branches, timeout_ms, submitted_ms)| Message::Submit(Submit {
+            (
+                s,
+                proptest::collection::vec((s, proptest::collection::vec(op(), 1..4)), 1..4),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(id, branches, timeout_ms, submitted_ms)| Message::Submit(Submit {
                     spec: TxnSpec {
                         id,
                         mode: Mode::TwoPhase,
@@ -259,16 +271,25 @@ mod tests {
                         branches: branches.into_iter().map(|(participant, ops)| Branch { participant, ops }).collect(),
                     },
                     submitted_ms,
+                })),
+            (s, any::<u32>(), s, any::<u64>(), proptest::collection::vec(op(), 0..4)).prop_map(
+                |(txn, branch, participant, deadline_ms, ops)| Message::Prepare(Prepare {
+                    txn,
+                    branch,
+                    participant,
+                    deadline_ms,
+                    ops
                 })
             ),
-            (s, any::<u32>(), s, any::<u64>(), proptest::collection::vec(op(), 0..4))
-                .prop_map(|(txn, branch, participant, deadline_ms, ops)| Message::Prepare(Prepare { txn, branch, participant, deadline_ms, ops })),
-            (s, any::<u32>(), s, any::<bool>(), proptest::option::of(".*"))
-                .prop_map(|(txn, branch, participant, yes, reason)| Message::Vote(Vote { txn, branch, participant, yes, reason })),
-            (s, any::<u32>(), s, proptest::collection::vec(".*", 0..3))
-                .prop_map(|(txn, branch, participant, keys)| Message::Commit(Resolve { txn, branch, participant, keys })),
-            (s, any::<u32>(), s, proptest::collection::vec(".*", 0..3))
-                .prop_map(|(txn, branch, participant, keys)| Message::Abort(Resolve { txn, branch, participant, keys })),
+            (s, any::<u32>(), s, any::<bool>(), proptest::option::of(".*")).prop_map(
+                |(txn, branch, participant, yes, reason)| Message::Vote(Vote { txn, branch, participant, yes, reason })
+            ),
+            (s, any::<u32>(), s, proptest::collection::vec(".*", 0..3)).prop_map(|(txn, branch, participant, keys)| {
+                Message::Commit(Resolve { txn, branch, participant, keys })
+            }),
+            (s, any::<u32>(), s, proptest::collection::vec(".*", 0..3)).prop_map(|(txn, branch, participant, keys)| {
+                Message::Abort(Resolve { txn, branch, participant, keys })
+            }),
             (s, any::<u32>(), s, any::<bool>()).prop_map(|(txn, branch, participant, c)| Message::Ack(Ack {
                 txn,
                 branch,

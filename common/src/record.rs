@@ -33,7 +33,8 @@ pub enum TxnState {
 
 impl TxnState {
     /// Every state, in life order.
-    pub const ALL: [TxnState; 5] = [TxnState::Preparing, TxnState::Committing, TxnState::Aborting, TxnState::Committed, TxnState::Aborted];
+    pub const ALL: [TxnState; 5] =
+        [TxnState::Preparing, TxnState::Committing, TxnState::Aborting, TxnState::Committed, TxnState::Aborted];
 
     /// Name stored in the record.
     pub fn as_str(self) -> &'static str {
@@ -59,7 +60,10 @@ impl TxnState {
     /// The only moves the record may make.
     pub fn can_move_to(self, next: TxnState) -> bool {
         use TxnState::*;
-        matches!((self, next), (Preparing, Committing) | (Preparing, Aborting) | (Committing, Committed) | (Aborting, Aborted))
+        matches!(
+            (self, next),
+            (Preparing, Committing) | (Preparing, Aborting) | (Committing, Committed) | (Aborting, Aborted)
+        )
     }
 }
 
@@ -160,7 +164,13 @@ mod tests {
             assert_eq!(TxnState::parse(a.as_str()), Some(a));
             for b in TxnState::ALL {
                 let legal = a.can_move_to(b);
-                assert_eq!(legal, matches!((a, b), (Preparing, Committing) | (Preparing, Aborting) | (Committing, Committed) | (Aborting, Aborted)));
+                assert_eq!(
+                    legal,
+                    matches!(
+                        (a, b),
+                        (Preparing, Committing) | (Preparing, Aborting) | (Committing, Committed) | (Aborting, Aborted)
+                    )
+                );
                 if a.is_terminal() {
                     assert!(!legal, "{a} is terminal");
                 }

@@ -102,7 +102,11 @@ pub async fn run(conn: &mut MultiplexedConnection, url: &RedisUrl, calls: &[Call
     Ok(replies)
 }
 
-async fn pipeline<'a>(conn: &mut MultiplexedConnection, url: &RedisUrl, calls: impl Iterator<Item = &'a Call>) -> Result<Vec<RedisResult<Value>>> {
+async fn pipeline<'a>(
+    conn: &mut MultiplexedConnection,
+    url: &RedisUrl,
+    calls: impl Iterator<Item = &'a Call>,
+) -> Result<Vec<RedisResult<Value>>> {
     let mut p = redis::pipe();
     p.ignore_errors();
     for c in calls {

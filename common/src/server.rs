@@ -115,7 +115,11 @@ impl RedisServer {
                 self.child = None;
                 let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(3).collect();
-                return Err(Error::ServerStart(format!("exited with {status} on port {}: {}", self.port, tail.join(" | "))));
+                return Err(Error::ServerStart(format!(
+                    "exited with {status} on port {}: {}",
+                    self.port,
+                    tail.join(" | ")
+                )));
             }
             if self.ping() {
                 return Ok(());
@@ -128,7 +132,8 @@ impl RedisServer {
 
     /// Sends `PING` over a raw socket (no async runtime needed); true on `+PONG` or `-NOAUTH`.
     fn ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_millis(200)) else {
+        let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_millis(200))
+        else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));

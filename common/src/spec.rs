@@ -181,10 +181,14 @@ impl Op {
 
     /// Parses one op from JSON, naming the failing field precisely (`by`, not just the op).
     fn from_json_value(mut v: serde_json::Value, path: &str) -> Result<Op, SpecError> {
-        let obj = v.as_object_mut().ok_or_else(|| SpecError::new(path, "an op must be an object like {\"op\": \"set\", ...}"))?;
+        let obj = v
+            .as_object_mut()
+            .ok_or_else(|| SpecError::new(path, "an op must be an object like {\"op\": \"set\", ...}"))?;
         let tag = match obj.remove("op") {
             Some(serde_json::Value::String(t)) => t,
-            Some(other) => return Err(SpecError::new(format!("{path}.op"), format!("expected an op name, got {other}"))),
+            Some(other) => {
+                return Err(SpecError::new(format!("{path}.op"), format!("expected an op name, got {other}")))
+            }
             None => return Err(SpecError::new(path, format!("missing field `op` (one of {})", OP_NAMES.join(", ")))),
         };
         fn fields<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &str) -> Result<T, SpecError> {
@@ -203,7 +207,10 @@ impl Op {
             "hincrby" => Op::Hincrby(fields(v, path)?),
             "expect" => Op::Expect(fields(v, path)?),
             other => {
-                return Err(SpecError::new(format!("{path}.op"), format!("unknown op {other:?}; known ops: {}", OP_NAMES.join(", "))))
+                return Err(SpecError::new(
+                    format!("{path}.op"),
+                    format!("unknown op {other:?}; known ops: {}", OP_NAMES.join(", ")),
+                ))
             }
         })
     }
@@ -239,7 +246,9 @@ impl Op {
     fn validate(&self, path: &str) -> Result<(), SpecError> {
         check_key(&format!("{path}.key"), self.key())?;
         match self {
-            Op::Set(SetOp { value, .. }) | Op::Hset(HsetOp { value, .. }) => check_value(&format!("{path}.value"), value)?,
+            Op::Set(SetOp { value, .. }) | Op::Hset(HsetOp { value, .. }) => {
+                check_value(&format!("{path}.value"), value)?
+            }
             Op::Expect(ExpectOp { value: Some(v), .. }) => check_value(&format!("{path}.value"), v)?,
             _ => {}
         }
@@ -249,7 +258,9 @@ impl Op {
             }
             _ => {}
         }
-        if let Op::Incrby(IncrbyOp { min: Some(lo), max: Some(hi), .. }) | Op::Hincrby(HincrbyOp { min: Some(lo), max: Some(hi), .. }) = self {
+        if let Op::Incrby(IncrbyOp { min: Some(lo), max: Some(hi), .. })
+        | Op::Hincrby(HincrbyOp { min: Some(lo), max: Some(hi), .. }) = self
+        {
             if lo > hi {
                 return Err(SpecError::new(format!("{path}.min"), format!("min {lo} is above max {hi}")));
             }
@@ -318,12 +329,7 @@ impl TxnSpec {
     /// Builds a spec in Rust: a fresh id, 2PC, the default timeout. Call [`TxnSpec::validate`]
     /// (the [`Client`](crate::Client) does) before submitting.
     pub fn new(branches: Vec<Branch>) -> Self {
-        TxnSpec {
-            id: new_txn_id(),
-            mode: Mode::TwoPhase,
-            timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
-            branches,
-        }
+        TxnSpec { id: new_txn_id(), mode: Mode::TwoPhase, timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64, branches }
     }
 
     /// Sets the timeout.
@@ -346,7 +352,10 @@ impl TxnSpec {
     /// Parses and validates a JSON spec. Errors name the offending field.
     pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
         if bytes.len() > MAX_SPEC_BYTES {
-            return Err(SpecError::new("", format!("spec is {} bytes, above the limit of {MAX_SPEC_BYTES}", bytes.len())));
+            return Err(SpecError::new(
+                "",
+                format!("spec is {} bytes, above the limit of {MAX_SPEC_BYTES}", bytes.len()),
+            ));
         }
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let raw: SpecJson = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -357,14 +366,14 @@ impl TxnSpec {
         })?;
         let mode = match raw.mode.as_deref() {
             None | Some("2pc") => Mode::TwoPhase,
-            Some(other) => {
-                return Err(SpecError::new("mode", format!("unknown mode {other:?}; supported: \"2pc\"")))
-            }
+            Some(other) => return Err(SpecError::new("mode", format!("unknown mode {other:?}; supported: \"2pc\""))),
         };
         let timeout_ms = match raw.timeout {
             None => DEFAULT_TIMEOUT.as_millis() as u64,
             Some(t) => humantime::parse_duration(&t)
-                .map_err(|e| SpecError::new("timeout", format!("{t:?} is not a duration ({e}); write e.g. \"250ms\" or \"5s\"")))?
+                .map_err(|e| {
+                    SpecError::new("timeout", format!("{t:?} is not a duration ({e}); write e.g. \"250ms\" or \"5s\""))
+                })?
                 .as_millis() as u64,
         };
         let mut branches = Vec::with_capacity(raw.branches.len());
@@ -401,7 +410,10 @@ impl TxnSpec {
             return Err(SpecError::new("branches", "a transaction needs at least one branch"));
         }
         if self.branches.len() > MAX_BRANCHES {
-            return Err(SpecError::new("branches", format!("{} branches, above the limit of {MAX_BRANCHES}", self.branches.len())));
+            return Err(SpecError::new(
+                "branches",
+                format!("{} branches, above the limit of {MAX_BRANCHES}", self.branches.len()),
+            ));
         }
         for (i, b) in self.branches.iter().enumerate() {
             let path = format!("branches[{i}]");
@@ -416,7 +428,10 @@ impl TxnSpec {
                 return Err(SpecError::new(format!("{path}.ops"), "a branch needs at least one op"));
             }
             if b.ops.len() > MAX_OPS_PER_BRANCH {
-                return Err(SpecError::new(format!("{path}.ops"), format!("{} ops, above the limit of {MAX_OPS_PER_BRANCH}", b.ops.len())));
+                return Err(SpecError::new(
+                    format!("{path}.ops"),
+                    format!("{} ops, above the limit of {MAX_OPS_PER_BRANCH}", b.ops.len()),
+                ));
             }
             for (k, op) in b.ops.iter().enumerate() {
                 op.validate(&format!("{path}.ops[{k}]"))?;
@@ -447,7 +462,10 @@ fn check_name(field: &str, s: &str, max: usize, ok: impl Fn(char) -> bool) -> Re
     }
     check_len(field, s, max)?;
     if let Some(c) = s.chars().find(|c| !ok(*c)) {
-        return Err(SpecError::new(field, format!("{s:?} contains {c:?}; allowed are letters, digits and - _ . (and : in ids)")));
+        return Err(SpecError::new(
+            field,
+            format!("{s:?} contains {c:?}; allowed are letters, digits and - _ . (and : in ids)"),
+        ));
     }
     Ok(())
 }
@@ -458,7 +476,10 @@ fn check_key(field: &str, key: &str) -> Result<(), SpecError> {
     }
     check_len(field, key, MAX_KEY_BYTES)?;
     if key.starts_with(RESERVED_PREFIX) {
-        return Err(SpecError::new(field, format!("{key:?} starts with {RESERVED_PREFIX:?}, which is reserved for redtx's own keys")));
+        return Err(SpecError::new(
+            field,
+            format!("{key:?} starts with {RESERVED_PREFIX:?}, which is reserved for redtx's own keys"),
+        ));
     }
     Ok(())
 }
@@ -521,7 +542,9 @@ mod tests {
         assert!(e.to_string().contains("missing field `value`"), "{e}");
         let e = err(r#"{"branches":[]}"#);
         assert_eq!(e.field, "branches");
-        let e = err(r#"{"branches":[{"participant":"p","ops":[{"op":"del","key":"k"}]},{"participant":"p","ops":[{"op":"del","key":"j"}]}]}"#);
+        let e = err(
+            r#"{"branches":[{"participant":"p","ops":[{"op":"del","key":"k"}]},{"participant":"p","ops":[{"op":"del","key":"j"}]}]}"#,
+        );
         assert_eq!(e.field, "branches[1].participant");
         let e = err(r#"{"timeout":"soon","branches":[{"participant":"p","ops":[{"op":"del","key":"k"}]}]}"#);
         assert_eq!(e.field, "timeout");
@@ -540,12 +563,15 @@ mod tests {
     #[test]
     fn oversized_specs_are_refused() {
         let big = "x".repeat(MAX_VALUE_BYTES + 1);
-        let e = err(&format!(r#"{{"branches":[{{"participant":"p","ops":[{{"op":"set","key":"k","value":"{big}"}}]}}]}}"#));
+        let e =
+            err(&format!(r#"{{"branches":[{{"participant":"p","ops":[{{"op":"set","key":"k","value":"{big}"}}]}}]}}"#));
         assert_eq!(e.field, "branches[0].ops[0].value");
         let ops = vec![r#"{"op":"del","key":"k"}"#; MAX_OPS_PER_BRANCH + 1].join(",");
         let e = err(&format!(r#"{{"branches":[{{"participant":"p","ops":[{ops}]}}]}}"#));
         assert_eq!(e.field, "branches[0].ops");
-        let branches: Vec<String> = (0..=MAX_BRANCHES).map(|i| format!(r#"{{"participant":"p{i}","ops":[{{"op":"del","key":"k"}}]}}"#)).collect();
+        let branches: Vec<String> = (0..=MAX_BRANCHES)
+            .map(|i| format!(r#"{{"participant":"p{i}","ops":[{{"op":"del","key":"k"}}]}}"#))
+            .collect();
         let e = err(&format!(r#"{{"branches":[{}]}}"#, branches.join(",")));
         assert_eq!(e.field, "branches");
         let e = TxnSpec::from_json(&vec![b' '; MAX_SPEC_BYTES + 1]).unwrap_err();
