@@ -1,0 +1,65 @@
+//! How records are shown: one JSON object (`--json`) or aligned text.
+
+use redtx_common::record::TxnRecord;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// `2026-11-25T10:00:00.123Z`.
+fn at(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// Timestamp plus the delay since `created`.
+fn since(ms: Option<u64>, created: u64) -> String {
+    match ms {
+        Some(t) => format!("{} (+{}ms)", at(t), t.saturating_sub(created)),
+        None => "-".into(),
+    }
+}
+
+/// The record as one JSON object: `id`, `state`, `reason`, timestamps, `branches`.
+pub fn json(r: &TxnRecord) -> String {
+    serde_json::to_string(r).expect("records serialize")
+}
+
+/// `{"id":..,"state":..,"reason":..}` for a transaction whose record is not (yet) readable.
+pub fn json_state(id: &str, state: &str, reason: Option<&str>) -> String {
+    serde_json::json!({ "id": id, "state": state, "reason": reason }).to_string()
+}
+
+/// One line: `<id> committed` or `<id> aborted: <reason>`.
+pub fn line(r: &TxnRecord) -> String {
+    match &r.reason {
+        Some(reason) => format!("{} {}: {}", r.id, r.state, reason),
+        None => format!("{} {}", r.id, r.state),
+    }
+}
+
+/// The full record as aligned text.
+pub fn text(r: &TxnRecord) -> String {
+    let mut s = String::new();
+    s += &format!("id:        {}\n", r.id);
+    s += &format!("state:     {}\n", r.state);
+    s += &format!("reason:    {}\n", r.reason.as_deref().unwrap_or("-"));
+    s += &format!("mode:      {}\n", r.mode);
+    s += &format!("created:   {}\n", at(r.created_ms));
+    s += &format!("deadline:  {}\n", since(Some(r.deadline_ms), r.created_ms));
+    s += &format!("decided:   {}\n", since(r.decided_ms, r.created_ms));
+    s += &format!("finished:  {}\n", since(r.finished_ms, r.created_ms));
+    s += "branches:\n";
+    for (i, b) in r.branches.iter().enumerate() {
+        let vote = match b.vote {
+            Some(true) => "yes".to_string(),
+            Some(false) => format!("no ({})", b.reason.as_deref().unwrap_or("no reason")),
+            None => "-".into(),
+        };
+        s += &format!(
+            "  [{i}] {:<16} vote: {:<6} ack: {:<10} voted: {}  acked: {}\n",
+            b.participant,
+            vote,
+            b.ack.as_deref().unwrap_or("-"),
+            since(b.voted_ms, r.created_ms),
+            since(b.acked_ms, r.created_ms),
+        );
+    }
+    s
+}
