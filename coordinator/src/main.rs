@@ -1,1 +1,61 @@
-fn main() {}
+//! `redtx-coordinator`: runs one 2PC coordinator until SIGINT/SIGTERM.
+
+use clap::Parser;
+use redtx_common::conn::{default_url, RedisUrl, URL_ENV};
+use redtx_common::shutdown::Shutdown;
+use redtx_coordinator::CoordinatorConfig;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// The redtx 2PC coordinator: reads submits, votes and acks from `rtx:coord:{0}` (consumer group
+/// `coordinators`) and drives every transaction to commit or abort. Run as many as you like.
+#[derive(Parser, Debug)]
+#[command(name = "redtx-coordinator", version, about)]
+struct Args {
+    /// Redis holding the streams and records [default: $REDTX_REDIS_URL, else redis://127.0.0.1:6379]
+    #[arg(long, env = URL_ENV, hide_env_values = true)]
+    redis: Option<String>,
+    /// Most entries read per batch.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    batch: u64,
+    /// Take over entries pending this long at another (presumably dead) coordinator.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    claim_idle: Duration,
+    /// Base interval between re-sends of a decision to a participant that has not acked.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    resend_every: Duration,
+    /// How long a finished transaction's record is kept.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    retention: Duration,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let redis = default_url(args.redis.as_deref());
+    if let Err(e) = RedisUrl::parse(&redis) {
+        eprintln!("redtx-coordinator: {e}");
+        return ExitCode::from(2);
+    }
+    let cfg = CoordinatorConfig {
+        redis,
+        batch: args.batch as usize,
+        claim_idle: args.claim_idle,
+        resend_every: args.resend_every,
+        retention: args.retention,
+    };
+    match redtx_coordinator::run(cfg, Shutdown::on_signals()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "coordinator failed");
+            ExitCode::FAILURE
+        }
+    }
+}
