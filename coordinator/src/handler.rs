@@ -149,7 +149,7 @@ impl Handler for Coordinator {
                     Message::Ack(a) => scripts::ack(a, now, self.retention_ms),
                     other => {
                         return Plan::Now(Disposition::DeadLetter(format!(
-                            "a {} message does not belong on the coordinator stream",
+                            "a message of type {:?} does not belong on the coordinator stream",
                             other.kind()
                         )))
                     }
