@@ -178,7 +178,8 @@ impl Proc {
                 drop(guard);
                 panic!("{}: no line containing {needle:?} within {timeout:?}; output:\n{}", self.label, self.output());
             }
-            let (g, _) = self.lines.changed.wait_timeout(guard, (deadline - now).min(Duration::from_millis(100))).unwrap();
+            let (g, _) =
+                self.lines.changed.wait_timeout(guard, (deadline - now).min(Duration::from_millis(100))).unwrap();
             guard = g;
             if !guard.iter().any(|l| l.contains(needle)) {
                 drop(guard);
@@ -298,8 +299,9 @@ impl CliOutput {
 
     /// stdout parsed as one JSON value.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {:?}; stderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!("stdout is not one JSON value ({e}): {:?}; stderr: {}", self.stdout, self.stderr)
+        })
     }
 }
 

@@ -1,0 +1,243 @@
+//! Happy paths and guards: money moves between two Redis servers all-or-nothing, guards abort
+//! with a reason that names participant, key and guard, and a key held by a prepared transaction
+//! makes another one vote no (`conflict`) until the first one ends and releases its lock.
+
+use redtx_common::record::TxnState;
+use redtx_common::spec::{Branch, ExpectOp, HdelOp, HincrbyOp, HsetOp, IncrbyOp, Op, TxnSpec};
+use redtx_tests::*;
+use std::time::Duration;
+
+#[test]
+fn transfer_across_two_servers_commits_and_is_visible_right_after_wait() {
+    let bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    bank.seed(Side::B, "acct:bob", 5);
+    let url = bank.url();
+
+    let json = transfer_json(Some("t-commit-1"), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 30);
+    let out = cli(&["submit", "--redis", &url, "--wait", "--json", "-"], Some(json.as_bytes()));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    // Read right after `--wait` returned: both servers already show the change.
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 70);
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 35);
+    let v = out.json();
+    assert_eq!(v["id"], "t-commit-1", "{v}");
+    assert_eq!(v["state"], "committed", "{v}");
+
+    let st = cli(&["status", "--redis", &url, "--json", "t-commit-1"], None);
+    assert_eq!(st.code, Some(0), "{st:?}");
+    assert_eq!(st.json()["state"], "committed", "{st:?}");
+    let plain = cli(&["status", "--redis", &url, "t-commit-1"], None);
+    assert!(plain.stdout.contains("committed"), "{plain:?}");
+
+    // Without --wait, submit prints the id and exits 0 at once.
+    let json = transfer_json(Some("t-commit-2"), (Side::B, "acct:bob"), (Side::A, "acct:alice"), 5);
+    let out = cli(&["submit", "--redis", &url, "-"], Some(json.as_bytes()));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout.trim(), "t-commit-2", "{out:?}");
+    let rec = bank.wait("t-commit-2");
+    assert_eq!(rec.state, TxnState::Committed);
+
+    // The library path: submit_and_wait.
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 15));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert!(rec.branches.iter().all(|b| b.vote == Some(true) && b.ack.as_deref() == Some("committed")), "{rec:?}");
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 60);
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 45);
+    bank.assert_clean();
+}
+
+#[test]
+fn failed_guard_aborts_with_reason_and_changes_nothing() {
+    let bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 10);
+    bank.seed(Side::B, "acct:bob", 0);
+    let url = bank.url();
+
+    let json = transfer_json(Some("t-guard"), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 30);
+    let out = cli(&["submit", "--redis", &url, "--wait", "--json", "-"], Some(json.as_bytes()));
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let v = out.json();
+    assert_eq!(v["state"], "aborted", "{v}");
+    let reason = v["reason"].as_str().unwrap_or_default().to_string();
+    for part in ["bank-a", "acct:alice", "-20", "min 0"] {
+        assert!(reason.contains(part), "reason {reason:?} should contain {part:?}");
+    }
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 10);
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 0);
+    let rec = bank.record("t-guard").unwrap();
+    assert_eq!(rec.branches[0].vote, Some(false), "{rec:?}");
+    assert!(rec.branches.iter().all(|b| b.ack.as_deref() == Some("aborted")), "{rec:?}");
+    // bank-b may have prepared (locking acct:bob): the abort released it.
+    bank.assert_clean();
+
+    // A guard failure in the second op of a branch: the first op (which passed) is not applied.
+    bank.seed(Side::B, "acct:carol", 3);
+    let spec = TxnSpec::new(vec![
+        Branch { participant: "bank-a".into(), ops: vec![Op::incrby("acct:alice", 1)] },
+        Branch {
+            participant: "bank-b".into(),
+            ops: vec![
+                Op::incrby("acct:bob", 100),
+                Op::Incrby(IncrbyOp { key: "acct:carol".into(), by: -4, min: Some(0), max: None }),
+            ],
+        },
+    ]);
+    let rec = bank.run(&spec);
+    assert_eq!(rec.state, TxnState::Aborted);
+    let reason = rec.reason.unwrap_or_default();
+    assert!(reason.contains("bank-b") && reason.contains("acct:carol"), "{reason}");
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 10);
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 0);
+    assert_eq!(bank.balance(Side::B, "acct:carol"), 3);
+
+    // A max guard.
+    let spec = TxnSpec::new(vec![Branch {
+        participant: "bank-a".into(),
+        ops: vec![Op::Incrby(IncrbyOp { key: "acct:alice".into(), by: 5, min: None, max: Some(12) })],
+    }]);
+    let rec = bank.run(&spec);
+    assert_eq!(rec.state, TxnState::Aborted);
+    let reason = rec.reason.unwrap_or_default();
+    assert!(reason.contains("acct:alice") && reason.contains("max 12"), "{reason}");
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 10);
+    bank.assert_clean();
+}
+
+#[test]
+fn expect_guard_and_every_op_kind() {
+    let bank = Bank::start();
+    let mut b = bank.data_conn(Side::B);
+    let _: () = redis::cmd("SET").arg("cfg:mode").arg("open").query(&mut b).unwrap();
+
+    // expect fails: nothing happens, the reason names the key.
+    let spec = TxnSpec::new(vec![
+        Branch { participant: "bank-a".into(), ops: vec![Op::set("flag", "x")] },
+        Branch {
+            participant: "bank-b".into(),
+            ops: vec![
+                Op::Expect(ExpectOp { key: "cfg:mode".into(), value: Some("closed".into()) }),
+                Op::set("cfg:mode", "locked"),
+            ],
+        },
+    ]);
+    let rec = bank.run(&spec);
+    assert_eq!(rec.state, TxnState::Aborted, "{rec:?}");
+    let reason = rec.reason.clone().unwrap_or_default();
+    assert!(reason.contains("bank-b") && reason.contains("cfg:mode"), "{reason}");
+    let flag: Option<String> = redis::cmd("GET").arg("flag").query(&mut bank.data_conn(Side::A)).unwrap();
+    assert_eq!(flag, None);
+
+    // expect "must not exist" on an existing key fails too.
+    let spec = TxnSpec::new(vec![Branch {
+        participant: "bank-b".into(),
+        ops: vec![Op::Expect(ExpectOp { key: "cfg:mode".into(), value: None }), Op::set("cfg:mode", "x")],
+    }]);
+    assert_eq!(bank.run(&spec).state, TxnState::Aborted);
+
+    // expect holds: every op kind applies, on both servers.
+    let _: () = redis::cmd("HSET").arg("h").arg("gone").arg("1").arg("n").arg("5").query(&mut b).unwrap();
+    let _: () = redis::cmd("SET").arg("old").arg("1").query(&mut bank.data_conn(Side::A)).unwrap();
+    let spec = TxnSpec::new(vec![
+        Branch {
+            participant: "bank-a".into(),
+            ops: vec![
+                Op::Expect(ExpectOp { key: "flag".into(), value: None }),
+                Op::set("flag", "up"),
+                Op::Del(redtx_common::spec::DelOp { key: "old".into() }),
+            ],
+        },
+        Branch {
+            participant: "bank-b".into(),
+            ops: vec![
+                Op::Expect(ExpectOp { key: "cfg:mode".into(), value: Some("open".into()) }),
+                Op::set("cfg:mode", "closed"),
+                Op::Hset(HsetOp { key: "h".into(), field: "f".into(), value: "v".into() }),
+                Op::Hdel(HdelOp { key: "h".into(), field: "gone".into() }),
+                Op::Hincrby(HincrbyOp { key: "h".into(), field: "n".into(), by: -5, min: Some(0), max: None }),
+            ],
+        },
+    ]);
+    let rec = bank.run(&spec);
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    let mut a = bank.data_conn(Side::A);
+    let flag: Option<String> = redis::cmd("GET").arg("flag").query(&mut a).unwrap();
+    assert_eq!(flag.as_deref(), Some("up"));
+    let old: Option<String> = redis::cmd("GET").arg("old").query(&mut a).unwrap();
+    assert_eq!(old, None);
+    let mode: Option<String> = redis::cmd("GET").arg("cfg:mode").query(&mut b).unwrap();
+    assert_eq!(mode.as_deref(), Some("closed"));
+    let h: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL").arg("h").query(&mut b).unwrap();
+    assert_eq!(h, [("f".to_string(), "v".to_string()), ("n".to_string(), "0".to_string())].into_iter().collect());
+
+    // hincrby guard below min.
+    let spec = TxnSpec::new(vec![Branch {
+        participant: "bank-b".into(),
+        ops: vec![Op::Hincrby(HincrbyOp { key: "h".into(), field: "n".into(), by: -1, min: Some(0), max: None })],
+    }]);
+    let rec = bank.run(&spec);
+    assert_eq!(rec.state, TxnState::Aborted);
+    assert!(rec.reason.unwrap_or_default().contains('h'));
+    bank.assert_clean();
+}
+
+#[test]
+fn a_key_held_by_a_prepared_txn_makes_others_vote_conflict_until_it_times_out() {
+    // bank-b is not running: T1 prepares at bank-a (locking acct:alice) and waits for bank-b's vote.
+    let bank = Bank::start_with(BankOptions { bank_b: 0, ..Default::default() });
+    bank.seed(Side::A, "acct:alice", 100);
+    let t1 = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10)
+        .with_id("t-holder")
+        .with_timeout(Duration::from_secs(4));
+    bank.submit(&t1);
+    poll("T1 prepared at bank-a", LONG, || {
+        (bank.barrier_state(Side::A, "t-holder").as_deref() == Some("prepared")).then_some(())
+    });
+    let lock: Option<String> =
+        redis::cmd("GET").arg("rtx:lock:acct:alice").query(&mut bank.data_conn(Side::A)).unwrap();
+    assert!(lock.is_some_and(|l| l.contains("t-holder")), "acct:alice should be locked by t-holder");
+
+    // T2 touches the held key: bank-a votes no with `conflict`, T2 aborts, nothing changes.
+    let t2 = TxnSpec::new(vec![Branch {
+        participant: "bank-a".into(),
+        ops: vec![
+            Op::Incrby(IncrbyOp { key: "acct:alice".into(), by: -5, min: Some(0), max: None }),
+            Op::incrby("acct:carol", 5),
+        ],
+    }])
+    .with_id("t-blocked");
+    let rec = bank.run(&t2);
+    assert_eq!(rec.state, TxnState::Aborted, "{rec:?}");
+    assert!(rec.reason.clone().unwrap_or_default().contains("conflict"), "{rec:?}");
+    assert_eq!(bank.balance(Side::A, "acct:carol"), 0);
+    // T2 took no lock (acct:carol is free again) and T1 still holds acct:alice.
+    assert_eq!(bank.barrier_state(Side::A, "t-holder").as_deref(), Some("prepared"));
+
+    // T1 reaches its deadline: decided abort; bank-a releases the lock even though bank-b never
+    // answered (the record stays `aborting` until bank-b acks).
+    let rec = bank.wait_state("t-holder", &[TxnState::Aborting, TxnState::Aborted], LONG);
+    assert!(
+        rec.reason.clone().unwrap_or_default().contains("bank-b"),
+        "the reason should name the silent participant: {rec:?}"
+    );
+    poll("bank-a releases acct:alice", LONG, || {
+        (bank.barrier_state(Side::A, "t-holder").as_deref() == Some("aborted")).then_some(())
+    });
+    let lock: Option<String> =
+        redis::cmd("GET").arg("rtx:lock:acct:alice").query(&mut bank.data_conn(Side::A)).unwrap();
+    assert_eq!(lock, None);
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 100);
+
+    // The key is free again: a new transaction on it commits.
+    let rec = bank.run(&t2.clone().with_id("t-after"));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 95);
+
+    // bank-b comes up late: the late prepare votes no without locking, T1 ends aborted.
+    let mut bank = bank;
+    bank.start_participant(Side::B, None);
+    let rec = bank.wait("t-holder");
+    assert_eq!(rec.state, TxnState::Aborted, "{rec:?}");
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 0);
+    bank.assert_clean();
+}

@@ -1,0 +1,152 @@
+//! At-least-once delivery: the same id submitted twice is one transaction, and every message
+//! delivered a second time (re-added to its stream) changes nothing: balances, records, barriers
+//! and locks stay as they were.
+
+use redis::Commands;
+use redtx_common::record::TxnState;
+use redtx_tests::*;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[test]
+fn the_same_id_submitted_twice_is_one_transaction() {
+    let bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10).with_id("t-twice");
+    // Twice before any of it is processed...
+    bank.submit(&spec);
+    bank.submit(&spec);
+    let rec = bank.wait("t-twice");
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    // ...and once more after it committed, through the library and through the CLI.
+    bank.submit(&spec);
+    let json = transfer_json(Some("t-twice"), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 10);
+    let out = cli(&["submit", "--redis", &bank.url(), "--wait", "--json", "-"], Some(json.as_bytes()));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.json()["state"], "committed");
+    let mut s = bank.stream_conn();
+    poll("coordinator stream drained", LONG, || drained(&mut s, &keys::coord_stream()).then_some(()));
+
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 90, "money moved more than once");
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 10, "money moved more than once");
+    assert_eq!(bank.record("t-twice").unwrap().state, TxnState::Committed);
+    let records = scan(&mut s, "rtx:txn:*");
+    assert_eq!(records, vec![keys::txn_record("t-twice")]);
+    bank.assert_clean();
+}
+
+/// Everything that must not change when old messages are delivered again.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    balances: BTreeMap<(Side, String), i64>,
+    records: BTreeMap<String, BTreeMap<String, String>>,
+    barriers: BTreeMap<String, Option<String>>,
+    locks: Vec<String>,
+}
+
+fn snapshot(bank: &Bank, ids: &[&str]) -> Snapshot {
+    let mut records = BTreeMap::new();
+    for id in ids {
+        records.insert(id.to_string(), bank.raw_record(id).into_iter().map(|(k, v)| (k, lossy(&v))).collect());
+    }
+    let mut barriers = BTreeMap::new();
+    let mut locks = Vec::new();
+    for side in [Side::A, Side::B] {
+        let mut c = bank.data_conn(side);
+        for k in scan(&mut c, "rtx:bar:*") {
+            let st: Option<String> = c.hget(&k, "state").unwrap();
+            barriers.insert(format!("{side:?} {k}"), st);
+        }
+        locks.extend(scan(&mut c, "rtx:lock:*").into_iter().map(|k| format!("{side:?} {k}")));
+    }
+    Snapshot { balances: bank.balances(), records, barriers, locks }
+}
+
+fn streams() -> Vec<String> {
+    vec![keys::coord_stream(), keys::participant_stream("bank-a"), keys::participant_stream("bank-b")]
+}
+
+/// Waits until every stream is drained and no stream grew meanwhile (replies caused by
+/// replies are processed too).
+fn wait_drained(bank: &Bank) {
+    let mut s = bank.stream_conn();
+    let lens = |s: &mut redis::Connection| -> Vec<u64> { streams().iter().map(|k| s.xlen(k).unwrap()).collect() };
+    poll("all streams drained and quiet", LONG, || {
+        let before = lens(&mut s);
+        for stream in streams() {
+            if !drained(&mut s, &stream) {
+                return None;
+            }
+        }
+        (lens(&mut s) == before).then_some(())
+    });
+}
+
+#[test]
+fn every_message_delivered_twice_is_harmless() {
+    let bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    bank.seed(Side::B, "acct:bob", 50);
+    let ok = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 30).with_id("t-ok"));
+    assert_eq!(ok.state, TxnState::Committed, "{ok:?}");
+    // bank-b prepares (and locks acct:bob), bank-a refuses: an abort goes to both.
+    let no = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1000).with_id("t-no"));
+    assert_eq!(no.state, TxnState::Aborted, "{no:?}");
+    // A second committed one entirely at bank-b, so its stream sees a one-branch txn too.
+    let same = bank.run(&transfer((Side::B, "acct:bob"), (Side::B, "acct:carol"), 5).with_id("t-local"));
+    assert_eq!(same.state, TxnState::Committed, "{same:?}");
+    wait_drained(&bank);
+    let ids = ["t-ok", "t-no", "t-local"];
+    let before = snapshot(&bank, &ids);
+    assert_eq!(before.balances.values().sum::<i64>(), 150);
+
+    // Re-deliver every message: copy each entry's `t` and `m` to a new entry of its stream.
+    let mut s = bank.stream_conn();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for stream in streams() {
+        for (_, fields) in xrange(&mut s, &stream) {
+            let t = fields.get("t").cloned().unwrap_or_default();
+            let m = fields.get("m").cloned().unwrap_or_default();
+            *kinds.entry(format!("{stream} {}", lossy(&t))).or_default() += 1;
+            let _: String = s.xadd(&stream, "*", &[("t", t), ("m", m)]).unwrap();
+        }
+    }
+    for k in ["submit", "vote", "ack"] {
+        assert!(kinds.keys().any(|x| x.starts_with("rtx:coord") && x.ends_with(k)), "no {k} re-sent: {kinds:?}");
+    }
+    for k in ["prepare", "commit", "abort"] {
+        assert!(kinds.keys().any(|x| x.starts_with("rtx:part") && x.ends_with(k)), "no {k} re-sent: {kinds:?}");
+    }
+    wait_drained(&bank);
+    // A coordinator's periodic work (deadline scan, re-sends) gets a chance to misbehave too.
+    std::thread::sleep(Duration::from_millis(600));
+    wait_drained(&bank);
+
+    let after = snapshot(&bank, &ids);
+    assert_eq!(after.balances, before.balances, "balances changed");
+    assert_eq!(after.locks, before.locks, "locks changed");
+    assert_eq!(after.barriers, before.barriers, "barriers changed");
+    for id in ids {
+        let (b, a) = (&before.records[id], &after.records[id]);
+        let changed: Vec<String> = b
+            .keys()
+            .chain(a.keys())
+            .filter(|k| *k != "spec" && b.get(*k) != a.get(*k))
+            .map(|k| format!("{k}: {:?} -> {:?}", b.get(k), a.get(k)))
+            .collect();
+        assert!(changed.is_empty(), "record of {id} changed: {changed:?}");
+    }
+    let dead: u64 = s.xlen(keys::dead_letter_stream()).unwrap();
+    assert_eq!(
+        dead,
+        0,
+        "a duplicate is not a poison message; dead letters: {:?}",
+        xrange(&mut s, &keys::dead_letter_stream())
+    );
+    bank.assert_clean();
+
+    // Still working afterwards.
+    let rec = bank.run(&transfer((Side::B, "acct:bob"), (Side::A, "acct:alice"), 1));
+    assert_eq!(rec.state, TxnState::Committed);
+    assert_eq!(bank.total(), 150);
+}
