@@ -194,7 +194,11 @@ impl Handler for Coordinator {
             match step {
                 Ok(step) => {
                     if step.missing {
-                        tracing::info!(txn = d.msg.txn(), kind = d.msg.kind(), "no record (expired or never created); ignored");
+                        tracing::info!(
+                            txn = d.msg.txn(),
+                            kind = d.msg.kind(),
+                            "no record (expired or never created); ignored"
+                        );
                     }
                     decided |= step.decided;
                     match step.reject {

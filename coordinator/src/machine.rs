@@ -340,7 +340,8 @@ mod tests {
 
     #[test]
     fn the_deciding_vote_sends_the_decision_to_every_branch() {
-        let r = Voted::Counted { state: TxnState::Committing, decided_now: true, branch_acked: false, spec: Some(spec()) };
+        let r =
+            Voted::Counted { state: TxnState::Committing, decided_now: true, branch_acked: false, spec: Some(spec()) };
         let s = on_vote(&vote(1, true), &r, T);
         assert!(s.decided);
         assert_eq!(sent(&s), vec![("commit", 0), ("commit", 1)]);
@@ -351,11 +352,13 @@ mod tests {
 
     #[test]
     fn a_vote_after_the_decision_resends_it_to_that_branch_only() {
-        let r = Voted::Counted { state: TxnState::Aborting, decided_now: false, branch_acked: false, spec: Some(spec()) };
+        let r =
+            Voted::Counted { state: TxnState::Aborting, decided_now: false, branch_acked: false, spec: Some(spec()) };
         let s = on_vote(&vote(1, true), &r, T);
         assert!(!s.decided);
         assert_eq!(sent(&s), vec![("abort", 1)]);
-        let r = Voted::Counted { state: TxnState::Aborting, decided_now: false, branch_acked: true, spec: Some(spec()) };
+        let r =
+            Voted::Counted { state: TxnState::Aborting, decided_now: false, branch_acked: true, spec: Some(spec()) };
         assert!(on_vote(&vote(1, true), &r, T).effects.is_empty());
     }
 
@@ -363,7 +366,8 @@ mod tests {
     fn undecided_terminal_missing_and_bad_votes() {
         let r = Voted::Counted { state: TxnState::Preparing, decided_now: false, branch_acked: false, spec: None };
         assert_eq!(on_vote(&vote(0, true), &r, T), Step::default());
-        let r = Voted::Counted { state: TxnState::Committed, decided_now: false, branch_acked: true, spec: Some(spec()) };
+        let r =
+            Voted::Counted { state: TxnState::Committed, decided_now: false, branch_acked: true, spec: Some(spec()) };
         assert_eq!(on_vote(&vote(0, true), &r, T), Step::default());
         assert!(on_vote(&vote(0, true), &Voted::Missing, T).missing);
         assert_eq!(on_vote(&vote(0, true), &Voted::Bad("x".into()), T).reject.as_deref(), Some("x"));

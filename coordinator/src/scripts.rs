@@ -126,9 +126,7 @@ impl Items {
         match self.items.get(i) {
             None => Ok(None),
             Some(b) if b.is_empty() => Ok(None),
-            Some(b) => {
-                rmp_serde::from_slice(b).map(Some).map_err(|e| bad(self.script, format!("stored spec: {e}")))
-            }
+            Some(b) => rmp_serde::from_slice(b).map(Some).map_err(|e| bad(self.script, format!("stored spec: {e}"))),
         }
     }
 }
@@ -145,12 +143,9 @@ pub fn parse_voted(v: &Value) -> Result<Voted> {
     Ok(match r.text(0)?.as_str() {
         "missing" => Voted::Missing,
         "bad" => Voted::Bad(r.text(1)?),
-        "ok" => Voted::Counted {
-            state: r.state(1)?,
-            decided_now: r.flag(2)?,
-            branch_acked: r.flag(3)?,
-            spec: r.spec(4)?,
-        },
+        "ok" => {
+            Voted::Counted { state: r.state(1)?, decided_now: r.flag(2)?, branch_acked: r.flag(3)?, spec: r.spec(4)? }
+        }
         other => return Err(bad(r.script, format!("unknown code {other:?}"))),
     })
 }

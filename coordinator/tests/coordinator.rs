@@ -42,11 +42,12 @@ async fn all_yes_commits_and_publishes_the_outcome() {
     let mut c = env.conn.clone();
     let ttl: i64 = c.pttl(keys::txn_record("t1")).await.unwrap();
     assert!(ttl > 23 * 3600 * 1000, "record expiry set after retention, got {ttl}");
-    let outcomes = env.until("outcome", || async {
-        let o = env.entries(&keys::outcomes_stream()).await;
-        (!o.is_empty()).then_some(o)
-    })
-    .await;
+    let outcomes = env
+        .until("outcome", || async {
+            let o = env.entries(&keys::outcomes_stream()).await;
+            (!o.is_empty()).then_some(o)
+        })
+        .await;
     assert_eq!(outcomes[0]["id"], "t1");
     assert_eq!(outcomes[0]["state"], "committed");
     env.until("deadline dropped", || async {
@@ -178,10 +179,8 @@ async fn the_decision_is_resent_until_acked() {
     env.vote("t6", 1, "b", true, None).await;
     env.until_inbox("a", "t6", &["prepare", "commit"]).await;
     env.ack("t6", 0, "a", Outcome::Committed).await;
-    env.until("b to get the commit again", || async {
-        (env.inbox_kinds("b", "t6").await.len() >= 4).then_some(())
-    })
-    .await;
+    env.until("b to get the commit again", || async { (env.inbox_kinds("b", "t6").await.len() >= 4).then_some(()) })
+        .await;
     // a acked: it got no more.
     assert_eq!(env.inbox_kinds("a", "t6").await, vec!["prepare", "commit"]);
     assert!(env.inbox_kinds("b", "t6").await[1..].iter().all(|k| *k == "commit"));
@@ -270,7 +269,9 @@ async fn invalid_and_garbage_entries_are_dead_lettered() {
     assert!(reasons.iter().any(|r| r.contains("does not belong on the coordinator stream")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("belongs to a, not b")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("branch 5 does not exist")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("protocol violation: a acked committed while the transaction is preparing")));
+    assert!(reasons
+        .iter()
+        .any(|r| r.contains("protocol violation: a acked committed while the transaction is preparing")));
     assert!(reasons.iter().any(|r| r.contains("protocol violation: b acked committed but the decision is aborted")));
     let rec = env.record("t8").await.unwrap();
     assert_eq!(rec.reason.as_deref(), Some("a voted no"));

@@ -16,10 +16,18 @@ use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 enum Event {
-    Vote { branch: u32, yes: bool },
-    Ack { branch: u32, committed: bool },
+    Vote {
+        branch: u32,
+        yes: bool,
+    },
+    Ack {
+        branch: u32,
+        committed: bool,
+    },
     /// A deadline scan, before (`false`) or after (`true`) the vote deadline.
-    Expire { late: bool },
+    Expire {
+        late: bool,
+    },
 }
 
 fn event(n: u32) -> impl Strategy<Value = Event> {
@@ -77,7 +85,8 @@ async fn check(
     .with_timeout(std::time::Duration::from_millis(TIMEOUT));
     let created = scripts::parse_created(&scripts::create(&spec, CREATED).run(&mut conn, url).await.unwrap()).unwrap();
     prop_assert!(created.created);
-    let again = scripts::parse_created(&scripts::create(&spec, CREATED + 5).run(&mut conn, url).await.unwrap()).unwrap();
+    let again =
+        scripts::parse_created(&scripts::create(&spec, CREATED + 5).run(&mut conn, url).await.unwrap()).unwrap();
     prop_assert!(!again.created);
     prop_assert_eq!(again.stored_spec.as_ref(), Some(&spec));
 
@@ -98,19 +107,14 @@ async fn check(
             Event::Ack { branch, committed } => {
                 let outcome = if committed { Outcome::Committed } else { Outcome::Aborted };
                 let a = Ack { txn: id.into(), branch, participant: participant(branch), outcome };
-                let r = scripts::parse_acked(&scripts::ack(&a, now, 60_000).run(&mut conn, url).await.unwrap()).unwrap();
+                let r =
+                    scripts::parse_acked(&scripts::ack(&a, now, 60_000).run(&mut conn, url).await.unwrap()).unwrap();
                 let matches_decision = match prev.state {
                     TxnState::Committing | TxnState::Committed => committed,
                     TxnState::Aborting | TxnState::Aborted => !committed,
                     TxnState::Preparing => false,
                 };
-                prop_assert_eq!(
-                    matches!(r, Acked::Counted { .. }),
-                    matches_decision,
-                    "{:?} in {}",
-                    r,
-                    prev.state
-                );
+                prop_assert_eq!(matches!(r, Acked::Counted { .. }), matches_decision, "{:?} in {}", r, prev.state);
             }
             Event::Expire { late } => {
                 let at = if late { CREATED + TIMEOUT + 1000 + k as u64 } else { now };
