@@ -285,3 +285,21 @@ async fn invalid_and_garbage_entries_are_dead_lettered() {
     assert_eq!(pending.count(), 0);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn survives_a_redis_restart() {
+    let mut env = Env::start().await;
+    env.spawn(env.config());
+    env.client.submit(&transfer("r1")).await.unwrap();
+    env.until_inbox("a", "r1", &["prepare"]).await;
+    env.server.restart().unwrap();
+    let client = redtx_common::Client::connect(&env.server.url()).await.unwrap();
+    let conn = redis::Client::open(env.server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    env.conn = conn;
+    client.submit(&transfer("r2")).await.unwrap();
+    env.until_inbox("a", "r2", &["prepare"]).await;
+    env.vote("r2", 0, "a", true, None).await;
+    env.vote("r2", 1, "b", true, None).await;
+    env.until_state("r2", "committing").await;
+    env.stop().await;
+}
