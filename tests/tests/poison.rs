@@ -18,14 +18,15 @@ fn add(conn: &mut redis::Connection, stream: &str, fields: &[(&str, &[u8])]) -> 
     conn.xadd(stream, "*", fields).unwrap()
 }
 
-/// Dead letters by original entry id: (stream, reason, orig.t).
-fn dead_letters(conn: &mut redis::Connection) -> HashMap<String, (String, String, Option<String>)> {
+/// Dead letters by (source stream, original entry id): (stream, reason, orig.t). Entry ids of
+/// different streams may be equal.
+fn dead_letters(conn: &mut redis::Connection) -> HashMap<(String, String), (String, String, Option<String>)> {
     xrange(conn, &keys::dead_letter_stream())
         .into_iter()
         .map(|(_, f)| {
             let get = |k: &str| f.get(k).map(|v| lossy(v));
             (
-                get("id").unwrap_or_default(),
+                (get("stream").unwrap_or_default(), get("id").unwrap_or_default()),
                 (get("stream").unwrap_or_default(), get("reason").unwrap_or_default(), get("orig.t")),
             )
         })
@@ -58,9 +59,10 @@ fn garbage_is_dead_lettered_counted_acked_and_work_goes_on() {
         Message::Vote(Vote { txn: "x".into(), branch: 0, participant: "bank-a".into(), yes: true, reason: None })
             .encode();
 
-    let mut expected: BTreeMap<String, (&str, &str)> = BTreeMap::new();
-    let mut expect = |id: String, stream: &'static str, what: &'static str| {
-        expected.insert(id, (stream, what));
+    let mut expected: BTreeMap<(String, String), (&str, &str)> = BTreeMap::new();
+    let mut expect = |id: String, which: &'static str, what: &'static str| {
+        let stream = if which == "part" { keys::participant_stream("bank-a") } else { keys::coord_stream() };
+        expected.insert((stream, id), (which, what));
     };
     // Participant stream.
     expect(add(&mut s, &part, &[("t", b"prepare"), ("m", NEVER_USED)]), "part", "bad msgpack");
@@ -92,18 +94,18 @@ fn garbage_is_dead_lettered_counted_acked_and_work_goes_on() {
         assert_eq!(stream, want, "{what}: dead letter names the wrong stream");
         assert!(!reason.trim().is_empty(), "{what}: dead letter without a reason");
     }
-    let by_what = |what: &str| {
-        let id = expected.iter().find(|(_, (_, w))| *w == what).unwrap().0;
-        dead[id].1.to_lowercase()
+    let reason = |which: &str, what: &str| {
+        let key = expected.iter().find(|(_, (s, w))| *s == which && *w == what).unwrap().0;
+        dead[key].1.to_lowercase()
     };
-    assert!(by_what("wrong version").contains('2'), "{}", by_what("wrong version"));
-    assert!(by_what("unknown t").contains("frobnicate"), "{}", by_what("unknown t"));
-    assert!(by_what("missing m").contains('m'), "{}", by_what("missing m"));
-    assert!(
-        by_what("prepare for another participant").contains("bank-b"),
-        "{}",
-        by_what("prepare for another participant")
-    );
+    for which in ["part", "coord"] {
+        assert!(reason(which, "wrong version").contains("version 2"), "{}", reason(which, "wrong version"));
+        assert!(reason(which, "missing m").contains("\"m\""), "{}", reason(which, "missing m"));
+        assert!(reason(which, "missing t").contains("\"t\""), "{}", reason(which, "missing t"));
+    }
+    assert!(reason("part", "unknown t").contains("frobnicate"), "{}", reason("part", "unknown t"));
+    assert!(reason("coord", "unknown t").contains("bogus"), "{}", reason("coord", "unknown t"));
+    assert!(reason("part", "prepare for another participant").contains("bank-b"));
     // The original fields are kept.
     let orig_t = dead.values().filter_map(|(_, _, t)| t.clone()).collect::<Vec<_>>();
     assert!(orig_t.iter().any(|t| t == "frobnicate"), "{orig_t:?}");
@@ -141,7 +143,7 @@ fn a_submit_with_an_invalid_spec_is_dead_lettered() {
     let id: String = s.xadd(keys::coord_stream(), "*", &m.fields()).unwrap();
     let dead = poll("invalid submit dead-lettered", LONG, || {
         let d = dead_letters(&mut s);
-        d.get(&id).cloned()
+        d.get(&(keys::coord_stream(), id.clone())).cloned()
     });
     assert!(!dead.1.is_empty());
     assert_eq!(bank.record("t-invalid"), None, "an invalid spec must not become a transaction");
