@@ -155,10 +155,26 @@ impl Consumer {
                     let pause = backoff.next();
                     tracing::warn!(error = %e, retry_in = ?pause, "worker step failed; entries stay pending");
                     tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.wait() => {} }
+                    // A multiplexed connection never recovers from a dropped socket (e.g. a Redis
+                    // restart): open fresh ones before the next step.
+                    if let Err(e) = self.reconnect().await {
+                        tracing::debug!(error = %e, "reconnect failed; retrying after the next pause");
+                    }
                 }
             }
         }
         tracing::info!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, "worker stopped");
+        Ok(())
+    }
+
+    /// Replaces both connections with fresh ones and makes sure the group exists (a Redis that
+    /// lost its data also lost the group).
+    async fn reconnect(&mut self) -> Result<()> {
+        let read_conn = self.url.connect_with(self.cfg.block + Duration::from_secs(10)).await?;
+        let mut conn = self.url.connect().await?;
+        ensure_group(&mut conn, &self.url, &self.cfg.stream, &self.cfg.group).await?;
+        self.read_conn = read_conn;
+        self.conn = conn;
         Ok(())
     }
 
@@ -319,6 +335,7 @@ impl Backoff {
     }
 
     /// The next pause.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Duration {
         let d = match self.current {
             None => self.first,
