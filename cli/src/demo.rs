@@ -32,7 +32,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// Accounts per bank.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 50)]
     accounts: usize,
     /// Opening balance of every account.
     #[arg(long, default_value_t = 1000)]
@@ -97,11 +97,7 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
     ];
     println!(
         "redtx demo: {} transfers, {} at a time, between bank-a ({}) and bank-b ({}), {} accounts each",
-        args.transfers,
-        args.concurrency,
-        banks[0].url,
-        banks[1].url,
-        args.accounts
+        args.transfers, args.concurrency, banks[0].url, banks[1].url, args.accounts
     );
 
     // Workers, in this process.
@@ -214,7 +210,11 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
         elapsed.as_secs_f64(),
         args.concurrency
     );
-    println!("  latency:    p50 {:.2} ms, p99 {:.2} ms (submit to every participant applied)", ms(pct(0.50)), ms(pct(0.99)));
+    println!(
+        "  latency:    p50 {:.2} ms, p99 {:.2} ms (submit to every participant applied)",
+        ms(pct(0.50)),
+        ms(pct(0.99))
+    );
     println!("  money:      {before} before, {after} after");
     println!("  locks left: {leftovers}");
     drop(servers);
@@ -231,13 +231,13 @@ fn uuid_short() -> String {
 }
 
 /// A transfer of a random amount from a random account of one bank to one of the other. About
-/// one in five touches the hot account 0 on both sides, to provoke conflicts; amounts up to half
-/// an opening balance make some transfers run out of funds.
+/// one in ten touches the hot account 0 on both sides, to provoke conflicts; amounts up to three
+/// quarters of an opening balance make some transfers run out of funds.
 fn random_transfer(keys: &[Vec<String>; 2], balance: i64) -> TxnSpec {
     let mut rng = rand::rng();
     let from = rng.random_range(0..2usize);
     let to = 1 - from;
-    let hot = rng.random_bool(0.2);
+    let hot = rng.random_bool(0.1);
     let pick = |rng: &mut rand::rngs::ThreadRng, b: usize| {
         if hot {
             keys[b][0].clone()
@@ -246,7 +246,7 @@ fn random_transfer(keys: &[Vec<String>; 2], balance: i64) -> TxnSpec {
         }
     };
     let (debit, credit) = (pick(&mut rng, from), pick(&mut rng, to));
-    let amount = rng.random_range(1..=(balance / 2).max(1));
+    let amount = rng.random_range(1..=(balance * 3 / 4).max(1));
     let names = ["bank-a", "bank-b"];
     TxnSpec::new(vec![
         Branch {
@@ -258,7 +258,11 @@ fn random_transfer(keys: &[Vec<String>; 2], balance: i64) -> TxnSpec {
     .with_timeout(Duration::from_secs(5))
 }
 
-async fn total(banks: &[Bank; 2], conns: &mut [redis::aio::MultiplexedConnection], accounts: usize) -> Result<i64, Error> {
+async fn total(
+    banks: &[Bank; 2],
+    conns: &mut [redis::aio::MultiplexedConnection],
+    accounts: usize,
+) -> Result<i64, Error> {
     let mut sum = 0;
     for (bank, c) in banks.iter().zip(conns.iter_mut()) {
         let keys: Vec<String> = (0..accounts).map(|i| bank.key(i)).collect();
