@@ -4,7 +4,7 @@
 //! Building the calls and reading the replies are pure functions ([`prepare_call`],
 //! [`resolve_call`], [`read_reply`]); [`KvResource`] adds the connection.
 
-use crate::resource::{Request, Response, Resource};
+use crate::resource::{Request, Resource, Response};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use redtx_common::conn::RedisUrl;
@@ -88,12 +88,7 @@ pub fn resolve_call(script: &'static LuaScript, name: &str, r: &Resolve, now_ms:
 }
 
 /// The call for a request, or the answer given without running a script (an invalid message).
-pub fn call_for(
-    name: &str,
-    req: &Request,
-    now_ms: u64,
-    retention: Duration,
-) -> std::result::Result<Call, Response> {
+pub fn call_for(name: &str, req: &Request, now_ms: u64, retention: Duration) -> std::result::Result<Call, Response> {
     match req {
         Request::Prepare(p) => match check_prepare(p) {
             Ok(()) => Ok(prepare_call(name, p, now_ms, retention)),
@@ -161,9 +156,17 @@ impl KvResource {
         &self.name
     }
 
+    /// The connection, opened (and the scripts loaded) if needed. Loading up front matters:
+    /// `scripts::run` re-sends a call answered `NOSCRIPT` after the rest of its pipeline, which
+    /// would reorder a batch. Every order is safe (the scripts are written for messages arriving
+    /// in any order), but in-order is what operators and tests expect.
     async fn conn(&mut self) -> Result<&mut MultiplexedConnection> {
         if self.conn.is_none() {
-            self.conn = Some(self.url.connect().await?);
+            let mut conn = self.url.connect().await?;
+            for script in [&PREPARE, &COMMIT, &ABORT] {
+                script.load(&mut conn).await.map_err(|e| Error::redis(&self.url, e))?;
+            }
+            self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just connected"))
     }
@@ -186,13 +189,15 @@ impl Resource for KvResource {
         }
         if !calls.is_empty() {
             let url = self.url.clone();
-            let conn = self.conn().await?;
-            let replies = match scripts::run(conn, &url, &calls).await {
+            let replies = match scripts::run(self.conn().await?, &url, &calls).await {
                 Ok(r) => r,
                 Err(e) => {
-                    // Maybe a dead connection: open a fresh one next time.
+                    // Maybe a connection that died with a Redis restart: the scripts are
+                    // idempotent, so run them again at once on a fresh connection.
+                    tracing::debug!(error = %e, "data Redis pipeline failed; retrying on a new connection");
                     self.conn = None;
-                    return Err(e);
+                    let r = scripts::run(self.conn().await?, &url, &calls).await;
+                    r.inspect_err(|_| self.conn = None)?
                 }
             };
             for (i, reply) in at.into_iter().zip(replies) {
@@ -257,9 +262,14 @@ mod tests {
             read_reply(&p, &v(3, "no")).unwrap(),
             Response::Vote { yes: false, reason: Some("no".into()), repeat: true }
         );
-        assert!(matches!(read_reply(&c, &v(1, "")).unwrap(), Response::Done { outcome: Outcome::Committed, warning: None, .. }));
+        assert!(matches!(
+            read_reply(&c, &v(1, "")).unwrap(),
+            Response::Done { outcome: Outcome::Committed, warning: None, .. }
+        ));
         assert!(matches!(read_reply(&c, &v(1, "x")).unwrap(), Response::Done { warning: Some(_), .. }));
-        assert!(matches!(read_reply(&c, &v(-1, "refused")).unwrap(), Response::Violation(m) if m.contains("never prepared")));
+        assert!(
+            matches!(read_reply(&c, &v(-1, "refused")).unwrap(), Response::Violation(m) if m.contains("never prepared"))
+        );
         assert!(matches!(read_reply(&a, &v(-2, "k")).unwrap(), Response::Violation(m) if m.contains("other keys")));
         assert!(matches!(read_reply(&a, &v(3, "")).unwrap(), Response::Done { outcome: Outcome::Aborted, .. }));
         assert!(matches!(read_reply(&a, &v(-1, "")).unwrap(), Response::Violation(m) if m.contains("committed")));

@@ -32,8 +32,8 @@ pub use kv::KvResource;
 pub use resource::{Request, Resource, Response};
 pub use worker::{Participant, AFTER_COMMIT, AFTER_PREPARE};
 
-use redtx_common::consumer::{Backoff, Consumer, ConsumerConfig};
 use redtx_common::conn::RedisUrl;
+use redtx_common::consumer::{Backoff, Consumer, ConsumerConfig};
 use redtx_common::shutdown::Shutdown;
 use redtx_common::{keys, spec, Result};
 use std::time::Duration;

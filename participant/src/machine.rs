@@ -13,11 +13,7 @@ pub fn request(name: &str, msg: Message) -> Result<Request, String> {
         Message::Commit(r) => (r.participant.clone(), Request::Commit(r)),
         Message::Abort(r) => (r.participant.clone(), Request::Abort(r)),
         other => {
-            return Err(format!(
-                "participant {name} does not handle `{}` messages (txn {})",
-                other.kind(),
-                other.txn()
-            ))
+            return Err(format!("participant {name} does not handle `{}` messages (txn {})", other.kind(), other.txn()))
         }
     };
     if participant != name {
@@ -112,7 +108,9 @@ mod tests {
             Some(Message::Vote(Vote { txn: "t1".into(), branch: 1, participant: "a".into(), yes: true, reason: None }))
         );
         let s = respond("a", &p, Ok(Response::Vote { yes: false, reason: Some("a: conflict".into()), repeat: true }));
-        assert!(matches!(s.reply, Some(Message::Vote(Vote { yes: false, reason: Some(ref r), .. })) if r == "a: conflict"));
+        assert!(
+            matches!(s.reply, Some(Message::Vote(Vote { yes: false, reason: Some(ref r), .. })) if r == "a: conflict")
+        );
 
         let c = Request::Commit(resolve("a"));
         let s = respond("a", &c, Ok(Response::Done { outcome: Outcome::Committed, repeat: true, warning: None }));

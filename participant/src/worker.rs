@@ -40,11 +40,18 @@ impl Link {
             p.xadd(&stream, "*", &m.fields()[..]).ignore();
         }
         let url = self.url.clone();
-        let r = p.query_async::<()>(self.conn().await?).await;
-        r.map_err(|e| {
+        if let Err(e) = p.query_async::<()>(self.conn().await?).await {
+            // Maybe a connection that died with a Redis restart: open a fresh one and send
+            // again (a duplicate vote or ack is harmless to the coordinator).
+            tracing::debug!(error = %e, "stream Redis pipeline failed; retrying on a new connection");
             self.conn = None;
-            Error::redis(&url, e)
-        })
+            let r = p.query_async::<()>(self.conn().await?).await;
+            r.map_err(|e| {
+                self.conn = None;
+                Error::redis(&url, e)
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -99,7 +99,9 @@ async fn prepare_stages_commit_applies_and_repeats_are_harmless() {
     assert_eq!(get(&mut c, "acct:alice").await.as_deref(), Some("60"));
     assert_eq!(get(&mut c, &redtx_common::keys::lock("x")).await, None);
     // Abort after commit contradicts the decision.
-    assert!(matches!(one(&mut r, Request::Abort(resolve(&p))).await, Response::Violation(m) if m.contains("committed")));
+    assert!(
+        matches!(one(&mut r, Request::Abort(resolve(&p))).await, Response::Violation(m) if m.contains("committed"))
+    );
 }
 
 #[tokio::test]
@@ -120,14 +122,17 @@ async fn abort_releases_locks_and_drops_staging() {
     assert!(ttl > 0);
     assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, true));
     // A redelivered prepare after the abort votes no and takes nothing.
-    let Response::Vote { yes: false, reason: Some(reason), repeat: true } = one(&mut r, Request::Prepare(p.clone())).await
+    let Response::Vote { yes: false, reason: Some(reason), repeat: true } =
+        one(&mut r, Request::Prepare(p.clone())).await
     else {
         panic!("expected a repeated no")
     };
     assert!(reason.contains("aborted"), "{reason}");
     assert_eq!(get(&mut c, &redtx_common::keys::lock("k")).await, None);
     // Commit after abort is a protocol violation and applies nothing.
-    assert!(matches!(one(&mut r, Request::Commit(resolve(&p))).await, Response::Violation(m) if m.contains("never prepared")));
+    assert!(
+        matches!(one(&mut r, Request::Commit(resolve(&p))).await, Response::Violation(m) if m.contains("never prepared"))
+    );
     assert_eq!(get(&mut c, "k").await.as_deref(), Some("5"));
 }
 
@@ -224,7 +229,10 @@ async fn counters_are_exact_over_the_whole_i64_range() {
     // 2^53 + 1: a double would round it to 2^53.
     let _: () = c.set("big", "9007199254740993").await.unwrap();
     let p = prepare("b1", vec![incrby("big", -1, Some(9007199254740993), None)]);
-    assert_eq!(one(&mut r, Request::Prepare(p)).await, no("bank-a: big would be 9007199254740992, below min 9007199254740993"));
+    assert_eq!(
+        one(&mut r, Request::Prepare(p)).await,
+        no("bank-a: big would be 9007199254740992, below min 9007199254740993")
+    );
     let p = prepare("b2", vec![incrby("big", 2, None, Some(9007199254740995))]);
     assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
     assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
@@ -264,10 +272,7 @@ async fn conflicts_refuse_without_waiting_or_locking() {
     let p1 = prepare("c1", vec![incrby("k", 1, None, None)]);
     assert_eq!(one(&mut r, Request::Prepare(p1.clone())).await, yes(false));
     let p2 = prepare("c2", vec![Op::set("other", "x"), incrby("k", 1, None, None)]);
-    assert_eq!(
-        one(&mut r, Request::Prepare(p2)).await,
-        no("bank-a: conflict: k is held by another transaction")
-    );
+    assert_eq!(one(&mut r, Request::Prepare(p2)).await, no("bank-a: conflict: k is held by another transaction"));
     assert_eq!(get(&mut c, &redtx_common::keys::lock("other")).await, None);
     assert_eq!(one(&mut r, Request::Commit(resolve(&p1))).await, done(Outcome::Committed, false));
     let p3 = prepare("c3", vec![incrby("k", 1, None, None)]);
@@ -276,10 +281,8 @@ async fn conflicts_refuse_without_waiting_or_locking() {
     // then wins over the prepare after it.
     let p4 = prepare("c4", vec![incrby("k", 1, None, None)]);
     let p5 = prepare("c5", vec![incrby("k", 1, None, None)]);
-    let out = r
-        .apply(&[Request::Commit(resolve(&p3)), Request::Prepare(p4.clone()), Request::Prepare(p5)])
-        .await
-        .unwrap();
+    let out =
+        r.apply(&[Request::Commit(resolve(&p3)), Request::Prepare(p4.clone()), Request::Prepare(p5)]).await.unwrap();
     assert_eq!(out[0], Ok(done(Outcome::Committed, false)));
     assert_eq!(out[1], Ok(yes(false)));
     assert_eq!(out[2], Ok(no("bank-a: conflict: k is held by another transaction")));
@@ -324,7 +327,9 @@ async fn protocol_violations_change_nothing() {
     assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
     let mut other = resolve(&p);
     other.keys = vec!["k".into()];
-    assert!(matches!(one(&mut r, Request::Commit(other.clone())).await, Response::Violation(m) if m.contains("other keys")));
+    assert!(
+        matches!(one(&mut r, Request::Commit(other.clone())).await, Response::Violation(m) if m.contains("other keys"))
+    );
     assert!(matches!(one(&mut r, Request::Abort(other)).await, Response::Violation(m) if m.contains("other keys")));
     assert_eq!(get(&mut c, "k").await, None);
     assert!(get(&mut c, &redtx_common::keys::lock("k")).await.is_some(), "still prepared and locked");

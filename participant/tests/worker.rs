@@ -182,3 +182,20 @@ async fn an_unreachable_redis_is_waited_for_and_invalid_names_fail() {
     let e = run(ParticipantConfig::new("http://x", NAME), Shutdown::new()).await.unwrap_err();
     assert!(matches!(e, redtx_common::Error::BadUrl { .. }), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn survives_a_redis_restart() {
+    let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
+    let mut s = server();
+    let mut c = conn(&s).await;
+    let w = Worker::start(ParticipantConfig::new(s.url(), NAME));
+    let p = prepare("r1", vec![Op::set("k", "v")]);
+    send(&mut c, &Message::Prepare(p.clone())).await;
+    wait_messages(&mut c, 1).await;
+    s.restart().unwrap();
+    let mut c = conn(&s).await;
+    send(&mut c, &Message::Commit(resolve(&p))).await;
+    assert_eq!(wait_messages(&mut c, 2).await[1], ack("r1", Outcome::Committed));
+    assert_eq!(get(&mut c, "k").await.as_deref(), Some("v"));
+    w.stop().await;
+}

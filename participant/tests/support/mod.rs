@@ -20,13 +20,7 @@ pub async fn conn(s: &RedisServer) -> MultiplexedConnection {
 }
 
 pub fn prepare(txn: &str, ops: Vec<Op>) -> Prepare {
-    Prepare {
-        txn: txn.into(),
-        branch: 0,
-        participant: NAME.into(),
-        deadline_ms: redtx_common::now_ms() + 60_000,
-        ops,
-    }
+    Prepare { txn: txn.into(), branch: 0, participant: NAME.into(), deadline_ms: redtx_common::now_ms() + 60_000, ops }
 }
 
 /// The commit/abort body matching `p` (its keys in `Branch::keys()` order).
