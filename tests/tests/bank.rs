@@ -173,3 +173,86 @@ where
     }
     out
 }
+
+#[test]
+fn transfers_survive_kill9_and_sigterm_of_workers_mid_load() {
+    // Two coordinators and two bank-b instances; mid-load one of each is killed with SIGKILL,
+    // one bank-a instance is stopped with SIGTERM and replaced, and a fresh coordinator joins.
+    // Their pending entries are taken over by the survivors (XAUTOCLAIM after --claim-idle).
+    const N: usize = 300;
+    let started = Instant::now();
+    let opts = BankOptions { bank_b: 2, ..Default::default() };
+    let mut bank = Bank::start_with(opts);
+    bank.start_coordinator(None);
+    let accounts: Vec<(Side, String)> =
+        [Side::A, Side::B].iter().flat_map(|s| (0..4).map(move |i| (*s, format!("acct:{i}")))).collect();
+    for (s, k) in &accounts {
+        bank.seed(*s, k, START);
+    }
+    let total = bank.total();
+
+    let url = bank.url();
+    let load = {
+        let accounts = accounts.clone();
+        bank.rt.spawn(async move {
+            use rand::Rng;
+            let client = Client::connect(&url).await.expect("connect");
+            let mut submitted = Vec::new();
+            for n in 0..N {
+                let (from, to, amount) = {
+                    let mut rng = rand::rng();
+                    let f = rng.random_range(0..accounts.len());
+                    let mut t = rng.random_range(0..accounts.len() - 1);
+                    if t >= f {
+                        t += 1;
+                    }
+                    (f, t, rng.random_range(1..=50))
+                };
+                let (fa, ta) = (&accounts[from], &accounts[to]);
+                let spec = transfer((fa.0, &fa.1), (ta.0, &ta.1), amount)
+                    .with_id(format!("k-{n}"))
+                    .with_timeout(Duration::from_secs(20));
+                client.submit(&spec).await.expect("submit");
+                submitted.push((spec.id, from, to, amount));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            submitted
+        })
+    };
+    let mut s = bank.stream_conn();
+    poll("load under way", LONG, || (scan(&mut s, "rtx:txn:*").len() >= N / 5).then_some(()));
+    bank.coordinators[0].kill9();
+    bank.bank_b[0].kill9();
+    poll("more load", LONG, || (scan(&mut s, "rtx:txn:*").len() >= N / 2).then_some(()));
+    bank.bank_a[0].term();
+    let status = bank.bank_a[0].wait_exit(LONG).expect("bank-a did not stop on SIGTERM");
+    assert!(status.success(), "bank-a exited with {status} on SIGTERM");
+    bank.start_participant(Side::A, None);
+    bank.start_coordinator(None);
+    let submitted = bank.rt.block_on(load).expect("load task");
+
+    let client = bank.client().clone();
+    let mut expected: BTreeMap<(Side, String), i64> = accounts.iter().map(|a| (a.clone(), START)).collect();
+    let (mut committed, mut aborted) = (0, 0);
+    for (id, from, to, amount) in &submitted {
+        let rec = bank
+            .rt
+            .block_on(client.wait(id, Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("{id}: {e}\n{}", bank.dump(id)));
+        match rec.state {
+            TxnState::Committed => {
+                committed += 1;
+                *expected.get_mut(&accounts[*from]).unwrap() -= amount;
+                *expected.get_mut(&accounts[*to]).unwrap() += amount;
+            }
+            TxnState::Aborted => aborted += 1,
+            s => panic!("{id} not terminal: {s}"),
+        }
+    }
+    eprintln!("{N} transfers with kills in {:?}: {committed} committed, {aborted} aborted", started.elapsed());
+    assert_eq!(committed + aborted, N);
+    assert!(committed > 0);
+    assert_eq!(bank.total(), total, "money was created or destroyed");
+    assert_eq!(bank.balances(), expected, "balances differ from the committed transfers");
+    bank.assert_clean();
+}

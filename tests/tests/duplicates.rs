@@ -150,3 +150,39 @@ fn every_message_delivered_twice_is_harmless() {
     assert_eq!(rec.state, TxnState::Committed);
     assert_eq!(bank.total(), 150);
 }
+
+#[test]
+fn a_prepare_redelivered_after_its_barrier_expired_takes_no_lock() {
+    // A participant keeps a branch's outcome marker (committed/aborted barrier) for --retention.
+    // If that is shorter than the time left to the transaction's deadline, a duplicate prepare
+    // delivered after the marker expired (but before the deadline) finds no barrier and no
+    // deadline refusal: it locks the keys and stages the writes of a transaction that committed
+    // long ago. The coordinator ignores votes for terminal transactions, so nothing ever commits
+    // or aborts that branch again: the lock on acct:bob is held forever.
+    //
+    // Expected: no lock, no prepared barrier (e.g. the markers live at least until the deadline,
+    // or the participant refuses a --retention shorter than the longest timeout).
+    let part_args = [FAST_PART, &["--retention", "300ms"]].concat().iter().map(|s| s.to_string()).collect();
+    let bank = Bank::start_with(BankOptions { part_args, ..Default::default() });
+    bank.seed(Side::A, "acct:alice", 100);
+    let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10)
+        .with_id("t-late")
+        .with_timeout(Duration::from_secs(3600));
+    assert_eq!(bank.run(&spec).state, TxnState::Committed);
+    poll("bank-b's committed barrier expires", LONG, || bank.barrier_state(Side::B, "t-late").is_none().then_some(()));
+
+    // Deliver bank-b's prepare once more (as XAUTOCLAIM or a producer-side retry could).
+    let mut s = bank.stream_conn();
+    let stream = keys::participant_stream("bank-b");
+    let prepare = xrange(&mut s, &stream)
+        .into_iter()
+        .find(|(_, f)| f.get("t").map(Vec::as_slice) == Some(b"prepare".as_slice()))
+        .expect("the original prepare")
+        .1;
+    let _: String = s.xadd(&stream, "*", &[("t", prepare["t"].clone()), ("m", prepare["m"].clone())]).unwrap();
+    wait_drained(&bank);
+
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 10);
+    assert_eq!(bank.record("t-late").unwrap().state, TxnState::Committed);
+    bank.assert_clean();
+}
