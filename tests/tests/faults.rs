@@ -260,3 +260,33 @@ fn stream_redis_restart_under_load_loses_nothing() {
         assert!(p.is_running(), "{} died during the Redis restart:\n{}", p.label, p.output());
     }
 }
+
+#[test]
+fn a_producer_client_keeps_working_across_a_redis_restart() {
+    // The library's Client (one multiplexed connection and one outcome reader) is created before
+    // the stream Redis restarts and used after it.
+    let mut bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1));
+    assert_eq!(rec.state, TxnState::Committed);
+    bank.a.restart().expect("restart redis A");
+    let client = bank.client().clone();
+    let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 2);
+    let started = Instant::now();
+    let rec = bank.rt.block_on(async {
+        // The first command may meet the dead connection; a retry must then succeed.
+        let mut last = None;
+        for _ in 0..50 {
+            match client.submit_and_wait(&spec, LONG).await {
+                Ok(r) => return r,
+                Err(e) => last = Some(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the client never recovered after the restart: {last:?}");
+    });
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 97);
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 3);
+}
