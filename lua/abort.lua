@@ -12,7 +12,11 @@ Input:
   KEYS[2i+1]   lock of that key, rtx:lock:<key>
   ARGV[1]      participant name (prefix of the recorded reason)
   ARGV[2]      now, ms since the epoch
-  ARGV[3]      retention of the aborted barrier, ms
+  ARGV[3]      retention of the aborted barrier, ms; it is kept at least until the
+               branch's deadline plus a clock-skew margin (a duplicate prepare arriving before
+               the deadline must find it)
+  ARGV[4]      the longest transaction timeout, ms: a tombstone (deadline unknown) is kept
+               at least this long plus the margin
 
 Output: {code, detail}
    1, ""       aborted now (it was prepared or refused)
@@ -23,6 +27,14 @@ Output: {code, detail}
 ]]
 local rcall = redis.call
 local bar = KEYS[1]
+-- Margin for the skew between the worker's clock (ARGV[2]) and the Redis clock (expiry).
+local SKEW_MS = 60000
+
+-- Expiry of a finished barrier: the retention, but never before its deadline (+ margin).
+local function expire_after(deadline)
+  local ttl = math.max(tonumber(ARGV[3]), deadline - tonumber(ARGV[2]) + SKEW_MS)
+  rcall('PEXPIRE', bar, string.format('%d', ttl))
+end
 local name = ARGV[1]
 
 local state = rcall('HGET', bar, 'state')
@@ -34,7 +46,7 @@ if state == 'committed' then
 end
 if not state then
   rcall('HSET', bar, 'state', 'aborted', 'reason', name .. ': aborted before prepare', 'done', ARGV[2])
-  rcall('PEXPIRE', bar, ARGV[3])
+  rcall('PEXPIRE', bar, string.format('%d', math.max(tonumber(ARGV[3]), tonumber(ARGV[4]) + SKEW_MS)))
   return {3, ''}
 end
 
@@ -58,5 +70,5 @@ if state == 'prepared' then
   rcall('HSET', bar, 'reason', name .. ': transaction was aborted')
 end
 rcall('HSET', bar, 'state', 'aborted', 'done', ARGV[2])
-rcall('PEXPIRE', bar, ARGV[3])
+expire_after(tonumber(rcall('HGET', bar, 'deadline') or '0'))
 return {1, ''}

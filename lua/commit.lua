@@ -16,7 +16,9 @@ Input:
   KEYS[2i+1]   lock of that key, rtx:lock:<key>
   ARGV[1]      participant name
   ARGV[2]      now, ms since the epoch
-  ARGV[3]      retention of the committed barrier, ms
+  ARGV[3]      retention of the committed barrier, ms; it is kept at least until the
+               branch's deadline plus a clock-skew margin (a duplicate prepare arriving before
+               the deadline must find it)
 
 Output: {code, detail}
    1, errors   committed now; errors is "" or the "; "-joined errors of writes that failed
@@ -26,6 +28,14 @@ Output: {code, detail}
 ]]
 local rcall = redis.call
 local bar = KEYS[1]
+-- Margin for the skew between the worker's clock (ARGV[2]) and the Redis clock (expiry).
+local SKEW_MS = 60000
+
+-- Expiry of a finished barrier: the retention, but never before its deadline (+ margin).
+local function expire_after(deadline)
+  local ttl = math.max(tonumber(ARGV[3]), deadline - tonumber(ARGV[2]) + SKEW_MS)
+  rcall('PEXPIRE', bar, string.format('%d', ttl))
+end
 
 local state = rcall('HGET', bar, 'state')
 if state == 'committed' then
@@ -77,5 +87,5 @@ for i = 1, #keys do
 end
 rcall('HDEL', bar, 'ops')
 rcall('HSET', bar, 'state', 'committed', 'done', ARGV[2])
-rcall('PEXPIRE', bar, ARGV[3])
+expire_after(tonumber(rcall('HGET', bar, 'deadline') or '0'))
 return {1, table.concat(errors, '; ')}

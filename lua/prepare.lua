@@ -15,7 +15,9 @@ Input:
   KEYS[2i+1]         lock of that key, rtx:lock:<key> (string: the owning barrier key)
   ARGV[1]            participant name (prefix of every refusal reason)
   ARGV[2]            now, ms since the epoch (the worker's clock)
-  ARGV[3]            retention of a refusal record, ms
+  ARGV[3]            retention of a refusal record, ms; it is kept at least until the
+                     deadline plus SKEW_MS, so that a duplicate prepare arriving before the
+                     deadline always finds it
   ARGV[4]            deadline_ms of the prepare; a later `now` refuses without locking
   ARGV[5+6j .. 10+6j] op j+1 (j = 0..), six slots each:
                        name   set | del | incrby | hset | hdel | hincrby | expect | absent
@@ -36,8 +38,10 @@ local rcall = redis.call
 local bar = KEYS[1]
 local name = ARGV[1]
 local now = tonumber(ARGV[2])
-local retention = ARGV[3]
+local retention = tonumber(ARGV[3])
 local deadline = tonumber(ARGV[4])
+-- Margin for the skew between the worker's clock (`now`) and the Redis clock (expiry).
+local SKEW_MS = 60000
 
 if #KEYS % 2 ~= 1 then
   return redis.error_reply('prepare: KEYS must be the barrier then (key, lock) pairs')
@@ -53,8 +57,8 @@ if state == 'refused' or state == 'aborted' then
 end
 
 local function refuse(reason)
-  rcall('HSET', bar, 'state', 'refused', 'reason', reason, 'at', ARGV[2])
-  rcall('PEXPIRE', bar, retention)
+  rcall('HSET', bar, 'state', 'refused', 'reason', reason, 'at', ARGV[2], 'deadline', ARGV[4])
+  rcall('PEXPIRE', bar, string.format('%d', math.max(retention, deadline - now + SKEW_MS)))
   return {0, reason}
 end
 

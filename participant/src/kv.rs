@@ -84,7 +84,13 @@ pub fn prepare_call(name: &str, p: &Prepare, now_ms: u64, retention: Duration) -
 
 /// The `commit.lua` or `abort.lua` call for `r`.
 pub fn resolve_call(script: &'static LuaScript, name: &str, r: &Resolve, now_ms: u64, retention: Duration) -> Call {
-    with_keys(script.call(), name, &r.txn, &r.keys).arg(name).arg(now_ms).arg(retention.as_millis() as u64)
+    let call = with_keys(script.call(), name, &r.txn, &r.keys).arg(name).arg(now_ms).arg(retention.as_millis() as u64);
+    if std::ptr::eq(script, &ABORT) {
+        // A tombstone does not know its transaction's deadline: it lives at least this long.
+        call.arg(spec::MAX_TIMEOUT.as_millis() as u64)
+    } else {
+        call
+    }
 }
 
 /// The call for a request, or the answer given without running a script (an invalid message).

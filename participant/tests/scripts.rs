@@ -347,3 +347,46 @@ async fn scripts_survive_a_flushed_script_cache() {
     let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
     assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
 }
+
+#[tokio::test]
+async fn barriers_outlive_the_deadline_whatever_the_retention() {
+    // A duplicate prepare arriving before the deadline must find the barrier (else it would
+    // lock keys for a transaction that finished long ago): a short retention is extended.
+    let s = server();
+    let mut c = conn(&s).await;
+    let mut r = KvResource::new(RedisUrl::parse(&s.url()).unwrap(), NAME, Duration::from_millis(100));
+    let pttl = |c: &mut redis::aio::MultiplexedConnection, txn: &str| {
+        let key = redtx_common::keys::barrier(NAME, txn);
+        let mut c = c.clone();
+        async move { c.pttl::<_, i64>(key).await.unwrap() }
+    };
+    let mut p = prepare("e1", vec![Op::set("k", "v")]);
+    p.deadline_ms = redtx_common::now_ms() + 600_000;
+    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
+    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
+    assert!(pttl(&mut c, "e1").await > 600_000, "committed barrier kept past the deadline");
+
+    let mut p = prepare("e2", vec![Op::set("k", "v")]);
+    p.deadline_ms = redtx_common::now_ms() + 600_000;
+    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
+    assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, false));
+    assert!(pttl(&mut c, "e2").await > 600_000, "aborted barrier kept past the deadline");
+
+    let mut p = prepare("e3", vec![Op::set("k", "v")]);
+    p.deadline_ms = redtx_common::now_ms() + 600_000;
+    let _: () = c.set(redtx_common::keys::lock("k"), "rtx:bar:other:x").await.unwrap();
+    assert!(matches!(one(&mut r, Request::Prepare(p.clone())).await, Response::Vote { yes: false, .. }));
+    assert!(pttl(&mut c, "e3").await > 600_000, "refusal kept past the deadline");
+
+    let p = prepare("e4", vec![Op::set("k", "v")]);
+    assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, false));
+    let longest = redtx_common::spec::MAX_TIMEOUT.as_millis() as i64;
+    assert!(pttl(&mut c, "e4").await > longest, "a tombstone outlives any deadline");
+
+    // Past the deadline, the plain retention applies.
+    let mut p = prepare("e5", vec![Op::set("j", "v")]);
+    p.deadline_ms = redtx_common::now_ms() - 120_000;
+    assert!(matches!(one(&mut r, Request::Prepare(p)).await, Response::Vote { yes: false, .. }));
+    let t = pttl(&mut c, "e5").await;
+    assert!(t > 0 && t <= 100, "{t}");
+}

@@ -163,9 +163,13 @@ async fn shutdown_is_graceful_and_a_restart_resumes() {
     send(&mut c, &Message::Prepare(p.clone())).await;
     wait_messages(&mut c, 1).await;
     w.stop().await;
-    // Sent while no worker runs: picked up by the next one.
+    // Sent while no worker runs: picked up by the next one. (The stopped worker's blocking
+    // XREADGROUP may still be open on the server for a moment and receive it; then the next
+    // worker claims it after `claim_idle`.)
     send(&mut c, &Message::Commit(resolve(&p))).await;
-    let w = Worker::start(ParticipantConfig::new(s.url(), NAME));
+    let mut cfg = ParticipantConfig::new(s.url(), NAME);
+    cfg.claim_idle = Duration::from_millis(300);
+    let w = Worker::start(cfg);
     assert_eq!(wait_messages(&mut c, 2).await[1], ack("g1", Outcome::Committed));
     w.stop().await;
 }
@@ -188,7 +192,10 @@ async fn survives_a_redis_restart() {
     let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
     let mut s = server();
     let mut c = conn(&s).await;
-    let w = Worker::start(ParticipantConfig::new(s.url(), NAME));
+    // A batch that fails while Redis is still coming back stays pending and is claimed again.
+    let mut cfg = ParticipantConfig::new(s.url(), NAME);
+    cfg.claim_idle = Duration::from_millis(300);
+    let w = Worker::start(cfg);
     let p = prepare("r1", vec![Op::set("k", "v")]);
     send(&mut c, &Message::Prepare(p.clone())).await;
     wait_messages(&mut c, 1).await;
