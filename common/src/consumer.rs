@@ -143,10 +143,9 @@ impl Consumer {
                     self.claim_idle(handler).await?;
                     handler.tick().await?;
                 }
-                let entries = tokio::select! {
-                    r = self.read() => r?,
-                    _ = shutdown.wait() => return Ok(()),
-                };
+                // The read is not cancelled on shutdown: an entry Redis delivers to it would sit
+                // pending until claimed. It returns within `block`; its batch is then finished.
+                let entries = self.read().await?;
                 self.process(handler, entries).await
             };
             match step.await {
