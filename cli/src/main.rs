@@ -88,13 +88,7 @@ impl Exit {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Demo(_)) { "error" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    redtx_common::init_logging(default_level);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let code = rt.block_on(async {
         match cli.command {

@@ -35,6 +35,18 @@ pub mod spec;
 pub use client::Client;
 pub use error::{Error, Result};
 
+/// Logs to stderr, filtered by `RUST_LOG` (default: `default_level`, e.g. `info`). Every binary
+/// calls this first.
+pub fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Milliseconds since the Unix epoch, the unit of every timestamp redtx stores.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

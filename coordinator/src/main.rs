@@ -32,13 +32,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    redtx_common::init_logging("info");
     let redis = default_url(args.redis.as_deref());
     if let Err(e) = RedisUrl::parse(&redis) {
         eprintln!("redtx-coordinator: {e}");

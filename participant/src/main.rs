@@ -39,13 +39,7 @@ fn parse_name(s: &str) -> Result<String, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    redtx_common::init_logging("info");
     let redis = default_url(args.redis.as_deref());
     for url in std::iter::once(&redis).chain(args.data.as_ref()) {
         if let Err(e) = RedisUrl::parse(url) {
