@@ -22,7 +22,7 @@ use crate::protocol::{Message, Submit};
 use crate::record::TxnRecord;
 use crate::spec::TxnSpec;
 use crate::{keys, Error, Result};
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use std::collections::HashMap;
@@ -34,7 +34,8 @@ use tokio::sync::{oneshot, OnceCell};
 #[derive(Clone)]
 pub struct Client {
     url: RedisUrl,
-    conn: MultiplexedConnection,
+    /// Reconnects by itself, so a long-lived producer survives a Redis restart.
+    conn: ConnectionManager,
     waiters: Arc<Waiters>,
 }
 
@@ -56,7 +57,7 @@ impl Client {
     /// Connects to the Redis holding the streams. Errors carry the URL without its password.
     pub async fn connect(url: &str) -> Result<Self> {
         let url = RedisUrl::parse(url)?;
-        let mut conn = url.connect().await?;
+        let mut conn = url.connect_managed(Duration::from_secs(10)).await?;
         let _: () = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
         Ok(Client { url, conn, waiters: Arc::default() })
     }
@@ -132,7 +133,7 @@ impl Client {
         self.waiters
             .reader
             .get_or_try_init(|| async {
-                let mut conn = self.url.connect_with(Duration::from_secs(15)).await?;
+                let mut conn = self.url.connect_managed(Duration::from_secs(15)).await?;
                 // Start after the newest outcome now present: older ones are visible in records.
                 let last: Vec<(String, HashMap<String, redis::Value>)> = redis::cmd("XREVRANGE")
                     .arg(keys::outcomes_stream())
@@ -152,7 +153,7 @@ impl Client {
     }
 }
 
-async fn read_outcomes(mut conn: MultiplexedConnection, waiters: Weak<Waiters>, mut from: String) {
+async fn read_outcomes(mut conn: ConnectionManager, waiters: Weak<Waiters>, mut from: String) {
     let stream = keys::outcomes_stream();
     let opts = StreamReadOptions::default().count(1024).block(5000);
     loop {

@@ -50,6 +50,17 @@ impl RedisUrl {
         self.client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(|e| Error::redis(self, e))
     }
 
+    /// Opens a connection that reconnects by itself after the server went away (a command that
+    /// fails on the broken connection still fails; the next one uses a fresh connection).
+    pub async fn connect_managed(&self, response_timeout: Duration) -> Result<redis::aio::ConnectionManager> {
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2));
+        self.client.get_connection_manager_with_config(cfg).await.map_err(|e| Error::redis(self, e))
+    }
+
     /// Opens a multiplexed connection with a 10 s response timeout.
     pub async fn connect(&self) -> Result<MultiplexedConnection> {
         self.connect_with(Duration::from_secs(10)).await
