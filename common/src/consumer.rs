@@ -225,17 +225,21 @@ impl Consumer {
             return Ok(());
         }
         let mut batch = Vec::with_capacity(entries.len());
+        // The decoded entries as read, so that a refused one is dead-lettered with its original
+        // fields (`orig.t`, `orig.m`), like an undecodable one.
+        let mut originals: Vec<StreamId> = Vec::with_capacity(entries.len());
         let mut dead: Vec<(StreamId, String)> = Vec::new();
         for e in entries {
             match Message::from_entry(&e.map) {
-                Ok(msg) => batch.push(Delivery { id: e.id, msg }),
+                Ok(msg) => {
+                    batch.push(Delivery { id: e.id.clone(), msg });
+                    originals.push(e);
+                }
                 Err(err) => dead.push((e, err.to_string())),
             }
         }
         let mut ack: Vec<String> = Vec::with_capacity(batch.len());
         if !batch.is_empty() {
-            let ids: Vec<String> = batch.iter().map(|d| d.id.clone()).collect();
-            let kinds: Vec<&'static str> = batch.iter().map(|d| d.msg.kind()).collect();
             let dispositions = match handler.handle(batch).await {
                 Ok(d) => d,
                 Err(e) => {
@@ -245,15 +249,11 @@ impl Consumer {
                     return Err(e);
                 }
             };
-            assert_eq!(dispositions.len(), ids.len(), "handler must return one disposition per delivery");
-            for ((id, kind), d) in ids.into_iter().zip(kinds).zip(dispositions) {
+            assert_eq!(dispositions.len(), originals.len(), "handler must return one disposition per delivery");
+            for (entry, d) in originals.into_iter().zip(dispositions) {
                 match d {
-                    Disposition::Ack => ack.push(id),
-                    Disposition::DeadLetter(reason) => {
-                        let mut map = std::collections::HashMap::new();
-                        map.insert("t".to_string(), redis::Value::BulkString(kind.as_bytes().to_vec()));
-                        dead.push((StreamId { id, map, ..Default::default() }, reason))
-                    }
+                    Disposition::Ack => ack.push(entry.id),
+                    Disposition::DeadLetter(reason) => dead.push((entry, reason)),
                     Disposition::Retry => {}
                 }
             }

@@ -206,3 +206,37 @@ async fn survives_a_redis_restart() {
     assert_eq!(get(&mut c, "k").await.as_deref(), Some("v"));
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_entries_keep_their_original_fields_in_the_dead_letter() {
+    // docs/protocol.md: a dead letter holds `orig.t`/`orig.m`, the original fields, so that an
+    // operator can inspect or re-drive it. That must hold for entries the handler refuses (a
+    // misrouted prepare, a commit of a branch never prepared here), not only undecodable ones.
+    let s = server();
+    let mut c = conn(&s).await;
+    let w = Worker::start(ParticipantConfig::new(s.url(), NAME));
+    let stream = keys::participant_stream(NAME);
+    let mut elsewhere = prepare("o1", vec![Op::set("k", "v")]);
+    elsewhere.participant = "bank-b".into();
+    let misrouted = Message::Prepare(elsewhere);
+    let ghost =
+        Message::Commit(Resolve { txn: "o2".into(), branch: 0, participant: NAME.into(), keys: vec!["k".into()] });
+    xadd(&mut c, &stream, &misrouted.fields()[..]).await;
+    xadd(&mut c, &stream, &ghost.fields()[..]).await;
+    let started = std::time::Instant::now();
+    let dead = loop {
+        let dead: redis::streams::StreamRangeReply = c.xrange_all(keys::dead_letter_stream()).await.unwrap();
+        if dead.ids.len() >= 2 || started.elapsed() > Duration::from_secs(5) {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(dead.ids.len(), 2);
+    for (entry, orig) in dead.ids.iter().zip([&misrouted, &ghost]) {
+        let t: Option<Vec<u8>> = entry.get("orig.t");
+        let m: Option<Vec<u8>> = entry.get("orig.m");
+        assert_eq!(t.as_deref(), Some(orig.kind().as_bytes()), "{entry:?}");
+        assert_eq!(m, Some(orig.encode()), "the dead letter lost the original payload: {entry:?}");
+    }
+    w.stop().await;
+}
