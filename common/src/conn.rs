@@ -92,16 +92,28 @@ pub fn default_url(explicit: Option<&str>) -> String {
         .unwrap_or_else(|| DEFAULT_URL.to_string())
 }
 
-/// `scheme://user:***@host/...` for any URL with a password; unparsable input is hidden whole
-/// past the scheme, since it may hold a secret we cannot locate.
+/// `scheme://user:***@host/...` for any URL with a password, and `?pass=***` for a Unix socket
+/// URL (whose credentials the `redis` crate reads from the query); unparsable input is hidden
+/// whole past the scheme, since it may hold a secret we cannot locate.
 pub fn redact(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
-            } else if !u.username().is_empty() && u.scheme().starts_with("redis") {
+            } else if !u.username().is_empty() && (u.scheme().starts_with("redis") || u.scheme().starts_with("valkey"))
+            {
                 // `redis://secret@host` puts the password in the user slot for Redis < 6 AUTH.
                 let _ = u.set_username("***");
+            }
+            if u.query_pairs().any(|(k, _)| k == "pass") {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "pass" { "***".to_string() } else { v.into_owned() };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
             }
             u.to_string()
         }
@@ -127,5 +139,23 @@ mod tests {
         assert!(!format!("{u} {u:?}").contains("hunter2"));
         let e = RedisUrl::parse("http://bob:hunter2@x").unwrap_err().to_string();
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn unix_socket_and_valkey_passwords_never_print() {
+        // The redis crate reads a Unix socket URL's credentials from its query (`?user=&pass=`),
+        // and takes `valkey://` like `redis://`.
+        for raw in [
+            "redis+unix:///run/redis.sock?pass=hunter2",
+            "unix:///run/redis.sock?db=1&user=bob&pass=hunter2",
+            "valkey+unix:///run/valkey.sock?pass=hunter2&protocol=resp3",
+            "valkey://hunter2@db:6379",
+            "valkeys://hunter2@db:6379",
+        ] {
+            let u = RedisUrl::parse(raw).unwrap();
+            let shown = format!("{u} {u:?} {}", u.redacted());
+            assert!(!shown.contains("hunter2"), "{raw} shows as {shown}");
+        }
+        assert_eq!(redact("unix:///run/redis.sock?db=1&pass=hunter2"), "unix:///run/redis.sock?db=1&pass=***");
     }
 }
