@@ -294,9 +294,13 @@ impl Consumer {
             p.xadd(keys::dead_letter_stream(), "*", &fields).ignore();
             p.hincr(keys::dead_letter_counts(), &self.cfg.stream, 1).ignore();
         }
-        let ids: Vec<&str> = dead.iter().map(|(e, _)| e.id.as_str()).collect();
-        p.xack(&self.cfg.stream, &self.cfg.group, &ids).ignore();
         p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        // Acked only once the dead letters are written: in the same pipeline, a write Redis
+        // refuses (e.g. OOM, which never blocks XACK) would still let the XACK through and lose
+        // the entry. A crash in between writes a dead letter twice, never none.
+        let ids: Vec<&str> = dead.iter().map(|(e, _)| e.id.as_str()).collect();
+        let _: u64 =
+            self.conn.xack(&self.cfg.stream, &self.cfg.group, &ids).await.map_err(|e| Error::redis(&self.url, e))?;
         self.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
         Ok(())
     }

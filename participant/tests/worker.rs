@@ -4,6 +4,7 @@
 mod support;
 
 use redis::AsyncCommands;
+use redtx_common::conn::RedisUrl;
 use redtx_common::keys;
 use redtx_common::protocol::{Ack, Message, Outcome, Resolve, Vote};
 use redtx_common::shutdown::Shutdown;
@@ -237,6 +238,45 @@ async fn refused_entries_keep_their_original_fields_in_the_dead_letter() {
         let m: Option<Vec<u8>> = entry.get("orig.m");
         assert_eq!(t.as_deref(), Some(orig.kind().as_bytes()), "{entry:?}");
         assert_eq!(m, Some(orig.encode()), "the dead letter lost the original payload: {entry:?}");
+    }
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_that_cannot_be_written_is_not_acked() {
+    // A full Redis (maxmemory, noeviction) refuses XADD/HINCRBY but still accepts XACK: a
+    // refused entry must stay pending until its dead letter is written, never be acked without it.
+    let s = server();
+    let mut c = conn(&s).await;
+    let stream = keys::participant_stream(NAME);
+    let mut elsewhere = prepare("m1", vec![Op::set("k", "v")]);
+    elsewhere.participant = "bank-b".into();
+    xadd(&mut c, &stream, &Message::Prepare(elsewhere).fields()[..]).await;
+    // Delivered to a worker that died: the live one takes it over after `claim_idle`.
+    redtx_common::consumer::ensure_group(&mut c, &RedisUrl::parse(&s.url()).unwrap(), &stream, NAME).await.unwrap();
+    let opts = redis::streams::StreamReadOptions::default().group(NAME, "dead-worker").count(10);
+    let _: redis::streams::StreamReadReply = c.xread_options(&[&stream], &[">"], &opts).await.unwrap();
+    let mut cfg = ParticipantConfig::new(s.url(), NAME);
+    cfg.claim_idle = Duration::from_millis(1500);
+    let w = Worker::start(cfg);
+    tokio::time::sleep(Duration::from_millis(500)).await; // connected, not yet claiming
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(1).query_async(&mut c).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let dead: u64 = c.xlen(keys::dead_letter_stream()).await.unwrap();
+    assert_eq!(dead, 0, "Redis is full: nothing can be written");
+    assert_eq!(pending(&mut c).await, 1, "acked although its dead letter was not written: the entry is lost");
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0).query_async(&mut c).await.unwrap();
+    let started = std::time::Instant::now();
+    while c.xlen::<_, u64>(keys::dead_letter_stream()).await.unwrap() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = std::time::Instant::now();
+    while pending(&mut c).await > 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "dead letter written but the entry not acked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     w.stop().await;
 }
