@@ -32,7 +32,9 @@ Output: {code, reason}
    1, ""      prepared now: locks taken, writes staged, state=prepared (vote yes)
    2, ""      already prepared or committed: a repeat (vote yes again)
    0, reason  refused now, state=refused with the reason, expires after retention (vote no)
-   3, reason  already refused or aborted (repeat, or abort came first): vote no again
+   3, reason  already refused or aborted (repeat, or abort came first): vote no again; also
+              (nothing written) when a finished barrier holds another deadline: an earlier
+              transaction with the same id, not this one
 ]]
 local rcall = redis.call
 local bar = KEYS[1]
@@ -49,6 +51,19 @@ end
 local nkeys = (#KEYS - 1) / 2
 
 local state = rcall('HGET', bar, 'state')
+-- A finished barrier recorded with another deadline is the outcome of an earlier transaction
+-- with this id (its record expired and the id was submitted again: a new record, a new
+-- deadline), not of this one: it must not answer for it (a `yes` without staging anything would
+-- report the new transaction committed without applying it here). Vote no, writing nothing: the
+-- old outcome stays for its own duplicates. (An `aborted` tombstone written before any prepare
+-- has no deadline and refuses anyway.)
+if state == 'committed' or state == 'refused' or state == 'aborted' then
+  local d = rcall('HGET', bar, 'deadline')
+  if d and d ~= ARGV[4] then
+    return {3, name .. ': an earlier transaction with this id finished here ' ..
+      'and is still remembered; submit the new one under a new id'}
+  end
+end
 if state == 'prepared' or state == 'committed' then
   return {2, ''}
 end

@@ -189,3 +189,48 @@ fn a_prepare_redelivered_after_its_barrier_expired_takes_no_lock() {
     assert_eq!(bank.record("t-late").unwrap().state, TxnState::Committed);
     bank.assert_clean();
 }
+
+#[test]
+fn an_id_submitted_again_after_its_record_expired_is_never_committed_without_its_writes() {
+    // docs/protocol.md: "An id whose record expired can be submitted again as a new
+    // transaction." The participants' outcome barriers of the first one may outlive the record
+    // (they are kept at least until the deadline plus a margin, whatever --retention says). Found
+    // by this test: the second transaction's prepare was taken for a repeat of the first's and
+    // voted yes without staging anything, so the second transaction was reported committed but
+    // never applied (with other branches, half-applied).
+    //
+    // Expected: whatever the outcome, the record and the data agree; no lock is left.
+    let coord_args = [FAST_COORD, &["--retention", "300ms"]].concat().iter().map(|s| s.to_string()).collect();
+    let part_args = [FAST_PART, &["--retention", "300ms"]].concat().iter().map(|s| s.to_string()).collect();
+    let bank = Bank::start_with(BankOptions { coord_args, part_args, ..Default::default() });
+    bank.seed(Side::A, "acct:alice", 100);
+    let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10)
+        .with_id("t-reused")
+        .with_timeout(Duration::from_secs(60));
+    assert_eq!(bank.run(&spec).state, TxnState::Committed);
+    poll("the record expired", LONG, || bank.record("t-reused").is_none().then_some(()));
+
+    let again = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 5)
+        .with_id("t-reused")
+        .with_timeout(Duration::from_secs(60));
+    bank.submit(&again);
+    let decided = [TxnState::Committing, TxnState::Committed, TxnState::Aborting, TxnState::Aborted];
+    let rec = bank.wait_state("t-reused", &decided, LONG);
+    if matches!(rec.state, TxnState::Committing | TxnState::Committed) {
+        let rec = bank.wait("t-reused");
+        assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+        assert_eq!(
+            (bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")),
+            (85, 15),
+            "the second transaction is committed: its writes must be applied"
+        );
+    } else {
+        assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (90, 10));
+    }
+    for side in [Side::A, Side::B] {
+        for key in ["rtx:lock:acct:alice", "rtx:lock:acct:bob"] {
+            let lock: Option<String> = bank.data_conn(side).get(key).unwrap();
+            assert_eq!(lock, None, "{key} at {side:?}");
+        }
+    }
+}
