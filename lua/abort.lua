@@ -25,16 +25,7 @@ Output: {code, detail}
   -1, ""       already committed: the abort contradicts the decision; nothing changed
   -2, detail   the KEYS differ from the keys the branch was prepared with; nothing changed
 ]]
-local rcall = redis.call
-local bar = KEYS[1]
--- Margin for the skew between the worker's clock (ARGV[2]) and the Redis clock (expiry).
-local SKEW_MS = 60000
-
--- Expiry of a finished barrier: the retention, but never before its deadline (+ margin).
-local function expire_after(deadline)
-  local ttl = math.max(tonumber(ARGV[3]), deadline - tonumber(ARGV[2]) + SKEW_MS)
-  rcall('PEXPIRE', bar, string.format('%d', ttl))
-end
+-- rcall, bar, expire_after, prepared_keys, release: lua/lib/barrier.lua (prepended).
 local name = ARGV[1]
 
 local state = rcall('HGET', bar, 'state')
@@ -51,22 +42,11 @@ if not state then
 end
 
 if state == 'prepared' then
-  local keys = cmsgpack.unpack(rcall('HGET', bar, 'keys'))
-  local same = (#keys * 2 + 1 == #KEYS)
-  for i = 1, #keys do
-    if KEYS[2 * i] ~= keys[i] or KEYS[2 * i + 1] ~= 'rtx:lock:' .. keys[i] then
-      same = false
-    end
+  local keys, differ = prepared_keys()
+  if not keys then
+    return {-2, differ}
   end
-  if not same then
-    return {-2, 'prepared with keys [' .. table.concat(keys, ', ') .. ']'}
-  end
-  for i = 1, #keys do
-    if rcall('GET', KEYS[2 * i + 1]) == bar then
-      rcall('DEL', KEYS[2 * i + 1])
-    end
-  end
-  rcall('HDEL', bar, 'ops')
+  release(keys)
   rcall('HSET', bar, 'reason', name .. ': transaction was aborted')
 end
 rcall('HSET', bar, 'state', 'aborted', 'done', ARGV[2])

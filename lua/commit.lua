@@ -26,16 +26,7 @@ Output: {code, detail}
   -1, state    never prepared: state is "missing", "refused" or "aborted"; nothing applied
   -2, detail   the KEYS differ from the keys the branch was prepared with; nothing applied
 ]]
-local rcall = redis.call
-local bar = KEYS[1]
--- Margin for the skew between the worker's clock (ARGV[2]) and the Redis clock (expiry).
-local SKEW_MS = 60000
-
--- Expiry of a finished barrier: the retention, but never before its deadline (+ margin).
-local function expire_after(deadline)
-  local ttl = math.max(tonumber(ARGV[3]), deadline - tonumber(ARGV[2]) + SKEW_MS)
-  rcall('PEXPIRE', bar, string.format('%d', ttl))
-end
+-- rcall, bar, expire_after, prepared_keys, release: lua/lib/barrier.lua (prepended).
 
 local state = rcall('HGET', bar, 'state')
 if state == 'committed' then
@@ -45,15 +36,9 @@ if state ~= 'prepared' then
   return {-1, state or 'missing'}
 end
 
-local keys = cmsgpack.unpack(rcall('HGET', bar, 'keys'))
-local same = (#keys * 2 + 1 == #KEYS)
-for i = 1, #keys do
-  if KEYS[2 * i] ~= keys[i] or KEYS[2 * i + 1] ~= 'rtx:lock:' .. keys[i] then
-    same = false
-  end
-end
-if not same then
-  return {-2, 'prepared with keys [' .. table.concat(keys, ', ') .. ']'}
+local keys, differ = prepared_keys()
+if not keys then
+  return {-2, differ}
 end
 
 local errors = {}
@@ -80,12 +65,7 @@ for _, w in ipairs(cmsgpack.unpack(rcall('HGET', bar, 'ops'))) do
   end
 end
 
-for i = 1, #keys do
-  if rcall('GET', KEYS[2 * i + 1]) == bar then
-    rcall('DEL', KEYS[2 * i + 1])
-  end
-end
-rcall('HDEL', bar, 'ops')
+release(keys)
 rcall('HSET', bar, 'state', 'committed', 'done', ARGV[2])
 expire_after(tonumber(rcall('HGET', bar, 'deadline') or '0'))
 return {1, table.concat(errors, '; ')}

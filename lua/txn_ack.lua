@@ -21,22 +21,13 @@ Output: {code, state, finished_now}
   state          the record's state after this ack
   finished_now   1 if this ack made the transaction terminal, else 0
 ]]
-local rcall = redis.call
+-- rcall, load_branch: lua/lib/record.lua (prepended).
 local record = KEYS[1]
 local branch, participant, outcome, now, retention = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
-local h = rcall('HMGET', record, 'state', 'n')
-if not h[1] then
-  return {'missing'}
-end
-local state, n = h[1], tonumber(h[2])
-local b = tonumber(branch)
-if not b or b < 0 or b >= n or b % 1 ~= 0 then
-  return {'bad', 'branch ' .. branch .. ' does not exist (the transaction has ' .. n .. ')'}
-end
-local owner = rcall('HGET', record, 'p:' .. b)
-if owner ~= participant then
-  return {'bad', 'branch ' .. b .. ' belongs to ' .. tostring(owner) .. ', not ' .. participant}
+local state, n, b = load_branch(record, branch, participant)
+if not state then
+  return n
 end
 
 local decided

@@ -22,22 +22,13 @@ Output: {code, state, decided_now, branch_acked, spec}
   branch_acked   1 if this branch has acked the decision already, else 0
   spec           the stored spec unless the state is "preparing" (then "")
 ]]
-local rcall = redis.call
+-- rcall, load_branch: lua/lib/record.lua (prepended).
 local record = KEYS[1]
 local branch, participant, vote, why, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
-local h = rcall('HMGET', record, 'state', 'n')
-if not h[1] then
-  return {'missing'}
-end
-local state, n = h[1], tonumber(h[2])
-local b = tonumber(branch)
-if not b or b < 0 or b >= n or b % 1 ~= 0 then
-  return {'bad', 'branch ' .. branch .. ' does not exist (the transaction has ' .. n .. ')'}
-end
-local owner = rcall('HGET', record, 'p:' .. b)
-if owner ~= participant then
-  return {'bad', 'branch ' .. b .. ' belongs to ' .. tostring(owner) .. ', not ' .. participant}
+local state, n, b = load_branch(record, branch, participant)
+if not state then
+  return n
 end
 
 local decided_now = 0

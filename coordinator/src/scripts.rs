@@ -14,9 +14,13 @@ use redtx_common::{keys, Error, Result};
 /// Creates the record if absent.
 pub static TXN_CREATE: LuaScript = LuaScript::new("txn_create", include_str!("../../lua/txn_create.lua"));
 /// Counts a vote, decides.
-pub static TXN_VOTE: LuaScript = LuaScript::new("txn_vote", include_str!("../../lua/txn_vote.lua"));
+pub static TXN_VOTE: LuaScript = LuaScript::new(
+    "txn_vote",
+    concat!(include_str!("../../lua/lib/record.lua"), include_str!("../../lua/txn_vote.lua")),
+);
 /// Counts an ack, finishes.
-pub static TXN_ACK: LuaScript = LuaScript::new("txn_ack", include_str!("../../lua/txn_ack.lua"));
+pub static TXN_ACK: LuaScript =
+    LuaScript::new("txn_ack", concat!(include_str!("../../lua/lib/record.lua"), include_str!("../../lua/txn_ack.lua")));
 /// Deadline scan of one transaction.
 pub static TXN_EXPIRE: LuaScript = LuaScript::new("txn_expire", include_str!("../../lua/txn_expire.lua"));
 

@@ -16,10 +16,12 @@ use std::time::Duration;
 
 /// `lua/prepare.lua`.
 pub static PREPARE: LuaScript = LuaScript::new("prepare", include_str!("../../lua/prepare.lua"));
-/// `lua/commit.lua`.
-pub static COMMIT: LuaScript = LuaScript::new("commit", include_str!("../../lua/commit.lua"));
-/// `lua/abort.lua`.
-pub static ABORT: LuaScript = LuaScript::new("abort", include_str!("../../lua/abort.lua"));
+/// `lua/commit.lua` (after `lua/lib/barrier.lua`).
+pub static COMMIT: LuaScript =
+    LuaScript::new("commit", concat!(include_str!("../../lua/lib/barrier.lua"), include_str!("../../lua/commit.lua")));
+/// `lua/abort.lua` (after `lua/lib/barrier.lua`).
+pub static ABORT: LuaScript =
+    LuaScript::new("abort", concat!(include_str!("../../lua/lib/barrier.lua"), include_str!("../../lua/abort.lua")));
 
 /// KEYS shared by the three scripts: the barrier, then (user key, lock key) per distinct key.
 fn with_keys(call: Call, name: &str, txn: &str, keys: &[String]) -> Call {
