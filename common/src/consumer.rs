@@ -13,7 +13,10 @@ use crate::protocol::Message;
 use crate::shutdown::Shutdown;
 use crate::{keys, Error, Result};
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingReply,
+    StreamReadOptions, StreamReadReply,
+};
 use redis::AsyncCommands;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +40,11 @@ pub struct ConsumerConfig {
     pub claim_idle: Duration,
     /// How often to look for such entries (and to run [`Handler::tick`]).
     pub tick_every: Duration,
+    /// Entries younger than this are never trimmed, even when every group is done with them
+    /// (history for inspection and replay).
+    pub keep: Duration,
+    /// How often to trim the stream (`None`: never).
+    pub trim_every: Option<Duration>,
 }
 
 impl ConsumerConfig {
@@ -50,6 +58,8 @@ impl ConsumerConfig {
             block: Duration::from_millis(1000),
             claim_idle: Duration::from_secs(5),
             tick_every: Duration::from_millis(250),
+            keep: Duration::from_secs(3600),
+            trim_every: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -134,6 +144,7 @@ impl Consumer {
     /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
     pub async fn run<H: Handler>(mut self, handler: &mut H, shutdown: Shutdown) -> Result<()> {
         let mut last_tick = Instant::now() - self.cfg.tick_every;
+        let mut last_trim = Instant::now();
         let mut backoff = Backoff::default();
         tracing::info!(stream = %self.cfg.stream, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "worker started");
         while !shutdown.is_triggered() {
@@ -142,6 +153,10 @@ impl Consumer {
                     last_tick = Instant::now();
                     self.claim_idle(handler).await?;
                     handler.tick().await?;
+                }
+                if self.cfg.trim_every.is_some_and(|every| last_trim.elapsed() >= every) {
+                    last_trim = Instant::now();
+                    self.trim().await?;
                 }
                 // The read is not cancelled on shutdown: an entry Redis delivers to it would sit
                 // pending until claimed. It returns within `block`; its batch is then finished.
@@ -188,6 +203,44 @@ impl Consumer {
             .await
             .map_err(|e| Error::redis(&self.url, e))?;
         Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
+    }
+
+    /// Trims the stream below the oldest entry some consumer group may still need: the oldest
+    /// pending entry and the last delivered one of every group (all groups, not only ours),
+    /// and nothing younger than `keep`. Approximate (`MINID ~`), so Redis frees whole nodes.
+    /// Returns the `MINID` used, if any.
+    pub async fn trim(&mut self) -> Result<Option<String>> {
+        let url = &self.url;
+        let groups: StreamInfoGroupsReply =
+            self.conn.xinfo_groups(&self.cfg.stream).await.map_err(|e| Error::redis(url, e))?;
+        let keep_from = crate::now_ms().saturating_sub(self.cfg.keep.as_millis() as u64);
+        let mut floor = (keep_from, 0);
+        for g in &groups.groups {
+            floor = floor.min(parse_id(&g.last_delivered_id).unwrap_or((0, 0)));
+            if g.pending > 0 {
+                let p: StreamPendingReply =
+                    self.conn.xpending(&self.cfg.stream, &g.name).await.map_err(|e| Error::redis(url, e))?;
+                if let StreamPendingReply::Data(d) = p {
+                    floor = floor.min(parse_id(&d.start_id).unwrap_or((0, 0)));
+                }
+            }
+        }
+        if floor == (0, 0) {
+            return Ok(None);
+        }
+        let minid = format!("{}-{}", floor.0, floor.1);
+        let trimmed: u64 = redis::cmd("XTRIM")
+            .arg(&self.cfg.stream)
+            .arg("MINID")
+            .arg("~")
+            .arg(&minid)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| Error::redis(url, e))?;
+        if trimmed > 0 {
+            tracing::debug!(stream = %self.cfg.stream, trimmed, %minid, "trimmed stream");
+        }
+        Ok(Some(minid))
     }
 
     /// Takes over entries idle longer than `claim_idle` (from dead consumers, or our own failed
@@ -304,6 +357,12 @@ impl Consumer {
         self.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// A stream entry id `ms-seq` as a pair, for ordering.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// `XGROUP CREATE stream group 0 MKSTREAM`, tolerating an existing group.

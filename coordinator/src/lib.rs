@@ -37,6 +37,8 @@ pub struct CoordinatorConfig {
     pub resend_every: Duration,
     /// How long a finished record is kept.
     pub retention: Duration,
+    /// Stream history kept even when every group is done with it (trimming never goes younger).
+    pub keep_history: Duration,
 }
 
 impl CoordinatorConfig {
@@ -48,6 +50,7 @@ impl CoordinatorConfig {
             claim_idle: Duration::from_secs(5),
             resend_every: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
+            keep_history: Duration::from_secs(3600),
         }
     }
 }
@@ -60,6 +63,7 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: Shutdown) -> Result<()> {
     let mut consumer_cfg = ConsumerConfig::new(keys::coord_stream(), keys::COORD_GROUP.to_string());
     consumer_cfg.batch = cfg.batch.max(1);
     consumer_cfg.claim_idle = cfg.claim_idle;
+    consumer_cfg.keep = cfg.keep_history;
     let mut backoff = Backoff::default();
     let consumer = loop {
         match Consumer::connect(&url, consumer_cfg.clone()).await {

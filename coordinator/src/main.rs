@@ -27,6 +27,9 @@ struct Args {
     /// How long a finished transaction's record is kept.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     retention: Duration,
+    /// Stream history kept after every consumer group is done with it (for inspection)
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    keep_history: Duration,
 }
 
 #[tokio::main]
@@ -44,6 +47,7 @@ async fn main() -> ExitCode {
         claim_idle: args.claim_idle,
         resend_every: args.resend_every,
         retention: args.retention,
+        keep_history: args.keep_history,
     };
     match redtx_coordinator::run(cfg, Shutdown::on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,

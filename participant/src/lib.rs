@@ -53,6 +53,8 @@ pub struct ParticipantConfig {
     pub claim_idle: Duration,
     /// How long commit/abort/refusal barriers are kept (a repeat within it is recognised).
     pub retention: Duration,
+    /// Stream history kept even when every group is done with it (trimming never goes younger).
+    pub keep_history: Duration,
 }
 
 impl ParticipantConfig {
@@ -65,6 +67,7 @@ impl ParticipantConfig {
             batch: 256,
             claim_idle: Duration::from_secs(5),
             retention: Duration::from_secs(24 * 3600),
+            keep_history: Duration::from_secs(3600),
         }
     }
 }
@@ -86,6 +89,7 @@ pub async fn run_with<R: Resource>(cfg: ParticipantConfig, resource: R, shutdown
     let mut ccfg = ConsumerConfig::new(keys::participant_stream(&cfg.name), cfg.name.clone());
     ccfg.batch = cfg.batch.max(1);
     ccfg.claim_idle = cfg.claim_idle;
+    ccfg.keep = cfg.keep_history;
     let mut backoff = Backoff::default();
     let consumer = loop {
         if shutdown.is_triggered() {

@@ -29,6 +29,9 @@ struct Args {
     /// How long outcome barriers are kept (repeats within it are recognised)
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     retention: Duration,
+    /// Stream history kept after every consumer group is done with it (for inspection)
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    keep_history: Duration,
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
@@ -54,6 +57,7 @@ async fn main() -> ExitCode {
         batch: args.batch as usize,
         claim_idle: args.claim_idle,
         retention: args.retention,
+        keep_history: args.keep_history,
     };
     match run(cfg, Shutdown::on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,
