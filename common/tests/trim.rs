@@ -32,8 +32,8 @@ async fn consumer(url: &RedisUrl, keep: Duration) -> Consumer {
 }
 
 fn exists(con: &mut redis::Connection, id: &str) -> bool {
-    let r: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE").arg(STREAM).arg(id).arg(id).query(con).unwrap();
-    !r.is_empty()
+    let r: redis::streams::StreamRangeReply = con.xrange(STREAM, id, id).unwrap();
+    !r.ids.is_empty()
 }
 
 #[tokio::test]
