@@ -758,6 +758,18 @@ pub fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Two different indexes below `n` (n >= 2), uniformly at random: a random transfer's ends.
+pub fn random_pair(n: usize) -> (usize, usize) {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let from = rng.random_range(0..n);
+    let mut to = rng.random_range(0..n - 1);
+    if to >= from {
+        to += 1;
+    }
+    (from, to)
+}
+
 /// A spec moving `amount` from `from` to `to`; the debit is guarded by `min: 0`. Two accounts at
 /// the same bank make one branch with two ops.
 pub fn transfer(from: (Side, &str), to: (Side, &str), amount: i64) -> TxnSpec {

@@ -5,6 +5,7 @@
 //! transfers say (so money is conserved and nothing applied twice or half-way), and no lock or
 //! prepared barrier is left.
 
+use rand::Rng;
 use redtx_common::record::{TxnRecord, TxnState};
 use redtx_common::Client;
 use redtx_tests::*;
@@ -49,7 +50,6 @@ fn concurrent_transfers_conserve_money_and_leave_nothing_locked() {
         let url = bank.url();
         let accounts = accounts.clone();
         tasks.push(bank.rt.spawn(async move {
-            use rand::Rng;
             let client = Client::connect(&url).await.expect("connect");
             let mut done: Vec<Done> = Vec::new();
             let mut n = 0;
@@ -195,19 +195,11 @@ fn transfers_survive_kill9_and_sigterm_of_workers_mid_load() {
     let load = {
         let accounts = accounts.clone();
         bank.rt.spawn(async move {
-            use rand::Rng;
             let client = Client::connect(&url).await.expect("connect");
             let mut submitted = Vec::new();
             for n in 0..N {
-                let (from, to, amount) = {
-                    let mut rng = rand::rng();
-                    let f = rng.random_range(0..accounts.len());
-                    let mut t = rng.random_range(0..accounts.len() - 1);
-                    if t >= f {
-                        t += 1;
-                    }
-                    (f, t, rng.random_range(1..=50))
-                };
+                let (from, to) = random_pair(accounts.len());
+                let amount = rand::rng().random_range(1..=50);
                 let (fa, ta) = (&accounts[from], &accounts[to]);
                 let spec = transfer((fa.0, &fa.1), (ta.0, &ta.1), amount)
                     .with_id(format!("k-{n}"))

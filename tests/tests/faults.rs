@@ -3,6 +3,7 @@
 //! that never answers makes the transaction abort at its deadline, naming it. The Redis holding
 //! the streams restarts under load (AOF) and every transaction still ends, money conserved.
 
+use rand::Rng;
 use redtx_common::record::TxnState;
 use redtx_common::Client;
 use redtx_tests::*;
@@ -163,18 +164,10 @@ fn stream_redis_restart_under_load_loses_nothing() {
         let url = url.clone();
         let stop = stop.clone();
         tasks.push(bank.rt.spawn(async move {
-            use rand::Rng;
             let mut specs = Vec::new();
             for n in 0..TXNS / PRODUCERS {
-                let (from, to, amount) = {
-                    let mut rng = rand::rng();
-                    let f = rng.random_range(0..accounts.len());
-                    let mut t = rng.random_range(0..accounts.len() - 1);
-                    if t >= f {
-                        t += 1;
-                    }
-                    (f, t, rng.random_range(1..=40))
-                };
+                let (from, to) = random_pair(accounts.len());
+                let amount = rand::rng().random_range(1..=40);
                 let (fa, ta) = (&accounts[from], &accounts[to]);
                 let spec = transfer((fa.0, &fa.1), (ta.0, &ta.1), amount)
                     .with_id(format!("p{p}-{n}"))
