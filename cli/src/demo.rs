@@ -6,15 +6,13 @@
 //! then prints the counts, throughput and latency, and checks that no money was created or lost
 //! and that no lock is left behind. It stops everything it started.
 
+use crate::cluster::Cluster;
 use crate::Exit;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
-use redis::AsyncCommands;
 use redtx_common::record::TxnState;
-use redtx_common::server::{RedisServer, ServerOptions};
-use redtx_common::shutdown::Shutdown;
 use redtx_common::spec::{Branch, IncrbyOp, Op, TxnSpec};
-use redtx_common::{conn::RedisUrl, Client, Error};
+use redtx_common::{Client, Error};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,19 +37,6 @@ pub struct DemoArgs {
     balance: i64,
 }
 
-/// Where the two banks keep their accounts.
-struct Bank {
-    name: &'static str,
-    url: RedisUrl,
-    prefix: String,
-}
-
-impl Bank {
-    fn key(&self, i: usize) -> String {
-        format!("{}acct:{}{i}", self.prefix, &self.name[5..])
-    }
-}
-
 #[derive(Default)]
 struct Tally {
     committed: AtomicUsize,
@@ -74,56 +59,23 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
         eprintln!("error: --accounts and --concurrency must be at least 1");
         return Ok(Exit::Invalid);
     }
-    // Keep the servers alive until the end: dropping them kills them.
-    let mut servers = Vec::new();
-    let (stream_url, a_url, b_url, prefix) = match &args.redis {
-        Some(u) => {
-            let run = &uuid_short();
-            (u.clone(), u.clone(), u.clone(), format!("demo:{run}:"))
-        }
-        None => {
-            let opts = ServerOptions { aof: false, ..Default::default() };
-            let a = RedisServer::start_with(opts.clone())?;
-            let b = RedisServer::start_with(opts)?;
-            let urls = (a.url(), a.url(), b.url(), String::new());
-            servers.push(a);
-            servers.push(b);
-            urls
-        }
-    };
-    let banks = [
-        Bank { name: "bank-a", url: RedisUrl::parse(&a_url)?, prefix: prefix.clone() },
-        Bank { name: "bank-b", url: RedisUrl::parse(&b_url)?, prefix },
-    ];
+    // Dropping the cluster kills the servers it started: keep it until the end.
+    let mut cluster = Cluster::start(args.redis.as_deref(), "demo")?;
+    let banks = &cluster.banks;
     println!(
         "redtx demo: {} transfers, {} at a time, between bank-a ({}) and bank-b ({}), {} accounts each",
         args.transfers, args.concurrency, banks[0].url, banks[1].url, args.accounts
     );
 
     // Workers, in this process.
-    let shutdown = Shutdown::new();
-    let mut workers = tokio::task::JoinSet::new();
-    let coordinator = redtx_coordinator::CoordinatorConfig::new(stream_url.clone());
-    workers.spawn(redtx_coordinator::run(coordinator, shutdown.clone()));
-    for bank in &banks {
-        let mut cfg = redtx_participant::ParticipantConfig::new(stream_url.clone(), bank.name);
-        cfg.data = Some(bank.url.expose().to_string());
-        workers.spawn(redtx_participant::run(cfg, shutdown.clone()));
-    }
+    cluster.start_workers();
 
     // Accounts.
-    let mut conns = Vec::new();
-    for bank in &banks {
-        let mut c = bank.url.connect().await?;
-        for i in 0..args.accounts {
-            let _: () = c.set(bank.key(i), args.balance).await.map_err(|e| Error::redis(&bank.url, e))?;
-        }
-        conns.push(c);
-    }
-    let before = total(&banks, &mut conns, args.accounts).await?;
+    let mut conns = cluster.open_accounts(args.accounts, args.balance).await?;
+    let before = cluster.total(&mut conns, args.accounts).await?;
 
     // Transfers.
-    let client = Client::connect(&stream_url).await?;
+    let client = Client::connect(&cluster.stream_url).await?;
     let tally = Arc::new(Tally::default());
     let next = Arc::new(AtomicUsize::new(0));
     let bar = ProgressBar::new(args.transfers as u64);
@@ -133,7 +85,7 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
             .progress_chars("=> "),
     );
     let keys: Arc<[Vec<String>; 2]> =
-        Arc::new([0, 1].map(|b| (0..args.accounts).map(|i| banks[b].key(i)).collect::<Vec<_>>()));
+        Arc::new([0, 1].map(|b| (0..args.accounts).map(|i| cluster.banks[b].key(i)).collect::<Vec<_>>()));
     let started = Instant::now();
     let mut producers = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency {
@@ -176,17 +128,13 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
     bar.finish_and_clear();
 
     // Stop the workers: they finish what they hold.
-    shutdown.trigger();
-    while workers.join_next().await.is_some() {}
+    cluster.stop_workers().await;
     if let Some(e) = failure {
         return Err(e);
     }
 
-    let after = total(&banks, &mut conns, args.accounts).await?;
-    let mut leftovers = 0;
-    for (bank, c) in banks.iter().zip(conns.iter_mut()) {
-        leftovers += count_locks(c, bank).await?;
-    }
+    let after = cluster.total(&mut conns, args.accounts).await?;
+    let leftovers = cluster.locks_left(&mut conns).await?;
     let mut lat = std::mem::take(&mut *tally.latencies.lock().unwrap());
     lat.sort();
     let pct = |p: f64| lat.get(((lat.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default();
@@ -217,17 +165,13 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
     );
     println!("  money:      {before} before, {after} after");
     println!("  locks left: {leftovers}");
-    drop(servers);
+    drop(cluster);
     if before != after || leftovers != 0 || g > 0 {
         println!("FAILED: money not conserved, locks left behind, or transactions unfinished");
         return Ok(Exit::Broken);
     }
     println!("OK: every transfer was all-or-nothing; total money unchanged");
     Ok(Exit::Ok)
-}
-
-fn uuid_short() -> String {
-    redtx_common::spec::new_txn_id()[..8].to_string()
 }
 
 /// A transfer of a random amount from a random account of one bank to one of the other. About
@@ -256,30 +200,4 @@ fn random_transfer(keys: &[Vec<String>; 2], balance: i64) -> TxnSpec {
         Branch { participant: names[to].into(), ops: vec![Op::incrby(credit, amount)] },
     ])
     .with_timeout(Duration::from_secs(5))
-}
-
-async fn total(
-    banks: &[Bank; 2],
-    conns: &mut [redis::aio::MultiplexedConnection],
-    accounts: usize,
-) -> Result<i64, Error> {
-    let mut sum = 0;
-    for (bank, c) in banks.iter().zip(conns.iter_mut()) {
-        let keys: Vec<String> = (0..accounts).map(|i| bank.key(i)).collect();
-        let vals: Vec<Option<i64>> = c.mget(&keys).await.map_err(|e| Error::redis(&bank.url, e))?;
-        sum += vals.into_iter().map(|v| v.unwrap_or(0)).sum::<i64>();
-    }
-    Ok(sum)
-}
-
-/// Locks on this bank's accounts still held (there must be none once everything finished).
-async fn count_locks(c: &mut redis::aio::MultiplexedConnection, bank: &Bank) -> Result<usize, Error> {
-    let pattern = format!("{}{}*", redtx_common::keys::lock(""), bank.prefix);
-    let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await.map_err(|e| Error::redis(&bank.url, e))?;
-    let mut n = 0;
-    while let Some(k) = iter.next_item().await {
-        let _ = k.map_err(|e| Error::redis(&bank.url, e))?;
-        n += 1;
-    }
-    Ok(n)
 }

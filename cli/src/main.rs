@@ -5,12 +5,16 @@
 //! - [`submit`]: read a JSON spec, enqueue it, optionally wait for the outcome.
 //! - [`status`]: show a transaction's record.
 //! - [`demo`]: a self-contained run of money transfers between two banks on two Redis servers.
+//! - [`bench`]: throughput and latency of transactions, as ratios against raw Redis calls.
+//! - [`cluster`]: the servers, banks and in-process workers shared by `demo` and `bench`.
 //! - [`output`]: how records are printed (text and JSON).
 //!
 //! Exit codes: 0 committed / done, 1 aborted (or no such transaction for `status`), 2 invalid
 //! input or usage, 3 gave up waiting (the transaction goes on), 4 other errors (Redis
-//! unreachable, ...), 5 the demo found an invariant broken.
+//! unreachable, ...), 5 the demo or bench found an invariant broken.
 
+mod bench;
+mod cluster;
 mod demo;
 mod output;
 mod status;
@@ -61,6 +65,9 @@ enum Command {
     /// Run money transfers between two banks on two private Redis servers and check that no
     /// money is created or lost.
     Demo(demo::DemoArgs),
+    /// Measure transactions per second and latency against a baseline of raw Redis script calls
+    /// on the same Redis, in the same run.
+    Bench(bench::BenchArgs),
 }
 
 /// Process exit codes (see the crate doc).
@@ -87,7 +94,7 @@ impl Exit {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Demo(_)) { "error" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) { "error" } else { "warn" };
     redtx_common::init_logging(default_level);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let code = rt.block_on(async {
@@ -99,6 +106,7 @@ fn main() -> ExitCode {
                 status::run(&redtx_common::conn::default_url(redis.as_deref()), json, &id).await
             }
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     ExitCode::from(code as u8)

@@ -22,7 +22,7 @@ fn help_lists_the_commands() {
     let out = redtx(&["--help"], "");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["submit", "status", "demo"] {
+    for cmd in ["submit", "status", "demo", "bench"] {
         assert!(text.contains(cmd), "{cmd} missing from help:\n{text}");
     }
 }
