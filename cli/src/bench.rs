@@ -6,6 +6,8 @@
 //! 1. **Baseline**, on the stream Redis, before the workers start: `EVALSHA` of a trivial script
 //!    (`INCRBY`) from `--concurrency` tasks over one multiplexed connection (as `Client` uses),
 //!    (a) each call awaited, (b) pipelined in batches of 64. Figures are calls/s.
+//!    Concurrent awaited calls on one multiplexed connection still share its socket writes, so
+//!    (a) is not one network round trip per call; (b) adds explicit batching on top.
 //! 2. **Closed loop**: `--concurrency` producers, each `submit_and_wait`ing transfers of a
 //!    random amount between bank-a and bank-b, for `--duration`.
 //! 3. **Half load**: an open loop submitting on a fixed schedule at half the closed-loop
