@@ -26,7 +26,7 @@
 //! Lua scripts). At the end the total money must be unchanged and no lock left behind (exit 5
 //! otherwise).
 
-use crate::cluster::Cluster;
+use crate::cluster::{Book, Cluster};
 use crate::Exit;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -43,9 +43,10 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Use this Redis for the streams and both banks instead of starting two private servers
-    /// [default: $REDTX_REDIS_URL if set]
-    #[arg(long, env = "REDTX_REDIS_URL")]
+    /// Use this Redis for the streams and both banks instead of starting two private servers.
+    /// The run's participants and keys get names of their own there, so it never mixes with a
+    /// deployment on the same Redis. ($REDTX_REDIS_URL is deliberately not used here.)
+    #[arg(long)]
     redis: Option<String>,
     /// How long the closed loop and the half-load run each.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -166,8 +167,7 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
     cluster.start_workers();
     let mut conns = cluster.open_accounts(args.accounts, BALANCE).await?;
     let before = cluster.total(&mut conns, args.accounts).await?;
-    let keys: Arc<[Vec<String>; 2]> =
-        Arc::new([0, 1].map(|b| (0..args.accounts).map(|i| cluster.banks[b].key(i)).collect::<Vec<_>>()));
+    let keys: Arc<Book> = Arc::new(cluster.book(args.accounts));
     let client = Client::connect(&cluster.stream_url).await?;
     // Warm up: scripts loaded, outcome reader running.
     client.submit_and_wait(&transfer(&keys, 0, true, 1), WAIT).await?;
@@ -356,12 +356,11 @@ async fn baseline(
 }
 
 /// A transfer of `amount` between account `i` of bank-a and account `i` of bank-b, either way.
-fn transfer(keys: &[Vec<String>; 2], i: usize, a_to_b: bool, amount: i64) -> TxnSpec {
+fn transfer(keys: &Book, i: usize, a_to_b: bool, amount: i64) -> TxnSpec {
     let (from, to) = if a_to_b { (0, 1) } else { (1, 0) };
-    let names = ["bank-a", "bank-b"];
     TxnSpec::new(vec![
-        Branch { participant: names[from].into(), ops: vec![Op::incrby(keys[from][i].clone(), -amount)] },
-        Branch { participant: names[to].into(), ops: vec![Op::incrby(keys[to][i].clone(), amount)] },
+        Branch { participant: keys.names[from].clone(), ops: vec![Op::incrby(keys[from][i].clone(), -amount)] },
+        Branch { participant: keys.names[to].clone(), ops: vec![Op::incrby(keys[to][i].clone(), amount)] },
     ])
     .with_timeout(Duration::from_secs(5))
 }
@@ -401,12 +400,7 @@ impl Counts {
 }
 
 /// `concurrency` producers, each submitting and waiting for one transfer after another.
-async fn closed_loop(
-    client: &Client,
-    keys: &Arc<[Vec<String>; 2]>,
-    concurrency: usize,
-    length: Duration,
-) -> Result<Phase, Error> {
+async fn closed_loop(client: &Client, keys: &Arc<Book>, concurrency: usize, length: Duration) -> Result<Phase, Error> {
     let counts = Arc::new(Counts::default());
     let done = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start("closed loop", length, done.clone(), "transactions");
@@ -451,7 +445,7 @@ async fn closed_loop(
 
 /// Submits transfers on a fixed schedule at `rate` per second for `length`, each in its own task;
 /// a latency runs from the scheduled submit time to the outcome.
-async fn open_loop(client: &Client, keys: &Arc<[Vec<String>; 2]>, rate: f64, length: Duration) -> Result<Phase, Error> {
+async fn open_loop(client: &Client, keys: &Arc<Book>, rate: f64, length: Duration) -> Result<Phase, Error> {
     let counts = Arc::new(Counts::default());
     let done = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start("half load", length, done.clone(), "transactions");
@@ -562,8 +556,8 @@ fn called_from_lua(command: &str) -> bool {
 }
 
 /// On a shared `--redis`, removes the accounts this run opened.
-async fn cleanup(cluster: &Cluster, conns: &mut [MultiplexedConnection], keys: &[Vec<String>; 2]) -> Result<(), Error> {
-    for ((bank, c), keys) in cluster.banks.iter().zip(conns.iter_mut()).zip(keys.iter()) {
+async fn cleanup(cluster: &Cluster, conns: &mut [MultiplexedConnection], keys: &Book) -> Result<(), Error> {
+    for ((bank, c), keys) in cluster.banks.iter().zip(conns.iter_mut()).zip(keys.keys.iter()) {
         for chunk in keys.chunks(1000) {
             let _: () = redis::cmd("DEL").arg(chunk).query_async(c).await.map_err(|e| Error::redis(&bank.url, e))?;
         }

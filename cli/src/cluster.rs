@@ -13,7 +13,11 @@ use redtx_common::{conn::RedisUrl, Error};
 
 /// Where a bank keeps its accounts.
 pub struct Bank {
-    pub name: &'static str,
+    /// The participant's name: `bank-a`, or `<label>-<run>-bank-a` on a shared `--redis`, so a
+    /// run never joins (and feeds its data to) the consumer group of real participants.
+    pub name: String,
+    /// `a` or `b`.
+    pub letter: char,
     pub url: RedisUrl,
     pub prefix: String,
 }
@@ -21,7 +25,20 @@ pub struct Bank {
 impl Bank {
     /// The key of account `i` (`acct:a7`, or `<label>:<run>:acct:a7` on a shared `--redis`).
     pub fn key(&self, i: usize) -> String {
-        format!("{}acct:{}{i}", self.prefix, &self.name[5..])
+        format!("{}acct:{}{i}", self.prefix, self.letter)
+    }
+}
+
+/// The accounts of both banks (`book[b][i]`) and the participants owning them (`book.names[b]`).
+pub struct Book {
+    pub names: [String; 2],
+    pub keys: [Vec<String>; 2],
+}
+
+impl std::ops::Index<usize> for Book {
+    type Output = Vec<String>;
+    fn index(&self, bank: usize) -> &Vec<String> {
+        &self.keys[bank]
     }
 }
 
@@ -41,11 +58,9 @@ impl Cluster {
     /// shared Redis the account keys carry `<label>:<run id>:` so runs never mix. No workers yet.
     pub fn start(redis: Option<&str>, label: &str) -> Result<Cluster, Error> {
         let mut servers = Vec::new();
+        let run = &redtx_common::spec::new_txn_id()[..8];
         let (stream_url, a_url, b_url, prefix) = match redis {
-            Some(u) => {
-                let run = &redtx_common::spec::new_txn_id()[..8];
-                (u.to_string(), u.to_string(), u.to_string(), format!("{label}:{run}:"))
-            }
+            Some(u) => (u.to_string(), u.to_string(), u.to_string(), format!("{label}:{run}:")),
             None => {
                 let opts = ServerOptions { aof: false, ..Default::default() };
                 let a = RedisServer::start_with(opts.clone())?;
@@ -56,9 +71,10 @@ impl Cluster {
                 urls
             }
         };
+        let name = |bank: &str| if servers.is_empty() { format!("{label}-{run}-{bank}") } else { bank.to_string() };
         let banks = [
-            Bank { name: "bank-a", url: RedisUrl::parse(&a_url)?, prefix: prefix.clone() },
-            Bank { name: "bank-b", url: RedisUrl::parse(&b_url)?, prefix },
+            Bank { name: name("bank-a"), letter: 'a', url: RedisUrl::parse(&a_url)?, prefix: prefix.clone() },
+            Bank { name: name("bank-b"), letter: 'b', url: RedisUrl::parse(&b_url)?, prefix },
         ];
         Ok(Cluster { stream_url, banks, servers, shutdown: Shutdown::new(), workers: tokio::task::JoinSet::new() })
     }
@@ -73,16 +89,32 @@ impl Cluster {
         let coordinator = redtx_coordinator::CoordinatorConfig::new(self.stream_url.clone());
         self.workers.spawn(redtx_coordinator::run(coordinator, self.shutdown.clone()));
         for bank in &self.banks {
-            let mut cfg = redtx_participant::ParticipantConfig::new(self.stream_url.clone(), bank.name);
+            let mut cfg = redtx_participant::ParticipantConfig::new(self.stream_url.clone(), bank.name.clone());
             cfg.data = Some(bank.url.expose().to_string());
             self.workers.spawn(redtx_participant::run(cfg, self.shutdown.clone()));
         }
     }
 
-    /// Stops the workers; they finish what they hold.
+    /// Stops the workers; they finish what they hold. On a shared `--redis`, the run's own
+    /// participant streams are deleted then (nobody else reads them).
     pub async fn stop_workers(&mut self) {
         self.shutdown.trigger();
         while self.workers.join_next().await.is_some() {}
+        if self.shared() {
+            let streams: Vec<String> =
+                self.banks.iter().map(|b| redtx_common::keys::participant_stream(&b.name)).collect();
+            if let Ok(mut c) = self.banks[0].url.connect().await {
+                let _: redis::RedisResult<()> = c.del(&streams).await;
+            }
+        }
+    }
+
+    /// The keys of `accounts` accounts per bank, and the banks' participant names.
+    pub fn book(&self, accounts: usize) -> Book {
+        Book {
+            names: [0, 1].map(|b| self.banks[b].name.clone()),
+            keys: [0, 1].map(|b| (0..accounts).map(|i| self.banks[b].key(i)).collect()),
+        }
     }
 
     /// Opens `accounts` accounts with `balance` in each bank; returns one connection per bank.

@@ -6,7 +6,7 @@
 //! then prints the counts, throughput and latency, and checks that no money was created or lost
 //! and that no lock is left behind. It stops everything it started.
 
-use crate::cluster::Cluster;
+use crate::cluster::{Book, Cluster};
 use crate::Exit;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Use this Redis for the streams and both banks instead of starting two private servers
-    /// [default: $REDTX_REDIS_URL if set]
-    #[arg(long, env = "REDTX_REDIS_URL")]
+    /// Use this Redis for the streams and both banks instead of starting two private servers.
+    /// The run's participants and keys get names of their own there, so it never mixes with a
+    /// deployment on the same Redis. ($REDTX_REDIS_URL is deliberately not used here.)
+    #[arg(long)]
     redis: Option<String>,
     /// How many transfers to run.
     #[arg(long, default_value_t = 2000)]
@@ -84,8 +85,7 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
             .expect("template")
             .progress_chars("=> "),
     );
-    let keys: Arc<[Vec<String>; 2]> =
-        Arc::new([0, 1].map(|b| (0..args.accounts).map(|i| cluster.banks[b].key(i)).collect::<Vec<_>>()));
+    let keys: Arc<Book> = Arc::new(cluster.book(args.accounts));
     let started = Instant::now();
     let mut producers = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency {
@@ -177,7 +177,7 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
 /// A transfer of a random amount from a random account of one bank to one of the other. About
 /// one in ten touches the hot account 0 on both sides, to provoke conflicts; amounts up to three
 /// quarters of an opening balance make some transfers run out of funds.
-fn random_transfer(keys: &[Vec<String>; 2], balance: i64) -> TxnSpec {
+fn random_transfer(keys: &Book, balance: i64) -> TxnSpec {
     let mut rng = rand::rng();
     let from = rng.random_range(0..2usize);
     let to = 1 - from;
@@ -191,13 +191,12 @@ fn random_transfer(keys: &[Vec<String>; 2], balance: i64) -> TxnSpec {
     };
     let (debit, credit) = (pick(&mut rng, from), pick(&mut rng, to));
     let amount = rng.random_range(1..=(balance * 3 / 4).max(1));
-    let names = ["bank-a", "bank-b"];
     TxnSpec::new(vec![
         Branch {
-            participant: names[from].into(),
+            participant: keys.names[from].clone(),
             ops: vec![Op::Incrby(IncrbyOp { key: debit, by: -amount, min: Some(0), max: None })],
         },
-        Branch { participant: names[to].into(), ops: vec![Op::incrby(credit, amount)] },
+        Branch { participant: keys.names[to].clone(), ops: vec![Op::incrby(credit, amount)] },
     ])
     .with_timeout(Duration::from_secs(5))
 }
