@@ -1,6 +1,6 @@
 //! How records are shown: one JSON object (`--json`) or aligned text.
 
-use redtx_common::record::TxnRecord;
+use redtx_common::record::{TxnRecord, TxnState};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// `2026-11-25T10:00:00.123Z`.
@@ -32,6 +32,26 @@ pub fn line(r: &TxnRecord) -> String {
         Some(reason) => format!("{} {}: {}", r.id, r.state, reason),
         None => format!("{} {}", r.id, r.state),
     }
+}
+
+/// Where an unfinished transaction stands: its state and reason, and the participants it is
+/// still waiting for (a vote while preparing, an ack once decided).
+pub fn pending(r: &TxnRecord) -> String {
+    let waiting: Vec<&str> = r
+        .branches
+        .iter()
+        .filter(|b| if r.state == TxnState::Preparing { b.vote.is_none() } else { b.ack.is_none() })
+        .map(|b| b.participant.as_str())
+        .collect();
+    let what = if r.state == TxnState::Preparing { "a vote" } else { "an ack" };
+    let mut s = format!("{} is {}", r.id, r.state);
+    if let Some(reason) = &r.reason {
+        s += &format!(" ({reason})");
+    }
+    if !waiting.is_empty() && !r.state.is_terminal() {
+        s += &format!("; waiting for {what} from {}", waiting.join(", "));
+    }
+    s
 }
 
 /// The full record as aligned text.

@@ -78,6 +78,29 @@ impl Client {
         Ok(spec.id.clone())
     }
 
+    /// The participants of `spec` that have never connected to this Redis (no consumer group on
+    /// their stream yet): likely typos, or workers not started. Such a transaction aborts at its
+    /// deadline and stays `aborting` until the participant applies the abort.
+    pub async fn missing_participants(&self, spec: &TxnSpec) -> Result<Vec<String>> {
+        let mut p = redis::pipe();
+        p.ignore_errors();
+        for b in &spec.branches {
+            p.cmd("XINFO").arg("GROUPS").arg(keys::participant_stream(&b.participant));
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>> =
+            p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        let mut missing = Vec::new();
+        for (b, r) in spec.branches.iter().zip(replies) {
+            // No stream ("no such key") or no group of that name: nobody ever read it.
+            let known = r.map(|g| g.groups.iter().any(|g| g.name == b.participant)).unwrap_or(false);
+            if !known {
+                missing.push(b.participant.clone());
+            }
+        }
+        Ok(missing)
+    }
+
     /// Reads the record of `id`; `None` if there is none (never submitted, not yet picked up
     /// by a coordinator, or expired after its retention window).
     pub async fn status(&self, id: &str) -> Result<Option<TxnRecord>> {

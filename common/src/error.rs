@@ -28,7 +28,7 @@ pub enum Error {
     #[error("unexpected reply from script {script}: {detail}")]
     ScriptReply { script: &'static str, detail: String },
     /// Waiting for an outcome gave up; the transaction goes on and its outcome is still unknown.
-    #[error("gave up waiting for transaction {id} after {waited:?}; it goes on, `redtx status {id}` tells its outcome later")]
+    #[error("gave up waiting for transaction {id} after {:.1}s; it goes on, `redtx status {id}` tells its outcome later", waited.as_secs_f64())]
     WaitTimeout { id: String, waited: std::time::Duration },
     /// `redis-server` is not installed (needed by `redtx demo` and the tests).
     #[error("redis-server was not found ({binary}); install it, e.g. `apt-get install -y redis-server` or `brew install redis`, or pass --redis URL")]
