@@ -78,6 +78,7 @@ impl ParticipantConfig {
 pub async fn run(cfg: ParticipantConfig, shutdown: Shutdown) -> Result<()> {
     spec::check_participant("name", &cfg.name)?;
     let data = RedisUrl::parse(cfg.data.as_deref().unwrap_or(&cfg.redis))?;
+    tracing::info!(participant = %cfg.name, data = %data, "applying branches to this data Redis");
     let resource = KvResource::new(data, cfg.name.clone(), cfg.retention);
     run_with(cfg, resource, shutdown).await
 }
