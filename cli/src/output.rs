@@ -68,18 +68,22 @@ pub fn text(r: &TxnRecord) -> String {
     s += "branches:\n";
     for (i, b) in r.branches.iter().enumerate() {
         let vote = match b.vote {
-            Some(true) => "yes".to_string(),
-            Some(false) => format!("no ({})", b.reason.as_deref().unwrap_or("no reason")),
-            None => "-".into(),
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
         };
         s += &format!(
-            "  [{i}] {:<16} vote: {:<6} ack: {:<10} voted: {}  acked: {}\n",
+            "  [{i}] {:<16} vote: {:<3}  ack: {:<9}  voted: {}  acked: {}",
             b.participant,
             vote,
             b.ack.as_deref().unwrap_or("-"),
             since(b.voted_ms, r.created_ms),
             since(b.acked_ms, r.created_ms),
         );
+        if let Some(reason) = &b.reason {
+            s += &format!("  reason: {reason}");
+        }
+        s += "\n";
     }
     s
 }
