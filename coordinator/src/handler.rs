@@ -248,7 +248,10 @@ impl Handler for Coordinator {
             let step = match reply.map_err(|e| Error::redis(&self.url, e)).and_then(|v| scripts::parse_expired(&v)) {
                 Ok(r) => machine::on_expire(id, &r, t),
                 Err(e) => {
+                    // Look again later, so that a record that keeps failing never holds the
+                    // head of the scan (it reads at most SCAN_LIMIT due transactions).
                     tracing::warn!(txn = %id, error = %e, "deadline scan failed for this transaction");
+                    effects.push(Effect::Schedule { txn: id.clone(), at_ms: t.resend_at(None) });
                     continue;
                 }
             };

@@ -154,7 +154,7 @@ pub struct Timing {
 }
 
 impl Timing {
-    fn resend_at(&self, decided_ms: Option<u64>) -> u64 {
+    pub fn resend_at(&self, decided_ms: Option<u64>) -> u64 {
         let age = decided_ms.map(|d| self.now_ms.saturating_sub(d)).unwrap_or(0);
         self.now_ms + resend_delay(age, self.resend_every_ms)
     }

@@ -303,3 +303,24 @@ async fn survives_a_redis_restart() {
     env.until_state("r2", "committing").await;
     env.stop().await;
 }
+
+#[tokio::test]
+async fn records_the_deadline_scan_cannot_read_never_block_it() {
+    let mut env = Env::start().await;
+    // More unreadable due records than one scan reads (a state no build knows), all due first.
+    let mut c = env.conn.clone();
+    for i in 0..300 {
+        let id = format!("junk{i}");
+        let _: () = c.hset_multiple(keys::txn_record(&id), &[("state", "frozen"), ("n", "1")]).await.unwrap();
+        let _: () = c.zadd(keys::deadlines(), &id, 1).await.unwrap();
+    }
+    env.spawn(env.config());
+    // A real transaction behind them still times out.
+    env.client.submit(&transfer("t-behind").with_timeout(Duration::from_millis(300))).await.unwrap();
+    let rec = env.until_state("t-behind", "aborting").await;
+    assert!(rec.reason.unwrap_or_default().starts_with("timeout: "));
+    // The junk is looked at again later, not dropped (an operator may repair it).
+    let left: usize = c.zcard(keys::deadlines()).await.unwrap();
+    assert!(left >= 300, "{left}");
+    env.stop().await;
+}
