@@ -23,6 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Most `XAUTOCLAIM` calls per tick.
+const MAX_CLAIM_ROUNDS: usize = 16;
+
 /// How a consumer reads.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -125,6 +128,8 @@ pub struct Consumer {
     read_conn: MultiplexedConnection,
     conn: MultiplexedConnection,
     stats: Arc<ConsumerStats>,
+    /// Where the next `XAUTOCLAIM` scan starts.
+    claim_from: String,
 }
 
 impl Consumer {
@@ -133,7 +138,7 @@ impl Consumer {
         let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
         let mut conn = url.connect().await?;
         ensure_group(&mut conn, url, &cfg.stream, &cfg.group).await?;
-        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, stats: Arc::default() })
+        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, stats: Arc::default(), claim_from: "0-0".into() })
     }
 
     /// The counters.
@@ -246,7 +251,9 @@ impl Consumer {
     /// Takes over entries idle longer than `claim_idle` (from dead consumers, or our own failed
     /// batches) and processes them.
     async fn claim_idle<H: Handler>(&mut self, handler: &mut H) -> Result<()> {
-        let mut start = "0-0".to_string();
+        // Resume where the previous tick stopped, so a long pending list is covered in turn.
+        let mut start = std::mem::replace(&mut self.claim_from, "0-0".to_string());
+        let mut rounds = 0;
         loop {
             let reply: StreamAutoClaimReply = self
                 .conn
@@ -266,7 +273,14 @@ impl Consumer {
                 tracing::info!(stream = %self.cfg.stream, claimed = n, "took over idle pending entries");
                 self.process(handler, reply.claimed).await?;
             }
-            if reply.next_stream_id == "0-0" || n < self.cfg.batch {
+            // Redis looks at no more than 10 x COUNT pending entries per call, so a short answer
+            // does not mean the end; go on up to a bound per tick, and resume next tick.
+            rounds += 1;
+            if reply.next_stream_id == "0-0" {
+                return Ok(());
+            }
+            if rounds >= MAX_CLAIM_ROUNDS {
+                self.claim_from = reply.next_stream_id;
                 return Ok(());
             }
             start = reply.next_stream_id;

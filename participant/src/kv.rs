@@ -47,6 +47,21 @@ pub fn check_prepare(p: &Prepare) -> std::result::Result<(), String> {
     })
 }
 
+/// A coordinator sets a deadline at most the longest timeout ahead; one further out is a
+/// hand-made (or corrupt) message, and would make the barrier's lifetime arithmetic overflow.
+pub fn check_deadline(p: &Prepare, now_ms: u64) -> std::result::Result<(), String> {
+    let furthest = now_ms + (spec::MAX_TIMEOUT + Duration::from_secs(60)).as_millis() as u64;
+    if p.deadline_ms > furthest {
+        return Err(format!(
+            "{}: invalid prepare: deadline {} is further ahead than the longest timeout ({})",
+            p.participant,
+            p.deadline_ms,
+            humantime::format_duration(spec::MAX_TIMEOUT)
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a commit/abort's transaction id and keys. `Err` is the reason to dead-letter it.
 pub fn check_resolve(r: &Resolve) -> std::result::Result<(), String> {
     spec::check_id("txn", &r.txn).map_err(|e| format!("invalid {}: {e}", "commit/abort"))?;
@@ -98,7 +113,7 @@ pub fn resolve_call(script: &'static LuaScript, name: &str, r: &Resolve, now_ms:
 /// The call for a request, or the answer given without running a script (an invalid message).
 pub fn call_for(name: &str, req: &Request, now_ms: u64, retention: Duration) -> std::result::Result<Call, Response> {
     match req {
-        Request::Prepare(p) => match check_prepare(p) {
+        Request::Prepare(p) => match check_prepare(p).and_then(|()| check_deadline(p, now_ms)) {
             Ok(()) => Ok(prepare_call(name, p, now_ms, retention)),
             Err(reason) => Err(Response::Vote { yes: false, reason: Some(reason), repeat: false }),
         },
@@ -226,6 +241,20 @@ mod tests {
 
     fn prep(ops: Vec<Op>) -> Prepare {
         Prepare { txn: "t1".into(), branch: 0, participant: "bank-a".into(), deadline_ms: 99, ops }
+    }
+
+    #[test]
+    fn a_deadline_beyond_the_longest_timeout_votes_no_without_a_script() {
+        let mut p = prep(vec![Op::set("k", "v")]);
+        p.deadline_ms = u64::MAX;
+        let Err(Response::Vote { yes: false, reason: Some(r), .. }) =
+            call_for("bank-a", &Request::Prepare(p.clone()), 1_000, Duration::from_secs(1))
+        else {
+            panic!("expected a no vote");
+        };
+        assert!(r.contains("further ahead than the longest timeout"), "{r}");
+        p.deadline_ms = 1_000 + 3_600_000;
+        assert!(call_for("bank-a", &Request::Prepare(p), 1_000, Duration::from_secs(1)).is_ok());
     }
 
     #[test]
