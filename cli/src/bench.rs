@@ -427,19 +427,7 @@ async fn closed_loop(client: &Client, keys: &Arc<Book>, concurrency: usize, leng
             Ok::<_, Error>(lat)
         });
     }
-    let mut lat = Vec::new();
-    let mut failure = None;
-    while let Some(r) = producers.join_next().await {
-        match r.expect("producer task") {
-            Ok(l) => lat.extend(l),
-            Err(e) => {
-                failure.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    let lat = latencies(producers).await?;
     Ok(counts.phase(started.elapsed(), lat))
 }
 
@@ -473,20 +461,26 @@ async fn open_loop(client: &Client, keys: &Arc<Book>, rate: f64, length: Duratio
             });
         }
     }
+    let lat = latencies(tasks).await?;
+    Ok(counts.phase(started.elapsed(), lat))
+}
+
+/// Waits for every task and gathers their latencies; the first error wins (after all ended).
+async fn latencies<T>(mut tasks: tokio::task::JoinSet<Result<T, Error>>) -> Result<Vec<Duration>, Error>
+where
+    T: IntoIterator<Item = Duration> + Send + 'static,
+{
     let mut lat = Vec::new();
     let mut failure = None;
     while let Some(r) = tasks.join_next().await {
-        match r.expect("open-loop task") {
+        match r.expect("load task") {
             Ok(l) => lat.extend(l),
             Err(e) => {
                 failure.get_or_insert(e);
             }
         }
     }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    Ok(counts.phase(started.elapsed(), lat))
+    failure.map_or(Ok(lat), Err)
 }
 
 /// Every Redis involved, once each.
