@@ -50,7 +50,8 @@ fn an_existing_id_with_another_spec_is_flagged() {
     let first = transfer_json(Some("same"), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 10);
     let out = cli(&["submit", "--redis", &url, "--wait", "-"], Some(first.as_bytes()));
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert!(!out.stderr.contains("warning"), "{out:?}");
+    // (A "never connected" warning may show if the participants are still starting up.)
+    assert!(!out.stderr.contains("different spec"), "{out:?}");
     let second = transfer_json(Some("same"), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 20);
     let out = cli(&["submit", "--redis", &url, "--wait", "-"], Some(second.as_bytes()));
     assert_eq!(out.code, Some(0), "{out:?}");
