@@ -1,8 +1,9 @@
 //! The stream worker runtime shared by coordinators and participants.
 //!
 //! A [`Consumer`] reads its stream through a consumer group in batches (`XREADGROUP COUNT`),
-//! hands each batch of decoded messages to a [`Handler`], and `XACK`s an entry only after the
-//! handler has finished with it (its replies written). Entries left pending by a dead worker are
+//! hands each batch of decoded messages to a [`Handler`], and writes the handler's results and the
+//! `XACK` of the batch in one `MULTI`/`EXEC`, so an entry is acked exactly when what it caused is
+//! written. Entries left pending by a dead worker are
 //! taken over with `XAUTOCLAIM` once idle for `claim_idle`. An entry that cannot be decoded, or
 //! that the handler refuses, goes to the dead-letter stream with the reason, is counted and acked:
 //! a worker never crash-loops on one entry. Redis errors are logged and retried with a backoff;
@@ -95,11 +96,23 @@ pub enum Disposition {
     Retry,
 }
 
+/// What a handler did with a batch.
+#[derive(Debug, Default)]
+pub struct Handled {
+    /// One per delivery, in order.
+    pub dispositions: Vec<Disposition>,
+    /// Commands on the stream Redis that carry the batch's results (replies, effects). The
+    /// runtime runs them together with the `XACK` of the batch in one `MULTI`/`EXEC`: an entry
+    /// is acked exactly when its results are written, in one round trip.
+    pub writes: Vec<redis::Cmd>,
+}
+
 /// The role-specific part of a worker.
 pub trait Handler: Send {
-    /// Processes a batch; returns one disposition per delivery, in order. An `Err` means none
+    /// Processes a batch: does the work that is not on the stream Redis (scripts), and returns
+    /// one disposition per delivery plus the writes that carry the results. An `Err` means none
     /// of the batch is known done: all of it stays pending.
-    fn handle(&mut self, batch: Vec<Delivery>) -> impl Future<Output = Result<Vec<Disposition>>> + Send;
+    fn handle(&mut self, batch: Vec<Delivery>) -> impl Future<Output = Result<Handled>> + Send;
 
     /// Periodic work (the coordinator scans deadlines here). Called about every `tick_every`.
     fn tick(&mut self) -> impl Future<Output = Result<()>> + Send {
@@ -306,16 +319,18 @@ impl Consumer {
             }
         }
         let mut ack: Vec<String> = Vec::with_capacity(batch.len());
+        let mut writes = Vec::new();
         if !batch.is_empty() {
-            let dispositions = match handler.handle(batch).await {
-                Ok(d) => d,
+            let handled = match handler.handle(batch).await {
+                Ok(h) => h,
                 Err(e) => {
                     self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                     // Dead letters found above are still written: they do not depend on the batch.
-                    self.dead_letter(dead).await?;
+                    self.commit(Vec::new(), dead, Vec::new()).await?;
                     return Err(e);
                 }
             };
+            let dispositions = handled.dispositions;
             assert_eq!(dispositions.len(), originals.len(), "handler must return one disposition per delivery");
             for (entry, d) in originals.into_iter().zip(dispositions) {
                 match d {
@@ -324,25 +339,29 @@ impl Consumer {
                     Disposition::Retry => {}
                 }
             }
+            writes = handled.writes;
         }
-        self.dead_letter(dead).await?;
-        if !ack.is_empty() {
-            let n: u64 = self
-                .conn
-                .xack(&self.cfg.stream, &self.cfg.group, &ack)
-                .await
-                .map_err(|e| Error::redis(&self.url, e))?;
-            self.stats.acked.fetch_add(n, Ordering::Relaxed);
-        }
-        Ok(())
+        self.commit(writes, dead, ack).await
     }
 
-    /// Copies each entry to the dead-letter stream with the reason, counts it, then acks it.
-    async fn dead_letter(&mut self, dead: Vec<(StreamId, String)>) -> Result<()> {
-        if dead.is_empty() {
+    /// Writes the batch's results, its dead letters (copied with the reason, counted) and the
+    /// `XACK` of the handled and dead-lettered entries as one `MULTI`/`EXEC`: all or nothing, so
+    /// an entry is never acked without what it caused (a Redis refusing writes, e.g. at its
+    /// memory limit, aborts the whole transaction and the entries stay pending).
+    async fn commit(
+        &mut self,
+        writes: Vec<redis::Cmd>,
+        dead: Vec<(StreamId, String)>,
+        mut ack: Vec<String>,
+    ) -> Result<()> {
+        if writes.is_empty() && dead.is_empty() && ack.is_empty() {
             return Ok(());
         }
         let mut p = redis::pipe();
+        p.atomic();
+        for c in writes {
+            p.add_command(c).ignore();
+        }
         let now = crate::now_ms();
         for (entry, reason) in &dead {
             tracing::warn!(stream = %self.cfg.stream, id = %entry.id, %reason, "dead-lettering entry");
@@ -361,18 +380,19 @@ impl Consumer {
             p.xadd(keys::dead_letter_stream(), "*", &fields).ignore();
             p.hincr(keys::dead_letter_counts(), &self.cfg.stream, 1).ignore();
         }
-        p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
-        // Acked only once the dead letters are written: in the same pipeline, a write Redis
-        // refuses (e.g. OOM, which never blocks XACK) would still let the XACK through and lose
-        // the entry. A crash in between writes a dead letter twice, never none.
-        let ids: Vec<&str> = dead.iter().map(|(e, _)| e.id.as_str()).collect();
-        let _: u64 =
-            self.conn.xack(&self.cfg.stream, &self.cfg.group, &ids).await.map_err(|e| Error::redis(&self.url, e))?;
+        let handled = ack.len() as u64;
+        ack.extend(dead.iter().map(|(e, _)| e.id.clone()));
+        if ack.is_empty() {
+            p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        } else {
+            p.xack(&self.cfg.stream, &self.cfg.group, &ack);
+            let (_acked,): (u64,) = p.query_async(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+            self.stats.acked.fetch_add(handled, Ordering::Relaxed);
+        }
         self.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
-
 /// A stream entry id `ms-seq` as a pair, for ordering.
 fn parse_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;

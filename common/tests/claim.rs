@@ -3,7 +3,7 @@
 
 use redis::Commands;
 use redtx_common::conn::RedisUrl;
-use redtx_common::consumer::{Consumer, ConsumerConfig, Delivery, Disposition, Handler};
+use redtx_common::consumer::{Consumer, ConsumerConfig, Delivery, Disposition, Handled, Handler};
 use redtx_common::protocol::{Ack, Message, Outcome};
 use redtx_common::server::RedisServer;
 use redtx_common::shutdown::Shutdown;
@@ -16,10 +16,10 @@ const GROUP: &str = "g";
 struct Collect(Arc<Mutex<Vec<String>>>);
 
 impl Handler for Collect {
-    async fn handle(&mut self, batch: Vec<Delivery>) -> redtx_common::Result<Vec<Disposition>> {
+    async fn handle(&mut self, batch: Vec<Delivery>) -> redtx_common::Result<Handled> {
         let mut seen = self.0.lock().unwrap();
         seen.extend(batch.iter().map(|d| d.msg.txn().to_string()));
-        Ok(vec![Disposition::Ack; batch.len()])
+        Ok(Handled { dispositions: vec![Disposition::Ack; batch.len()], writes: Vec::new() })
     }
 }
 

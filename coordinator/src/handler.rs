@@ -1,13 +1,13 @@
 //! The Redis layer: runs a batch's script calls as one pipeline, feeds each reply to the pure
-//! [`machine`](crate::machine), and carries out the resulting effects as a second pipeline,
-//! before the runtime acks the batch.
+//! [`machine`], and hands the resulting effects to the runtime, which writes them
+//! in one transaction with the batch's acks.
 
 use crate::machine::{self, Effect, Step, Timing};
 use crate::scripts;
 use crate::CoordinatorConfig;
 use redis::aio::MultiplexedConnection;
 use redtx_common::conn::RedisUrl;
-use redtx_common::consumer::{Delivery, Disposition, Handler};
+use redtx_common::consumer::{Delivery, Disposition, Handled, Handler};
 use redtx_common::protocol::Message;
 use redtx_common::scripts::Call;
 use redtx_common::{failpoint, keys, now_ms, Error, Result};
@@ -79,48 +79,57 @@ impl Coordinator {
         self.on_error(r)
     }
 
-    /// Carries out `effects` as one pipeline: schedules first (so a deadline never outlives
-    /// the transaction's end), then sends, publications and unschedules.
+    /// Carries out `effects` (of the deadline scan) as one pipeline.
     async fn execute(&mut self, effects: &[Effect]) -> Result<()> {
         if effects.is_empty() {
             return Ok(());
         }
         let mut p = redis::pipe();
-        let deadlines = keys::deadlines();
-        for e in effects.iter().filter(|e| matches!(e, Effect::Schedule { .. })) {
-            if let Effect::Schedule { txn, at_ms } = e {
-                p.zadd(&deadlines, txn, *at_ms).ignore();
-            }
-        }
-        for e in effects {
-            match e {
-                Effect::Schedule { .. } => {}
-                Effect::Send(m) => {
-                    let Some(participant) = recipient(m) else { continue };
-                    p.xadd(keys::participant_stream(participant), "*", &m.fields()).ignore();
-                }
-                Effect::Publish { txn, state } => {
-                    p.cmd("XADD")
-                        .arg(keys::outcomes_stream())
-                        .arg("MAXLEN")
-                        .arg("~")
-                        .arg(OUTCOMES_MAXLEN)
-                        .arg("*")
-                        .arg("id")
-                        .arg(txn)
-                        .arg("state")
-                        .arg(state.as_str())
-                        .ignore();
-                }
-                Effect::Unschedule { txn } => {
-                    p.zrem(&deadlines, txn).ignore();
-                }
-            }
+        for c in effect_commands(effects) {
+            p.add_command(c).ignore();
         }
         let mut conn = self.conn().await?;
         let r = p.query_async::<()>(&mut conn).await.map_err(|e| Error::redis(&self.url, e));
         self.on_error(r)
     }
+}
+
+/// The commands that carry out `effects`: schedules first (so a deadline never outlives the
+/// transaction's end), then sends, publications and unschedules.
+fn effect_commands(effects: &[Effect]) -> Vec<redis::Cmd> {
+    let deadlines = keys::deadlines();
+    let mut cmds = Vec::with_capacity(effects.len());
+    for e in effects {
+        if let Effect::Schedule { txn, at_ms } = e {
+            cmds.push(redis::cmd("ZADD").arg(&deadlines).arg(*at_ms).arg(txn).clone());
+        }
+    }
+    for e in effects {
+        match e {
+            Effect::Schedule { .. } => {}
+            Effect::Send(m) => {
+                let Some(participant) = recipient(m) else { continue };
+                cmds.push(
+                    redis::cmd("XADD").arg(keys::participant_stream(participant)).arg("*").arg(&m.fields()[..]).clone(),
+                );
+            }
+            Effect::Publish { txn, state } => cmds.push(
+                redis::cmd("XADD")
+                    .arg(keys::outcomes_stream())
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(OUTCOMES_MAXLEN)
+                    .arg("*")
+                    .arg("id")
+                    .arg(txn)
+                    .arg("state")
+                    .arg(state.as_str())
+                    .clone(),
+            ),
+            Effect::Unschedule { txn } => cmds.push(redis::cmd("ZREM").arg(&deadlines).arg(txn).clone()),
+        }
+    }
+    cmds
 }
 
 /// The participant a coordinator-sent message goes to.
@@ -133,7 +142,7 @@ fn recipient(m: &Message) -> Option<&str> {
 }
 
 impl Handler for Coordinator {
-    async fn handle(&mut self, batch: Vec<Delivery>) -> Result<Vec<Disposition>> {
+    async fn handle(&mut self, batch: Vec<Delivery>) -> Result<Handled> {
         let now = now_ms();
         let t = self.timing(now);
         let mut calls = Vec::with_capacity(batch.len());
@@ -218,8 +227,8 @@ impl Handler for Coordinator {
         if decided {
             failpoint::hit(FP_AFTER_DECISION).await;
         }
-        self.execute(&effects).await?;
-        Ok(out)
+        // The runtime writes these and acks the batch in one transaction.
+        Ok(Handled { dispositions: out, writes: effect_commands(&effects) })
     }
 
     async fn tick(&mut self) -> Result<()> {

@@ -2,8 +2,8 @@
 //!
 //! A participant named `<name>` reads `rtx:part:<name>:{0}` through consumer group `<name>`
 //! (add processes with the same name to scale it), runs each batch of `prepare`/`commit`/`abort`
-//! messages as one pipeline of Lua scripts on its data Redis, writes the `vote`/`ack` replies to
-//! `rtx:coord:{0}` as one pipeline, and only then acks the entries.
+//! messages as one pipeline of Lua scripts on its data Redis, then writes the `vote`/`ack` replies
+//! to `rtx:coord:{0}` and acks the entries in one transaction on the stream Redis.
 //!
 //! # Layout
 //! - [`resource`]: the [`Resource`] trait (prepare/commit/abort over a batch) and its
@@ -105,6 +105,6 @@ pub async fn run_with<R: Resource>(cfg: ParticipantConfig, resource: R, shutdown
             }
         }
     };
-    let mut handler = Participant::new(cfg.name.clone(), resource, url);
+    let mut handler = Participant::new(cfg.name.clone(), resource);
     consumer.run(&mut handler, shutdown).await
 }
