@@ -15,6 +15,11 @@
 
 mod bench;
 mod cluster;
+/// mimalloc: much cheaper than the system allocator for the many small buffers of the
+/// in-process workers of `demo` and `bench`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod demo;
 mod output;
 mod status;
