@@ -32,6 +32,14 @@ fn assert_moved_once(bank: &Bank) {
     assert_eq!(bank.balance(Side::B, "acct:bob"), 10, "bob");
 }
 
+/// The transfer ends committed, the money moved exactly once, and nothing is left locked.
+fn assert_committed_once(bank: &Bank, id: &str) {
+    let rec = bank.wait(id);
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert_moved_once(bank);
+    bank.assert_clean();
+}
+
 #[test]
 fn participant_killed_after_prepare_commits_once_after_restart() {
     let fp = "participant-after-prepare";
@@ -43,10 +51,7 @@ fn participant_killed_after_prepare_commits_once_after_restart() {
     bank.bank_b[0].kill9();
 
     bank.start_participant(Side::B, None);
-    let rec = bank.wait(&id);
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_moved_once(&bank);
-    bank.assert_clean();
+    assert_committed_once(&bank, &id);
 }
 
 #[test]
@@ -60,10 +65,7 @@ fn participant_killed_after_commit_acks_after_restart_and_money_moves_once() {
     bank.bank_b[0].kill9();
 
     bank.start_participant(Side::B, None);
-    let rec = bank.wait(&id);
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_moved_once(&bank);
-    bank.assert_clean();
+    assert_committed_once(&bank, &id);
 }
 
 #[test]
@@ -80,10 +82,7 @@ fn coordinator_killed_after_decision_is_finished_by_a_new_one() {
     bank.coordinators[0].kill9();
 
     bank.start_coordinator(None);
-    let rec = bank.wait(&id);
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_moved_once(&bank);
-    bank.assert_clean();
+    assert_committed_once(&bank, &id);
 }
 
 #[test]
@@ -94,13 +93,10 @@ fn coordinator_killed_after_create_is_finished_by_a_new_one() {
     assert_eq!(bank.state(&id).as_deref(), Some("preparing"), "{}", bank.dump(&id));
     bank.coordinators[0].kill9();
 
-    bank.start_coordinator(None);
-    let rec = bank.wait(&id);
     // The submit is still pending in the dead coordinator's name: the new one takes it over and
     // sends the prepares, well within the 20 s timeout, so the transfer commits.
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_moved_once(&bank);
-    bank.assert_clean();
+    bank.start_coordinator(None);
+    assert_committed_once(&bank, &id);
 }
 
 #[test]
