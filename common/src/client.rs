@@ -13,9 +13,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Waiting does not poll: one background task per `Client` reads the outcomes stream
-//! (`rtx:outcomes:{0}`) and wakes the waiters of each transaction that ends. The record is
-//! checked after registering, so an outcome that came before the wait is not missed.
+//! A transaction goes to partition `crc32(id) % partitions` ([`keys::partition`]); the
+//! `Client` must use the deployment's partition count ([`Client::with_partitions`]).
+//!
+//! Waiting does not poll: one background task per `Client` reads every partition's outcomes
+//! stream (`rtx:outcomes:{P}`) in one blocking `XREAD` and wakes the waiters of each transaction
+//! that settles. The record is checked after registering, so an outcome that came before the
+//! wait is not missed. A lost connection, a Redis restart or `LOADING` are waited out until
+//! the caller's time limit: submitting the same id again is safe.
 
 use crate::conn::RedisUrl;
 use crate::protocol::{Message, Submit};
@@ -34,6 +39,7 @@ use tokio::sync::{oneshot, OnceCell};
 #[derive(Clone)]
 pub struct Client {
     url: RedisUrl,
+    partitions: u32,
     /// Reconnects by itself, so a long-lived producer survives a Redis restart.
     conn: ConnectionManager,
     waiters: Arc<Waiters>,
@@ -59,7 +65,23 @@ impl Client {
         let url = RedisUrl::parse(url)?;
         let mut conn = url.connect_managed(Duration::from_secs(10)).await?;
         let _: () = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
-        Ok(Client { url, conn, waiters: Arc::default() })
+        Ok(Client { url, partitions: keys::DEFAULT_PARTITIONS, conn, waiters: Arc::default() })
+    }
+
+    /// Uses `partitions` (the deployment's `--partitions`) instead of the default.
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions.clamp(1, keys::MAX_PARTITIONS);
+        self
+    }
+
+    /// The partition count this client hashes ids over.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The partition of transaction `id`.
+    pub fn partition(&self, id: &str) -> u32 {
+        keys::partition(id, self.partitions)
     }
 
     /// The URL this client talks to.
@@ -73,8 +95,8 @@ impl Client {
         spec.validate()?;
         let msg = Message::Submit(Submit { spec: spec.clone(), submitted_ms: crate::now_ms() });
         let mut conn = self.conn.clone();
-        let _: String =
-            conn.xadd(keys::coord_stream(), "*", &msg.fields()).await.map_err(|e| Error::redis(&self.url, e))?;
+        let stream = keys::coord_stream(self.partition(&spec.id));
+        let _: String = conn.xadd(stream, "*", &msg.fields()).await.map_err(|e| Error::redis(&self.url, e))?;
         Ok(spec.id.clone())
     }
 
@@ -85,7 +107,7 @@ impl Client {
         let mut p = redis::pipe();
         p.ignore_errors();
         for b in &spec.branches {
-            p.cmd("XINFO").arg("GROUPS").arg(keys::participant_stream(&b.participant));
+            p.cmd("XINFO").arg("GROUPS").arg(keys::participant_stream(&b.participant, self.partition(&spec.id)));
         }
         let mut conn = self.conn.clone();
         let replies: Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>> =
@@ -106,40 +128,72 @@ impl Client {
     pub async fn status(&self, id: &str) -> Result<Option<TxnRecord>> {
         let mut conn = self.conn.clone();
         let h: HashMap<String, Vec<u8>> =
-            conn.hgetall(keys::txn_record(id)).await.map_err(|e| Error::redis(&self.url, e))?;
+            conn.hgetall(keys::txn_record(self.partition(id), id)).await.map_err(|e| Error::redis(&self.url, e))?;
         TxnRecord::from_hash(id, &h).map_err(|detail| Error::ScriptReply { script: "record", detail })
     }
 
-    /// Waits until `id` is committed or aborted (every participant has applied the outcome) and
-    /// returns its record. After `timeout`, gives up with [`Error::WaitTimeout`]; the transaction
-    /// goes on.
+    /// Waits until `id` is settled ([`TxnState::is_settled`](crate::record::TxnState::is_settled):
+    /// committed, aborted or aborting, completed, compensated, or stuck) and returns its record.
+    /// "Committed" and "completed" mean every participant has applied the change. A lost
+    /// connection is retried until `timeout`; then it gives up with [`Error::WaitTimeout`]
+    /// (the transaction goes on).
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<TxnRecord> {
-        self.start_reader().await?;
         let started = Instant::now();
+        let mut backoff = crate::consumer::Backoff::default();
         loop {
-            let (tx, rx) = oneshot::channel();
-            self.waiters.by_txn.lock().unwrap().entry(id.to_string()).or_default().push(tx);
-            if let Some(r) = self.status(id).await? {
-                if r.state.is_terminal() {
+            let left = timeout.saturating_sub(started.elapsed());
+            let attempt = async {
+                self.start_reader().await?;
+                let (tx, rx) = oneshot::channel();
+                self.waiters.by_txn.lock().unwrap().entry(id.to_string()).or_default().push(tx);
+                if let Some(r) = self.status(id).await? {
+                    if r.state.is_settled() {
+                        return Ok(Some(r));
+                    }
+                }
+                // The periodic re-check covers a reader that lost its connection.
+                let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), rx).await;
+                Ok::<_, Error>(None)
+            };
+            match attempt.await {
+                Ok(Some(r)) => {
                     self.forget(id);
                     return Ok(r);
                 }
+                Ok(None) => backoff.reset(),
+                Err(e) if e.is_transient() && !left.is_zero() => {
+                    tracing::debug!(error = %e, "waiting for an outcome: Redis unavailable; retrying");
+                    tokio::time::sleep(backoff.next().min(left)).await;
+                }
+                Err(e) => {
+                    self.forget(id);
+                    return Err(e);
+                }
             }
-            let left = timeout.saturating_sub(started.elapsed());
-            if left.is_zero() {
+            if started.elapsed() >= timeout {
                 self.forget(id);
                 return Err(Error::WaitTimeout { id: id.to_string(), waited: started.elapsed() });
             }
-            // The periodic re-check covers a reader that lost its connection.
-            let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), rx).await;
         }
     }
 
-    /// [`submit`](Self::submit) then [`wait`](Self::wait).
+    /// [`submit`](Self::submit) then [`wait`](Self::wait). A submit that fails for a transient
+    /// reason (lost connection, Redis restarting) is retried with the same id until `timeout`:
+    /// a second submit never creates a second transaction.
     pub async fn submit_and_wait(&self, spec: &TxnSpec, timeout: Duration) -> Result<TxnRecord> {
-        self.start_reader().await?;
-        let id = self.submit(spec).await?;
-        self.wait(&id, timeout).await
+        let started = Instant::now();
+        let mut backoff = crate::consumer::Backoff::default();
+        let id = loop {
+            match self.submit(spec).await {
+                Ok(id) => break id,
+                Err(e) if e.is_transient() && started.elapsed() < timeout => {
+                    tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.wait(&id, timeout.saturating_sub(started.elapsed())).await
     }
 
     fn forget(&self, id: &str) {
@@ -157,18 +211,20 @@ impl Client {
             .reader
             .get_or_try_init(|| async {
                 let mut conn = self.url.connect_managed(Duration::from_secs(15)).await?;
-                // Start after the newest outcome now present: older ones are visible in records.
-                let last: Vec<(String, HashMap<String, redis::Value>)> = redis::cmd("XREVRANGE")
-                    .arg(keys::outcomes_stream())
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| Error::redis(&self.url, e))?;
-                let from = last.into_iter().next().map(|(id, _)| id).unwrap_or_else(|| "0-0".into());
-                let task = tokio::spawn(read_outcomes(conn, Arc::downgrade(&self.waiters), from));
+                // Start after the newest outcome now present in each partition: older ones are
+                // visible in records.
+                let streams: Vec<String> = (0..self.partitions).map(keys::outcomes_stream).collect();
+                let mut p = redis::pipe();
+                for s in &streams {
+                    p.cmd("XREVRANGE").arg(s).arg("+").arg("-").arg("COUNT").arg(1);
+                }
+                let lasts: Vec<Vec<(String, HashMap<String, redis::Value>)>> =
+                    p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.url, e))?;
+                let from = lasts
+                    .into_iter()
+                    .map(|l| l.into_iter().next().map(|(id, _)| id).unwrap_or_else(|| "0-0".into()))
+                    .collect();
+                let task = tokio::spawn(read_outcomes(conn, Arc::downgrade(&self.waiters), streams, from));
                 Ok::<_, Error>(task.abort_handle())
             })
             .await?;
@@ -176,24 +232,26 @@ impl Client {
     }
 }
 
-async fn read_outcomes(mut conn: ConnectionManager, waiters: Weak<Waiters>, mut from: String) {
-    let stream = keys::outcomes_stream();
+async fn read_outcomes(mut conn: ConnectionManager, waiters: Weak<Waiters>, streams: Vec<String>, mut from: Vec<String>) {
     let opts = StreamReadOptions::default().count(1024).block(5000);
     loop {
-        let r: redis::RedisResult<Option<StreamReadReply>> = conn.xread_options(&[&stream], &[&from], &opts).await;
+        let r: redis::RedisResult<Option<StreamReadReply>> = conn.xread_options(&streams, &from, &opts).await;
         let Some(waiters) = waiters.upgrade() else { return };
         match r {
             Ok(Some(reply)) => {
                 let mut m = waiters.by_txn.lock().unwrap();
-                for e in reply.keys.into_iter().flat_map(|k| k.ids) {
-                    if let Some(redis::Value::BulkString(id)) = e.map.get("id") {
-                        if let Some(senders) = m.remove(String::from_utf8_lossy(id).as_ref()) {
-                            for s in senders {
-                                let _ = s.send(());
+                for k in reply.keys {
+                    let Some(i) = streams.iter().position(|s| *s == k.key) else { continue };
+                    for e in k.ids {
+                        if let Some(redis::Value::BulkString(id)) = e.map.get("id") {
+                            if let Some(senders) = m.remove(String::from_utf8_lossy(id).as_ref()) {
+                                for s in senders {
+                                    let _ = s.send(());
+                                }
                             }
                         }
+                        from[i] = e.id;
                     }
-                    from = e.id;
                 }
             }
             Ok(None) => {}

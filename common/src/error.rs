@@ -42,6 +42,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failure that may go away by itself: a lost or refused connection, a timeout, Redis
+    /// loading its data (`LOADING`), a failover (`TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, ...),
+    /// or a busy script. Worth retrying (with the same transaction id).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Redis { source, .. } => {
+                source.is_io_error()
+                    || source.is_connection_dropped()
+                    || source.is_connection_refusal()
+                    || source.is_timeout()
+                    || matches!(
+                        source.code(),
+                        Some("LOADING" | "BUSYLOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "MASTERDOWN" | "BUSY" | "OOM")
+                    )
+            }
+            _ => false,
+        }
+    }
+
     /// Wraps a Redis error with the (redacted) URL of the server it came from.
     pub fn redis(url: &crate::conn::RedisUrl, source: redis::RedisError) -> Self {
         Error::Redis { url: url.redacted().to_string(), source }

@@ -1,60 +1,114 @@
-//! Names of every Redis key and stream redtx uses. `docs/protocol.md` lists the same table.
+//! Names of every Redis key and stream redtx uses, and the partition of a transaction.
+//! `docs/protocol.md` lists the same table.
 //!
-//! Streams and shared indexes carry the partition hash tag `{0}` so that, on Redis Cluster, a
-//! partition's streams live in one slot. Per-transaction keys carry `{<txn id>}` so that the record
-//! of a transaction is one slot on its own. Participant-side keys live in the participant's data
-//! Redis.
+//! Transactions are spread over `N` partitions (`--partitions`, the same for a whole
+//! deployment) by [`partition`], a CRC-32 of the id. Every key of partition `P` carries the hash
+//! tag `{P}`, so on Redis Cluster a partition is one slot: the coordinator owning it can write a
+//! batch's records, messages and acks in one atomic script. Participant-side keys live in the
+//! participant's data Redis.
 
-/// The partition every stream uses today (one partition).
-pub const PARTITION: &str = "0";
+/// Default number of partitions. Eight lets up to eight coordinators (or the masters of a
+/// small Redis Cluster) share the work, while one coordinator or participant still reads every
+/// partition's stream in one `XREADGROUP`; more partitions only add streams to read.
+pub const DEFAULT_PARTITIONS: u32 = 8;
+
+/// Most partitions a deployment may have.
+pub const MAX_PARTITIONS: u32 = 1024;
 
 /// Consumer group of the coordinators on [`coord_stream`].
 pub const COORD_GROUP: &str = "coordinators";
 
-/// Stream read by coordinators: `submit`, `vote` and `ack` messages.
-pub fn coord_stream() -> String {
-    format!("rtx:coord:{{{PARTITION}}}")
+/// The partition of transaction `txn` among `partitions`: CRC-32 (IEEE, as zlib's `crc32`) of
+/// the id's bytes, modulo the count.
+pub fn partition(txn: &str, partitions: u32) -> u32 {
+    crc32fast::hash(txn.as_bytes()) % partitions.max(1)
 }
 
-/// Stream read by the participant named `name` (consumer group: the participant's name).
-pub fn participant_stream(name: &str) -> String {
-    format!("rtx:part:{name}:{{{PARTITION}}}")
+/// Stream read by the coordinator owning partition `p`: `submit`, `vote`, `ack`, `result`.
+pub fn coord_stream(p: u32) -> String {
+    format!("rtx:coord:{{{p}}}")
 }
 
-/// Dead-letter stream for entries that could not be decoded or handled.
-pub fn dead_letter_stream() -> String {
-    format!("rtx:dead:{{{PARTITION}}}")
+/// Stream of partition `p` read by the participant named `name` (consumer group: the
+/// participant's name).
+pub fn participant_stream(name: &str, p: u32) -> String {
+    format!("rtx:part:{name}:{{{p}}}")
 }
 
-/// Counter hash of dead-lettered entries (field: the stream they came from).
-pub fn dead_letter_counts() -> String {
-    format!("rtx:dead:count:{{{PARTITION}}}")
+/// The partition a stream name of [`coord_stream`] or [`participant_stream`] belongs to.
+pub fn partition_of_stream(stream: &str) -> Option<u32> {
+    let open = stream.rfind('{')?;
+    stream[open + 1..].strip_suffix('}')?.parse().ok()
 }
 
-/// Sorted set of unfinished transactions scored by the instant (ms) at which a coordinator must
-/// look at them again (vote deadline, then re-send interval).
-pub fn deadlines() -> String {
-    format!("rtx:deadlines:{{{PARTITION}}}")
+/// Dead-letter stream of partition `p`, for entries that could not be decoded or handled.
+pub fn dead_letter_stream(p: u32) -> String {
+    format!("rtx:dead:{{{p}}}")
 }
 
-/// Stream where coordinators announce terminal transactions (fields `id`, `state`), read by
-/// waiting producers. Capped by `MAXLEN ~`.
-pub fn outcomes_stream() -> String {
-    format!("rtx:outcomes:{{{PARTITION}}}")
+/// Counter hash of dead-lettered entries of partition `p` (field: the stream they came from).
+pub fn dead_letter_counts(p: u32) -> String {
+    format!("rtx:dead:count:{{{p}}}")
 }
 
-/// The transaction record (hash) of `txn`.
-pub fn txn_record(txn: &str) -> String {
-    format!("rtx:txn:{{{txn}}}")
+/// Stream where the owner of partition `p` announces decided and finished transactions
+/// (fields `id`, `state`), read by waiting producers. Capped by `MAXLEN ~`.
+pub fn outcomes_stream(p: u32) -> String {
+    format!("rtx:outcomes:{{{p}}}")
 }
 
-/// Participant side: the per-branch barrier (hash) of transaction `txn` at participant `name`;
-/// holds the branch state, staged writes and the keys it locked.
+/// The transaction record (hash) of `txn` in partition `p`.
+pub fn txn_record(p: u32, txn: &str) -> String {
+    format!("rtx:txn:{{{p}}}:{txn}")
+}
+
+/// Sorted set of the unfinished transactions of partition `p` (scored by creation time, ms):
+/// what a new owner reloads.
+pub fn live(p: u32) -> String {
+    format!("rtx:live:{{{p}}}")
+}
+
+/// The lease of partition `p`: a string `<token>:<owner>` with a time to live; only the holder
+/// may write the partition.
+pub fn lease(p: u32) -> String {
+    format!("rtx:lease:{{{p}}}")
+}
+
+/// The fencing counter of partition `p`: every new lease takes the next token.
+pub fn epoch(p: u32) -> String {
+    format!("rtx:epoch:{{{p}}}")
+}
+
+/// Sorted set of live coordinators (scored by when their membership lapses, ms), used to
+/// spread partitions evenly.
+pub fn coordinators() -> String {
+    "rtx:coordinators".to_string()
+}
+
+/// Participant side: the per-branch barrier (hash) of transaction `txn` at participant `name`.
 pub fn barrier(name: &str, txn: &str) -> String {
     format!("rtx:bar:{name}:{txn}")
 }
 
-/// Participant side: the lock of a user key; its value is the owning barrier's key.
+/// Participant side: the lock of a user key; its value names the owning branch.
 pub fn lock(key: &str) -> String {
     format!("rtx:lock:{key}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_in_range() {
+        // The documented function is zlib's crc32: its standard check value.
+        assert_eq!(partition("123456789", u32::MAX), 0xCBF4_3926 % u32::MAX);
+        for id in ["a", "transfer-42", "x:y"] {
+            assert!(partition(id, 8) < 8);
+            assert_eq!(partition(id, 1), 0);
+        }
+        assert_eq!(partition_of_stream(&participant_stream("bank-a", 7)), Some(7));
+        assert_eq!(partition_of_stream(&coord_stream(12)), Some(12));
+        assert_eq!(partition_of_stream("nope"), None);
+    }
 }

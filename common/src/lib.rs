@@ -2,11 +2,14 @@
 //!
 //! # Layout
 //! - [`spec`]: the transaction spec a producer submits (JSON on the CLI, the same types in Rust),
-//!   its validation and its limits.
+//!   its validation and its limits. A branch (2PC) or step (saga) carries an opaque payload.
+//! - [`kv`]: the built-in key-value participant's payload: ops, their validation and encoding.
+//! - [`machine`]: a transaction's whole life, 2PC and saga, as a pure state machine (events in,
+//!   effects out); the table of states and events is in its doc.
 //! - [`protocol`]: the typed messages exchanged over Redis Streams and their wire format
 //!   (stream fields `t` and `m`, MessagePack in a versioned envelope).
-//! - [`keys`]: the names of every Redis key and stream redtx uses.
-//! - [`record`]: the transaction record (`rtx:txn:{id}`) and its state machine.
+//! - [`keys`]: the names of every Redis key and stream redtx uses, and a transaction's partition.
+//! - [`record`]: the transaction record (`rtx:txn:{P}:<id>`) and the transaction states.
 //! - [`scripts`]: the registry of Lua scripts (from `lua/`), called by SHA, pipelined, reloaded on
 //!   `NOSCRIPT`.
 //! - [`consumer`]: the stream worker runtime shared by coordinators and participants (batched
@@ -25,6 +28,8 @@ pub mod consumer;
 pub mod error;
 pub mod failpoint;
 pub mod keys;
+pub mod kv;
+pub mod machine;
 pub mod protocol;
 pub mod record;
 pub mod scripts;

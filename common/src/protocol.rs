@@ -3,33 +3,40 @@
 //! Every stream entry has two fields: `t`, the message type in plain text (readable in
 //! `redis-cli`), and `m`, a MessagePack map (field names as keys) holding `v` (the protocol
 //! version, [`PROTOCOL_VERSION`]) and the message's own fields. `docs/protocol.md` is the
-//! language-neutral description.
+//! language-neutral description. `{P}` is the transaction's partition ([`crate::keys::partition`]).
 //!
-//! | `t`       | stream                | from         | struct      |
-//! |-----------|-----------------------|--------------|-------------|
-//! | `submit`  | `rtx:coord:{0}`       | producer     | [`Submit`]  |
-//! | `vote`    | `rtx:coord:{0}`       | participant  | [`Vote`]    |
-//! | `ack`     | `rtx:coord:{0}`       | participant  | [`Ack`]     |
-//! | `prepare` | `rtx:part:<name>:{0}` | coordinator  | [`Prepare`] |
-//! | `commit`  | `rtx:part:<name>:{0}` | coordinator  | [`Resolve`] |
-//! | `abort`   | `rtx:part:<name>:{0}` | coordinator  | [`Resolve`] |
+//! | `t`          | stream                | from         | struct         |
+//! |--------------|-----------------------|--------------|----------------|
+//! | `submit`     | `rtx:coord:{P}`       | producer     | [`Submit`]     |
+//! | `vote`       | `rtx:coord:{P}`       | participant  | [`Vote`]       |
+//! | `ack`        | `rtx:coord:{P}`       | participant  | [`Ack`]        |
+//! | `result`     | `rtx:coord:{P}`       | participant  | [`StepResult`] |
+//! | `prepare`    | `rtx:part:<name>:{P}` | coordinator  | [`Prepare`]    |
+//! | `commit`     | `rtx:part:<name>:{P}` | coordinator  | [`Resolve`]    |
+//! | `abort`      | `rtx:part:<name>:{P}` | coordinator  | [`Resolve`]    |
+//! | `execute`    | `rtx:part:<name>:{P}` | coordinator  | [`Execute`]    |
+//! | `compensate` | `rtx:part:<name>:{P}` | coordinator  | [`Execute`]    |
+//!
+//! Payloads are opaque bytes to everyone but their participant.
 
-use crate::spec::{Op, TxnSpec};
+use crate::spec::TxnSpec;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// Version written in every envelope; a reader refuses versions it does not know.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version written in every envelope; a reader refuses versions it does not know. Bumped when a
+/// message changes in a way an older reader would misread. Version 2: opaque payloads,
+/// partitions, saga messages.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A producer asks for a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submit {
     /// The validated spec (its `id` is the transaction id).
     pub spec: TxnSpec,
-    /// When the producer submitted it (ms since the epoch).
+    /// When the producer submitted it (ms since the epoch); for latency figures and logs.
     pub submitted_ms: u64,
 }
 
-/// The coordinator asks a participant to prepare its branch.
+/// The coordinator asks a participant to prepare its 2PC branch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prepare {
     /// Transaction id.
@@ -40,8 +47,9 @@ pub struct Prepare {
     pub participant: String,
     /// After this instant (ms since the epoch) the participant votes no without locking anything.
     pub deadline_ms: u64,
-    /// The branch's ops.
-    pub ops: Vec<Op>,
+    /// The branch's payload, for the participant alone.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
 }
 
 /// A participant's answer to a [`Prepare`].
@@ -60,7 +68,8 @@ pub struct Vote {
     pub reason: Option<String>,
 }
 
-/// The coordinator's decision for one branch (sent as `commit` or `abort`).
+/// The coordinator's decision for one 2PC branch (sent as `commit` or `abort`). The
+/// participant knows from its barrier what the branch holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resolve {
     /// Transaction id.
@@ -69,8 +78,6 @@ pub struct Resolve {
     pub branch: u32,
     /// Participant name.
     pub participant: String,
-    /// The branch's keys (declared to the Lua script, which may only touch declared keys).
-    pub keys: Vec<String>,
 }
 
 /// How a branch ended.
@@ -93,7 +100,7 @@ impl Outcome {
     }
 }
 
-/// A participant confirms it applied a decision.
+/// A participant confirms it applied a 2PC decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     /// Transaction id.
@@ -104,6 +111,65 @@ pub struct Ack {
     pub participant: String,
     /// What was applied.
     pub outcome: Outcome,
+}
+
+/// The coordinator asks a participant to run a saga step's action (`execute`) or its
+/// compensation (`compensate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execute {
+    /// Transaction id.
+    pub txn: String,
+    /// Step index.
+    pub branch: u32,
+    /// Participant name.
+    pub participant: String,
+    /// 1 for the first attempt; a retry carries the next number (informational: the barrier
+    /// makes every attempt after the first that applied a no-op).
+    pub attempt: u32,
+    /// The action's or the compensation's payload.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// Which half of a saga step a [`StepResult`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum StepKind {
+    /// The forward action.
+    Action,
+    /// The compensation.
+    Compensation,
+}
+
+/// How a saga step's half ended at the participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    /// Applied (or already applied before: a repeat), or a compensation with nothing to undo.
+    Done,
+    /// Refused for a business reason (a guard); nothing was applied. For an action, the saga
+    /// compensates.
+    Failed,
+    /// Could not be done now (a transient error); the coordinator retries with backoff.
+    Error,
+}
+
+/// A participant reports on a saga step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Transaction id.
+    pub txn: String,
+    /// Step index.
+    pub branch: u32,
+    /// Participant name.
+    pub participant: String,
+    /// Action or compensation.
+    pub step: StepKind,
+    /// How it ended.
+    pub status: StepStatus,
+    /// Why it failed.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// Every message of the protocol.
@@ -121,6 +187,12 @@ pub enum Message {
     Abort(Resolve),
     /// Participant -> coordinator.
     Ack(Ack),
+    /// Coordinator -> participant (saga action).
+    Execute(Execute),
+    /// Coordinator -> participant (saga compensation).
+    Compensate(Execute),
+    /// Participant -> coordinator (saga step result).
+    Result(StepResult),
 }
 
 /// Why a stream entry could not be turned into a [`Message`].
@@ -162,6 +234,9 @@ impl Message {
             Message::Commit(_) => "commit",
             Message::Abort(_) => "abort",
             Message::Ack(_) => "ack",
+            Message::Execute(_) => "execute",
+            Message::Compensate(_) => "compensate",
+            Message::Result(_) => "result",
         }
     }
 
@@ -173,6 +248,21 @@ impl Message {
             Message::Vote(m) => &m.txn,
             Message::Commit(m) | Message::Abort(m) => &m.txn,
             Message::Ack(m) => &m.txn,
+            Message::Execute(m) | Message::Compensate(m) => &m.txn,
+            Message::Result(m) => &m.txn,
+        }
+    }
+
+    /// The participant this message is to or from (`None` for `submit`).
+    pub fn participant(&self) -> Option<&str> {
+        match self {
+            Message::Submit(_) => None,
+            Message::Prepare(m) => Some(&m.participant),
+            Message::Vote(m) => Some(&m.participant),
+            Message::Commit(m) | Message::Abort(m) => Some(&m.participant),
+            Message::Ack(m) => Some(&m.participant),
+            Message::Execute(m) | Message::Compensate(m) => Some(&m.participant),
+            Message::Result(m) => Some(&m.participant),
         }
     }
 
@@ -188,6 +278,8 @@ impl Message {
             Message::Vote(m) => enc(m),
             Message::Commit(m) | Message::Abort(m) => enc(m),
             Message::Ack(m) => enc(m),
+            Message::Execute(m) | Message::Compensate(m) => enc(m),
+            Message::Result(m) => enc(m),
         }
     }
 
@@ -213,6 +305,9 @@ impl Message {
             b"commit" => Message::Commit(dec("commit", payload)?),
             b"abort" => Message::Abort(dec("abort", payload)?),
             b"ack" => Message::Ack(dec("ack", payload)?),
+            b"execute" => Message::Execute(dec("execute", payload)?),
+            b"compensate" => Message::Compensate(dec("compensate", payload)?),
+            b"result" => Message::Result(dec("result", payload)?),
             other => return Err(DecodeError::UnknownType(String::from_utf8_lossy(other).into_owned())),
         })
     }
@@ -234,68 +329,55 @@ mod tests {
     use crate::spec::*;
     use proptest::prelude::*;
 
-    fn op() -> impl Strategy<Value = Op> {
-        let s = ".{0,12}";
-        prop_oneof![
-            (s, s).prop_map(|(key, value)| Op::Set(SetOp { key, value })),
-            s.prop_map(|key| Op::Del(DelOp { key })),
-            (s, any::<i64>(), any::<Option<i64>>(), any::<Option<i64>>())
-                .prop_map(|(key, by, min, max)| Op::Incrby(IncrbyOp { key, by, min, max })),
-            (s, s, s).prop_map(|(key, field, value)| Op::Hset(HsetOp { key, field, value })),
-            (s, s).prop_map(|(key, field)| Op::Hdel(HdelOp { key, field })),
-            (s, s, any::<i64>(), any::<Option<i64>>()).prop_map(|(key, field, by, min)| Op::Hincrby(HincrbyOp {
-                key,
-                field,
-                by,
-                min,
-                max: None
-            })),
-            (s, proptest::option::of(s)).prop_map(|(key, value)| Op::Expect(ExpectOp { key, value })),
-        ]
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..16)
     }
 
     fn message() -> impl Strategy<Value = Message> {
         let s = "[a-z0-9]{1,10}";
         prop_oneof![
-            (
-                s,
-                proptest::collection::vec((s, proptest::collection::vec(op(), 1..4)), 1..4),
-                any::<u64>(),
-                any::<u64>()
-            )
-                .prop_map(|(id, branches, timeout_ms, submitted_ms)| Message::Submit(Submit {
+            (s, proptest::collection::vec((s, bytes(), proptest::option::of(bytes())), 1..4), any::<u64>(), any::<u64>(), any::<bool>())
+                .prop_map(|(id, branches, timeout_ms, submitted_ms, saga)| Message::Submit(Submit {
                     spec: TxnSpec {
                         id,
-                        mode: Mode::TwoPhase,
+                        mode: if saga { Mode::Saga } else { Mode::TwoPhase },
                         timeout_ms,
-                        branches: branches.into_iter().map(|(participant, ops)| Branch { participant, ops }).collect(),
+                        branches: branches
+                            .into_iter()
+                            .map(|(participant, payload, compensation)| Branch { participant, payload, compensation, after: saga.then(Vec::new) })
+                            .collect(),
+                        retry: Retry::default(),
                     },
                     submitted_ms,
                 })),
-            (s, any::<u32>(), s, any::<u64>(), proptest::collection::vec(op(), 0..4)).prop_map(
-                |(txn, branch, participant, deadline_ms, ops)| Message::Prepare(Prepare {
-                    txn,
-                    branch,
-                    participant,
-                    deadline_ms,
-                    ops
-                })
-            ),
+            (s, any::<u32>(), s, any::<u64>(), bytes()).prop_map(|(txn, branch, participant, deadline_ms, payload)| {
+                Message::Prepare(Prepare { txn, branch, participant, deadline_ms, payload })
+            }),
             (s, any::<u32>(), s, any::<bool>(), proptest::option::of(".*")).prop_map(
                 |(txn, branch, participant, yes, reason)| Message::Vote(Vote { txn, branch, participant, yes, reason })
             ),
-            (s, any::<u32>(), s, proptest::collection::vec(".*", 0..3)).prop_map(|(txn, branch, participant, keys)| {
-                Message::Commit(Resolve { txn, branch, participant, keys })
-            }),
-            (s, any::<u32>(), s, proptest::collection::vec(".*", 0..3)).prop_map(|(txn, branch, participant, keys)| {
-                Message::Abort(Resolve { txn, branch, participant, keys })
-            }),
+            (s, any::<u32>(), s).prop_map(|(txn, branch, participant)| Message::Commit(Resolve { txn, branch, participant })),
+            (s, any::<u32>(), s).prop_map(|(txn, branch, participant)| Message::Abort(Resolve { txn, branch, participant })),
             (s, any::<u32>(), s, any::<bool>()).prop_map(|(txn, branch, participant, c)| Message::Ack(Ack {
                 txn,
                 branch,
                 participant,
                 outcome: if c { Outcome::Committed } else { Outcome::Aborted }
             })),
+            (s, any::<u32>(), s, any::<u32>(), bytes(), any::<bool>()).prop_map(|(txn, branch, participant, attempt, payload, c)| {
+                let e = Execute { txn, branch, participant, attempt, payload };
+                if c { Message::Compensate(e) } else { Message::Execute(e) }
+            }),
+            (s, any::<u32>(), s, any::<bool>(), 0..3u8, proptest::option::of(".*")).prop_map(
+                |(txn, branch, participant, action, st, reason)| Message::Result(StepResult {
+                    txn,
+                    branch,
+                    participant,
+                    step: if action { StepKind::Action } else { StepKind::Compensation },
+                    status: [StepStatus::Done, StepStatus::Failed, StepStatus::Error][st as usize],
+                    reason
+                })
+            ),
         ]
     }
 
@@ -307,7 +389,7 @@ mod tests {
         }
 
         #[test]
-        fn garbage_never_panics(kind in prop_oneof![Just("submit".to_string()), Just("prepare".to_string()), Just("vote".to_string()), Just("ack".to_string()), ".*"],
+        fn garbage_never_panics(kind in prop_oneof![Just("submit".to_string()), Just("prepare".to_string()), Just("vote".to_string()), Just("ack".to_string()), Just("result".to_string()), ".*"],
                                 payload in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Message::decode(kind.as_bytes(), &payload);
         }
@@ -316,8 +398,8 @@ mod tests {
     #[test]
     fn unknown_versions_and_types_are_refused() {
         let m = Message::Ack(Ack { txn: "t".into(), branch: 0, participant: "p".into(), outcome: Outcome::Committed });
-        let v2 = rmp_serde::to_vec_named(&VersionOnly { v: 2 }).unwrap();
-        assert_eq!(Message::decode(b"ack", &v2), Err(DecodeError::Version(2)));
+        let v1 = rmp_serde::to_vec_named(&VersionOnly { v: 1 }).unwrap();
+        assert_eq!(Message::decode(b"ack", &v1), Err(DecodeError::Version(1)));
         assert!(matches!(Message::decode(b"nope", &m.encode()), Err(DecodeError::UnknownType(t)) if t == "nope"));
         assert!(matches!(Message::decode(b"vote", &m.encode()), Err(DecodeError::Payload { kind: "vote", .. })));
     }

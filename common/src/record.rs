@@ -1,40 +1,64 @@
-//! The transaction record (`rtx:txn:{id}`, a hash) and the transaction state machine.
+//! The transaction record (`rtx:txn:{P}:<id>`, a hash) and the transaction states.
 //!
-//! The record is the single source of truth about a transaction. The coordinator's Lua scripts
-//! (`lua/txn_*.lua`) change it atomically; this module reads it and defines the legal moves.
+//! The owner of partition `P` keeps its live transactions in memory ([`crate::machine::Txn`])
+//! and writes the record whenever one changes, in the same atomic call as the messages the
+//! change causes. The record is what a new owner reloads and what `redtx status` reads.
 //!
-//! Hash fields: `v` (record version), `mode`, `state`, `n` (branch count), `spec` (MessagePack
-//! [`TxnSpec`]), `created`, `deadline`, `decided`, `finished` (ms since the epoch), `reason`,
-//! `yes` and `acks` (counters), and per branch `i`: `p:i` (participant), `vote:i` (`yes`/`no`),
-//! `why:i` (vote reason), `vt:i` (vote time), `ack:i` (`committed`/`aborted`), `at:i` (ack time).
+//! Hash fields: `v` (record version, `2`), `mode`, `state`, `reason` (why it aborted or
+//! compensated), `created`, `deadline`, `finished` (ms since the epoch), `spec` (MessagePack
+//! [`TxnSpec`], as submitted first, written once) and `st` (MessagePack
+//! [`Progress`](crate::machine::Progress): every branch's phase, attempts and reasons).
 
+use crate::machine::{Phase, Progress, Txn};
 use crate::spec::TxnSpec;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// Where a transaction is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+/// Version of the record layout.
+pub const RECORD_VERSION: u32 = 2;
+
+/// Where a transaction is in its life. The moves are in [`crate::machine`]'s table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TxnState {
-    /// Prepares are out; waiting for every vote. Next: `committing` (all yes) or `aborting`
-    /// (a no, or the deadline passed).
+    /// 2PC: prepares are out; waiting for every vote.
     Preparing,
-    /// Decided to commit (written before any commit is sent). Next: `committed` once every
-    /// participant acked.
+    /// 2PC: decided to commit (written before any commit is sent); waiting for every ack.
     Committing,
-    /// Decided to abort (written before any abort is sent). Next: `aborted` once every
-    /// participant acked.
+    /// 2PC: decided to abort (written before any abort is sent); nothing is or will be applied;
+    /// waiting for every participant to confirm it released what it held.
     Aborting,
-    /// Terminal: every branch applied its writes.
+    /// 2PC, terminal: every branch applied its writes.
     Committed,
-    /// Terminal: no branch applied anything.
+    /// 2PC, terminal: no branch applied anything, and every one confirmed.
     Aborted,
+    /// Saga: forward steps are running.
+    Running,
+    /// Saga: a step failed; the steps that ran are being compensated, in reverse order.
+    Compensating,
+    /// Saga, terminal: every step's action applied.
+    Completed,
+    /// Saga, terminal: every step that ran was compensated.
+    Compensated,
+    /// Saga: a compensation keeps failing past its retry limit. It is still retried (slowly),
+    /// never dropped; it moves on to `compensated` once it succeeds.
+    Stuck,
 }
 
 impl TxnState {
-    /// Every state, in life order.
-    pub const ALL: [TxnState; 5] =
-        [TxnState::Preparing, TxnState::Committing, TxnState::Aborting, TxnState::Committed, TxnState::Aborted];
+    /// Every state.
+    pub const ALL: [TxnState; 10] = [
+        TxnState::Preparing,
+        TxnState::Committing,
+        TxnState::Aborting,
+        TxnState::Committed,
+        TxnState::Aborted,
+        TxnState::Running,
+        TxnState::Compensating,
+        TxnState::Completed,
+        TxnState::Compensated,
+        TxnState::Stuck,
+    ];
 
     /// Name stored in the record.
     pub fn as_str(self) -> &'static str {
@@ -44,6 +68,11 @@ impl TxnState {
             TxnState::Aborting => "aborting",
             TxnState::Committed => "committed",
             TxnState::Aborted => "aborted",
+            TxnState::Running => "running",
+            TxnState::Compensating => "compensating",
+            TxnState::Completed => "completed",
+            TxnState::Compensated => "compensated",
+            TxnState::Stuck => "stuck",
         }
     }
 
@@ -52,18 +81,20 @@ impl TxnState {
         TxnState::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
-    /// `committed` or `aborted`: nothing will change any more.
+    /// `committed`, `aborted`, `completed`, `compensated`: nothing will change any more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TxnState::Committed | TxnState::Aborted)
+        matches!(self, TxnState::Committed | TxnState::Aborted | TxnState::Completed | TxnState::Compensated)
     }
 
-    /// The only moves the record may make.
-    pub fn can_move_to(self, next: TxnState) -> bool {
-        use TxnState::*;
-        matches!(
-            (self, next),
-            (Preparing, Committing) | (Preparing, Aborting) | (Committing, Committed) | (Aborting, Aborted)
-        )
+    /// A producer's answer is known: terminal, or `aborting` (decided: nothing is applied
+    /// anywhere), or `stuck` (needs an operator).
+    pub fn is_settled(self) -> bool {
+        self.is_terminal() || matches!(self, TxnState::Aborting | TxnState::Stuck)
+    }
+
+    /// The outcome a producer should act on: `true` when the change is applied everywhere.
+    pub fn is_success(self) -> bool {
+        matches!(self, TxnState::Committed | TxnState::Completed)
     }
 }
 
@@ -73,21 +104,19 @@ impl std::fmt::Display for TxnState {
     }
 }
 
-/// What the record says about one branch.
+/// What the record says about one branch (2PC) or step (saga).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BranchStatus {
     /// Participant name.
     pub participant: String,
-    /// `Some(true)` voted yes, `Some(false)` voted no, `None` not yet.
-    pub vote: Option<bool>,
-    /// Reason given with a no vote.
+    /// Where the branch is (e.g. `voted-yes`, `committed`, `running`, `compensated`).
+    pub phase: Phase,
+    /// The participant's reason (a no vote, a failed or erroring step).
     pub reason: Option<String>,
-    /// When the vote was counted (ms).
-    pub voted_ms: Option<u64>,
-    /// `committed`/`aborted` once the participant applied the decision.
-    pub ack: Option<String>,
-    /// When the ack was counted (ms).
-    pub acked_ms: Option<u64>,
+    /// Saga: attempts of the current half (action or compensation).
+    pub attempts: u32,
+    /// When the branch last changed (ms).
+    pub at_ms: Option<u64>,
 }
 
 /// A transaction record as read from Redis.
@@ -95,62 +124,111 @@ pub struct BranchStatus {
 pub struct TxnRecord {
     /// Transaction id.
     pub id: String,
-    /// `2pc`.
+    /// `2pc` or `saga`.
     pub mode: String,
     /// Current state.
     pub state: TxnState,
-    /// Why it aborted (or other note).
+    /// Why it aborted or compensated.
     pub reason: Option<String>,
+    /// Saga: the step whose failure started the compensation.
+    pub failed_step: Option<u32>,
     /// Created (ms).
     pub created_ms: u64,
-    /// Vote deadline (ms).
+    /// 2PC vote deadline / saga forward deadline (ms).
     pub deadline_ms: u64,
-    /// When the decision was written (ms).
+    /// When the decision (2PC) or the compensation (saga) was made (ms).
     pub decided_ms: Option<u64>,
     /// When it became terminal (ms).
     pub finished_ms: Option<u64>,
-    /// One entry per branch, in spec order.
+    /// One entry per branch or step, in spec order.
     pub branches: Vec<BranchStatus>,
-    /// The spec, as submitted.
+    /// The spec, as submitted first.
     #[serde(skip)]
     pub spec: Option<TxnSpec>,
 }
 
 impl TxnRecord {
-    /// Builds a record from `HGETALL rtx:txn:{id}`; `None` if the hash is empty (no such
+    /// The status view of an in-memory transaction.
+    pub fn of(txn: &Txn) -> TxnRecord {
+        let p = &txn.progress;
+        TxnRecord {
+            id: txn.spec.id.clone(),
+            mode: txn.spec.mode.as_str().to_string(),
+            state: p.state,
+            reason: p.reason.clone(),
+            failed_step: p.failed_step,
+            created_ms: p.created_ms,
+            deadline_ms: p.deadline_ms,
+            decided_ms: p.decided_ms,
+            finished_ms: p.finished_ms,
+            branches: txn
+                .spec
+                .branches
+                .iter()
+                .zip(&p.branches)
+                .map(|(b, s)| BranchStatus {
+                    participant: b.participant.clone(),
+                    phase: s.phase,
+                    reason: s.reason.clone(),
+                    attempts: s.attempts,
+                    at_ms: s.at_ms,
+                })
+                .collect(),
+            spec: Some(txn.spec.clone()),
+        }
+    }
+
+    /// Builds a record from `HGETALL rtx:txn:{P}:<id>`; `None` if the hash is empty (no such
     /// transaction, or it expired after its retention window).
     pub fn from_hash(id: &str, h: &HashMap<String, Vec<u8>>) -> Result<Option<TxnRecord>, String> {
-        if h.is_empty() {
-            return Ok(None);
-        }
-        let text = |k: &str| h.get(k).map(|v| String::from_utf8_lossy(v).into_owned());
-        let num = |k: &str| text(k).and_then(|v| v.parse::<u64>().ok());
-        let state_s = text("state").ok_or("record has no state")?;
-        let state = TxnState::parse(&state_s).ok_or_else(|| format!("record has unknown state {state_s:?}"))?;
-        let n = num("n").ok_or("record has no branch count")? as usize;
-        let branches = (0..n)
-            .map(|i| BranchStatus {
-                participant: text(&format!("p:{i}")).unwrap_or_default(),
-                vote: text(&format!("vote:{i}")).map(|v| v == "yes"),
-                reason: text(&format!("why:{i}")).filter(|s| !s.is_empty()),
-                voted_ms: num(&format!("vt:{i}")),
-                ack: text(&format!("ack:{i}")),
-                acked_ms: num(&format!("at:{i}")),
-            })
-            .collect();
-        Ok(Some(TxnRecord {
-            id: id.to_string(),
-            mode: text("mode").unwrap_or_default(),
-            state,
-            reason: text("reason").filter(|s| !s.is_empty()),
-            created_ms: num("created").unwrap_or(0),
-            deadline_ms: num("deadline").unwrap_or(0),
-            decided_ms: num("decided"),
-            finished_ms: num("finished"),
-            branches,
-            spec: h.get("spec").and_then(|b| rmp_serde::from_slice(b).ok()),
-        }))
+        Ok(txn_from_hash(id, h)?.map(|t| TxnRecord::of(&t)))
     }
+}
+
+/// Decodes the in-memory transaction from its record's `spec` and `st` fields; `None` if the
+/// hash is empty.
+pub fn txn_from_hash(id: &str, h: &HashMap<String, Vec<u8>>) -> Result<Option<Txn>, String> {
+    if h.is_empty() {
+        return Ok(None);
+    }
+    let spec: TxnSpec = rmp_serde::from_slice(h.get("spec").ok_or("record has no spec")?)
+        .map_err(|e| format!("record of {id}: bad spec: {e}"))?;
+    let progress: Progress = rmp_serde::from_slice(h.get("st").ok_or("record has no st")?)
+        .map_err(|e| format!("record of {id}: bad st: {e}"))?;
+    if progress.branches.len() != spec.branches.len() {
+        return Err(format!("record of {id}: st has {} branches, spec {}", progress.branches.len(), spec.branches.len()));
+    }
+    Ok(Some(Txn { spec, progress }))
+}
+
+/// The hash fields that carry `txn`'s mutable part (`state`, `reason`, `finished`, `st`).
+pub fn progress_fields(txn: &Txn) -> Vec<(&'static str, Vec<u8>)> {
+    let p = &txn.progress;
+    let mut f = vec![
+        ("state", p.state.as_str().as_bytes().to_vec()),
+        ("st", rmp_serde::to_vec_named(p).expect("progress always serializes")),
+    ];
+    if let Some(r) = &p.reason {
+        f.push(("reason", r.as_bytes().to_vec()));
+    }
+    if let Some(t) = p.finished_ms {
+        f.push(("finished", t.to_string().into_bytes()));
+    }
+    f
+}
+
+/// Every hash field of a new record: the fixed ones and the spec, then [`progress_fields`].
+pub fn create_fields(txn: &Txn) -> Vec<(&'static str, Vec<u8>)> {
+    let p = &txn.progress;
+    let mut f = vec![
+        ("v", RECORD_VERSION.to_string().into_bytes()),
+        ("mode", txn.spec.mode.as_str().as_bytes().to_vec()),
+        ("created", p.created_ms.to_string().into_bytes()),
+        ("deadline", p.deadline_ms.to_string().into_bytes()),
+        ("spec", rmp_serde::to_vec_named(&txn.spec).expect("specs always serialize")),
+    ];
+    f.extend(progress_fields(txn));
+    f
 }
 
 #[cfg(test)]
@@ -158,23 +236,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_forward_moves_are_legal() {
-        use TxnState::*;
-        for a in TxnState::ALL {
-            assert_eq!(TxnState::parse(a.as_str()), Some(a));
-            for b in TxnState::ALL {
-                let legal = a.can_move_to(b);
-                assert_eq!(
-                    legal,
-                    matches!(
-                        (a, b),
-                        (Preparing, Committing) | (Preparing, Aborting) | (Committing, Committed) | (Aborting, Aborted)
-                    )
-                );
-                if a.is_terminal() {
-                    assert!(!legal, "{a} is terminal");
-                }
+    fn names_round_trip_and_terminal_states_are_settled() {
+        for s in TxnState::ALL {
+            assert_eq!(TxnState::parse(s.as_str()), Some(s));
+            if s.is_terminal() {
+                assert!(s.is_settled());
             }
         }
+        assert!(TxnState::Aborting.is_settled() && !TxnState::Committing.is_settled());
     }
 }

@@ -12,15 +12,17 @@
 //! assert_eq!(spec.branches.len(), 2);
 //! ```
 
-use serde::{Deserialize, Deserializer, Serialize};
+use crate::kv;
+pub use crate::kv::{DelOp, ExpectOp, HdelOp, HincrbyOp, HsetOp, IncrbyOp, Op, SetOp, MAX_OPS_PER_BRANCH, OP_NAMES};
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Largest JSON spec accepted, in bytes.
 pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
 /// Most branches (participants) in one transaction.
 pub const MAX_BRANCHES: usize = 16;
-/// Most ops in one branch.
-pub const MAX_OPS_PER_BRANCH: usize = 128;
+/// Largest payload (or compensation) of one branch, in bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
 /// Longest key, hash field or participant-visible string used as a name, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Longest value of a `set`/`hset`/`expect`, in bytes.
@@ -33,8 +35,10 @@ pub const MAX_PARTICIPANT_BYTES: usize = 64;
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
 /// See [`MIN_TIMEOUT`].
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Timeout used when the spec names none.
+/// Timeout of a 2PC transaction that names none (the vote deadline).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of a saga that names none (the forward steps' deadline).
+pub const DEFAULT_SAGA_TIMEOUT: Duration = Duration::from_secs(30);
 /// Prefix of every key redtx itself owns; user keys may not start with it.
 pub const RESERVED_PREFIX: &str = "rtx:";
 
@@ -49,7 +53,8 @@ pub struct SpecError {
 }
 
 impl SpecError {
-    fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         SpecError { field: field.into(), problem: problem.into() }
     }
 }
@@ -61,6 +66,10 @@ pub enum Mode {
     #[default]
     #[serde(rename = "2pc")]
     TwoPhase,
+    /// Saga: each step commits locally, in order; a failed step compensates the ones that ran,
+    /// in reverse order.
+    #[serde(rename = "saga")]
+    Saga,
 }
 
 impl Mode {
@@ -68,227 +77,76 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::TwoPhase => "2pc",
+            Mode::Saga => "saga",
         }
     }
 }
 
-/// One change (or guard) applied by the built-in key-value participant. On the wire and in JSON
-/// an op is one map whose `op` field names the variant, e.g.
-/// `{"op":"incrby","key":"acct:alice","by":-10,"min":0}`.
+/// The part of a transaction one participant carries out: in 2PC a branch, in a saga a step.
+///
+/// The coordinator routes, counts, decides and retries; it never reads `payload` or
+/// `compensation`, which belong to the participant (for the built-in key-value participant, a
+/// MessagePack list of [`Op`]s, see [`crate::kv`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum Op {
-    /// `SET key value`.
-    Set(SetOp),
-    /// `DEL key`.
-    Del(DelOp),
-    /// `INCRBY key by`, refused (vote no) if the result would leave `[min, max]`.
-    Incrby(IncrbyOp),
-    /// `HSET key field value`.
-    Hset(HsetOp),
-    /// `HDEL key field`.
-    Hdel(HdelOp),
-    /// `HINCRBY key field by`, refused if the result would leave `[min, max]`.
-    Hincrby(HincrbyOp),
-    /// Guard only: the string at `key` must equal `value`; `null` means the key must not exist.
-    Expect(ExpectOp),
-}
-
-/// Fields of [`Op::Set`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetOp {
-    pub key: String,
-    pub value: String,
-}
-
-/// Fields of [`Op::Del`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DelOp {
-    pub key: String,
-}
-
-/// Fields of [`Op::Incrby`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IncrbyOp {
-    pub key: String,
-    pub by: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max: Option<i64>,
-}
-
-/// Fields of [`Op::Hset`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HsetOp {
-    pub key: String,
-    pub field: String,
-    pub value: String,
-}
-
-/// Fields of [`Op::Hdel`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HdelOp {
-    pub key: String,
-    pub field: String,
-}
-
-/// Fields of [`Op::Hincrby`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HincrbyOp {
-    pub key: String,
-    pub field: String,
-    pub by: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max: Option<i64>,
-}
-
-/// Fields of [`Op::Expect`]. `value` must be present; `null` means "the key must not exist".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExpectOp {
-    pub key: String,
-    #[serde(deserialize_with = "present_nullable")]
-    pub value: Option<String>,
-}
-
-/// Accepts `null` or a string, but (unlike a plain `Option`) insists that the field is present.
-fn present_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Option::<String>::deserialize(d)
-}
-
-/// Names of the ops, as written in specs.
-pub const OP_NAMES: [&str; 7] = ["set", "del", "incrby", "hset", "hdel", "hincrby", "expect"];
-
-impl Op {
-    /// Shorthand for an unbounded [`Op::Incrby`].
-    pub fn incrby(key: impl Into<String>, by: i64) -> Op {
-        Op::Incrby(IncrbyOp { key: key.into(), by, min: None, max: None })
-    }
-
-    /// Shorthand for [`Op::Set`].
-    pub fn set(key: impl Into<String>, value: impl Into<String>) -> Op {
-        Op::Set(SetOp { key: key.into(), value: value.into() })
-    }
-
-    /// Parses one op from JSON, naming the failing field precisely (`by`, not just the op).
-    fn from_json_value(mut v: serde_json::Value, path: &str) -> Result<Op, SpecError> {
-        let obj = v
-            .as_object_mut()
-            .ok_or_else(|| SpecError::new(path, "an op must be an object like {\"op\": \"set\", ...}"))?;
-        let tag = match obj.remove("op") {
-            Some(serde_json::Value::String(t)) => t,
-            Some(other) => {
-                return Err(SpecError::new(format!("{path}.op"), format!("expected an op name, got {other}")))
-            }
-            None => return Err(SpecError::new(path, format!("missing field `op` (one of {})", OP_NAMES.join(", ")))),
-        };
-        fn fields<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &str) -> Result<T, SpecError> {
-            serde_path_to_error::deserialize(v).map_err(|e| {
-                let p = e.path().to_string();
-                let field = if p == "." { path.to_string() } else { format!("{path}.{p}") };
-                SpecError::new(field, e.into_inner().to_string())
-            })
-        }
-        Ok(match tag.as_str() {
-            "set" => Op::Set(fields(v, path)?),
-            "del" => Op::Del(fields(v, path)?),
-            "incrby" => Op::Incrby(fields(v, path)?),
-            "hset" => Op::Hset(fields(v, path)?),
-            "hdel" => Op::Hdel(fields(v, path)?),
-            "hincrby" => Op::Hincrby(fields(v, path)?),
-            "expect" => Op::Expect(fields(v, path)?),
-            other => {
-                return Err(SpecError::new(
-                    format!("{path}.op"),
-                    format!("unknown op {other:?}; known ops: {}", OP_NAMES.join(", ")),
-                ))
-            }
-        })
-    }
-}
-
-impl Op {
-    /// The key this op reads or writes.
-    pub fn key(&self) -> &str {
-        match self {
-            Op::Set(SetOp { key, .. })
-            | Op::Del(DelOp { key })
-            | Op::Incrby(IncrbyOp { key, .. })
-            | Op::Hset(HsetOp { key, .. })
-            | Op::Hdel(HdelOp { key, .. })
-            | Op::Hincrby(HincrbyOp { key, .. })
-            | Op::Expect(ExpectOp { key, .. }) => key,
-        }
-    }
-
-    /// The op's name as written in specs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::Set(_) => "set",
-            Op::Del(_) => "del",
-            Op::Incrby(_) => "incrby",
-            Op::Hset(_) => "hset",
-            Op::Hdel(_) => "hdel",
-            Op::Hincrby(_) => "hincrby",
-            Op::Expect(_) => "expect",
-        }
-    }
-
-    fn validate(&self, path: &str) -> Result<(), SpecError> {
-        check_key(&format!("{path}.key"), self.key())?;
-        match self {
-            Op::Set(SetOp { value, .. }) | Op::Hset(HsetOp { value, .. }) => {
-                check_value(&format!("{path}.value"), value)?
-            }
-            Op::Expect(ExpectOp { value: Some(v), .. }) => check_value(&format!("{path}.value"), v)?,
-            _ => {}
-        }
-        match self {
-            Op::Hset(HsetOp { field, .. }) | Op::Hdel(HdelOp { field, .. }) | Op::Hincrby(HincrbyOp { field, .. }) => {
-                check_len(&format!("{path}.field"), field, MAX_KEY_BYTES)?
-            }
-            _ => {}
-        }
-        if let Op::Incrby(IncrbyOp { min: Some(lo), max: Some(hi), .. })
-        | Op::Hincrby(HincrbyOp { min: Some(lo), max: Some(hi), .. }) = self
-        {
-            if lo > hi {
-                return Err(SpecError::new(format!("{path}.min"), format!("min {lo} is above max {hi}")));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The part of a transaction one participant carries out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Branch {
     /// Name of the participant (its consumer group and stream), e.g. `bank-a`.
     pub participant: String,
-    /// The ops, applied in order, all or none.
-    pub ops: Vec<Op>,
+    /// What the participant does: the 2PC branch, or the saga step's action.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// Saga only: what undoes the action (sent with `compensate`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub compensation: Option<Vec<u8>>,
+    /// Saga only: the earlier steps this one waits for. `None`: the step before it (steps run in
+    /// order); `Some(vec![])`: none (it starts at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Vec<u32>>,
 }
 
 impl Branch {
-    /// The distinct keys of this branch, in first-use order (the keys its Lua scripts declare).
-    pub fn keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = Vec::with_capacity(self.ops.len());
-        for op in &self.ops {
-            if !keys.iter().any(|k| k == op.key()) {
-                keys.push(op.key().to_string());
-            }
+    /// A 2PC branch of the built-in key-value participant.
+    pub fn kv(participant: impl Into<String>, ops: Vec<Op>) -> Branch {
+        Branch { participant: participant.into(), payload: kv::encode_ops(&ops), compensation: None, after: None }
+    }
+
+    /// A saga step of the built-in key-value participant.
+    pub fn kv_step(participant: impl Into<String>, action: Vec<Op>, compensation: Vec<Op>) -> Branch {
+        Branch {
+            participant: participant.into(),
+            payload: kv::encode_ops(&action),
+            compensation: Some(kv::encode_ops(&compensation)),
+            after: None,
         }
-        keys
+    }
+
+    /// Sets the steps this saga step waits for.
+    pub fn after(mut self, steps: Vec<u32>) -> Branch {
+        self.after = Some(steps);
+        self
+    }
+
+    /// The key-value ops of the payload, if it is one.
+    pub fn ops(&self) -> Option<Vec<Op>> {
+        rmp_serde::from_slice(&self.payload).ok()
+    }
+}
+
+/// How a saga retries a step that failed for a transient reason (an error, or no answer in
+/// time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retry {
+    /// Attempts of an action before the saga compensates; attempts of a compensation before it
+    /// is marked `stuck` (it is still retried, slowly).
+    pub limit: u32,
+    /// Pause before the second attempt; doubles with every attempt (capped at 30 s).
+    pub backoff_ms: u64,
+    /// How long to wait for a step's result before counting the attempt as failed.
+    pub step_timeout_ms: u64,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { limit: 5, backoff_ms: 100, step_timeout_ms: 2000 }
     }
 }
 
@@ -299,10 +157,14 @@ pub struct TxnSpec {
     pub id: String,
     /// How it is carried out.
     pub mode: Mode,
-    /// How long participants have to vote before the transaction aborts, in milliseconds.
+    /// 2PC: how long participants have to vote before the transaction aborts. Saga: how long
+    /// the forward steps may take before the saga compensates. Milliseconds.
     pub timeout_ms: u64,
-    /// One branch per participant.
+    /// One branch (2PC) or step (saga) per participant.
     pub branches: Vec<Branch>,
+    /// Saga retries (ignored by 2PC).
+    #[serde(default)]
+    pub retry: Retry,
 }
 
 /// The JSON form of a spec (`timeout` as a humantime string, `id` and `mode` optional).
@@ -315,21 +177,139 @@ struct SpecJson {
     mode: Option<String>,
     #[serde(default)]
     timeout: Option<String>,
-    branches: Vec<BranchJson>,
+    #[serde(default)]
+    branches: Option<Vec<BranchJson>>,
+    #[serde(default)]
+    steps: Option<Vec<BranchJson>>,
+    #[serde(default)]
+    retry: Option<RetryJson>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryJson {
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default)]
+    backoff: Option<String>,
+    #[serde(default)]
+    step_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BranchJson {
     participant: String,
-    ops: Vec<serde_json::Value>,
+    #[serde(default)]
+    ops: Option<serde_json::Value>,
+    #[serde(default)]
+    action: Option<serde_json::Value>,
+    #[serde(default)]
+    compensation: Option<serde_json::Value>,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+    #[serde(default)]
+    compensation_payload: Option<serde_json::Value>,
+    #[serde(default)]
+    after: Option<Vec<u32>>,
+}
+
+fn duration_field(field: &str, t: &str) -> Result<u64, SpecError> {
+    humantime::parse_duration(t)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| SpecError::new(field, format!("{t:?} is not a duration ({e}); write e.g. \"250ms\" or \"5s\"")))
+}
+
+/// An opaque JSON payload as MessagePack.
+fn opaque(v: &serde_json::Value) -> Vec<u8> {
+    rmp_serde::to_vec_named(v).expect("JSON values always serialize")
+}
+
+impl BranchJson {
+    fn into_branch(self, mode: Mode, path: &str) -> Result<Branch, SpecError> {
+        let unexpected = |name: &str, mode: Mode| {
+            SpecError::new(format!("{path}.{name}"), format!("not a field of a {} branch", mode.as_str()))
+        };
+        let (payload, compensation) = match mode {
+            Mode::TwoPhase => {
+                for (name, present) in [
+                    ("action", self.action.is_some()),
+                    ("compensation", self.compensation.is_some()),
+                    ("compensation_payload", self.compensation_payload.is_some()),
+                    ("after", self.after.is_some()),
+                ] {
+                    if present {
+                        return Err(unexpected(name, mode));
+                    }
+                }
+                match (self.ops, self.payload) {
+                    (Some(ops), None) => (kv::encode_ops(&kv::ops_from_json(ops, &format!("{path}.ops"))?), None),
+                    (None, Some(p)) => (opaque(&p), None),
+                    (Some(_), Some(_)) => {
+                        return Err(SpecError::new(path, "give either `ops` (key-value) or `payload`, not both"))
+                    }
+                    (None, None) => {
+                        return Err(SpecError::new(path, "missing field `ops` (or `payload` for your own participant)"))
+                    }
+                }
+            }
+            Mode::Saga => {
+                if self.ops.is_some() {
+                    return Err(SpecError::new(
+                        format!("{path}.ops"),
+                        "a saga step has `action` and `compensation` instead of `ops`",
+                    ));
+                }
+                match (self.action, self.compensation, self.payload, self.compensation_payload) {
+                    (Some(a), c, None, None) => {
+                        let action = kv::ops_from_json(a, &format!("{path}.action"))?;
+                        let comp = match c {
+                            Some(c) => kv::ops_from_json(c, &format!("{path}.compensation"))?,
+                            None => {
+                                return Err(SpecError::new(
+                                    path,
+                                    "missing field `compensation` (the ops that undo the action)",
+                                ))
+                            }
+                        };
+                        (kv::encode_ops(&action), Some(kv::encode_ops(&comp)))
+                    }
+                    (None, None, Some(p), c) => (opaque(&p), Some(opaque(&c.unwrap_or(serde_json::Value::Null)))),
+                    (None, None, None, _) => {
+                        return Err(SpecError::new(
+                            path,
+                            "missing field `action` (or `payload` for your own participant)",
+                        ))
+                    }
+                    _ => {
+                        return Err(SpecError::new(
+                            path,
+                            "give either `action`/`compensation` (key-value) or `payload`/`compensation_payload`",
+                        ))
+                    }
+                }
+            }
+        };
+        Ok(Branch { participant: self.participant, payload, compensation, after: self.after })
+    }
 }
 
 impl TxnSpec {
-    /// Builds a spec in Rust: a fresh id, 2PC, the default timeout. Call [`TxnSpec::validate`]
+    /// Builds a 2PC spec in Rust: a fresh id, the default timeout. Call [`TxnSpec::validate`]
     /// (the [`Client`](crate::Client) does) before submitting.
     pub fn new(branches: Vec<Branch>) -> Self {
-        TxnSpec { id: new_txn_id(), mode: Mode::TwoPhase, timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64, branches }
+        TxnSpec {
+            id: new_txn_id(),
+            mode: Mode::TwoPhase,
+            timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
+            branches,
+            retry: Retry::default(),
+        }
+    }
+
+    /// Builds a saga spec in Rust: steps run in order unless they name others in `after`.
+    pub fn saga(steps: Vec<Branch>) -> Self {
+        TxnSpec { mode: Mode::Saga, timeout_ms: DEFAULT_SAGA_TIMEOUT.as_millis() as u64, ..TxnSpec::new(steps) }
     }
 
     /// Sets the timeout.
@@ -349,6 +329,15 @@ impl TxnSpec {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// The steps saga step `i` waits for.
+    pub fn deps(&self, i: usize) -> Vec<u32> {
+        match &self.branches[i].after {
+            Some(a) => a.clone(),
+            None if i == 0 => Vec::new(),
+            None => vec![i as u32 - 1],
+        }
+    }
+
     /// Parses and validates a JSON spec. Errors name the offending field.
     pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
         if bytes.len() > MAX_SPEC_BYTES {
@@ -366,32 +355,60 @@ impl TxnSpec {
         })?;
         let mode = match raw.mode.as_deref() {
             None | Some("2pc") => Mode::TwoPhase,
-            Some(other) => return Err(SpecError::new("mode", format!("unknown mode {other:?}; supported: \"2pc\""))),
+            Some("saga") => Mode::Saga,
+            Some(other) => {
+                return Err(SpecError::new("mode", format!("unknown mode {other:?}; supported: \"2pc\", \"saga\"")))
+            }
+        };
+        let (list, name) = match (mode, raw.branches, raw.steps) {
+            (Mode::TwoPhase, Some(b), None) => (b, "branches"),
+            (Mode::Saga, None, Some(s)) => (s, "steps"),
+            (Mode::TwoPhase, _, Some(_)) => {
+                return Err(SpecError::new("steps", "a 2pc transaction has `branches` (did you mean \"mode\": \"saga\"?)"))
+            }
+            (Mode::Saga, Some(_), _) => return Err(SpecError::new("branches", "a saga has `steps`, not `branches`")),
+            (Mode::TwoPhase, None, None) => return Err(SpecError::new("", "missing field `branches`")),
+            (Mode::Saga, None, None) => return Err(SpecError::new("", "missing field `steps`")),
         };
         let timeout_ms = match raw.timeout {
+            None if mode == Mode::Saga => DEFAULT_SAGA_TIMEOUT.as_millis() as u64,
             None => DEFAULT_TIMEOUT.as_millis() as u64,
-            Some(t) => humantime::parse_duration(&t)
-                .map_err(|e| {
-                    SpecError::new("timeout", format!("{t:?} is not a duration ({e}); write e.g. \"250ms\" or \"5s\""))
-                })?
-                .as_millis() as u64,
+            Some(t) => duration_field("timeout", &t)?,
         };
-        let mut branches = Vec::with_capacity(raw.branches.len());
-        for (i, b) in raw.branches.into_iter().enumerate() {
-            let ops = b
-                .ops
-                .into_iter()
-                .enumerate()
-                .map(|(k, v)| Op::from_json_value(v, &format!("branches[{i}].ops[{k}]")))
-                .collect::<Result<Vec<_>, _>>()?;
-            branches.push(Branch { participant: b.participant, ops });
+        let mut retry = Retry::default();
+        if let Some(r) = raw.retry {
+            if mode != Mode::Saga {
+                return Err(SpecError::new("retry", "only a saga retries steps"));
+            }
+            retry.limit = r.limit.unwrap_or(retry.limit);
+            if let Some(b) = r.backoff {
+                retry.backoff_ms = duration_field("retry.backoff", &b)?;
+            }
+            if let Some(t) = r.step_timeout {
+                retry.step_timeout_ms = duration_field("retry.step_timeout", &t)?;
+            }
         }
-        let spec = TxnSpec { id: raw.id.unwrap_or_else(new_txn_id), mode, timeout_ms, branches };
+        let branches = list
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| b.into_branch(mode, &format!("{name}[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = TxnSpec { id: raw.id.unwrap_or_else(new_txn_id), mode, timeout_ms, branches, retry };
         spec.validate()?;
         Ok(spec)
     }
 
-    /// Checks every limit and rule; the first problem found is returned.
+    /// What branches are called in this spec's JSON (`branches` or `steps`).
+    pub fn list_name(&self) -> &'static str {
+        match self.mode {
+            Mode::TwoPhase => "branches",
+            Mode::Saga => "steps",
+        }
+    }
+
+    /// Checks every limit and rule; the first problem found is returned. Payloads are opaque
+    /// here (only their size is checked); key-value ops are checked when parsed from JSON and
+    /// again by the participant.
     pub fn validate(&self) -> Result<(), SpecError> {
         check_id("id", &self.id)?;
         let t = Duration::from_millis(self.timeout_ms);
@@ -406,35 +423,65 @@ impl TxnSpec {
                 ),
             ));
         }
+        let list = self.list_name();
         if self.branches.is_empty() {
-            return Err(SpecError::new("branches", "a transaction needs at least one branch"));
+            return Err(SpecError::new(list, format!("a transaction needs at least one entry in `{list}`")));
         }
         if self.branches.len() > MAX_BRANCHES {
-            return Err(SpecError::new(
-                "branches",
-                format!("{} branches, above the limit of {MAX_BRANCHES}", self.branches.len()),
-            ));
+            return Err(SpecError::new(list, format!("{} {list}, above the limit of {MAX_BRANCHES}", self.branches.len())));
+        }
+        if self.mode == Mode::Saga {
+            if self.retry.limit == 0 || self.retry.limit > 100 {
+                return Err(SpecError::new("retry.limit", format!("{} is outside 1..=100", self.retry.limit)));
+            }
+            let step_t = Duration::from_millis(self.retry.step_timeout_ms);
+            if step_t < MIN_TIMEOUT || step_t > MAX_TIMEOUT {
+                return Err(SpecError::new("retry.step_timeout", "must be between 10ms and 1h"));
+            }
+            if self.retry.backoff_ms > MAX_TIMEOUT.as_millis() as u64 {
+                return Err(SpecError::new("retry.backoff", "must be at most 1h"));
+            }
         }
         for (i, b) in self.branches.iter().enumerate() {
-            let path = format!("branches[{i}]");
+            let path = format!("{list}[{i}]");
             check_participant(&format!("{path}.participant"), &b.participant)?;
             if let Some(j) = self.branches[..i].iter().position(|o| o.participant == b.participant) {
                 return Err(SpecError::new(
                     format!("{path}.participant"),
-                    format!("participant {:?} already has branch {j}; put all its ops in one branch", b.participant),
+                    format!("participant {:?} already has {list}[{j}]; put all its work in one", b.participant),
                 ));
             }
-            if b.ops.is_empty() {
-                return Err(SpecError::new(format!("{path}.ops"), "a branch needs at least one op"));
+            for (name, p) in [("payload", Some(&b.payload)), ("compensation", b.compensation.as_ref())] {
+                if p.is_some_and(|p| p.len() > MAX_PAYLOAD_BYTES) {
+                    return Err(SpecError::new(
+                        format!("{path}.{name}"),
+                        format!("above the limit of {MAX_PAYLOAD_BYTES} bytes"),
+                    ));
+                }
             }
-            if b.ops.len() > MAX_OPS_PER_BRANCH {
-                return Err(SpecError::new(
-                    format!("{path}.ops"),
-                    format!("{} ops, above the limit of {MAX_OPS_PER_BRANCH}", b.ops.len()),
-                ));
-            }
-            for (k, op) in b.ops.iter().enumerate() {
-                op.validate(&format!("{path}.ops[{k}]"))?;
+            match self.mode {
+                Mode::TwoPhase => {
+                    if b.compensation.is_some() || b.after.is_some() {
+                        return Err(SpecError::new(path, "a 2pc branch has no compensation and no `after`"));
+                    }
+                }
+                Mode::Saga => {
+                    if b.compensation.is_none() {
+                        return Err(SpecError::new(format!("{path}.compensation"), "a saga step needs a compensation"));
+                    }
+                    let deps = self.deps(i);
+                    for (k, d) in deps.iter().enumerate() {
+                        if *d as usize >= i {
+                            return Err(SpecError::new(
+                                format!("{path}.after[{k}]"),
+                                format!("step {d} is not an earlier step; a step may only wait for earlier ones"),
+                            ));
+                        }
+                        if deps[..k].contains(d) {
+                            return Err(SpecError::new(format!("{path}.after[{k}]"), format!("step {d} is named twice")));
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -470,7 +517,7 @@ fn check_name(field: &str, s: &str, max: usize, ok: impl Fn(char) -> bool) -> Re
     Ok(())
 }
 
-fn check_key(field: &str, key: &str) -> Result<(), SpecError> {
+pub(crate) fn check_key(field: &str, key: &str) -> Result<(), SpecError> {
     if key.is_empty() {
         return Err(SpecError::new(field, "must not be empty"));
     }
@@ -484,11 +531,11 @@ fn check_key(field: &str, key: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-fn check_value(field: &str, value: &str) -> Result<(), SpecError> {
+pub(crate) fn check_value(field: &str, value: &str) -> Result<(), SpecError> {
     check_len(field, value, MAX_VALUE_BYTES)
 }
 
-fn check_len(field: &str, s: &str, max: usize) -> Result<(), SpecError> {
+pub(crate) fn check_len(field: &str, s: &str, max: usize) -> Result<(), SpecError> {
     if s.len() > max {
         return Err(SpecError::new(field, format!("{} bytes, above the limit of {max}", s.len())));
     }
@@ -517,8 +564,26 @@ mod tests {
         let s = TxnSpec::from_json(OK.as_bytes()).unwrap();
         assert_eq!(s.id, "t1");
         assert_eq!(s.timeout_ms, 5000);
-        assert_eq!(s.branches[1].ops[1], Op::Expect(ExpectOp { key: "x".into(), value: None }));
-        assert_eq!(s.branches[1].keys(), vec!["acct:bob".to_string(), "x".to_string()]);
+        let ops = s.branches[1].ops().unwrap();
+        assert_eq!(ops[1], Op::Expect(ExpectOp { key: "x".into(), value: None }));
+        assert_eq!(kv::keys_of(&ops), vec!["acct:bob".to_string(), "x".to_string()]);
+    }
+
+    #[test]
+    fn parses_a_saga_with_parallel_steps_and_opaque_payloads() {
+        let s = TxnSpec::from_json(
+            br#"{"mode":"saga","timeout":"30s","retry":{"limit":3,"backoff":"50ms"},"steps":[
+              {"participant":"orders","action":[{"op":"set","key":"order:7","value":"placed"}],
+                                      "compensation":[{"op":"set","key":"order:7","value":"cancelled"}]},
+              {"participant":"mail","payload":{"to":"u1"},"compensation_payload":null,"after":[]}]}"#,
+        )
+        .unwrap();
+        assert_eq!((s.mode, s.retry.limit, s.retry.backoff_ms), (Mode::Saga, 3, 50));
+        assert_eq!(s.deps(0), Vec::<u32>::new());
+        assert_eq!(s.deps(1), Vec::<u32>::new());
+        assert_eq!(s.branches[0].ops().unwrap()[0], Op::set("order:7", "placed"));
+        let opaque: serde_json::Value = rmp_serde::from_slice(&s.branches[1].payload).unwrap();
+        assert_eq!(opaque, serde_json::json!({"to": "u1"}));
     }
 
     #[test]
@@ -542,6 +607,16 @@ mod tests {
         assert!(e.to_string().contains("missing field `value`"), "{e}");
         let e = err(r#"{"branches":[]}"#);
         assert_eq!(e.field, "branches");
+        let e = err(r#"{"mode":"saga","steps":[{"participant":"p","action":[{"op":"del","key":"k"}]}]}"#);
+        assert!(e.problem.contains("missing field `compensation`"), "{e}");
+        let e = err(r#"{"mode":"saga","steps":[{"participant":"p","action":[{"op":"del","key":"k"}],"compensation":[{"op":"frob"}]}]}"#);
+        assert_eq!(e.field, "steps[0].compensation[0].op");
+        let e = err(r#"{"mode":"saga","steps":[{"participant":"p","action":[{"op":"del","key":"k"}],"compensation":[{"op":"del","key":"k"}],"after":[0]}]}"#);
+        assert_eq!(e.field, "steps[0].after[0]");
+        let e = err(r#"{"mode":"saga","branches":[]}"#);
+        assert_eq!(e.field, "branches");
+        let e = err(r#"{"steps":[]}"#);
+        assert_eq!(e.field, "steps");
         let e = err(
             r#"{"branches":[{"participant":"p","ops":[{"op":"del","key":"k"}]},{"participant":"p","ops":[{"op":"del","key":"j"}]}]}"#,
         );

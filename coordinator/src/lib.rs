@@ -1,24 +1,22 @@
-//! `redtx-coordinator`: the 2PC coordinator of redtx.
+//! `redtx-coordinator`: drives every transaction, 2PC and saga, to its end.
 //!
-//! Coordinators are stateless between messages: the transaction record `rtx:txn:{<id>}` is the
-//! truth, changed only by atomic Lua scripts (`lua/txn_*.lua`). Any number of coordinators share
-//! the consumer group `coordinators` on `rtx:coord:{0}`; any of them can finish any transaction.
+//! Transactions are spread over partitions (`--partitions`, a hash of the id). One coordinator
+//! owns a partition at a time through a lease with a fencing token; it keeps the partition's
+//! live transactions in memory, runs the pure state machine of
+//! [`redtx_common::machine`] on every event, and writes each batch's records, messages and
+//! `XACK`s in one fenced, atomic call. Start more coordinators and the partitions spread over
+//! them; kill one and its partitions move once its lease lapses.
 //!
 //! # Layout
-//! - [`machine`]: the decision logic as a pure state machine: a script's typed reply for an
-//!   event in, the effects (messages to send, deadline to move, outcome to publish) out.
-//! - [`scripts`]: the Lua scripts, their call builders, and the one place that maps their
-//!   replies to the typed replies of [`machine`].
-//! - [`handler`]: the Redis layer: one pipeline of script calls per batch, one pipeline of
-//!   effects, then the ack; the deadline scan on every tick.
-//! - this file: [`CoordinatorConfig`] and [`run`], the entry point used by the binary and by
-//!   `redtx demo`.
+//! - [`lease`]: leases, fencing tokens, membership, and the pure spreading rule.
+//! - [`owner`]: the Redis layer: partition reload, reads, the fenced write, deadlines.
+//! - this file: [`CoordinatorConfig`] and [`run`], the entry point used by the binary, the demo
+//!   and the bench.
 
-pub mod handler;
-pub mod machine;
-pub mod scripts;
+pub mod lease;
+pub mod owner;
 
-use redtx_common::consumer::{Backoff, Consumer, ConsumerConfig};
+use redtx_common::consumer::Backoff;
 use redtx_common::shutdown::Shutdown;
 use redtx_common::{conn::RedisUrl, keys, Result};
 use std::time::Duration;
@@ -28,11 +26,17 @@ use std::time::Duration;
 pub struct CoordinatorConfig {
     /// URL of the Redis holding the streams and records.
     pub redis: String,
+    /// Number of partitions of the deployment (the same everywhere).
+    pub partitions: u32,
+    /// Time to live of a partition lease: how long a dead owner's partitions wait.
+    pub lease: Duration,
     /// Most entries per read.
     pub batch: usize,
-    /// Entries pending this long at a (presumably dead) coordinator are taken over.
+    /// Longest blocking read.
+    pub block: Duration,
+    /// Entries pending this long are taken over (a fenced former owner may have read them).
     pub claim_idle: Duration,
-    /// Base interval between re-sends of a decision to a branch that has not acked (grows with
+    /// First pause before a decision is re-sent to a branch that has not acked (grows with
     /// the decision's age, up to 30 s).
     pub resend_every: Duration,
     /// How long a finished record is kept.
@@ -42,11 +46,15 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    /// Defaults: batch 256, claim after 5 s idle, re-send every 1 s, keep records 24 h.
+    /// Defaults: 8 partitions, 5 s leases, batch 256, claim after 5 s idle, re-send after 1 s,
+    /// keep records 24 h.
     pub fn new(redis: impl Into<String>) -> Self {
         CoordinatorConfig {
             redis: redis.into(),
+            partitions: keys::DEFAULT_PARTITIONS,
+            lease: Duration::from_secs(5),
             batch: 256,
+            block: Duration::from_millis(250),
             claim_idle: Duration::from_secs(5),
             resend_every: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
@@ -55,19 +63,14 @@ impl CoordinatorConfig {
     }
 }
 
-/// Runs a coordinator until `shutdown`: then it stops reading, finishes the batch it holds and
-/// returns `Ok(())`. Fails at once only on a bad URL; Redis being unreachable is logged and
-/// retried with a backoff.
+/// Runs a coordinator until `shutdown`: then it gives its partitions up and returns `Ok(())`.
+/// Fails at once only on a bad URL; Redis being unreachable is logged and retried.
 pub async fn run(cfg: CoordinatorConfig, shutdown: Shutdown) -> Result<()> {
     let url = RedisUrl::parse(&cfg.redis)?;
-    let mut consumer_cfg = ConsumerConfig::new(keys::coord_stream(), keys::COORD_GROUP.to_string());
-    consumer_cfg.batch = cfg.batch.max(1);
-    consumer_cfg.claim_idle = cfg.claim_idle;
-    consumer_cfg.keep = cfg.keep_history;
     let mut backoff = Backoff::default();
-    let consumer = loop {
-        match Consumer::connect(&url, consumer_cfg.clone()).await {
-            Ok(c) => break c,
+    let owner = loop {
+        match owner::Owner::connect(cfg.clone(), url.clone()).await {
+            Ok(o) => break o,
             Err(e) => {
                 let pause = backoff.next();
                 tracing::warn!(error = %e, retry_in = ?pause, "cannot start the coordinator yet");
@@ -78,6 +81,5 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: Shutdown) -> Result<()> {
             }
         }
     };
-    let mut handler = handler::Coordinator::new(url, &cfg);
-    consumer.run(&mut handler, shutdown).await
+    owner.run(shutdown).await
 }

@@ -11,21 +11,28 @@ use std::time::Duration;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The redtx 2PC coordinator: reads submits, votes and acks from `rtx:coord:{0}` (consumer group
-/// `coordinators`) and drives every transaction to commit or abort. Run as many as you like.
+/// The redtx coordinator: owns partitions of transactions (leases with fencing tokens), reads
+/// their submits, votes, acks and step results from `rtx:coord:{P}` and drives every 2PC
+/// transaction and saga to its end. Run as many as you like: partitions spread over them.
 #[derive(Parser, Debug)]
 #[command(name = "redtx-coordinator", version, about)]
 struct Args {
     /// Redis holding the streams and records [default: $REDTX_REDIS_URL, else redis://127.0.0.1:6379]
     #[arg(long, env = URL_ENV, hide_env_values = true)]
     redis: Option<String>,
+    /// Number of partitions; the same for the whole deployment (producers, participants).
+    #[arg(long, default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    partitions: u32,
+    /// Time to live of a partition lease: a dead coordinator's partitions move after this.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    lease: Duration,
     /// Most entries read per batch.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     batch: u64,
     /// Take over entries pending this long at another (presumably dead) coordinator.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     claim_idle: Duration,
-    /// Base interval between re-sends of a decision to a participant that has not acked.
+    /// First pause before a decision is re-sent to a participant that has not acked.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     resend_every: Duration,
     /// How long a finished transaction's record is kept.
@@ -46,12 +53,14 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cfg = CoordinatorConfig {
-        redis,
+        partitions: args.partitions,
+        lease: args.lease,
         batch: args.batch as usize,
         claim_idle: args.claim_idle,
         resend_every: args.resend_every,
         retention: args.retention,
         keep_history: args.keep_history,
+        ..CoordinatorConfig::new(redis)
     };
     match redtx_coordinator::run(cfg, Shutdown::on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,

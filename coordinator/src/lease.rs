@@ -1,0 +1,180 @@
+//! Partition ownership: leases with fencing tokens, membership, and how partitions are spread.
+//!
+//! A partition has at most one owner: the coordinator holding `rtx:lease:{P}`, a string
+//! `<token>:<owner>` with a time to live (`--lease`). Acquiring takes the next token from
+//! `rtx:epoch:{P}`, so a lease is never handed out twice with the same value. The owner renews it
+//! every third of its life; every write it makes presents the value to `fenced.lua`, which
+//! refuses the write once the lease has lapsed or moved. An owner frozen past its lease
+//! (`SIGSTOP`, a long GC-like pause, a partition of the network) therefore writes nothing when
+//! it wakes up, and steps down.
+//!
+//! Spreading: each coordinator refreshes its membership in `rtx:coordinators` (a sorted set
+//! scored by when the membership lapses) and aims to own `ceil(partitions / live coordinators)`.
+//! It acquires free partitions while it owns fewer, gives one up per round while it owns more,
+//! and takes a free partition beyond its share only when it stayed free for a whole round (so
+//! partitions of a dead owner never wait for the membership to lapse). [`plan`] is that rule,
+//! pure.
+
+use redis::aio::MultiplexedConnection;
+use redtx_common::conn::RedisUrl;
+use redtx_common::scripts::{self, LuaScript};
+use redtx_common::{keys, Error, Result};
+use std::collections::BTreeSet;
+
+/// `lua/coordinator/lease_acquire.lua`.
+pub static ACQUIRE: LuaScript = LuaScript::new("lease_acquire", include_str!("../../lua/coordinator/lease_acquire.lua"));
+/// `lua/coordinator/lease_renew.lua`.
+pub static RENEW: LuaScript = LuaScript::new("lease_renew", include_str!("../../lua/coordinator/lease_renew.lua"));
+/// `lua/coordinator/lease_release.lua`.
+pub static RELEASE: LuaScript = LuaScript::new("lease_release", include_str!("../../lua/coordinator/lease_release.lua"));
+
+/// What one round of [`plan`] decides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Free partitions to try to acquire.
+    pub acquire: Vec<u32>,
+    /// Owned partitions to give up.
+    pub release: Vec<u32>,
+}
+
+/// The spreading rule. `owned`: partitions this coordinator holds; `free`: partitions nobody
+/// holds now; `free_before`: those free at the previous round; `live`: live coordinators
+/// (at least 1, this one).
+pub fn plan(partitions: u32, live: usize, owned: &BTreeSet<u32>, free: &BTreeSet<u32>, free_before: &BTreeSet<u32>) -> Plan {
+    let share = (partitions as usize).div_ceil(live.max(1));
+    let mut p = Plan::default();
+    if owned.len() < share {
+        p.acquire.extend(free.iter().take(share - owned.len()));
+    }
+    // Partitions left free for a whole round (their owner died and the others are full): take
+    // them anyway; availability first, the share evens out later.
+    for f in free.intersection(free_before) {
+        if !p.acquire.contains(f) {
+            p.acquire.push(*f);
+        }
+    }
+    if owned.len() > share && free.is_empty() && live > 1 {
+        p.release.extend(owned.iter().next_back());
+    }
+    p
+}
+
+/// A reply `{code, value}` of the lease scripts: `(code == 1, value)`.
+fn reply(script: &'static str, v: &redis::Value) -> Result<(bool, String)> {
+    let items = scripts::reply_strings(script, v)?;
+    match items.as_slice() {
+        [code, value] => Ok((code == "1", value.clone())),
+        _ => Err(Error::ScriptReply { script, detail: format!("{items:?}") }),
+    }
+}
+
+/// Tries to acquire the lease of each partition in `parts`; returns the acquired ones with their
+/// lease values.
+pub async fn acquire(
+    conn: &mut MultiplexedConnection,
+    url: &RedisUrl,
+    me: &str,
+    ttl_ms: u64,
+    parts: &[u32],
+) -> Result<Vec<(u32, String)>> {
+    let calls: Vec<_> =
+        parts.iter().map(|&p| ACQUIRE.call().key(keys::lease(p)).key(keys::epoch(p)).arg(me).arg(ttl_ms)).collect();
+    let replies = scripts::run(conn, url, &calls).await?;
+    let mut got = Vec::new();
+    for (&p, r) in parts.iter().zip(replies) {
+        let (ok, value) = reply(ACQUIRE.name, &r.map_err(|e| Error::redis(url, e))?)?;
+        if ok {
+            got.push((p, value));
+        }
+    }
+    Ok(got)
+}
+
+/// Renews the given leases; returns the partitions whose lease was lost.
+pub async fn renew(
+    conn: &mut MultiplexedConnection,
+    url: &RedisUrl,
+    ttl_ms: u64,
+    held: &[(u32, String)],
+) -> Result<Vec<(u32, String)>> {
+    let calls: Vec<_> = held.iter().map(|(p, v)| RENEW.call().key(keys::lease(*p)).arg(v.as_str()).arg(ttl_ms)).collect();
+    let replies = scripts::run(conn, url, &calls).await?;
+    let mut lost = Vec::new();
+    for ((p, _), r) in held.iter().zip(replies) {
+        let (ok, holder) = reply(RENEW.name, &r.map_err(|e| Error::redis(url, e))?)?;
+        if !ok {
+            lost.push((*p, holder));
+        }
+    }
+    Ok(lost)
+}
+
+/// Gives up the lease of `p` if still held with `value`.
+pub async fn release(conn: &mut MultiplexedConnection, url: &RedisUrl, p: u32, value: &str) -> Result<bool> {
+    let v = RELEASE.call().key(keys::lease(p)).arg(value).run(conn, url).await?;
+    Ok(reply(RELEASE.name, &v)?.0)
+}
+
+/// Refreshes this coordinator's membership, drops lapsed members, and reads which partitions
+/// are free. Returns (live coordinators, free partitions).
+pub async fn survey(
+    conn: &mut MultiplexedConnection,
+    url: &RedisUrl,
+    me: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+    partitions: u32,
+) -> Result<(usize, BTreeSet<u32>)> {
+    let members = keys::coordinators();
+    let mut p = redis::pipe();
+    p.cmd("ZADD").arg(&members).arg(now_ms + ttl_ms).arg(me).ignore();
+    p.cmd("ZREMRANGEBYSCORE").arg(&members).arg("-inf").arg(now_ms).ignore();
+    p.cmd("ZCARD").arg(&members);
+    for part in 0..partitions {
+        p.cmd("EXISTS").arg(keys::lease(part));
+    }
+    let out: Vec<u64> = p.query_async(conn).await.map_err(|e| Error::redis(url, e))?;
+    let live = out[0] as usize;
+    let free = out[1..].iter().enumerate().filter(|(_, &e)| e == 0).map(|(i, _)| i as u32).collect();
+    Ok((live.max(1), free))
+}
+
+/// Leaves the membership (on a clean shutdown).
+pub async fn leave(conn: &mut MultiplexedConnection, url: &RedisUrl, me: &str) -> Result<()> {
+    let _: () = redis::cmd("ZREM").arg(keys::coordinators()).arg(me).query_async(conn).await.map_err(|e| Error::redis(url, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: &[u32]) -> BTreeSet<u32> {
+        v.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_lone_coordinator_takes_everything() {
+        let p = plan(8, 1, &set(&[]), &set(&[0, 1, 2, 3, 4, 5, 6, 7]), &set(&[]));
+        assert_eq!(p.acquire, vec![0, 1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_newcomer_gets_its_share_from_a_full_owner() {
+        // The old owner gives one up per round while above its share...
+        let p = plan(8, 2, &set(&[0, 1, 2, 3, 4, 5, 6, 7]), &set(&[]), &set(&[]));
+        assert_eq!(p.release, vec![7]);
+        // ...and does not take it back at once, while the newcomer (below its share) does.
+        let old = plan(8, 2, &set(&[0, 1, 2, 3, 4, 5, 6]), &set(&[7]), &set(&[]));
+        assert!(old.acquire.is_empty());
+        let new = plan(8, 2, &set(&[]), &set(&[7]), &set(&[]));
+        assert_eq!(new.acquire, vec![7]);
+    }
+
+    #[test]
+    fn partitions_left_free_for_a_round_are_taken_beyond_the_share() {
+        let p = plan(8, 3, &set(&[0, 1, 2]), &set(&[6, 7]), &set(&[6, 7]));
+        assert_eq!(p.acquire, vec![6, 7]);
+        assert!(p.release.is_empty(), "never give up while some are free");
+    }
+}

@@ -1,0 +1,778 @@
+//! The coordinator's Redis layer: owns partitions, keeps their live transactions in memory,
+//! feeds every event to the pure [`machine`](redtx_common::machine), and writes each batch's
+//! records, messages, outcomes, dead letters and `XACK`s in one fenced call per partition.
+//!
+//! One loop does everything, in this order, forever:
+//! 1. every round (`TICK`): refresh membership and leases, acquire or release partitions
+//!    ([`crate::lease`]); a newly acquired partition is reloaded: its live records
+//!    (`rtx:live:{P}`) into memory, then every entry pending in its stream (whoever read it) is
+//!    claimed and handled again (handlers are idempotent); entries idle past `--claim-idle` are
+//!    claimed too (a fenced former owner may still have read some);
+//! 2. transactions whose [`Txn::wake_ms`] is due get a tick (deadlines, re-sends, retries);
+//! 3. one `XREADGROUP` over every owned partition's stream, blocking until the next due
+//!    transaction at most; each partition's share of the batch is handled and written.
+//!
+//! A write that fails (Redis unreachable, out of memory) leaves the batch's entries pending, and
+//! the partition's memory is thrown away and reloaded from Redis: memory never runs ahead of
+//! what was written. A write refused by the fence means the lease moved: the partition is
+//! dropped at once (step down).
+
+use crate::lease;
+use crate::CoordinatorConfig;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
+use redtx_common::conn::RedisUrl;
+use redtx_common::consumer::{dead_letter_fields, ensure_group};
+use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
+use redtx_common::protocol::Message;
+use redtx_common::record::{create_fields, progress_fields, txn_from_hash};
+use redtx_common::scripts::{self, LuaScript};
+use redtx_common::shutdown::Shutdown;
+use redtx_common::{failpoint, keys, now_ms, Error, Result};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// `lua/coordinator/fenced.lua`.
+pub static FENCED: LuaScript = LuaScript::new("fenced", include_str!("../../lua/coordinator/fenced.lua"));
+
+/// Fail point: a batch created transactions; nothing of it is written yet.
+pub const FP_AFTER_CREATE: &str = "coordinator-after-create";
+/// Fail point: a batch's decisions (and the messages carrying them) are written; its
+/// `XACK`s too. A new owner must finish from the records alone.
+pub const FP_AFTER_DECISION: &str = "coordinator-after-decision";
+
+/// Outcome stream cap (`MAXLEN ~`).
+pub const OUTCOMES_MAXLEN: usize = 100_000;
+
+/// How often leases, membership and idle entries are looked at.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// How long a participant's "is it reading its stream" answer is reused.
+const CONSUMING_TTL: Duration = Duration::from_secs(2);
+
+/// Most `XAUTOCLAIM` rounds per partition per tick.
+const MAX_CLAIM_ROUNDS: usize = 16;
+
+/// One owned partition.
+struct Part {
+    /// The lease value every write presents.
+    lease: String,
+    /// Live transactions.
+    txns: HashMap<String, Txn>,
+    /// (wake ms, id) of every live transaction with a wake time.
+    timers: BTreeSet<(u64, String)>,
+    /// Where the next idle-entry claim starts.
+    claim_from: String,
+    /// Memory is stale (a write failed): reload before handling more.
+    stale: bool,
+}
+
+impl Part {
+    fn new(lease: String) -> Part {
+        Part { lease, txns: HashMap::new(), timers: BTreeSet::new(), claim_from: "0-0".into(), stale: true }
+    }
+
+    fn set_timer(&mut self, id: &str, old: Option<u64>, new: Option<u64>) {
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            self.timers.remove(&(o, id.to_string()));
+        }
+        if let Some(n) = new {
+            self.timers.insert((n, id.to_string()));
+        }
+    }
+}
+
+/// The commands of one fenced write, and the keys they touch.
+#[derive(Default)]
+struct Writes {
+    cmds: Vec<Vec<Vec<u8>>>,
+    keys: BTreeSet<String>,
+}
+
+impl Writes {
+    fn push(&mut self, key: &str, args: Vec<Vec<u8>>) {
+        self.keys.insert(key.to_string());
+        self.cmds.push(args);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+
+    /// The MessagePack array of arrays of binary strings `fenced.lua` unpacks.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 * self.cmds.len());
+        rmp::encode::write_array_len(&mut out, self.cmds.len() as u32).expect("vec write");
+        for c in &self.cmds {
+            rmp::encode::write_array_len(&mut out, c.len() as u32).expect("vec write");
+            for a in c {
+                rmp::encode::write_bin(&mut out, a).expect("vec write");
+            }
+        }
+        out
+    }
+}
+
+fn b(s: impl AsRef<[u8]>) -> Vec<u8> {
+    s.as_ref().to_vec()
+}
+
+/// What the handling of one partition's batch produced, before it is written.
+#[derive(Default)]
+struct Batch {
+    /// Transactions created by this batch (written whole).
+    created: BTreeSet<String>,
+    /// Transactions changed by this batch (their progress is written).
+    dirty: BTreeSet<String>,
+    /// Transactions that became terminal (left the live set).
+    finished: BTreeSet<String>,
+    /// Terminal transactions that are not in memory and changed (written from here).
+    detached: HashMap<String, Txn>,
+    sends: Vec<(Message, bool)>,
+    announce: Vec<(String, &'static str)>,
+    acks: Vec<String>,
+    dead: Vec<(StreamId, String)>,
+    decided: bool,
+}
+
+/// The coordinator process: its connections and partitions.
+pub struct Owner {
+    cfg: CoordinatorConfig,
+    url: RedisUrl,
+    me: String,
+    read_conn: MultiplexedConnection,
+    conn: MultiplexedConnection,
+    parts: BTreeMap<u32, Part>,
+    free_before: BTreeSet<u32>,
+    last_round: Option<Instant>,
+    last_renew: Instant,
+    last_trim: Instant,
+    consuming: HashMap<(String, u32), (bool, Instant)>,
+}
+
+impl Owner {
+    /// Connects to the stream Redis.
+    pub async fn connect(cfg: CoordinatorConfig, url: RedisUrl) -> Result<Owner> {
+        let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
+        let mut conn = url.connect().await?;
+        for s in [&FENCED, &lease::ACQUIRE, &lease::RENEW, &lease::RELEASE] {
+            s.load(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
+        }
+        Ok(Owner {
+            me: redtx_common::consumer::unique_consumer_name(),
+            cfg,
+            url,
+            read_conn,
+            conn,
+            parts: BTreeMap::new(),
+            free_before: BTreeSet::new(),
+            last_round: None,
+            last_renew: Instant::now(),
+            last_trim: Instant::now(),
+            consuming: HashMap::new(),
+        })
+    }
+
+    /// This coordinator's id (its consumer name and lease owner).
+    pub fn id(&self) -> &str {
+        &self.me
+    }
+
+    fn timing(&self) -> Timing {
+        Timing { now_ms: now_ms(), resend_every_ms: self.cfg.resend_every.as_millis().max(1) as u64 }
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.cfg.lease.as_millis().max(100) as u64
+    }
+
+    /// Runs until `shutdown`, then gives its partitions up (so another coordinator takes them at
+    /// once) and leaves.
+    pub async fn run(mut self, shutdown: Shutdown) -> Result<()> {
+        tracing::info!(coordinator = %self.me, redis = %self.url, partitions = self.cfg.partitions, "coordinator started");
+        let mut backoff = redtx_common::consumer::Backoff::default();
+        while !shutdown.is_triggered() {
+            match self.round().await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    let pause = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?pause, "coordinator step failed; entries stay pending");
+                    for p in self.parts.values_mut() {
+                        p.stale = true;
+                    }
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.wait() => {} }
+                    if let Err(e) = self.reconnect().await {
+                        tracing::debug!(error = %e, "reconnect failed; retrying after the next pause");
+                    }
+                }
+            }
+        }
+        for (p, part) in std::mem::take(&mut self.parts) {
+            if let Err(e) = lease::release(&mut self.conn, &self.url, p, &part.lease).await {
+                tracing::debug!(partition = p, error = %e, "could not release the lease; it lapses");
+            }
+        }
+        let _ = lease::leave(&mut self.conn, &self.url, &self.me).await;
+        tracing::info!(coordinator = %self.me, "coordinator stopped");
+        Ok(())
+    }
+
+    async fn reconnect(&mut self) -> Result<()> {
+        self.read_conn = self.url.connect_with(self.cfg.block + Duration::from_secs(10)).await?;
+        self.conn = self.url.connect().await?;
+        Ok(())
+    }
+
+    /// One pass of the loop (see the module doc).
+    async fn round(&mut self) -> Result<()> {
+        if self.last_round.is_none_or(|t| t.elapsed() >= TICK) {
+            self.last_round = Some(Instant::now());
+            self.ownership().await?;
+            let owned: Vec<u32> = self.parts.keys().copied().collect();
+            for p in owned {
+                if self.parts.get(&p).is_some_and(|x| x.stale) {
+                    self.reload(p).await?;
+                }
+                self.claim(p, self.cfg.claim_idle).await?;
+            }
+            if self.last_trim.elapsed() >= Duration::from_secs(10) {
+                self.last_trim = Instant::now();
+                self.trim().await?;
+            }
+        }
+        self.ticks().await?;
+        self.read_and_handle().await
+    }
+
+    /// Renews leases, refreshes membership, acquires and releases partitions.
+    async fn ownership(&mut self) -> Result<()> {
+        let ttl = self.lease_ms();
+        if self.last_renew.elapsed() >= Duration::from_millis(ttl / 3) || self.parts.is_empty() {
+            self.last_renew = Instant::now();
+            let held: Vec<(u32, String)> = self.parts.iter().map(|(p, x)| (*p, x.lease.clone())).collect();
+            for (p, holder) in lease::renew(&mut self.conn, &self.url, ttl, &held).await? {
+                tracing::warn!(partition = p, holder = %holder, "lost the lease of a partition; stepping down");
+                self.parts.remove(&p);
+            }
+        }
+        let (live, free) = lease::survey(&mut self.conn, &self.url, &self.me, now_ms(), ttl, self.cfg.partitions).await?;
+        let owned: BTreeSet<u32> = self.parts.keys().copied().collect();
+        let plan = lease::plan(self.cfg.partitions, live, &owned, &free, &self.free_before);
+        self.free_before = free;
+        if !plan.acquire.is_empty() {
+            for (p, value) in lease::acquire(&mut self.conn, &self.url, &self.me, ttl, &plan.acquire).await? {
+                tracing::info!(partition = p, lease = %value, "acquired partition");
+                ensure_group(&mut self.conn, &self.url, &keys::coord_stream(p), keys::COORD_GROUP).await?;
+                self.parts.insert(p, Part::new(value));
+            }
+        }
+        for p in plan.release {
+            if let Some(part) = self.parts.remove(&p) {
+                tracing::info!(partition = p, "giving a partition up to even out the load");
+                lease::release(&mut self.conn, &self.url, p, &part.lease).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds partition `p`'s memory from its records, then handles every entry still
+    /// pending in its stream (from any reader) again.
+    async fn reload(&mut self, p: u32) -> Result<()> {
+        let started = Instant::now();
+        let ids: Vec<String> =
+            self.conn.zrange(keys::live(p), 0, -1).await.map_err(|e| Error::redis(&self.url, e))?;
+        let mut txns = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(512) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.hgetall(keys::txn_record(p, id));
+            }
+            let hashes: Vec<HashMap<String, Vec<u8>>> =
+                pipe.query_async(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+            for (id, h) in chunk.iter().zip(hashes) {
+                match txn_from_hash(id, &h) {
+                    Ok(Some(t)) if !t.state().is_terminal() => {
+                        txns.insert(id.clone(), t);
+                    }
+                    Ok(_) => tracing::debug!(partition = p, txn = %id, "live set names a finished or missing record"),
+                    Err(e) => tracing::error!(partition = p, txn = %id, error = %e, "cannot read a record; left alone"),
+                }
+            }
+        }
+        let Some(part) = self.parts.get_mut(&p) else { return Ok(()) };
+        part.timers.clear();
+        for (id, t) in &txns {
+            if let Some(w) = t.wake_ms() {
+                part.timers.insert((w, id.clone()));
+            }
+        }
+        let n = txns.len();
+        part.txns = txns;
+        part.stale = false;
+        part.claim_from = "0-0".into();
+        tracing::info!(partition = p, live = n, took = ?started.elapsed(), "partition loaded");
+        // Everything pending was read by an owner that may be gone: handle it again now.
+        self.claim(p, Duration::ZERO).await
+    }
+
+    /// Claims entries of partition `p` idle at least `idle` and handles them.
+    async fn claim(&mut self, p: u32, idle: Duration) -> Result<()> {
+        let stream = keys::coord_stream(p);
+        let mut start = match self.parts.get_mut(&p) {
+            Some(part) => std::mem::replace(&mut part.claim_from, "0-0".into()),
+            None => return Ok(()),
+        };
+        for _ in 0..MAX_CLAIM_ROUNDS {
+            let reply: StreamAutoClaimReply = self
+                .conn
+                .xautoclaim_options(
+                    &stream,
+                    keys::COORD_GROUP,
+                    &self.me,
+                    idle.as_millis() as u64,
+                    &start,
+                    StreamAutoClaimOptions::default().count(self.cfg.batch),
+                )
+                .await
+                .map_err(|e| Error::redis(&self.url, e))?;
+            if !reply.claimed.is_empty() {
+                tracing::info!(partition = p, claimed = reply.claimed.len(), "took over pending entries");
+                self.handle(p, reply.claimed).await?;
+            }
+            if reply.next_stream_id == "0-0" {
+                return Ok(());
+            }
+            start = reply.next_stream_id;
+        }
+        if let Some(part) = self.parts.get_mut(&p) {
+            part.claim_from = start;
+        }
+        Ok(())
+    }
+
+    async fn trim(&mut self) -> Result<()> {
+        let owned: Vec<u32> = self.parts.keys().copied().collect();
+        // TODO(next): share the participant runtime's trim (below every group's oldest needed
+        // entry); until then the coordinator stream is capped by its acked history only.
+        let keep_from = now_ms().saturating_sub(self.cfg.keep_history.as_millis() as u64);
+        for p in owned {
+            let stream = keys::coord_stream(p);
+            let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&stream)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(|e| Error::redis(&self.url, e))?;
+            let mut floor = keep_from;
+            for g in &groups {
+                if let Some(redis::Value::BulkString(id)) = g.get("last-delivered-id") {
+                    let ms = String::from_utf8_lossy(id).split('-').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                    floor = floor.min(ms);
+                }
+            }
+            let pending: redis::streams::StreamPendingReply =
+                self.conn.xpending(&stream, keys::COORD_GROUP).await.map_err(|e| Error::redis(&self.url, e))?;
+            if let redis::streams::StreamPendingReply::Data(d) = pending {
+                let ms = d.start_id.split('-').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                floor = floor.min(ms);
+            }
+            if floor > 0 {
+                let _: u64 = redis::cmd("XTRIM")
+                    .arg(&stream)
+                    .arg("MINID")
+                    .arg("~")
+                    .arg(floor)
+                    .query_async(&mut self.conn)
+                    .await
+                    .map_err(|e| Error::redis(&self.url, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ticks every due transaction of every partition.
+    async fn ticks(&mut self) -> Result<()> {
+        let now = now_ms();
+        let owned: Vec<u32> = self.parts.keys().copied().collect();
+        for p in owned {
+            let due: Vec<String> = match self.parts.get(&p) {
+                Some(part) if !part.stale => {
+                    part.timers.iter().take_while(|(w, _)| *w <= now).take(4096).map(|(_, id)| id.clone()).collect()
+                }
+                _ => continue,
+            };
+            if due.is_empty() {
+                continue;
+            }
+            let t = self.timing();
+            let mut batch = Batch::default();
+            let part = self.parts.get_mut(&p).expect("owned");
+            for id in due {
+                step_live(part, &id, Event::Tick, t, &mut batch);
+            }
+            if batch.decided {
+                tracing::info!(partition = p, "deadline passed: deciding");
+            }
+            self.write(p, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// One `XREADGROUP` over every owned partition, then each partition's share is handled.
+    async fn read_and_handle(&mut self) -> Result<()> {
+        let owned: Vec<u32> = self.parts.iter().filter(|(_, x)| !x.stale).map(|(p, _)| *p).collect();
+        let until_round = TICK.saturating_sub(self.last_round.map(|t| t.elapsed()).unwrap_or_default());
+        let next_wake = self
+            .parts
+            .values()
+            .filter_map(|x| x.timers.first().map(|(w, _)| *w))
+            .min()
+            .map(|w| Duration::from_millis(w.saturating_sub(now_ms())));
+        let block = until_round.min(next_wake.unwrap_or(until_round)).min(self.cfg.block).max(Duration::from_millis(1));
+        if owned.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(());
+        }
+        let streams: Vec<String> = owned.iter().map(|p| keys::coord_stream(*p)).collect();
+        let ids: Vec<&str> = vec![">"; streams.len()];
+        let opts = StreamReadOptions::default()
+            .group(keys::COORD_GROUP, &self.me)
+            .count(self.cfg.batch)
+            .block(block.as_millis().max(1) as usize);
+        let reply: Option<StreamReadReply> =
+            self.read_conn.xread_options(&streams, &ids, &opts).await.map_err(|e| Error::redis(&self.url, e))?;
+        let Some(reply) = reply else { return Ok(()) };
+        for k in reply.keys {
+            let Some(p) = keys::partition_of_stream(&k.key) else { continue };
+            if self.parts.contains_key(&p) {
+                self.handle(p, k.ids).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one partition's entries and writes the result.
+    async fn handle(&mut self, p: u32, entries: Vec<StreamId>) -> Result<()> {
+        if entries.is_empty() || !self.parts.contains_key(&p) {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        let mut msgs = Vec::with_capacity(entries.len());
+        for e in entries {
+            match Message::from_entry(&e.map) {
+                Ok(m) => msgs.push((e, m)),
+                Err(err) => batch.dead.push((e, err.to_string())),
+            }
+        }
+        // Transactions not in memory: finished ones, new ones, or strangers. Read their
+        // records in one round trip.
+        let unknown: Vec<String> = {
+            let part = &self.parts[&p];
+            let mut seen = HashSet::new();
+            msgs.iter()
+                .map(|(_, m)| m.txn().to_string())
+                .filter(|id| !part.txns.contains_key(id) && seen.insert(id.clone()))
+                .collect()
+        };
+        let mut records: HashMap<String, std::result::Result<Option<Txn>, String>> = HashMap::new();
+        if !unknown.is_empty() {
+            let mut pipe = redis::pipe();
+            for id in &unknown {
+                pipe.hgetall(keys::txn_record(p, id));
+            }
+            let hashes: Vec<HashMap<String, Vec<u8>>> =
+                pipe.query_async(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+            for (id, h) in unknown.into_iter().zip(hashes) {
+                let r = txn_from_hash(&id, &h);
+                records.insert(id, r);
+            }
+        }
+        let t = self.timing();
+        let partitions = self.cfg.partitions;
+        let part = self.parts.get_mut(&p).expect("owned");
+        for (entry, msg) in msgs {
+            let id = msg.txn().to_string();
+            let event = match msg {
+                Message::Submit(s) => {
+                    if !part.txns.contains_key(&id) {
+                        match records.remove(&id) {
+                            Some(Err(e)) => {
+                                batch.dead.push((entry, format!("the record of {id} cannot be read: {e}")));
+                                continue;
+                            }
+                            Some(Ok(Some(txn))) => {
+                                if !txn.state().is_terminal() {
+                                    part.set_timer(&id, None, txn.wake_ms());
+                                    part.txns.insert(id.clone(), txn);
+                                }
+                            }
+                            Some(Ok(None)) | None => {
+                                if let Err(e) = s.spec.validate() {
+                                    batch.dead.push((entry, format!("invalid spec: {e}")));
+                                    continue;
+                                }
+                                let home = keys::partition(&id, partitions);
+                                if home != p {
+                                    batch.dead.push((
+                                        entry,
+                                        format!(
+                                            "txn {id} belongs to partition {home} of {partitions}, not {p}: \
+                                             the producer's --partitions differs from the coordinators'"
+                                        ),
+                                    ));
+                                    continue;
+                                }
+                                let (txn, out) = Txn::create(s.spec, t);
+                                batch.created.insert(id.clone());
+                                part.set_timer(&id, None, txn.wake_ms());
+                                part.txns.insert(id.clone(), txn);
+                                collect(&id, out, &mut batch);
+                                batch.acks.push(entry.id);
+                                continue;
+                            }
+                        }
+                    }
+                    if !part.txns.contains_key(&id) {
+                        // A finished transaction submitted again: its record tells the outcome.
+                        batch.acks.push(entry.id);
+                        continue;
+                    }
+                    Event::Submit
+                }
+                Message::Vote(v) => Event::Vote(v),
+                Message::Ack(a) => Event::Ack(a),
+                Message::Result(r) => Event::Result(r),
+                other => {
+                    let reason = format!("a `{}` message does not belong on the coordinator stream", other.kind());
+                    batch.dead.push((entry, reason));
+                    continue;
+                }
+            };
+            if let Some(Ok(Some(txn))) = records.get(&id) {
+                if !txn.state().is_terminal() && !part.txns.contains_key(&id) {
+                    // Live but not in memory (the live set lost it): adopt it.
+                    part.set_timer(&id, None, txn.wake_ms());
+                    part.txns.insert(id.clone(), txn.clone());
+                }
+            }
+            if part.txns.contains_key(&id) {
+                let rejected = step_live(part, &id, event, t, &mut batch);
+                match rejected {
+                    Some(reason) => batch.dead.push((entry, reason)),
+                    None => batch.acks.push(entry.id),
+                }
+                continue;
+            }
+            match records.get(&id) {
+                Some(Err(e)) => batch.dead.push((entry, format!("the record of {id} cannot be read: {e}"))),
+                Some(Ok(Some(txn))) => {
+                    // Finished: it may still answer (a late `yes` to an abort gets the abort).
+                    let mut txn = batch.detached.remove(&id).unwrap_or_else(|| txn.clone());
+                    let out = txn.step(event, t);
+                    if let Some(reason) = out.reject.clone() {
+                        batch.dead.push((entry, reason));
+                        continue;
+                    }
+                    if out.changed {
+                        batch.dirty.insert(id.clone());
+                    }
+                    collect(&id, out, &mut batch);
+                    batch.detached.insert(id.clone(), txn);
+                    batch.acks.push(entry.id);
+                }
+                Some(Ok(None)) | None => {
+                    tracing::info!(partition = p, txn = %id, "message for a transaction without a record (expired or never created)");
+                    collect(&id, orphan(&event), &mut batch);
+                    batch.acks.push(entry.id);
+                }
+            }
+        }
+        if !batch.created.is_empty() {
+            failpoint::hit(FP_AFTER_CREATE).await;
+        }
+        self.write(p, batch).await
+    }
+
+    /// Whether participant `name` reads its stream of partition `p` (its group exists and has
+    /// nothing undelivered): re-sends to one that does not would only pile up.
+    async fn consuming(&mut self, name: &str, p: u32) -> bool {
+        let key = (name.to_string(), p);
+        if let Some((yes, at)) = self.consuming.get(&key) {
+            if at.elapsed() < CONSUMING_TTL {
+                return *yes;
+            }
+        }
+        let r: redis::RedisResult<Vec<HashMap<String, redis::Value>>> =
+            redis::cmd("XINFO").arg("GROUPS").arg(keys::participant_stream(name, p)).query_async(&mut self.conn).await;
+        let yes = match r {
+            Ok(groups) => groups.iter().any(|g| {
+                let named = matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == name.as_bytes());
+                let lag_zero = !matches!(g.get("lag"), Some(redis::Value::Int(l)) if *l > 0);
+                named && lag_zero
+            }),
+            Err(_) => false,
+        };
+        self.consuming.insert(key, (yes, Instant::now()));
+        yes
+    }
+
+    /// Writes a batch of partition `p` through the fence.
+    async fn write(&mut self, p: u32, batch: Batch) -> Result<()> {
+        let mut w = Writes::default();
+        let t_ms = now_ms();
+        let retention = self.cfg.retention.as_millis().max(1) as u64;
+        let decided = batch.decided;
+        {
+            let part = match self.parts.get(&p) {
+                Some(x) => x,
+                None => return Ok(()),
+            };
+            let txn_of = |id: &str| part.txns.get(id).or_else(|| batch.detached.get(id));
+            for id in &batch.created {
+                if let Some(txn) = txn_of(id) {
+                    let key = keys::txn_record(p, id);
+                    let mut args = vec![b("HSET"), b(&key)];
+                    for (f, v) in create_fields(txn) {
+                        args.push(b(f));
+                        args.push(v);
+                    }
+                    w.push(&key, args);
+                    if !batch.finished.contains(id) {
+                        let live = keys::live(p);
+                        w.push(&live, vec![b("ZADD"), b(&live), b(txn.progress.created_ms.to_string()), b(id)]);
+                    }
+                }
+            }
+            for id in batch.dirty.difference(&batch.created) {
+                if let Some(txn) = txn_of(id) {
+                    let key = keys::txn_record(p, id);
+                    let mut args = vec![b("HSET"), b(&key)];
+                    for (f, v) in progress_fields(txn) {
+                        args.push(b(f));
+                        args.push(v);
+                    }
+                    w.push(&key, args);
+                }
+            }
+            for id in &batch.finished {
+                let key = keys::txn_record(p, id);
+                w.push(&key, vec![b("PEXPIRE"), b(&key), b(retention.to_string())]);
+                let live = keys::live(p);
+                w.push(&live, vec![b("ZREM"), b(&live), b(id)]);
+            }
+        }
+        let mut skipped = 0;
+        for (msg, resend) in &batch.sends {
+            let Some(name) = msg.participant() else { continue };
+            if *resend && !self.consuming(name, p).await {
+                skipped += 1;
+                continue;
+            }
+            let stream = keys::participant_stream(name, p);
+            w.push(&stream, vec![b("XADD"), b(&stream), b("*"), b("t"), b(msg.kind()), b("m"), msg.encode()]);
+        }
+        if skipped > 0 {
+            tracing::debug!(partition = p, skipped, "re-sends skipped: their participant is not reading its stream");
+        }
+        for (id, state) in &batch.announce {
+            let s = keys::outcomes_stream(p);
+            w.push(
+                &s,
+                vec![b("XADD"), b(&s), b("MAXLEN"), b("~"), b(OUTCOMES_MAXLEN.to_string()), b("*"), b("id"), b(id), b("state"), b(state)],
+            );
+        }
+        let stream = keys::coord_stream(p);
+        for (entry, reason) in &batch.dead {
+            tracing::warn!(partition = p, id = %entry.id, %reason, "dead-lettering entry");
+            let dl = keys::dead_letter_stream(p);
+            let mut args = vec![b("XADD"), b(&dl), b("*")];
+            for (k, v) in dead_letter_fields(&stream, keys::COORD_GROUP, &entry.id, reason, t_ms, &entry.map) {
+                args.push(b(k));
+                args.push(v);
+            }
+            w.push(&dl, args);
+            let counts = keys::dead_letter_counts(p);
+            w.push(&counts, vec![b("HINCRBY"), b(&counts), b(&stream), b("1")]);
+        }
+        let mut acks: Vec<&str> = batch.acks.iter().map(String::as_str).collect();
+        acks.extend(batch.dead.iter().map(|(e, _)| e.id.as_str()));
+        if !acks.is_empty() {
+            let mut args = vec![b("XACK"), b(&stream), b(keys::COORD_GROUP)];
+            args.extend(acks.iter().map(b));
+            w.push(&stream, args);
+        }
+        if w.is_empty() {
+            return Ok(());
+        }
+        let lease_value = self.parts[&p].lease.clone();
+        let mut call = FENCED.call().key(keys::lease(p));
+        for k in &w.keys {
+            call = call.key(k.as_str());
+        }
+        let call = call.arg(lease_value.as_str()).arg(w.encode());
+        let result = call.run(&mut self.conn, &self.url).await;
+        let reply = match result.and_then(|v| scripts::reply_strings(FENCED.name, &v)) {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing known about this write: memory may be ahead of Redis. Reload.
+                if let Some(part) = self.parts.get_mut(&p) {
+                    part.stale = true;
+                }
+                return Err(e);
+            }
+        };
+        if reply.first().map(String::as_str) != Some("1") {
+            let holder = reply.get(1).cloned().unwrap_or_default();
+            tracing::warn!(partition = p, holder = %holder, "write refused by the fence: the lease moved; stepping down");
+            self.parts.remove(&p);
+            return Ok(());
+        }
+        if decided {
+            failpoint::hit(FP_AFTER_DECISION).await;
+        }
+        Ok(())
+    }
+}
+
+/// Steps a live transaction of `part`, keeping its timer; returns the reject reason if any.
+fn step_live(part: &mut Part, id: &str, event: Event, t: Timing, batch: &mut Batch) -> Option<String> {
+    let txn = part.txns.get_mut(id)?;
+    let before = txn.wake_ms();
+    let out = txn.step(event, t);
+    if out.reject.is_some() {
+        return out.reject;
+    }
+    let after = txn.wake_ms();
+    if out.changed {
+        batch.dirty.insert(id.to_string());
+    }
+    let finished = out.effects.contains(&Effect::Finish);
+    collect(id, out, batch);
+    if finished {
+        part.set_timer(id, before, None);
+        if let Some(txn) = part.txns.remove(id) {
+            batch.detached.insert(id.to_string(), txn);
+        }
+    } else {
+        part.set_timer(id, before, after);
+    }
+    None
+}
+
+/// Adds an output's effects to the batch.
+fn collect(id: &str, out: Output, batch: &mut Batch) {
+    batch.decided |= out.decided;
+    for e in out.effects {
+        match e {
+            Effect::Send { msg, resend } => batch.sends.push((msg, resend)),
+            Effect::Announce(s) => batch.announce.push((id.to_string(), s.as_str())),
+            Effect::Finish => {
+                batch.finished.insert(id.to_string());
+            }
+        }
+    }
+}
