@@ -94,9 +94,20 @@ impl Client {
     pub async fn submit(&self, spec: &TxnSpec) -> Result<String> {
         spec.validate()?;
         let msg = Message::Submit(Submit { spec: spec.clone(), submitted_ms: crate::now_ms() });
-        let mut conn = self.conn.clone();
         let stream = keys::coord_stream(self.partition(&spec.id));
-        let _: String = conn.xadd(stream, "*", &msg.fields()).await.map_err(|e| Error::redis(&self.url, e))?;
+        let fields = msg.fields();
+        // A connection that just dropped (a Redis restart) is re-opened by the manager on the
+        // next call: retry a few times. A submit that did land and is sent again is harmless.
+        let mut backoff = crate::consumer::Backoff::default();
+        for attempt in 1.. {
+            let mut conn = self.conn.clone();
+            let r: redis::RedisResult<String> = conn.xadd(&stream, "*", &fields).await;
+            match r.map_err(|e| Error::redis(&self.url, e)) {
+                Ok(_) => break,
+                Err(e) if e.is_transient() && attempt < 4 => tokio::time::sleep(backoff.next()).await,
+                Err(e) => return Err(e),
+            }
+        }
         Ok(spec.id.clone())
     }
 
@@ -232,7 +243,12 @@ impl Client {
     }
 }
 
-async fn read_outcomes(mut conn: ConnectionManager, waiters: Weak<Waiters>, streams: Vec<String>, mut from: Vec<String>) {
+async fn read_outcomes(
+    mut conn: ConnectionManager,
+    waiters: Weak<Waiters>,
+    streams: Vec<String>,
+    mut from: Vec<String>,
+) {
     let opts = StreamReadOptions::default().count(1024).block(5000);
     loop {
         let r: redis::RedisResult<Option<StreamReadReply>> = conn.xread_options(&streams, &from, &opts).await;

@@ -333,7 +333,11 @@ impl Txn {
             (Mode::Saga, Event::Result(r)) => self.on_result(r, t, &mut out),
             (Mode::Saga, Event::Tick) => self.on_tick_saga(t, &mut out),
             (mode, ev) => {
-                return Output::reject(format!("a {} message does not belong to a {} transaction", kind(&ev), mode.as_str()))
+                return Output::reject(format!(
+                    "a {} message does not belong to a {} transaction",
+                    kind(&ev),
+                    mode.as_str()
+                ))
             }
         }
         out
@@ -348,7 +352,12 @@ impl Txn {
             Event::Submit | Event::Tick => return None,
         };
         match self.spec.branches.get(branch as usize) {
-            None => Some(format!("{} names branch {branch}, but txn {} has {}", kind(ev), self.id(), self.spec.branches.len())),
+            None => Some(format!(
+                "{} names branch {branch}, but txn {} has {}",
+                kind(ev),
+                self.id(),
+                self.spec.branches.len()
+            )),
             Some(b) if &b.participant != participant => Some(format!(
                 "{} for branch {branch} of txn {} comes from {participant:?}, but that branch belongs to {:?}",
                 kind(ev),
@@ -380,7 +389,11 @@ impl Txn {
     }
 
     fn decision(&self, i: usize) -> Option<Message> {
-        let r = Resolve { txn: self.spec.id.clone(), branch: i as u32, participant: self.spec.branches[i].participant.clone() };
+        let r = Resolve {
+            txn: self.spec.id.clone(),
+            branch: i as u32,
+            participant: self.spec.branches[i].participant.clone(),
+        };
         match self.progress.state {
             TxnState::Committing | TxnState::Committed => Some(Message::Commit(r)),
             TxnState::Aborting | TxnState::Aborted => Some(Message::Abort(r)),
@@ -430,10 +443,8 @@ impl Txn {
                     self.decide(TxnState::Committing, None, t, out);
                 }
             }
-            TxnState::Committing | TxnState::Aborting => {
-                if self.unacked(i) {
-                    out.send(self.decision(i).expect("decided"), true);
-                }
+            TxnState::Committing | TxnState::Aborting if self.unacked(i) => {
+                out.send(self.decision(i).expect("decided"), true);
             }
             TxnState::Aborted if v.yes => out.send(self.decision(i).expect("decided"), true),
             _ => {}
@@ -446,7 +457,8 @@ impl Txn {
             TxnState::Committing | TxnState::Committed => Outcome::Committed,
             TxnState::Aborting | TxnState::Aborted => Outcome::Aborted,
             s => {
-                out.reject = Some(format!("ack ({}) of txn {} before its decision (state {s})", a.outcome.as_str(), a.txn));
+                out.reject =
+                    Some(format!("ack ({}) of txn {} before its decision (state {s})", a.outcome.as_str(), a.txn));
                 return;
             }
         };

@@ -22,11 +22,13 @@ use redtx_common::{keys, Error, Result};
 use std::collections::BTreeSet;
 
 /// `lua/coordinator/lease_acquire.lua`.
-pub static ACQUIRE: LuaScript = LuaScript::new("lease_acquire", include_str!("../../lua/coordinator/lease_acquire.lua"));
+pub static ACQUIRE: LuaScript =
+    LuaScript::new("lease_acquire", include_str!("../../lua/coordinator/lease_acquire.lua"));
 /// `lua/coordinator/lease_renew.lua`.
 pub static RENEW: LuaScript = LuaScript::new("lease_renew", include_str!("../../lua/coordinator/lease_renew.lua"));
 /// `lua/coordinator/lease_release.lua`.
-pub static RELEASE: LuaScript = LuaScript::new("lease_release", include_str!("../../lua/coordinator/lease_release.lua"));
+pub static RELEASE: LuaScript =
+    LuaScript::new("lease_release", include_str!("../../lua/coordinator/lease_release.lua"));
 
 /// What one round of [`plan`] decides.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,7 +42,13 @@ pub struct Plan {
 /// The spreading rule. `owned`: partitions this coordinator holds; `free`: partitions nobody
 /// holds now; `free_before`: those free at the previous round; `live`: live coordinators
 /// (at least 1, this one).
-pub fn plan(partitions: u32, live: usize, owned: &BTreeSet<u32>, free: &BTreeSet<u32>, free_before: &BTreeSet<u32>) -> Plan {
+pub fn plan(
+    partitions: u32,
+    live: usize,
+    owned: &BTreeSet<u32>,
+    free: &BTreeSet<u32>,
+    free_before: &BTreeSet<u32>,
+) -> Plan {
     let share = (partitions as usize).div_ceil(live.max(1));
     let mut p = Plan::default();
     if owned.len() < share {
@@ -97,7 +105,8 @@ pub async fn renew(
     ttl_ms: u64,
     held: &[(u32, String)],
 ) -> Result<Vec<(u32, String)>> {
-    let calls: Vec<_> = held.iter().map(|(p, v)| RENEW.call().key(keys::lease(*p)).arg(v.as_str()).arg(ttl_ms)).collect();
+    let calls: Vec<_> =
+        held.iter().map(|(p, v)| RENEW.call().key(keys::lease(*p)).arg(v.as_str()).arg(ttl_ms)).collect();
     let replies = scripts::run(conn, url, &calls).await?;
     let mut lost = Vec::new();
     for ((p, _), r) in held.iter().zip(replies) {
@@ -141,7 +150,12 @@ pub async fn survey(
 
 /// Leaves the membership (on a clean shutdown).
 pub async fn leave(conn: &mut MultiplexedConnection, url: &RedisUrl, me: &str) -> Result<()> {
-    let _: () = redis::cmd("ZREM").arg(keys::coordinators()).arg(me).query_async(conn).await.map_err(|e| Error::redis(url, e))?;
+    let _: () = redis::cmd("ZREM")
+        .arg(keys::coordinators())
+        .arg(me)
+        .query_async(conn)
+        .await
+        .map_err(|e| Error::redis(url, e))?;
     Ok(())
 }
 

@@ -103,14 +103,16 @@ impl Writes {
         self.cmds.is_empty()
     }
 
-    /// The MessagePack array of arrays of binary strings `fenced.lua` unpacks.
+    /// The MessagePack array of arrays of strings `fenced.lua` unpacks (Redis's `cmsgpack`
+    /// reads no `bin` type, so binary arguments travel as `str`: it does not check UTF-8).
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 * self.cmds.len());
         rmp::encode::write_array_len(&mut out, self.cmds.len() as u32).expect("vec write");
         for c in &self.cmds {
             rmp::encode::write_array_len(&mut out, c.len() as u32).expect("vec write");
             for a in c {
-                rmp::encode::write_bin(&mut out, a).expect("vec write");
+                rmp::encode::write_str_len(&mut out, a.len() as u32).expect("vec write");
+                out.extend_from_slice(a);
             }
         }
         out
@@ -259,7 +261,8 @@ impl Owner {
                 self.parts.remove(&p);
             }
         }
-        let (live, free) = lease::survey(&mut self.conn, &self.url, &self.me, now_ms(), ttl, self.cfg.partitions).await?;
+        let (live, free) =
+            lease::survey(&mut self.conn, &self.url, &self.me, now_ms(), ttl, self.cfg.partitions).await?;
         let owned: BTreeSet<u32> = self.parts.keys().copied().collect();
         let plan = lease::plan(self.cfg.partitions, live, &owned, &free, &self.free_before);
         self.free_before = free;
@@ -283,8 +286,7 @@ impl Owner {
     /// pending in its stream (from any reader) again.
     async fn reload(&mut self, p: u32) -> Result<()> {
         let started = Instant::now();
-        let ids: Vec<String> =
-            self.conn.zrange(keys::live(p), 0, -1).await.map_err(|e| Error::redis(&self.url, e))?;
+        let ids: Vec<String> = self.conn.zrange(keys::live(p), 0, -1).await.map_err(|e| Error::redis(&self.url, e))?;
         let mut txns = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(512) {
             let mut pipe = redis::pipe();
@@ -682,7 +684,18 @@ impl Owner {
             let s = keys::outcomes_stream(p);
             w.push(
                 &s,
-                vec![b("XADD"), b(&s), b("MAXLEN"), b("~"), b(OUTCOMES_MAXLEN.to_string()), b("*"), b("id"), b(id), b("state"), b(state)],
+                vec![
+                    b("XADD"),
+                    b(&s),
+                    b("MAXLEN"),
+                    b("~"),
+                    b(OUTCOMES_MAXLEN.to_string()),
+                    b("*"),
+                    b("id"),
+                    b(id),
+                    b("state"),
+                    b(state),
+                ],
             );
         }
         let stream = keys::coord_stream(p);

@@ -2,9 +2,9 @@
 #![allow(dead_code)]
 
 use redis::aio::MultiplexedConnection;
-use redis::streams::StreamRangeReply;
+use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
-use redtx_common::protocol::{Ack, Message, Outcome, Vote};
+use redtx_common::protocol::{Ack, Message, Outcome, StepKind, StepResult, StepStatus, Vote};
 use redtx_common::record::TxnRecord;
 use redtx_common::server::RedisServer;
 use redtx_common::shutdown::Shutdown;
@@ -12,25 +12,52 @@ use redtx_common::spec::{Branch, Op, TxnSpec};
 use redtx_common::{keys, Client};
 use redtx_coordinator::CoordinatorConfig;
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Partitions of every test deployment: more than one, so routing is exercised.
+pub const PARTITIONS: u32 = 4;
 
 pub struct Env {
     pub server: RedisServer,
     pub conn: MultiplexedConnection,
     pub client: Client,
     coordinators: Vec<(Shutdown, tokio::task::JoinHandle<redtx_common::Result<()>>)>,
+    /// What each hand-played participant has read so far (read through its consumer group, as
+    /// a real participant would, so the coordinator sees it reading).
+    inboxes: Mutex<HashMap<String, Vec<Message>>>,
 }
 
 impl Env {
     pub async fn start() -> Env {
         let server = RedisServer::start().expect("redis-server");
-        let client = Client::connect(&server.url()).await.unwrap();
+        let client = Client::connect(&server.url()).await.unwrap().with_partitions(PARTITIONS);
         let conn = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        Env { server, conn, client, coordinators: Vec::new() }
+        let env = Env { server, conn, client, coordinators: Vec::new(), inboxes: Mutex::default() };
+        for name in ["a", "b"] {
+            env.join(name).await;
+        }
+        env
+    }
+
+    /// Creates participant `name`'s consumer groups, as a starting participant does.
+    pub async fn join(&self, name: &str) {
+        let mut c = self.conn.clone();
+        for p in 0..PARTITIONS {
+            let _: redis::RedisResult<()> =
+                c.xgroup_create_mkstream(keys::participant_stream(name, p), name, "0").await;
+        }
+    }
+
+    /// The partition of `txn`.
+    pub fn part(&self, txn: &str) -> u32 {
+        keys::partition(txn, PARTITIONS)
     }
 
     pub fn config(&self) -> CoordinatorConfig {
         let mut cfg = CoordinatorConfig::new(self.server.url());
+        cfg.partitions = PARTITIONS;
+        cfg.lease = Duration::from_secs(1);
         cfg.claim_idle = Duration::from_millis(500);
         cfg.resend_every = Duration::from_millis(200);
         cfg
@@ -56,7 +83,8 @@ impl Env {
 
     pub async fn send(&self, m: Message) {
         let fields = m.fields();
-        self.xadd(&keys::coord_stream(), &fields.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>()).await;
+        let stream = keys::coord_stream(self.part(m.txn()));
+        self.xadd(&stream, &fields.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>()).await;
     }
 
     pub async fn vote(&self, txn: &str, branch: u32, participant: &str, yes: bool, reason: Option<&str>) {
@@ -70,15 +98,66 @@ impl Env {
         .await
     }
 
+    pub async fn result(&self, txn: &str, branch: u32, participant: &str, step: StepKind, status: StepStatus) {
+        self.send(Message::Result(StepResult {
+            txn: txn.into(),
+            branch,
+            participant: participant.into(),
+            step,
+            status,
+            reason: Some("why".into()),
+        }))
+        .await
+    }
+
+    /// The record's progress (the machine's state) of `id`.
+    pub async fn progress(&self, id: &str) -> redtx_common::machine::Progress {
+        let mut c = self.conn.clone();
+        let h: HashMap<String, Vec<u8>> = c.hgetall(keys::txn_record(self.part(id), id)).await.unwrap();
+        redtx_common::record::txn_from_hash(id, &h).unwrap().expect("a record").progress
+    }
+
+    /// Who holds each partition's lease (the owner part of `<token>:<owner>`).
+    pub async fn lease_owners(&self) -> Vec<Option<String>> {
+        let mut c = self.conn.clone();
+        let mut out = Vec::new();
+        for p in 0..PARTITIONS {
+            let v: Option<String> = c.get(keys::lease(p)).await.unwrap();
+            out.push(v.map(|v| v.split_once(':').map(|(_, o)| o.to_string()).unwrap_or(v)));
+        }
+        out
+    }
+
+    /// Stops the first coordinator started (cleanly).
+    pub async fn stop_one(&mut self) {
+        let (s, h) = self.coordinators.remove(0);
+        s.trigger();
+        h.await.unwrap().unwrap();
+    }
+
     pub async fn ack(&self, txn: &str, branch: u32, participant: &str, outcome: Outcome) {
         self.send(Message::Ack(Ack { txn: txn.into(), branch, participant: participant.into(), outcome })).await
     }
 
-    /// Every message in participant `name`'s stream, oldest first.
+    /// Every message participant `name` received, oldest first (read through its group and
+    /// acked, as a real participant would, so the coordinator sees it reading).
     pub async fn inbox(&self, name: &str) -> Vec<Message> {
         let mut c = self.conn.clone();
-        let r: StreamRangeReply = c.xrange_all(keys::participant_stream(name)).await.unwrap();
-        r.ids.iter().map(|e| Message::from_entry(&e.map).unwrap()).collect()
+        let streams: Vec<String> = (0..PARTITIONS).map(|p| keys::participant_stream(name, p)).collect();
+        let ids = vec![">"; streams.len()];
+        let opts = StreamReadOptions::default().group(name, "hand").count(10_000);
+        let r: Option<StreamReadReply> = c.xread_options(&streams, &ids, &opts).await.unwrap();
+        let mut read = Vec::new();
+        for k in r.map(|r| r.keys).unwrap_or_default() {
+            for e in k.ids {
+                read.push(Message::from_entry(&e.map).unwrap());
+                let _: u64 = c.xack(&k.key, name, &[&e.id]).await.unwrap();
+            }
+        }
+        let mut inboxes = self.inboxes.lock().unwrap();
+        let inbox = inboxes.entry(name.to_string()).or_default();
+        inbox.extend(read);
+        inbox.clone()
     }
 
     /// `(kind, txn)` of the messages in `name`'s stream.
@@ -88,7 +167,7 @@ impl Env {
 
     pub async fn record(&self, id: &str) -> Option<TxnRecord> {
         let mut c = self.conn.clone();
-        let h: HashMap<String, Vec<u8>> = c.hgetall(keys::txn_record(id)).await.unwrap();
+        let h: HashMap<String, Vec<u8>> = c.hgetall(keys::txn_record(self.part(id), id)).await.unwrap();
         TxnRecord::from_hash(id, &h).unwrap()
     }
 
@@ -148,8 +227,8 @@ impl Env {
 /// A two-branch transfer: `a` pays 10 to `b`.
 pub fn transfer(id: &str) -> TxnSpec {
     TxnSpec::new(vec![
-        Branch { participant: "a".into(), ops: vec![Op::incrby("acct:x", -10)] },
-        Branch { participant: "b".into(), ops: vec![Op::incrby("acct:y", 10), Op::set("note", "hi")] },
+        Branch::kv("a", vec![Op::incrby("acct:x", -10)]),
+        Branch::kv("b", vec![Op::incrby("acct:y", 10), Op::set("note", "hi")]),
     ])
     .with_id(id)
 }
