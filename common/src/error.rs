@@ -54,7 +54,16 @@ impl Error {
                     || source.is_timeout()
                     || matches!(
                         source.code(),
-                        Some("LOADING" | "BUSYLOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "MASTERDOWN" | "BUSY" | "OOM")
+                        Some(
+                            "LOADING"
+                                | "BUSYLOADING"
+                                | "TRYAGAIN"
+                                | "CLUSTERDOWN"
+                                | "READONLY"
+                                | "MASTERDOWN"
+                                | "BUSY"
+                                | "OOM"
+                        )
                     )
             }
             _ => false,

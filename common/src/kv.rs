@@ -208,7 +208,6 @@ impl Op {
     }
 }
 
-
 /// Checks a list of ops (`path` names the list, e.g. `branches[0].ops`).
 pub fn validate_ops(ops: &[Op], path: &str) -> Result<(), SpecError> {
     if ops.is_empty() {

@@ -336,7 +336,13 @@ mod tests {
     fn message() -> impl Strategy<Value = Message> {
         let s = "[a-z0-9]{1,10}";
         prop_oneof![
-            (s, proptest::collection::vec((s, bytes(), proptest::option::of(bytes())), 1..4), any::<u64>(), any::<u64>(), any::<bool>())
+            (
+                s,
+                proptest::collection::vec((s, bytes(), proptest::option::of(bytes())), 1..4),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>()
+            )
                 .prop_map(|(id, branches, timeout_ms, submitted_ms, saga)| Message::Submit(Submit {
                     spec: TxnSpec {
                         id,
@@ -344,7 +350,12 @@ mod tests {
                         timeout_ms,
                         branches: branches
                             .into_iter()
-                            .map(|(participant, payload, compensation)| Branch { participant, payload, compensation, after: saga.then(Vec::new) })
+                            .map(|(participant, payload, compensation)| Branch {
+                                participant,
+                                payload,
+                                compensation,
+                                after: saga.then(Vec::new)
+                            })
                             .collect(),
                         retry: Retry::default(),
                     },
@@ -356,18 +367,32 @@ mod tests {
             (s, any::<u32>(), s, any::<bool>(), proptest::option::of(".*")).prop_map(
                 |(txn, branch, participant, yes, reason)| Message::Vote(Vote { txn, branch, participant, yes, reason })
             ),
-            (s, any::<u32>(), s).prop_map(|(txn, branch, participant)| Message::Commit(Resolve { txn, branch, participant })),
-            (s, any::<u32>(), s).prop_map(|(txn, branch, participant)| Message::Abort(Resolve { txn, branch, participant })),
+            (s, any::<u32>(), s).prop_map(|(txn, branch, participant)| Message::Commit(Resolve {
+                txn,
+                branch,
+                participant
+            })),
+            (s, any::<u32>(), s).prop_map(|(txn, branch, participant)| Message::Abort(Resolve {
+                txn,
+                branch,
+                participant
+            })),
             (s, any::<u32>(), s, any::<bool>()).prop_map(|(txn, branch, participant, c)| Message::Ack(Ack {
                 txn,
                 branch,
                 participant,
                 outcome: if c { Outcome::Committed } else { Outcome::Aborted }
             })),
-            (s, any::<u32>(), s, any::<u32>(), bytes(), any::<bool>()).prop_map(|(txn, branch, participant, attempt, payload, c)| {
-                let e = Execute { txn, branch, participant, attempt, payload };
-                if c { Message::Compensate(e) } else { Message::Execute(e) }
-            }),
+            (s, any::<u32>(), s, any::<u32>(), bytes(), any::<bool>()).prop_map(
+                |(txn, branch, participant, attempt, payload, c)| {
+                    let e = Execute { txn, branch, participant, attempt, payload };
+                    if c {
+                        Message::Compensate(e)
+                    } else {
+                        Message::Execute(e)
+                    }
+                }
+            ),
             (s, any::<u32>(), s, any::<bool>(), 0..3u8, proptest::option::of(".*")).prop_map(
                 |(txn, branch, participant, action, st, reason)| Message::Result(StepResult {
                     txn,

@@ -196,7 +196,11 @@ pub fn txn_from_hash(id: &str, h: &HashMap<String, Vec<u8>>) -> Result<Option<Tx
     let progress: Progress = rmp_serde::from_slice(h.get("st").ok_or("record has no st")?)
         .map_err(|e| format!("record of {id}: bad st: {e}"))?;
     if progress.branches.len() != spec.branches.len() {
-        return Err(format!("record of {id}: st has {} branches, spec {}", progress.branches.len(), spec.branches.len()));
+        return Err(format!(
+            "record of {id}: st has {} branches, spec {}",
+            progress.branches.len(),
+            spec.branches.len()
+        ));
     }
     Ok(Some(Txn { spec, progress }))
 }

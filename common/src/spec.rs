@@ -364,7 +364,10 @@ impl TxnSpec {
             (Mode::TwoPhase, Some(b), None) => (b, "branches"),
             (Mode::Saga, None, Some(s)) => (s, "steps"),
             (Mode::TwoPhase, _, Some(_)) => {
-                return Err(SpecError::new("steps", "a 2pc transaction has `branches` (did you mean \"mode\": \"saga\"?)"))
+                return Err(SpecError::new(
+                    "steps",
+                    "a 2pc transaction has `branches` (did you mean \"mode\": \"saga\"?)",
+                ))
             }
             (Mode::Saga, Some(_), _) => return Err(SpecError::new("branches", "a saga has `steps`, not `branches`")),
             (Mode::TwoPhase, None, None) => return Err(SpecError::new("", "missing field `branches`")),
@@ -428,7 +431,10 @@ impl TxnSpec {
             return Err(SpecError::new(list, format!("a transaction needs at least one entry in `{list}`")));
         }
         if self.branches.len() > MAX_BRANCHES {
-            return Err(SpecError::new(list, format!("{} {list}, above the limit of {MAX_BRANCHES}", self.branches.len())));
+            return Err(SpecError::new(
+                list,
+                format!("{} {list}, above the limit of {MAX_BRANCHES}", self.branches.len()),
+            ));
         }
         if self.mode == Mode::Saga {
             if self.retry.limit == 0 || self.retry.limit > 100 {
@@ -478,7 +484,10 @@ impl TxnSpec {
                             ));
                         }
                         if deps[..k].contains(d) {
-                            return Err(SpecError::new(format!("{path}.after[{k}]"), format!("step {d} is named twice")));
+                            return Err(SpecError::new(
+                                format!("{path}.after[{k}]"),
+                                format!("step {d} is named twice"),
+                            ));
                         }
                     }
                 }
@@ -609,9 +618,13 @@ mod tests {
         assert_eq!(e.field, "branches");
         let e = err(r#"{"mode":"saga","steps":[{"participant":"p","action":[{"op":"del","key":"k"}]}]}"#);
         assert!(e.problem.contains("missing field `compensation`"), "{e}");
-        let e = err(r#"{"mode":"saga","steps":[{"participant":"p","action":[{"op":"del","key":"k"}],"compensation":[{"op":"frob"}]}]}"#);
+        let e = err(
+            r#"{"mode":"saga","steps":[{"participant":"p","action":[{"op":"del","key":"k"}],"compensation":[{"op":"frob"}]}]}"#,
+        );
         assert_eq!(e.field, "steps[0].compensation[0].op");
-        let e = err(r#"{"mode":"saga","steps":[{"participant":"p","action":[{"op":"del","key":"k"}],"compensation":[{"op":"del","key":"k"}],"after":[0]}]}"#);
+        let e = err(
+            r#"{"mode":"saga","steps":[{"participant":"p","action":[{"op":"del","key":"k"}],"compensation":[{"op":"del","key":"k"}],"after":[0]}]}"#,
+        );
         assert_eq!(e.field, "steps[0].after[0]");
         let e = err(r#"{"mode":"saga","branches":[]}"#);
         assert_eq!(e.field, "branches");

@@ -8,11 +8,13 @@ fn t(now_ms: u64) -> Timing {
 }
 
 fn two_pc() -> TxnSpec {
-    TxnSpec::new(vec![Branch::kv("a", vec![Op::incrby("k1", -1)]), Branch::kv("b", vec![Op::set("k2", "v")])]).with_id("t1")
+    TxnSpec::new(vec![Branch::kv("a", vec![Op::incrby("k1", -1)]), Branch::kv("b", vec![Op::set("k2", "v")])])
+        .with_id("t1")
 }
 
 fn saga(n: usize) -> TxnSpec {
-    let steps = (0..n).map(|i| Branch::kv_step(format!("p{i}"), vec![Op::incrby("k", 1)], vec![Op::incrby("k", -1)])).collect();
+    let steps =
+        (0..n).map(|i| Branch::kv_step(format!("p{i}"), vec![Op::incrby("k", 1)], vec![Op::incrby("k", -1)])).collect();
     let mut s = TxnSpec::saga(steps).with_id("s1");
     s.retry = Retry { limit: 3, backoff_ms: 100, step_timeout_ms: 1000 };
     s
@@ -117,7 +119,8 @@ fn acks_before_the_decision_and_strangers_are_refused() {
     assert!(x.step(ack(0, Outcome::Committed), t(T0)).reject.is_some());
     let stranger = Event::Vote(Vote { txn: "t1".into(), branch: 0, participant: "zz".into(), yes: true, reason: None });
     assert!(x.step(stranger, t(T0)).reject.unwrap().contains("belongs to"));
-    let out_of_range = Event::Vote(Vote { txn: "t1".into(), branch: 7, participant: "a".into(), yes: true, reason: None });
+    let out_of_range =
+        Event::Vote(Vote { txn: "t1".into(), branch: 7, participant: "a".into(), yes: true, reason: None });
     assert!(x.step(out_of_range, t(T0)).reject.is_some());
     assert!(x.step(result(0, StepKind::Action, StepStatus::Done), t(T0)).reject.is_some(), "a saga result in 2pc");
 }
