@@ -1,23 +1,38 @@
-//! End-to-end test harness of redtx: real `redis-server` processes and the real binaries
-//! (`redtx-coordinator`, `redtx-participant`, `redtx`), killed with real signals.
+//! End-to-end test kit of redtx: real `redis-server` processes and the real binaries
+//! (`redtx-coordinator`, `redtx-participant`, `redtx`), killed and stopped with real signals.
+//! The one harness shared by every test in `tests/tests/`.
 //!
 //! # Layout
-//! - [`bin`]: path of a workspace binary next to the running test (built once if missing).
+//! - [`bin`]: path of a workspace binary of the running test's profile (`cargo build --bins`
+//!   once per test process, so the binaries are never stale).
 //! - [`Proc`]: a spawned binary whose output is kept line by line (`wait_for_line`), with
-//!   `kill9`/`term`/`wait_exit`; killed on drop, and its output printed if the test panicked.
-//! - [`cli`]: runs the `redtx` CLI to completion with a time limit.
-//! - [`redis_conn`], [`scan`], [`poll`]: small synchronous Redis and polling helpers.
-//! - [`Bank`]: the standard fixture: two Redis servers (A: streams and `bank-a`'s data,
-//!   B: `bank-b`'s data), a coordinator, participants `bank-a` and `bank-b`, and helpers to seed
-//!   accounts, move money and check that nothing is left locked ([`Bank::assert_clean`]).
+//!   `kill9`/`term`/`stop`/`cont`/`wait_exit`; killed on drop, its output printed if the test
+//!   panicked. [`coordinator`] and [`participant`] spawn the workers with `--partitions`.
+//! - [`cli`], [`redtx`]: run the `redtx` CLI to completion with a time limit.
+//! - Partitions: every test deployment uses [`PARTITIONS`] (4, so partitioning is exercised);
+//!   [`record_key`], [`coord_streams`], [`participant_streams`], [`dead_letters`] name the
+//!   per-partition keys.
+//! - [`redis_conn`], [`scan`], [`poll`], [`xrange`], [`drained`]: small synchronous Redis and
+//!   polling helpers.
+//! - [`Cluster`]: a stream Redis, data Redis servers, coordinators and named participants, with
+//!   the producer [`Client`], records, barriers and leftovers (locks, prepared barriers).
+//! - [`Bank`]: the 2PC fixture: servers A (streams and `bank-a`'s data) and B (`bank-b`'s data),
+//!   accounts, transfers, balances.
+//! - [`Shop`]: the saga fixture: `orders` (on the stream Redis), `stock` and `payment` (each on
+//!   its own Redis); orders as three-step sagas, and the conservation checks
+//!   ([`Shop::check`]): stock + sold and balance + spent constant, every step applied and
+//!   compensated at most once, no order half-done.
 //!
 //! Every test starts its own servers and processes on free ports, so tests run in parallel.
-//! Synchronisation is by polling with generous time limits (slow CI), never by fixed sleeps.
+//! Synchronisation waits for events (a line printed, a record state, a barrier) with generous
+//! time limits (slow CI), never for a fixed time.
 
 use redis::Commands;
+use redtx_common::machine::Phase;
+use redtx_common::protocol::Message;
 use redtx_common::record::{TxnRecord, TxnState};
-use redtx_common::server::RedisServer;
-use redtx_common::spec::{Branch, IncrbyOp, Op, TxnSpec};
+use redtx_common::server::{RedisServer, ServerOptions};
+use redtx_common::spec::{Branch, ExpectOp, HincrbyOp, IncrbyOp, Op, TxnSpec};
 use redtx_common::Client;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -34,8 +49,12 @@ pub const LONG: Duration = Duration::from_secs(30);
 /// Fail point environment variable of the workers.
 pub const FAILPOINT: &str = "REDTX_FAILPOINT";
 
-/// Coordinator arguments that make recovery quick in fault tests.
-pub const FAST_COORD: &[&str] = &["--claim-idle", "500ms", "--resend-every", "200ms"];
+/// Partitions of every test deployment: more than one, so routing by partition is exercised.
+pub const PARTITIONS: u32 = 4;
+
+/// Coordinator arguments that make recovery quick in fault tests (a dead coordinator's
+/// partitions move after 2 s).
+pub const FAST_COORD: &[&str] = &["--lease", "2s", "--claim-idle", "500ms", "--resend-every", "200ms"];
 /// Participant arguments that make recovery quick in fault tests.
 pub const FAST_PART: &[&str] = &["--claim-idle", "500ms"];
 
@@ -59,16 +78,22 @@ fn profile_dir() -> PathBuf {
     }
 }
 
+/// Set to skip the `cargo build --bins` that [`bin`] runs once per test process (the binaries
+/// are then used as found).
+pub const SKIP_BUILD_ENV: &str = "REDTX_TEST_SKIP_BUILD";
+
 /// Path of the workspace binary `name` (`redtx`, `redtx-coordinator`, `redtx-participant`) built
-/// with the running test's profile. If it is missing, `cargo build --bins` is run once.
+/// with the running test's profile. `cargo test` does not build other packages' binaries, so
+/// `cargo build --bins` runs once per test process (a no-op when they are up to date): a test
+/// never runs against a stale binary.
 pub fn bin(name: &str) -> PathBuf {
     let dir = profile_dir();
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    if path.exists() {
-        return path;
-    }
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
+        if std::env::var_os(SKIP_BUILD_ENV).is_some() {
+            return Ok(());
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root()).args(["build", "--bins"]);
@@ -86,7 +111,7 @@ pub fn bin(name: &str) -> PathBuf {
         }
     });
     if let Err(e) = built {
-        panic!("binary {name} is missing and could not be built: {e}");
+        panic!("binary {name} could not be built: {e}");
     }
     assert!(path.exists(), "binary {} is missing even after cargo build --bins", path.display());
     path
@@ -147,7 +172,12 @@ impl Proc {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        Proc::adopt(label, child)
+    }
+
+    /// Takes over a spawned child whose stdout and stderr are piped.
+    pub fn adopt(label: &str, mut child: Child) -> Proc {
         let lines = Arc::new(Lines::default());
         pump(child.stdout.take().unwrap(), lines.clone(), "");
         pump(child.stderr.take().unwrap(), lines.clone(), "! ");
@@ -223,6 +253,29 @@ impl Proc {
         }
     }
 
+    /// SIGSTOP: the process freezes (its connections stay open, it reads nothing) until
+    /// [`Proc::cont`].
+    pub fn stop(&mut self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT: a stopped process goes on.
+    pub fn cont(&mut self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&mut self, sig: &str) {
+        if self.try_status().is_none() {
+            let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+            assert!(ok.is_ok_and(|s| s.success()), "kill -{sig} {} failed", self.label);
+        }
+    }
+
+    /// Whether a line containing `needle` was printed so far.
+    pub fn printed(&self, needle: &str) -> bool {
+        self.lines.lock_lines().iter().any(|l| l.contains(needle))
+    }
+
     /// Waits up to `timeout` for the process to exit; `None` if it still runs.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -259,14 +312,21 @@ impl Drop for Proc {
     }
 }
 
-/// Spawns `redtx-coordinator --redis url extra...` with `envs`.
+/// `--partitions <PARTITIONS>`, for a worker or CLI command line.
+pub fn partitions_args() -> Vec<String> {
+    vec!["--partitions".to_string(), PARTITIONS.to_string()]
+}
+
+/// Spawns `redtx-coordinator --redis url --partitions 4 extra...` with `envs`.
 pub fn coordinator(url: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut args = vec!["--redis".to_string(), url.to_string()];
+    args.extend(partitions_args());
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn("coordinator", &bin("redtx-coordinator"), &args, envs)
 }
 
-/// Spawns `redtx-participant --redis url --name name --data data_url extra...` with `envs`.
+/// Spawns `redtx-participant --redis url --name name --data data_url --partitions 4 extra...`
+/// with `envs`.
 pub fn participant(url: &str, name: &str, data_url: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut args = vec![
         "--redis".to_string(),
@@ -276,6 +336,7 @@ pub fn participant(url: &str, name: &str, data_url: &str, extra: &[&str], envs: 
         "--data".to_string(),
         data_url.to_string(),
     ];
+    args.extend(partitions_args());
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn(name, &bin("redtx-participant"), &args, envs)
 }
@@ -310,6 +371,40 @@ pub fn cli(args: &[&str], stdin: Option<&[u8]>) -> CliOutput {
     cli_with_timeout(args, stdin, LONG)
 }
 
+/// Runs `redtx <sub> --redis <url> --partitions 4 rest...` (see [`cli`]).
+pub fn redtx(sub: &str, url: &str, rest: &[&str], stdin: Option<&[u8]>) -> CliOutput {
+    let mut args = vec![sub.to_string(), "--redis".to_string(), url.to_string()];
+    args.extend(partitions_args());
+    args.extend(rest.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cli(&args, stdin)
+}
+
+/// Starts `redtx <sub> --redis <url> --partitions 4 rest...` in the background, its stdin
+/// `stdin` (then closed); [`Proc::wait_exit`] gives its exit code, [`Proc::output`] what it
+/// printed.
+pub fn spawn_redtx(sub: &str, url: &str, rest: &[&str], stdin: &[u8]) -> Proc {
+    let mut args = vec![sub.to_string(), "--redis".to_string(), url.to_string()];
+    args.extend(partitions_args());
+    args.extend(rest.iter().map(|s| s.to_string()));
+    let mut cmd = Command::new(bin("redtx"));
+    cmd.args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("REDTX_REDIS_URL")
+        .env_remove("REDTX_PARTITIONS")
+        .env_remove(FAILPOINT);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    let mut child = cmd.spawn().expect("spawn redtx");
+    let mut w = child.stdin.take().unwrap();
+    w.write_all(stdin).expect("write redtx stdin");
+    drop(w);
+    Proc::adopt(&format!("redtx {sub}"), child)
+}
+
 /// [`cli`] with an explicit time limit.
 pub fn cli_with_timeout(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CliOutput {
     let mut cmd = Command::new(bin("redtx"));
@@ -318,6 +413,7 @@ pub fn cli_with_timeout(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_remove("REDTX_REDIS_URL")
+        .env_remove("REDTX_PARTITIONS")
         .env_remove(FAILPOINT);
     let mut child = cmd.spawn().expect("spawn redtx");
     let writer = stdin.map(|bytes| {
@@ -449,7 +545,455 @@ pub fn drained(conn: &mut redis::Connection, stream: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The bank fixture
+// Partitions
+
+/// The partition of transaction `id` in a test deployment.
+pub fn partition(id: &str) -> u32 {
+    keys::partition(id, PARTITIONS)
+}
+
+/// The record key of transaction `id` (`rtx:txn:{P}:<id>`).
+pub fn record_key(id: &str) -> String {
+    keys::txn_record(partition(id), id)
+}
+
+/// The coordinator stream of every partition.
+pub fn coord_streams() -> Vec<String> {
+    (0..PARTITIONS).map(keys::coord_stream).collect()
+}
+
+/// The streams of every partition of participant `name`.
+pub fn participant_streams(name: &str) -> Vec<String> {
+    (0..PARTITIONS).map(|p| keys::participant_stream(name, p)).collect()
+}
+
+/// The sum of `XLEN` over `streams` (missing streams count 0).
+pub fn xlen_sum(conn: &mut redis::Connection, streams: &[String]) -> u64 {
+    streams.iter().map(|s| conn.xlen::<_, u64>(s).unwrap()).sum()
+}
+
+/// One dead letter: the partition's dead-letter stream it is in, and its fields (`stream`,
+/// `id`, `reason`, `orig.t`, ...), as text.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// `rtx:dead:{P}`.
+    pub dead_stream: String,
+    /// The fields.
+    pub fields: BTreeMap<String, String>,
+}
+
+impl DeadLetter {
+    /// A field, or "".
+    pub fn get(&self, k: &str) -> &str {
+        self.fields.get(k).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Every dead letter of every partition.
+pub fn dead_letters(conn: &mut redis::Connection) -> Vec<DeadLetter> {
+    let mut out = Vec::new();
+    for p in 0..PARTITIONS {
+        let dead_stream = keys::dead_letter_stream(p);
+        for (_, f) in xrange(conn, &dead_stream) {
+            let fields = f.into_iter().map(|(k, v)| (k, lossy(&v))).collect();
+            out.push(DeadLetter { dead_stream: dead_stream.clone(), fields });
+        }
+    }
+    out
+}
+
+/// The messages of `stream` about transaction `id`, in stream order (undecodable entries are
+/// skipped).
+pub fn messages_of(conn: &mut redis::Connection, stream: &str, id: &str) -> Vec<Message> {
+    xrange(conn, stream)
+        .into_iter()
+        .filter_map(|(_, f)| Message::decode(f.get("t")?, f.get("m")?).ok())
+        .filter(|m| m.txn() == id)
+        .collect()
+}
+
+/// A producer [`Client`] for a test deployment (its partition count).
+pub async fn connect_client(url: &str) -> redtx_common::Result<Client> {
+    Ok(Client::connect(url).await?.with_partitions(PARTITIONS))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cluster
+
+/// How to start a [`Cluster`] (the fixture decides the servers and participants).
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Coordinators to start.
+    pub coordinators: usize,
+    /// Extra coordinator arguments.
+    pub coord_args: Vec<String>,
+    /// Extra participant arguments.
+    pub part_args: Vec<String>,
+    /// Fail point of the first coordinator.
+    pub coord_failpoint: Option<String>,
+    /// Fail point of the first instance of a participant, by name.
+    pub failpoints: BTreeMap<String, String>,
+    /// Instances of a participant, by name, where the fixture's default (one) does not fit;
+    /// 0: not started.
+    pub instances: BTreeMap<String, usize>,
+}
+
+impl Default for ClusterOptions {
+    /// One coordinator, one instance of each participant, fast recovery settings, no fail points.
+    fn default() -> Self {
+        ClusterOptions {
+            coordinators: 1,
+            coord_args: FAST_COORD.iter().map(|s| s.to_string()).collect(),
+            part_args: FAST_PART.iter().map(|s| s.to_string()).collect(),
+            coord_failpoint: None,
+            failpoints: BTreeMap::new(),
+            instances: BTreeMap::new(),
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// Arms `fp` in the first instance of participant `name`.
+    pub fn failpoint(mut self, name: &str, fp: &str) -> Self {
+        self.failpoints.insert(name.to_string(), fp.to_string());
+        self
+    }
+
+    /// Arms `fp` in the first coordinator.
+    pub fn coord_failpoint(mut self, fp: &str) -> Self {
+        self.coord_failpoint = Some(fp.to_string());
+        self
+    }
+
+    /// Starts `n` instances of participant `name`.
+    pub fn instances(mut self, name: &str, n: usize) -> Self {
+        self.instances.insert(name.to_string(), n);
+        self
+    }
+
+    /// Adds coordinator arguments.
+    pub fn coord_args(mut self, args: &[&str]) -> Self {
+        self.coord_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Adds participant arguments.
+    pub fn part_args(mut self, args: &[&str]) -> Self {
+        self.part_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+}
+
+/// Redis servers (`servers[0]` holds the streams and records), coordinators and named
+/// participants, each with its data on one of the servers.
+pub struct Cluster {
+    /// The servers; `servers[0]` holds the streams and records.
+    pub servers: Vec<RedisServer>,
+    /// The coordinators started so far.
+    pub coordinators: Vec<Proc>,
+    /// The instances of each participant started so far.
+    pub workers: BTreeMap<String, Vec<Proc>>,
+    /// Which server holds each participant's data.
+    homes: BTreeMap<String, usize>,
+    /// The options it was started with.
+    pub opts: ClusterOptions,
+    /// Runtime for the async [`Client`].
+    pub rt: tokio::runtime::Runtime,
+    client: OnceLock<Client>,
+}
+
+impl Cluster {
+    /// Starts `servers` Redis servers with `server_opts`, then the coordinators and, for each
+    /// `(name, server index)` of `participants`, its instances (as `opts` says).
+    pub fn start(
+        servers: usize,
+        server_opts: ServerOptions,
+        participants: &[(&str, usize)],
+        opts: ClusterOptions,
+    ) -> Cluster {
+        let servers: Vec<RedisServer> = (0..servers.max(1))
+            .map(|i| RedisServer::start_with(server_opts.clone()).unwrap_or_else(|e| panic!("start redis #{i}: {e}")))
+            .collect();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mut c = Cluster {
+            servers,
+            coordinators: Vec::new(),
+            workers: BTreeMap::new(),
+            homes: participants.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+            opts: opts.clone(),
+            rt,
+            client: OnceLock::new(),
+        };
+        for i in 0..opts.coordinators {
+            c.start_coordinator(if i == 0 { opts.coord_failpoint.as_deref() } else { None });
+        }
+        for (name, _) in participants {
+            let n = opts.instances.get(*name).copied().unwrap_or(1);
+            for i in 0..n {
+                let fp = if i == 0 { opts.failpoints.get(*name).cloned() } else { None };
+                c.start_worker(name, fp.as_deref());
+            }
+        }
+        c
+    }
+
+    /// URL of the Redis holding the streams and records.
+    pub fn url(&self) -> String {
+        self.servers[0].url()
+    }
+
+    /// URL of participant `name`'s data Redis.
+    pub fn data_url(&self, name: &str) -> String {
+        self.servers[self.home(name)].url()
+    }
+
+    fn home(&self, name: &str) -> usize {
+        *self.homes.get(name).unwrap_or_else(|| panic!("no participant {name:?} in this cluster"))
+    }
+
+    /// The participant names.
+    pub fn participants(&self) -> Vec<String> {
+        self.homes.keys().cloned().collect()
+    }
+
+    /// Starts one more coordinator (with `failpoint` armed if given).
+    pub fn start_coordinator(&mut self, failpoint: Option<&str>) -> &mut Proc {
+        let args: Vec<&str> = self.opts.coord_args.iter().map(String::as_str).collect();
+        let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
+        let mut p = coordinator(&self.url(), &args, &envs);
+        p.label = format!("coordinator#{}", self.coordinators.len() + 1);
+        self.coordinators.push(p);
+        self.coordinators.last_mut().unwrap()
+    }
+
+    /// Starts one more instance of participant `name` (with `failpoint` armed if given).
+    pub fn start_worker(&mut self, name: &str, failpoint: Option<&str>) -> &mut Proc {
+        let args: Vec<&str> = self.opts.part_args.iter().map(String::as_str).collect();
+        let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
+        let mut p = participant(&self.url(), name, &self.data_url(name), &args, &envs);
+        let list = self.workers.entry(name.to_string()).or_default();
+        p.label = format!("{name}#{}", list.len() + 1);
+        list.push(p);
+        list.last_mut().unwrap()
+    }
+
+    /// The instances of participant `name` started so far.
+    pub fn procs(&mut self, name: &str) -> &mut Vec<Proc> {
+        self.workers.entry(name.to_string()).or_default()
+    }
+
+    /// Every process started so far.
+    pub fn all_procs(&mut self) -> Vec<&mut Proc> {
+        self.coordinators.iter_mut().chain(self.workers.values_mut().flatten()).collect()
+    }
+
+    /// Panics unless every process started so far (and not killed by the test) still runs.
+    pub fn assert_running(&mut self, procs: &[&str]) {
+        for p in self.all_procs() {
+            if procs.contains(&p.label.as_str()) {
+                assert!(p.is_running(), "{} died:\n{}", p.label, p.output());
+            }
+        }
+    }
+
+    /// A synchronous connection to the stream Redis.
+    pub fn stream_conn(&self) -> redis::Connection {
+        redis_conn(&self.url())
+    }
+
+    /// A synchronous connection to participant `name`'s data Redis.
+    pub fn data_conn(&self, name: &str) -> redis::Connection {
+        redis_conn(&self.data_url(name))
+    }
+
+    /// The producer client (connected on first use, shared).
+    pub fn client(&self) -> &Client {
+        self.client.get_or_init(|| self.rt.block_on(connect_client(&self.url())).expect("client connect"))
+    }
+
+    /// Submits through the producer library; returns the id.
+    pub fn submit(&self, spec: &TxnSpec) -> String {
+        self.rt.block_on(self.client().submit(spec)).unwrap_or_else(|e| panic!("submit {}: {e}", spec.id))
+    }
+
+    /// Waits (library) until `id` is settled: terminal, `aborting` or `stuck`.
+    pub fn wait_settled(&self, id: &str) -> TxnRecord {
+        self.rt.block_on(self.client().wait(id, LONG)).unwrap_or_else(|e| panic!("wait {id}: {e}\n{}", self.dump(id)))
+    }
+
+    /// Waits until `id` is terminal (committed, aborted, completed, compensated).
+    pub fn wait(&self, id: &str) -> TxnRecord {
+        let rec = self.wait_settled(id);
+        if rec.state.is_terminal() {
+            return rec;
+        }
+        self.wait_state(id, &TERMINAL, LONG)
+    }
+
+    /// Submits and waits until terminal.
+    pub fn run(&self, spec: &TxnSpec) -> TxnRecord {
+        let id = self.submit(spec);
+        self.wait(&id)
+    }
+
+    /// The record of `id`, if any.
+    pub fn record(&self, id: &str) -> Option<TxnRecord> {
+        self.rt.block_on(self.client().status(id)).unwrap()
+    }
+
+    /// The raw record hash of `id`.
+    pub fn raw_record(&self, id: &str) -> BTreeMap<String, Vec<u8>> {
+        let h: HashMap<String, Vec<u8>> = self.stream_conn().hgetall(record_key(id)).unwrap();
+        h.into_iter().collect()
+    }
+
+    /// The record's `state` field, if any.
+    pub fn state(&self, id: &str) -> Option<String> {
+        self.stream_conn().hget(record_key(id), "state").unwrap()
+    }
+
+    /// Polls until the record of `id` is in one of `states`; returns the record.
+    pub fn wait_state(&self, id: &str, states: &[TxnState], timeout: Duration) -> TxnRecord {
+        self.wait_record(id, &format!("{states:?}"), timeout, |r| states.contains(&r.state))
+    }
+
+    /// Polls until the record of `id` satisfies `ok`; returns the record.
+    pub fn wait_record(&self, id: &str, what: &str, timeout: Duration, ok: impl Fn(&TxnRecord) -> bool) -> TxnRecord {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.record(id) {
+                if ok(&r) {
+                    return r;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!("{id} did not reach {what} within {timeout:?}\n{}", self.dump(id));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A readable dump of `id`'s record and barriers, for failure messages.
+    pub fn dump(&self, id: &str) -> String {
+        let mut s = match self.record(id) {
+            Some(r) => format!("record {}: {r:?}", record_key(id)),
+            None => format!("record {}: none", record_key(id)),
+        };
+        for name in self.participants() {
+            s.push_str(&format!("\nbarrier {}: {:?}", keys::barrier(&name, id), self.barrier(&name, id)));
+        }
+        s
+    }
+
+    /// The barrier hash of `id` at participant `name` (without the staged ops).
+    pub fn barrier(&self, name: &str, id: &str) -> BTreeMap<String, String> {
+        let h: HashMap<String, Vec<u8>> = self.data_conn(name).hgetall(keys::barrier(name, id)).unwrap_or_default();
+        h.into_iter().filter(|(k, _)| k != "ops" && k != "keys").map(|(k, v)| (k, lossy(&v))).collect()
+    }
+
+    /// The barrier state of `id` at participant `name`, if any.
+    pub fn barrier_state(&self, name: &str, id: &str) -> Option<String> {
+        self.data_conn(name).hget(keys::barrier(name, id), "state").unwrap()
+    }
+
+    /// Polls until the barrier of `id` at `name` is in `state`.
+    pub fn wait_barrier(&self, name: &str, id: &str, state: &str) {
+        let deadline = Instant::now() + LONG;
+        while self.barrier_state(name, id).as_deref() != Some(state) {
+            if Instant::now() >= deadline {
+                panic!("barrier of {id} at {name} not {state} within {LONG:?}\n{}", self.dump(id));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The holder of the lock of user key `key` at participant `name`'s data Redis.
+    pub fn lock(&self, name: &str, key: &str) -> Option<String> {
+        self.data_conn(name).get(keys::lock(key)).unwrap()
+    }
+
+    /// Locks (`rtx:lock:*`) and barriers in state `prepared` left on any data Redis.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for name in self.participants() {
+            let home = self.home(&name);
+            if !seen.insert(home) {
+                continue;
+            }
+            let mut c = self.data_conn(&name);
+            for k in scan(&mut c, &keys::lock("*")) {
+                let owner: Option<String> = c.get(&k).unwrap_or(None);
+                out.push(format!("server #{home}: lock {k} held by {owner:?}"));
+            }
+            for k in scan(&mut c, "rtx:bar:*") {
+                let st: Option<String> = c.hget(&k, "state").unwrap_or(None);
+                if st.as_deref() == Some("prepared") {
+                    out.push(format!("server #{home}: barrier {k} still prepared"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Panics unless no lock and no prepared barrier is left on any data Redis.
+    pub fn assert_clean(&self) {
+        let left = self.leftovers();
+        assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
+    }
+
+    /// Polls until [`Cluster::assert_clean`] would pass.
+    pub fn wait_clean(&self) {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("still left behind after {LONG:?}:\n{}", left.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `XLEN` of a stream on the stream Redis.
+    pub fn xlen(&self, stream: &str) -> u64 {
+        self.stream_conn().xlen(stream).unwrap()
+    }
+
+    /// Every dead letter of every partition.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        dead_letters(&mut self.stream_conn())
+    }
+
+    /// The messages about `id` on its partition's coordinator stream, in order.
+    pub fn coord_messages(&self, id: &str) -> Vec<Message> {
+        messages_of(&mut self.stream_conn(), &keys::coord_stream(partition(id)), id)
+    }
+
+    /// The messages about `id` sent to participant `name`, in order.
+    pub fn sent_to(&self, name: &str, id: &str) -> Vec<Message> {
+        messages_of(&mut self.stream_conn(), &keys::participant_stream(name, partition(id)), id)
+    }
+
+    /// The last lines of every process, for failure messages.
+    pub fn tails(&self) -> String {
+        self.coordinators
+            .iter()
+            .chain(self.workers.values().flatten())
+            .map(|p| format!("{}:\n{}", p.label, p.output().lines().rev().take(15).collect::<Vec<_>>().join("\n")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The terminal states.
+pub const TERMINAL: [TxnState; 4] =
+    [TxnState::Committed, TxnState::Aborted, TxnState::Completed, TxnState::Compensated];
+
+// ---------------------------------------------------------------------------------------------
+// The bank fixture (2PC)
 
 /// Which bank (participant) an account lives at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -470,155 +1014,62 @@ impl Side {
     }
 }
 
-/// How to start a [`Bank`].
-#[derive(Debug, Clone)]
-pub struct BankOptions {
-    /// Start a coordinator.
-    pub coordinator: bool,
-    /// Instances of `bank-a` to start.
-    pub bank_a: usize,
-    /// Instances of `bank-b` to start.
-    pub bank_b: usize,
-    /// Extra coordinator arguments.
-    pub coord_args: Vec<String>,
-    /// Extra participant arguments.
-    pub part_args: Vec<String>,
-    /// Fail point for the coordinator.
-    pub coord_failpoint: Option<String>,
-    /// Fail point for `bank-a` (first instance).
-    pub a_failpoint: Option<String>,
-    /// Fail point for `bank-b` (first instance).
-    pub b_failpoint: Option<String>,
-}
+/// Two Redis servers with AOF (A: streams, records and `bank-a`'s data; B: `bank-b`'s data), a
+/// coordinator and the participants `bank-a` and `bank-b`.
+pub struct Bank(pub Cluster);
 
-impl Default for BankOptions {
-    /// One coordinator, one instance of each bank, fast recovery settings, no fail points.
-    fn default() -> Self {
-        BankOptions {
-            coordinator: true,
-            bank_a: 1,
-            bank_b: 1,
-            coord_args: FAST_COORD.iter().map(|s| s.to_string()).collect(),
-            part_args: FAST_PART.iter().map(|s| s.to_string()).collect(),
-            coord_failpoint: None,
-            a_failpoint: None,
-            b_failpoint: None,
-        }
+impl std::ops::Deref for Bank {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
     }
 }
 
-/// Two Redis servers, a coordinator and the participants `bank-a` and `bank-b`.
-pub struct Bank {
-    /// Streams, records and `bank-a`'s data.
-    pub a: RedisServer,
-    /// `bank-b`'s data.
-    pub b: RedisServer,
-    /// The coordinators started so far (usually one).
-    pub coordinators: Vec<Proc>,
-    /// `bank-a` instances.
-    pub bank_a: Vec<Proc>,
-    /// `bank-b` instances.
-    pub bank_b: Vec<Proc>,
-    /// The options it was started with.
-    pub opts: BankOptions,
-    /// Runtime for the async [`Client`].
-    pub rt: tokio::runtime::Runtime,
-    client: OnceLock<Client>,
+impl std::ops::DerefMut for Bank {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.0
+    }
 }
 
 impl Bank {
     /// Starts servers and processes with the default options.
     pub fn start() -> Bank {
-        Bank::start_with(BankOptions::default())
+        Bank::start_with(ClusterOptions::default())
     }
 
     /// Starts servers and processes as `opts` says.
-    pub fn start_with(opts: BankOptions) -> Bank {
-        let a = RedisServer::start().expect("start redis A");
-        let b = RedisServer::start().expect("start redis B");
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let mut bank = Bank {
-            a,
-            b,
-            coordinators: Vec::new(),
-            bank_a: Vec::new(),
-            bank_b: Vec::new(),
-            opts: opts.clone(),
-            rt,
-            client: OnceLock::new(),
-        };
-        if opts.coordinator {
-            bank.start_coordinator(opts.coord_failpoint.as_deref());
-        }
-        for i in 0..opts.bank_a {
-            bank.start_participant(Side::A, if i == 0 { opts.a_failpoint.as_deref() } else { None });
-        }
-        for i in 0..opts.bank_b {
-            bank.start_participant(Side::B, if i == 0 { opts.b_failpoint.as_deref() } else { None });
-        }
-        bank
+    pub fn start_with(opts: ClusterOptions) -> Bank {
+        Bank(Cluster::start(2, ServerOptions::default(), &[("bank-a", 0), ("bank-b", 1)], opts))
     }
 
-    /// URL of the Redis holding the streams (server A).
-    pub fn url(&self) -> String {
-        self.a.url()
-    }
-
-    /// URL of the data Redis of `side`.
-    pub fn data_url(&self, side: Side) -> String {
-        match side {
-            Side::A => self.a.url(),
-            Side::B => self.b.url(),
-        }
-    }
-
-    /// Starts one more coordinator (with `failpoint` armed if given).
-    pub fn start_coordinator(&mut self, failpoint: Option<&str>) -> &mut Proc {
-        let args: Vec<&str> = self.opts.coord_args.iter().map(String::as_str).collect();
-        let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
-        let mut p = coordinator(&self.url(), &args, &envs);
-        p.label = format!("coordinator#{}", self.coordinators.len() + 1);
-        self.coordinators.push(p);
-        self.coordinators.last_mut().unwrap()
+    /// Server A: streams, records and `bank-a`'s data.
+    pub fn a(&mut self) -> &mut RedisServer {
+        &mut self.0.servers[0]
     }
 
     /// Starts one more instance of `side`'s participant (with `failpoint` armed if given).
     pub fn start_participant(&mut self, side: Side, failpoint: Option<&str>) -> &mut Proc {
-        let args: Vec<&str> = self.opts.part_args.iter().map(String::as_str).collect();
-        let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
-        let mut p = participant(&self.url(), side.name(), &self.data_url(side), &args, &envs);
-        let list = match side {
-            Side::A => &mut self.bank_a,
-            Side::B => &mut self.bank_b,
-        };
-        p.label = format!("{}#{}", side.name(), list.len() + 1);
-        list.push(p);
-        list.last_mut().unwrap()
+        self.0.start_worker(side.name(), failpoint)
     }
 
-    /// A synchronous connection to the stream Redis (A).
-    pub fn stream_conn(&self) -> redis::Connection {
-        redis_conn(&self.url())
+    /// The instances of `side`'s participant.
+    pub fn bank(&mut self, side: Side) -> &mut Vec<Proc> {
+        self.0.procs(side.name())
     }
 
     /// A synchronous connection to `side`'s data Redis.
-    pub fn data_conn(&self, side: Side) -> redis::Connection {
-        redis_conn(&self.data_url(side))
+    pub fn side_conn(&self, side: Side) -> redis::Connection {
+        self.data_conn(side.name())
     }
 
-    /// The producer client (connected on first use, shared).
-    pub fn client(&self) -> &Client {
-        self.client.get_or_init(|| self.rt.block_on(Client::connect(&self.url())).expect("client connect"))
-    }
-
-    /// Sets `acct:<name>` at `side` to `amount` (directly, outside any transaction).
+    /// Sets `account` at `side` to `amount` (directly, outside any transaction).
     pub fn seed(&self, side: Side, account: &str, amount: i64) {
-        let _: () = self.data_conn(side).set(account, amount).unwrap();
+        let _: () = self.side_conn(side).set(account, amount).unwrap();
     }
 
     /// The balance at `side` (0 if the key does not exist).
     pub fn balance(&self, side: Side, account: &str) -> i64 {
-        let v: Option<i64> = self.data_conn(side).get(account).unwrap();
+        let v: Option<i64> = self.side_conn(side).get(account).unwrap();
         v.unwrap_or(0)
     }
 
@@ -626,7 +1077,7 @@ impl Bank {
     pub fn balances(&self) -> BTreeMap<(Side, String), i64> {
         let mut out = BTreeMap::new();
         for side in [Side::A, Side::B] {
-            let mut c = self.data_conn(side);
+            let mut c = self.side_conn(side);
             for k in scan(&mut c, "acct:*") {
                 let v: i64 = c.get(&k).unwrap();
                 out.insert((side, k), v);
@@ -640,116 +1091,9 @@ impl Bank {
         self.balances().values().sum()
     }
 
-    /// Submits through the producer library; returns the id.
-    pub fn submit(&self, spec: &TxnSpec) -> String {
-        self.rt.block_on(self.client().submit(spec)).unwrap_or_else(|e| panic!("submit {}: {e}", spec.id))
-    }
-
-    /// Waits (library) until `id` is terminal.
-    pub fn wait(&self, id: &str) -> TxnRecord {
-        self.rt.block_on(self.client().wait(id, LONG)).unwrap_or_else(|e| panic!("wait {id}: {e}\n{}", self.dump(id)))
-    }
-
-    /// Submits and waits through the producer library.
-    pub fn run(&self, spec: &TxnSpec) -> TxnRecord {
-        let id = self.submit(spec);
-        self.wait(&id)
-    }
-
-    /// The record of `id`, if any.
-    pub fn record(&self, id: &str) -> Option<TxnRecord> {
-        self.rt.block_on(self.client().status(id)).unwrap()
-    }
-
-    /// The raw record hash of `id`.
-    pub fn raw_record(&self, id: &str) -> BTreeMap<String, Vec<u8>> {
-        let h: HashMap<String, Vec<u8>> = self.stream_conn().hgetall(keys::txn_record(id)).unwrap();
-        h.into_iter().collect()
-    }
-
-    /// The record's `state` field, if any.
-    pub fn state(&self, id: &str) -> Option<String> {
-        self.stream_conn().hget(keys::txn_record(id), "state").unwrap()
-    }
-
-    /// Polls until the record of `id` is in one of `states`; returns the record.
-    pub fn wait_state(&self, id: &str, states: &[TxnState], timeout: Duration) -> TxnRecord {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(r) = self.record(id) {
-                if states.contains(&r.state) {
-                    return r;
-                }
-            }
-            if Instant::now() >= deadline {
-                panic!("{id} did not reach {states:?} within {timeout:?}\n{}", self.dump(id));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// A readable dump of `id`'s record and barriers, for failure messages.
-    pub fn dump(&self, id: &str) -> String {
-        let rec: Vec<(String, String)> =
-            self.raw_record(id).into_iter().filter(|(k, _)| k != "spec").map(|(k, v)| (k, lossy(&v))).collect();
-        let mut s = format!("record {}: {rec:?}", keys::txn_record(id));
-        for side in [Side::A, Side::B] {
-            let mut c = self.data_conn(side);
-            let bar: HashMap<String, Vec<u8>> = c.hgetall(keys::barrier(side.name(), id)).unwrap_or_default();
-            let bar: BTreeMap<String, String> = bar.into_iter().map(|(k, v)| (k, lossy(&v))).collect();
-            s.push_str(&format!("\nbarrier {}: {bar:?}", keys::barrier(side.name(), id)));
-        }
-        s
-    }
-
     /// The barrier state of `id` at `side`, if any.
-    pub fn barrier_state(&self, side: Side, id: &str) -> Option<String> {
-        self.data_conn(side).hget(keys::barrier(side.name(), id), "state").unwrap()
-    }
-
-    /// Locks (`rtx:lock:*`) and barriers in state `prepared` left on either data Redis.
-    pub fn leftovers(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for side in [Side::A, Side::B] {
-            let mut c = self.data_conn(side);
-            for k in scan(&mut c, "rtx:lock:*") {
-                let owner: Option<String> = c.get(&k).unwrap_or(None);
-                out.push(format!("{side:?}: lock {k} held by {owner:?}"));
-            }
-            for k in scan(&mut c, "rtx:bar:*") {
-                let st: Option<String> = c.hget(&k, "state").unwrap_or(None);
-                if st.as_deref() == Some("prepared") {
-                    out.push(format!("{side:?}: barrier {k} still prepared"));
-                }
-            }
-        }
-        out
-    }
-
-    /// Panics unless no lock and no prepared barrier is left on either data Redis.
-    pub fn assert_clean(&self) {
-        let left = self.leftovers();
-        assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
-    }
-
-    /// Polls until [`Bank::assert_clean`] would pass.
-    pub fn wait_clean(&self) {
-        let deadline = Instant::now() + LONG;
-        loop {
-            let left = self.leftovers();
-            if left.is_empty() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!("still left behind after {LONG:?}:\n{}", left.join("\n"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `XLEN` of a stream on the stream Redis.
-    pub fn xlen(&self, stream: &str) -> u64 {
-        self.stream_conn().xlen(stream).unwrap()
+    pub fn side_barrier(&self, side: Side, id: &str) -> Option<String> {
+        self.barrier_state(side.name(), id)
     }
 }
 
@@ -770,18 +1114,20 @@ pub fn random_pair(n: usize) -> (usize, usize) {
     (from, to)
 }
 
+/// An `incrby` with optional bounds.
+pub fn incrby(key: &str, by: i64, min: Option<i64>, max: Option<i64>) -> Op {
+    Op::Incrby(IncrbyOp { key: key.to_string(), by, min, max })
+}
+
 /// A spec moving `amount` from `from` to `to`; the debit is guarded by `min: 0`. Two accounts at
 /// the same bank make one branch with two ops.
 pub fn transfer(from: (Side, &str), to: (Side, &str), amount: i64) -> TxnSpec {
-    let debit = Op::Incrby(IncrbyOp { key: from.1.to_string(), by: -amount, min: Some(0), max: None });
+    let debit = incrby(from.1, -amount, Some(0), None);
     let credit = Op::incrby(to.1, amount);
     let branches = if from.0 == to.0 {
-        vec![Branch { participant: from.0.name().into(), ops: vec![debit, credit] }]
+        vec![Branch::kv(from.0.name(), vec![debit, credit])]
     } else {
-        vec![
-            Branch { participant: from.0.name().into(), ops: vec![debit] },
-            Branch { participant: to.0.name().into(), ops: vec![credit] },
-        ]
+        vec![Branch::kv(from.0.name(), vec![debit]), Branch::kv(to.0.name(), vec![credit])]
     };
     TxnSpec::new(branches)
 }
@@ -800,4 +1146,263 @@ pub fn transfer_json(id: Option<&str>, from: (Side, &str), to: (Side, &str), amo
         v["id"] = serde_json::Value::String(id.to_string());
     }
     v.to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shop fixture (sagas)
+
+/// The shop's participants, in step order.
+pub const SHOP_STEPS: [&str; 3] = ["orders", "stock", "payment"];
+
+/// One order: `qty` of `sku` for `customer` at `price` each, as a three-step saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// The order id (the saga's id).
+    pub id: String,
+    /// Who pays (`bal:<customer>` at `payment`).
+    pub customer: String,
+    /// What is sold (`stock:<sku>` at `stock`).
+    pub sku: String,
+    /// How many.
+    pub qty: i64,
+    /// Price of one.
+    pub price: i64,
+}
+
+impl Order {
+    /// An order.
+    pub fn new(id: &str, customer: &str, sku: &str, qty: i64, price: i64) -> Order {
+        Order { id: id.into(), customer: customer.into(), sku: sku.into(), qty, price }
+    }
+
+    /// What it costs.
+    pub fn amount(&self) -> i64 {
+        self.qty * self.price
+    }
+
+    /// The step marker of this order at each participant: a hash `step:<id>` whose field `a`
+    /// counts applied actions and `c` applied compensations (each must end 0 or 1).
+    pub fn marker(&self) -> String {
+        format!("step:{}", self.id)
+    }
+
+    fn mark(&self, field: &str, by: i64) -> Op {
+        Op::Hincrby(HincrbyOp { key: self.marker(), field: field.into(), by, min: None, max: None })
+    }
+
+    /// The saga: 0 `orders` places it (refused while `shop:closed` exists), 1 `stock` takes the
+    /// goods (refused below 0), 2 `payment` charges the customer (refused below 0). Each
+    /// compensation undoes its action. Timeout 30 s; up to 10 attempts per step, 2 s each.
+    pub fn saga(&self) -> TxnSpec {
+        let (qty, amount) = (self.qty, self.amount());
+        let stock = format!("stock:{}", self.sku);
+        let sold = format!("sold:{}", self.sku);
+        let bal = format!("bal:{}", self.customer);
+        let spent = format!("spent:{}", self.customer);
+        let mut spec = TxnSpec::saga(vec![
+            Branch::kv_step(
+                "orders",
+                vec![
+                    Op::Expect(ExpectOp { key: "shop:closed".into(), value: None }),
+                    self.mark("a", 1),
+                    Op::incrby("orders:placed", 1),
+                ],
+                vec![self.mark("c", 1), Op::incrby("orders:placed", -1)],
+            ),
+            Branch::kv_step(
+                "stock",
+                vec![incrby(&stock, -qty, Some(0), None), Op::incrby(&sold, qty), self.mark("a", 1)],
+                vec![Op::incrby(&stock, qty), Op::incrby(&sold, -qty), self.mark("c", 1)],
+            ),
+            Branch::kv_step(
+                "payment",
+                vec![incrby(&bal, -amount, Some(0), None), Op::incrby(&spent, amount), self.mark("a", 1)],
+                vec![Op::incrby(&bal, amount), Op::incrby(&spent, -amount), self.mark("c", 1)],
+            ),
+        ])
+        .with_id(self.id.clone())
+        .with_timeout(Duration::from_secs(30));
+        spec.retry.limit = 10;
+        spec.retry.step_timeout_ms = 2000;
+        spec
+    }
+}
+
+/// Three Redis servers without persistence (0: streams, records and `orders`' data; 1: `stock`;
+/// 2: `payment`), a coordinator and the participants `orders`, `stock` and `payment`.
+pub struct Shop {
+    /// The cluster.
+    pub cluster: Cluster,
+    /// Stock seeded, by sku.
+    stock0: Mutex<BTreeMap<String, i64>>,
+    /// Balances seeded, by customer.
+    balance0: Mutex<BTreeMap<String, i64>>,
+}
+
+impl std::ops::Deref for Shop {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl std::ops::DerefMut for Shop {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
+    }
+}
+
+/// What [`Shop::check`] counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShopSummary {
+    /// Orders completed.
+    pub completed: usize,
+    /// Orders compensated.
+    pub compensated: usize,
+}
+
+impl Shop {
+    /// Starts servers and processes with the default options.
+    pub fn start() -> Shop {
+        Shop::start_with(ClusterOptions::default())
+    }
+
+    /// Starts servers and processes as `opts` says.
+    pub fn start_with(opts: ClusterOptions) -> Shop {
+        let server = ServerOptions { aof: false, ..ServerOptions::default() };
+        let cluster = Cluster::start(3, server, &[("orders", 0), ("stock", 1), ("payment", 2)], opts);
+        Shop { cluster, stock0: Mutex::default(), balance0: Mutex::default() }
+    }
+
+    /// Puts `n` of `sku` in stock (none sold).
+    pub fn seed_stock(&self, sku: &str, n: i64) {
+        let mut c = self.data_conn("stock");
+        let _: () = redis::pipe().set(format!("stock:{sku}"), n).set(format!("sold:{sku}"), 0).query(&mut c).unwrap();
+        self.stock0.lock().unwrap().insert(sku.to_string(), n);
+    }
+
+    /// Gives `customer` a balance of `n` (nothing spent).
+    pub fn seed_customer(&self, customer: &str, n: i64) {
+        let mut c = self.data_conn("payment");
+        let _: () =
+            redis::pipe().set(format!("bal:{customer}"), n).set(format!("spent:{customer}"), 0).query(&mut c).unwrap();
+        self.balance0.lock().unwrap().insert(customer.to_string(), n);
+    }
+
+    /// An integer key at participant `name` (0 if missing).
+    pub fn int(&self, name: &str, key: &str) -> i64 {
+        let v: Option<i64> = self.data_conn(name).get(key).unwrap();
+        v.unwrap_or(0)
+    }
+
+    /// The step marker `(a, c)` of `order` at participant `name`: actions and compensations
+    /// applied.
+    pub fn marker(&self, name: &str, order: &Order) -> (i64, i64) {
+        let (a, c): (Option<i64>, Option<i64>) =
+            redis::cmd("HMGET").arg(order.marker()).arg("a").arg("c").query(&mut self.data_conn(name)).unwrap();
+        (a.unwrap_or(0), c.unwrap_or(0))
+    }
+
+    /// Checks the shop after `orders` ended with the records given: each is completed or
+    /// compensated; a completed order applied every action once and no compensation, every
+    /// barrier `done`; a compensated one has every applied action compensated exactly once and
+    /// nothing else, its barriers `failed`/`compensated`/absent; stock + sold and balance + spent
+    /// are as seeded, sold and spent are exactly what the completed orders say,
+    /// `orders:placed` counts the completed orders; no lock and no prepared barrier is left.
+    pub fn check(&self, orders: &[(Order, TxnRecord)]) -> ShopSummary {
+        let mut sum = ShopSummary::default();
+        let mut problems = Vec::new();
+        // Step markers and barriers of every order, one pipeline per participant.
+        let mut markers: BTreeMap<&str, Vec<(Option<i64>, Option<i64>, Option<String>)>> = BTreeMap::new();
+        for name in SHOP_STEPS {
+            let mut c = self.data_conn(name);
+            let mut out = Vec::with_capacity(orders.len());
+            for chunk in orders.chunks(256) {
+                let mut p = redis::pipe();
+                for (o, _) in chunk {
+                    p.cmd("HMGET").arg(o.marker()).arg("a").arg("c");
+                    p.hget(keys::barrier(name, &o.id), "state");
+                }
+                let v: Vec<redis::Value> = p.query(&mut c).unwrap();
+                for pair in v.chunks(2) {
+                    let (a, cc): (Option<i64>, Option<i64>) = redis::from_redis_value(pair[0].clone()).unwrap();
+                    let st: Option<String> = redis::from_redis_value(pair[1].clone()).unwrap();
+                    out.push((a, cc, st));
+                }
+            }
+            markers.insert(name, out);
+        }
+        let mut sold: BTreeMap<String, i64> = BTreeMap::new();
+        let mut spent: BTreeMap<String, i64> = BTreeMap::new();
+        for (i, (o, rec)) in orders.iter().enumerate() {
+            let steps: Vec<(i64, i64, Option<String>)> = SHOP_STEPS
+                .iter()
+                .map(|n| {
+                    let (a, c, st) = markers[n][i].clone();
+                    (a.unwrap_or(0), c.unwrap_or(0), st)
+                })
+                .collect();
+            match rec.state {
+                TxnState::Completed => {
+                    sum.completed += 1;
+                    *sold.entry(o.sku.clone()).or_default() += o.qty;
+                    *spent.entry(o.customer.clone()).or_default() += o.amount();
+                    for (n, (a, c, st)) in SHOP_STEPS.iter().zip(&steps) {
+                        if (*a, *c) != (1, 0) || st.as_deref() != Some("done") {
+                            problems.push(format!("{} completed, but at {n}: a={a} c={c} barrier {st:?}", o.id));
+                        }
+                    }
+                    if rec.branches.iter().any(|b| b.phase != Phase::Done) {
+                        problems.push(format!("{} completed, but its steps are {:?}", o.id, rec.branches));
+                    }
+                }
+                TxnState::Compensated => {
+                    sum.compensated += 1;
+                    for (n, (a, c, st)) in SHOP_STEPS.iter().zip(&steps) {
+                        let barrier_ok = match (a, st.as_deref()) {
+                            (1, Some("compensated")) => true,
+                            (0, None | Some("failed") | Some("compensated")) => true,
+                            _ => false,
+                        };
+                        if *a > 1 || c != a || !barrier_ok {
+                            problems.push(format!("{} compensated, but at {n}: a={a} c={c} barrier {st:?}", o.id));
+                        }
+                    }
+                }
+                s => problems.push(format!("{} ended {s}: {rec:?}", o.id)),
+            }
+        }
+        let mut c = self.data_conn("stock");
+        for (sku, n0) in self.stock0.lock().unwrap().iter() {
+            let (stock, sold_now): (i64, i64) =
+                redis::pipe().get(format!("stock:{sku}")).get(format!("sold:{sku}")).query(&mut c).unwrap();
+            let want = sold.get(sku).copied().unwrap_or(0);
+            if stock + sold_now != *n0 || sold_now != want || stock < 0 {
+                problems
+                    .push(format!("{sku}: stock {stock} + sold {sold_now} (completed orders: {want}), seeded {n0}"));
+            }
+        }
+        let mut c = self.data_conn("payment");
+        for (cust, n0) in self.balance0.lock().unwrap().iter() {
+            let (bal, spent_now): (i64, i64) =
+                redis::pipe().get(format!("bal:{cust}")).get(format!("spent:{cust}")).query(&mut c).unwrap();
+            let want = spent.get(cust).copied().unwrap_or(0);
+            if bal + spent_now != *n0 || spent_now != want || bal < 0 {
+                problems
+                    .push(format!("{cust}: balance {bal} + spent {spent_now} (completed orders: {want}), seeded {n0}"));
+            }
+        }
+        let placed = self.int("orders", "orders:placed");
+        if placed != sum.completed as i64 {
+            problems.push(format!("orders:placed is {placed}, {} orders completed", sum.completed));
+        }
+        problems.extend(self.leftovers());
+        assert!(
+            problems.is_empty(),
+            "{} problem(s):\n{}",
+            problems.len(),
+            problems.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+        );
+        sum
+    }
 }

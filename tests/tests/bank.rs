@@ -7,7 +7,6 @@
 
 use rand::Rng;
 use redtx_common::record::{TxnRecord, TxnState};
-use redtx_common::Client;
 use redtx_tests::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -28,12 +27,12 @@ struct Done {
 #[test]
 fn concurrent_transfers_conserve_money_and_leave_nothing_locked() {
     let started = Instant::now();
-    let opts = BankOptions {
-        bank_b: 2,
+    let opts = ClusterOptions {
         coord_args: ["--claim-idle", "2s", "--resend-every", "1s"].iter().map(|s| s.to_string()).collect(),
         part_args: ["--claim-idle", "2s"].iter().map(|s| s.to_string()).collect(),
         ..Default::default()
-    };
+    }
+    .instances("bank-b", 2);
     let bank = Bank::start_with(opts);
     let accounts: Vec<(Side, String)> = [Side::A, Side::B]
         .iter()
@@ -50,7 +49,7 @@ fn concurrent_transfers_conserve_money_and_leave_nothing_locked() {
         let url = bank.url();
         let accounts = accounts.clone();
         tasks.push(bank.rt.spawn(async move {
-            let client = Client::connect(&url).await.expect("connect");
+            let client = connect_client(&url).await.expect("connect");
             let mut done: Vec<Done> = Vec::new();
             let mut n = 0;
             while n < PER_PRODUCER {
@@ -91,8 +90,12 @@ fn concurrent_transfers_conserve_money_and_leave_nothing_locked() {
             done
         }));
     }
-    let done: Vec<Done> = tasks.into_iter().flat_map(|t| bank.rt.block_on(t).expect("producer task")).collect();
+    let mut done: Vec<Done> = tasks.into_iter().flat_map(|t| bank.rt.block_on(t).expect("producer task")).collect();
     let load_time = started.elapsed();
+    // A producer's answer is `aborting` as soon as the abort is decided; the acks follow.
+    for d in done.iter_mut().filter(|d| d.record.state == TxnState::Aborting) {
+        d.record = bank.wait(&d.record.id);
+    }
     assert_eq!(done.len(), PRODUCERS * PER_PRODUCER);
 
     // Every transaction is terminal, and the stored record agrees with what the producer saw.
@@ -147,12 +150,16 @@ fn concurrent_transfers_conserve_money_and_leave_nothing_locked() {
     assert!(actual.values().all(|v| *v >= 0), "a min 0 guard let a balance go negative: {actual:?}");
     bank.assert_clean();
     let mut s = bank.stream_conn();
-    let dead = xrange(&mut s, &keys::dead_letter_stream());
+    let dead = bank.dead_letters();
     assert!(dead.is_empty(), "dead letters under normal load: {dead:?}");
-    // Both bank-b instances did work (one consumer group, two consumers).
+    // Every partition was used, and both bank-b instances did work (one consumer group, two
+    // consumers).
+    for stream in coord_streams() {
+        assert!(drained(&mut s, &stream), "{stream} unused or not drained");
+    }
     let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("CONSUMERS")
-        .arg(keys::participant_stream("bank-b"))
+        .arg(keys::participant_stream("bank-b", 0))
         .arg("bank-b")
         .query(&mut s)
         .unwrap();
@@ -181,8 +188,7 @@ fn transfers_survive_kill9_and_sigterm_of_workers_mid_load() {
     // Their pending entries are taken over by the survivors (XAUTOCLAIM after --claim-idle).
     const N: usize = 300;
     let started = Instant::now();
-    let opts = BankOptions { bank_b: 2, ..Default::default() };
-    let mut bank = Bank::start_with(opts);
+    let mut bank = Bank::start_with(ClusterOptions::default().instances("bank-b", 2));
     bank.start_coordinator(None);
     let accounts: Vec<(Side, String)> =
         [Side::A, Side::B].iter().flat_map(|s| (0..4).map(move |i| (*s, format!("acct:{i}")))).collect();
@@ -195,7 +201,7 @@ fn transfers_survive_kill9_and_sigterm_of_workers_mid_load() {
     let load = {
         let accounts = accounts.clone();
         bank.rt.spawn(async move {
-            let client = Client::connect(&url).await.expect("connect");
+            let client = connect_client(&url).await.expect("connect");
             let mut submitted = Vec::new();
             for n in 0..N {
                 let (from, to) = random_pair(accounts.len());
@@ -214,10 +220,10 @@ fn transfers_survive_kill9_and_sigterm_of_workers_mid_load() {
     let mut s = bank.stream_conn();
     poll("load under way", LONG, || (scan(&mut s, "rtx:txn:*").len() >= N / 5).then_some(()));
     bank.coordinators[0].kill9();
-    bank.bank_b[0].kill9();
+    bank.bank(Side::B)[0].kill9();
     poll("more load", LONG, || (scan(&mut s, "rtx:txn:*").len() >= N / 2).then_some(()));
-    bank.bank_a[0].term();
-    let status = bank.bank_a[0].wait_exit(LONG).expect("bank-a did not stop on SIGTERM");
+    bank.bank(Side::A)[0].term();
+    let status = bank.bank(Side::A)[0].wait_exit(LONG).expect("bank-a did not stop on SIGTERM");
     assert!(status.success(), "bank-a exited with {status} on SIGTERM");
     bank.start_participant(Side::A, None);
     bank.start_coordinator(None);
@@ -238,6 +244,11 @@ fn transfers_survive_kill9_and_sigterm_of_workers_mid_load() {
                 *expected.get_mut(&accounts[*to]).unwrap() += amount;
             }
             TxnState::Aborted => aborted += 1,
+            TxnState::Aborting => {
+                // Settled: nothing is applied anywhere; the abort acks are still coming.
+                assert_eq!(bank.wait(id).state, TxnState::Aborted, "{id}");
+                aborted += 1
+            }
             s => panic!("{id} not terminal: {s}"),
         }
     }

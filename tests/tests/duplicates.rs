@@ -1,9 +1,12 @@
 //! At-least-once delivery: the same id submitted twice is one transaction, and every message
 //! delivered a second time (re-added to its stream) changes nothing: balances, records, barriers
-//! and locks stay as they were.
+//! and locks stay as they were. A stray `prepare` (hand-written, no record behind it) is answered
+//! with an abort, so it cannot leave a key locked.
 
 use redis::Commands;
+use redtx_common::protocol::{Message, Prepare};
 use redtx_common::record::TxnState;
+use redtx_common::spec::{Branch, Op, TxnSpec};
 use redtx_tests::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,17 +24,18 @@ fn the_same_id_submitted_twice_is_one_transaction() {
     // ...and once more after it committed, through the library and through the CLI.
     bank.submit(&spec);
     let json = transfer_json(Some("t-twice"), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 10);
-    let out = cli(&["submit", "--redis", &bank.url(), "--wait", "--json", "-"], Some(json.as_bytes()));
+    let out = redtx("submit", &bank.url(), &["--wait", "--json", "-"], Some(json.as_bytes()));
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.json()["state"], "committed");
     let mut s = bank.stream_conn();
-    poll("coordinator stream drained", LONG, || drained(&mut s, &keys::coord_stream()).then_some(()));
+    let coord = keys::coord_stream(partition("t-twice"));
+    poll("coordinator stream drained", LONG, || drained(&mut s, &coord).then_some(()));
 
     assert_eq!(bank.balance(Side::A, "acct:alice"), 90, "money moved more than once");
     assert_eq!(bank.balance(Side::B, "acct:bob"), 10, "money moved more than once");
     assert_eq!(bank.record("t-twice").unwrap().state, TxnState::Committed);
     let records = scan(&mut s, "rtx:txn:*");
-    assert_eq!(records, vec![keys::txn_record("t-twice")]);
+    assert_eq!(records, vec![record_key("t-twice")]);
     bank.assert_clean();
 }
 
@@ -52,8 +56,9 @@ fn snapshot(bank: &Bank, ids: &[&str]) -> Snapshot {
     let mut barriers = BTreeMap::new();
     let mut locks = Vec::new();
     for side in [Side::A, Side::B] {
-        let mut c = bank.data_conn(side);
-        for k in scan(&mut c, "rtx:bar:*") {
+        let mut c = bank.side_conn(side);
+        for id in ids {
+            let k = keys::barrier(side.name(), id);
             let st: Option<String> = c.hget(&k, "state").unwrap();
             barriers.insert(format!("{side:?} {k}"), st);
         }
@@ -63,7 +68,7 @@ fn snapshot(bank: &Bank, ids: &[&str]) -> Snapshot {
 }
 
 fn streams() -> Vec<String> {
-    vec![keys::coord_stream(), keys::participant_stream("bank-a"), keys::participant_stream("bank-b")]
+    [coord_streams(), participant_streams("bank-a"), participant_streams("bank-b")].concat()
 }
 
 /// Waits until every stream is drained and no stream grew meanwhile (replies caused by
@@ -118,8 +123,19 @@ fn every_message_delivered_twice_is_harmless() {
         assert!(kinds.keys().any(|x| x.starts_with("rtx:part") && x.ends_with(k)), "no {k} re-sent: {kinds:?}");
     }
     wait_drained(&bank);
-    // A coordinator's periodic work (deadline scan, re-sends) gets a chance to misbehave too.
-    std::thread::sleep(Duration::from_millis(600));
+    // A coordinator's periodic work (deadlines, re-sends) gets a chance to misbehave too: wait
+    // until a later transaction passed its 600 ms deadline (a participant that does not exist
+    // never votes), so the timers of everything before it have fired.
+    let probe = TxnSpec::new(vec![
+        Branch::kv("bank-a", vec![Op::incrby("probe", 1)]),
+        Branch::kv("nobody", vec![Op::incrby("probe", 1)]),
+    ])
+    .with_id("t-probe")
+    .with_timeout(Duration::from_millis(600));
+    let rec = bank.submit(&probe);
+    let rec = bank.wait_settled(&rec);
+    assert_eq!(rec.state, TxnState::Aborting, "{rec:?}");
+    bank.wait_barrier("bank-a", "t-probe", "aborted");
     wait_drained(&bank);
 
     let after = snapshot(&bank, &ids);
@@ -136,13 +152,8 @@ fn every_message_delivered_twice_is_harmless() {
             .collect();
         assert!(changed.is_empty(), "record of {id} changed: {changed:?}");
     }
-    let dead: u64 = s.xlen(keys::dead_letter_stream()).unwrap();
-    assert_eq!(
-        dead,
-        0,
-        "a duplicate is not a poison message; dead letters: {:?}",
-        xrange(&mut s, &keys::dead_letter_stream())
-    );
+    let dead = bank.dead_letters();
+    assert!(dead.is_empty(), "a duplicate is not a poison message; dead letters: {dead:?}");
     bank.assert_clean();
 
     // Still working afterwards.
@@ -161,8 +172,7 @@ fn a_prepare_redelivered_after_its_barrier_expired_takes_no_lock() {
     // terminal transactions, so the lock on acct:bob was held forever.
     //
     // Expected: no lock, no prepared barrier after the duplicate, whatever --retention says.
-    let part_args = [FAST_PART, &["--retention", "300ms"]].concat().iter().map(|s| s.to_string()).collect();
-    let bank = Bank::start_with(BankOptions { part_args, ..Default::default() });
+    let bank = Bank::start_with(ClusterOptions::default().part_args(&["--retention", "300ms"]));
     bank.seed(Side::A, "acct:alice", 100);
     let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10)
         .with_id("t-late")
@@ -176,7 +186,7 @@ fn a_prepare_redelivered_after_its_barrier_expired_takes_no_lock() {
 
     // Deliver bank-b's prepare once more (as XAUTOCLAIM or a producer-side retry could).
     let mut s = bank.stream_conn();
-    let stream = keys::participant_stream("bank-b");
+    let stream = keys::participant_stream("bank-b", partition("t-late"));
     let prepare = xrange(&mut s, &stream)
         .into_iter()
         .find(|(_, f)| f.get("t").map(Vec::as_slice) == Some(b"prepare".as_slice()))
@@ -200,9 +210,9 @@ fn an_id_submitted_again_after_its_record_expired_is_never_committed_without_its
     // never applied (with other branches, half-applied).
     //
     // Expected: whatever the outcome, the record and the data agree; no lock is left.
-    let coord_args = [FAST_COORD, &["--retention", "300ms"]].concat().iter().map(|s| s.to_string()).collect();
-    let part_args = [FAST_PART, &["--retention", "300ms"]].concat().iter().map(|s| s.to_string()).collect();
-    let bank = Bank::start_with(BankOptions { coord_args, part_args, ..Default::default() });
+    let bank = Bank::start_with(
+        ClusterOptions::default().coord_args(&["--retention", "300ms"]).part_args(&["--retention", "300ms"]),
+    );
     bank.seed(Side::A, "acct:alice", 100);
     let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10)
         .with_id("t-reused")
@@ -215,6 +225,7 @@ fn an_id_submitted_again_after_its_record_expired_is_never_committed_without_its
         .with_timeout(Duration::from_secs(60));
     bank.submit(&again);
     let decided = [TxnState::Committing, TxnState::Committed, TxnState::Aborting, TxnState::Aborted];
+    bank.wait_settled("t-reused");
     let rec = bank.wait_state("t-reused", &decided, LONG);
     if matches!(rec.state, TxnState::Committing | TxnState::Committed) {
         let rec = bank.wait("t-reused");
@@ -227,10 +238,45 @@ fn an_id_submitted_again_after_its_record_expired_is_never_committed_without_its
     } else {
         assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (90, 10));
     }
-    for side in [Side::A, Side::B] {
-        for key in ["rtx:lock:acct:alice", "rtx:lock:acct:bob"] {
-            let lock: Option<String> = bank.data_conn(side).get(key).unwrap();
-            assert_eq!(lock, None, "{key} at {side:?}");
-        }
-    }
+    bank.wait_clean();
+}
+
+#[test]
+fn a_stray_prepare_without_a_record_is_aborted_and_leaves_no_lock() {
+    // A `prepare` written by hand (or left over from a transaction whose record is gone) for a
+    // transaction the coordinator never created: the participant prepares it (locks the key)
+    // and votes yes; with no record there was never a decision, so the coordinator must answer
+    // `abort`. Otherwise the key stays locked for ever and every later transaction on it votes
+    // `conflict`.
+    let bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    // The workers are up (their consumer groups exist) once a first transaction went through.
+    assert_eq!(bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1)).state, TxnState::Committed);
+
+    let id = "t-stray";
+    let prepare = Message::Prepare(Prepare {
+        txn: id.into(),
+        branch: 0,
+        participant: "bank-a".into(),
+        deadline_ms: redtx_common::now_ms() + 60_000,
+        payload: redtx_common::kv::encode_ops(&[Op::incrby("acct:alice", 1_000)]),
+    });
+    let mut s = bank.stream_conn();
+    let _: String = s.xadd(keys::participant_stream("bank-a", partition(id)), "*", &prepare.fields()).unwrap();
+
+    // The participant prepares and votes yes; the coordinator answers abort; the barrier ends
+    // aborted and the lock is released.
+    bank.wait_barrier("bank-a", id, "aborted");
+    let sent = bank.sent_to("bank-a", id);
+    assert!(sent.iter().any(|m| matches!(m, Message::Abort(_))), "no abort sent: {sent:?}");
+    assert_eq!(bank.lock("bank-a", "acct:alice"), None);
+    assert_eq!(bank.record(id), None, "a stray message must not create a transaction");
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 99, "the stray branch must not apply");
+
+    // The key is free: a later transaction on it commits.
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 9));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 90);
+    bank.assert_clean();
+    assert!(bank.dead_letters().is_empty(), "{:?}", bank.dead_letters());
 }

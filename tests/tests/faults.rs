@@ -1,11 +1,12 @@
 //! Crashes at every protocol step, with real `kill -9`: a worker frozen at a fail point is killed
 //! and a fresh one (without the fail point) finishes the transaction exactly once. A participant
 //! that never answers makes the transaction abort at its deadline, naming it. The Redis holding
-//! the streams restarts under load (AOF) and every transaction still ends, money conserved.
+//! the streams restarts under load (AOF) and every transaction still ends, money conserved; a
+//! producer (the library, and `redtx submit --wait`) rides out that restart too.
 
 use rand::Rng;
+use redtx_common::machine::Phase;
 use redtx_common::record::TxnState;
-use redtx_common::Client;
 use redtx_tests::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,9 +17,9 @@ fn reached(fp: &str) -> String {
     format!("failpoint {fp} reached")
 }
 
-/// Bank with `fp` armed where `opts` says, alice=100 at A, bob=0 at B, and a 20 s transfer of 10
-/// from alice to bob submitted.
-fn start_transfer(opts: BankOptions) -> (Bank, String) {
+/// Bank with fail points armed as `opts` says, alice=100 at A, bob=0 at B, and a 20 s transfer of
+/// 10 from alice to bob submitted.
+fn start_transfer(opts: ClusterOptions) -> (Bank, String) {
     let bank = Bank::start_with(opts);
     bank.seed(Side::A, "acct:alice", 100);
     bank.seed(Side::B, "acct:bob", 0);
@@ -27,28 +28,26 @@ fn start_transfer(opts: BankOptions) -> (Bank, String) {
     (bank, id)
 }
 
-fn assert_moved_once(bank: &Bank) {
-    assert_eq!(bank.balance(Side::A, "acct:alice"), 90, "alice");
-    assert_eq!(bank.balance(Side::B, "acct:bob"), 10, "bob");
-}
-
 /// The transfer ends committed, the money moved exactly once, and nothing is left locked.
 fn assert_committed_once(bank: &Bank, id: &str) {
     let rec = bank.wait(id);
     assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_moved_once(bank);
+    assert!(rec.branches.iter().all(|b| b.phase == Phase::Committed), "{rec:?}");
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 90, "alice");
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 10, "bob");
     bank.assert_clean();
 }
 
 #[test]
 fn participant_killed_after_prepare_commits_once_after_restart() {
     let fp = "participant-after-prepare";
-    let (mut bank, id) = start_transfer(BankOptions { b_failpoint: Some(fp.into()), ..Default::default() });
-    bank.bank_b[0].wait_for_line(&reached(fp), LONG);
+    let (mut bank, id) = start_transfer(ClusterOptions::default().failpoint("bank-b", fp));
+    bank.bank(Side::B)[0].wait_for_line(&reached(fp), LONG);
     // The prepare is applied (lock taken) but the vote was never sent.
-    assert_eq!(bank.barrier_state(Side::B, &id).as_deref(), Some("prepared"), "{}", bank.dump(&id));
+    assert_eq!(bank.side_barrier(Side::B, &id).as_deref(), Some("prepared"), "{}", bank.dump(&id));
+    assert!(bank.lock("bank-b", "acct:bob").is_some_and(|l| l.contains(&id)), "{}", bank.dump(&id));
     assert_eq!(bank.state(&id).as_deref(), Some("preparing"));
-    bank.bank_b[0].kill9();
+    bank.bank(Side::B)[0].kill9();
 
     bank.start_participant(Side::B, None);
     assert_committed_once(&bank, &id);
@@ -57,12 +56,13 @@ fn participant_killed_after_prepare_commits_once_after_restart() {
 #[test]
 fn participant_killed_after_commit_acks_after_restart_and_money_moves_once() {
     let fp = "participant-after-commit";
-    let (mut bank, id) = start_transfer(BankOptions { b_failpoint: Some(fp.into()), ..Default::default() });
-    bank.bank_b[0].wait_for_line(&reached(fp), LONG);
+    let (mut bank, id) = start_transfer(ClusterOptions::default().failpoint("bank-b", fp));
+    bank.bank(Side::B)[0].wait_for_line(&reached(fp), LONG);
     // The commit is applied at bank-b, its ack was never sent.
     assert_eq!(bank.balance(Side::B, "acct:bob"), 10);
+    assert_eq!(bank.side_barrier(Side::B, &id).as_deref(), Some("committed"));
     assert_eq!(bank.state(&id).as_deref(), Some("committing"));
-    bank.bank_b[0].kill9();
+    bank.bank(Side::B)[0].kill9();
 
     bank.start_participant(Side::B, None);
     assert_committed_once(&bank, &id);
@@ -71,16 +71,15 @@ fn participant_killed_after_commit_acks_after_restart_and_money_moves_once() {
 #[test]
 fn coordinator_killed_after_decision_is_finished_by_a_new_one() {
     let fp = "coordinator-after-decision";
-    let (mut bank, id) = start_transfer(BankOptions { coord_failpoint: Some(fp.into()), ..Default::default() });
+    let (mut bank, id) = start_transfer(ClusterOptions::default().coord_failpoint(fp));
     bank.coordinators[0].wait_for_line(&reached(fp), LONG);
-    // Decision written ahead, no commit sent: nothing applied yet, both branches still prepared.
+    // Decision written (with the commits, in one fenced write), nothing acked yet. The commits
+    // may already be applied: the participants do not wait for the coordinator.
     assert_eq!(bank.state(&id).as_deref(), Some("committing"), "{}", bank.dump(&id));
-    assert_eq!(bank.balance(Side::A, "acct:alice"), 100);
-    assert_eq!(bank.balance(Side::B, "acct:bob"), 0);
-    assert_eq!(bank.barrier_state(Side::A, &id).as_deref(), Some("prepared"));
-    assert_eq!(bank.barrier_state(Side::B, &id).as_deref(), Some("prepared"));
     bank.coordinators[0].kill9();
 
+    // The new coordinator takes the partition over once the lease lapses and finishes from the
+    // record (the acks are pending in its stream).
     bank.start_coordinator(None);
     assert_committed_once(&bank, &id);
 }
@@ -88,13 +87,16 @@ fn coordinator_killed_after_decision_is_finished_by_a_new_one() {
 #[test]
 fn coordinator_killed_after_create_is_finished_by_a_new_one() {
     let fp = "coordinator-after-create";
-    let (mut bank, id) = start_transfer(BankOptions { coord_failpoint: Some(fp.into()), ..Default::default() });
+    let (mut bank, id) = start_transfer(ClusterOptions::default().coord_failpoint(fp));
     bank.coordinators[0].wait_for_line(&reached(fp), LONG);
-    assert_eq!(bank.state(&id).as_deref(), Some("preparing"), "{}", bank.dump(&id));
+    // Nothing of the batch is written: no record, no prepare sent.
+    assert_eq!(bank.state(&id), None, "{}", bank.dump(&id));
+    assert!(bank.sent_to("bank-a", &id).is_empty());
     bank.coordinators[0].kill9();
 
-    // The submit is still pending in the dead coordinator's name: the new one takes it over and
-    // sends the prepares, well within the 20 s timeout, so the transfer commits.
+    // The submit is still pending in the dead coordinator's name: the new one takes the
+    // partition over once the lease lapses, handles the submit again and sends the prepares,
+    // well within the 20 s timeout, so the transfer commits.
     bank.start_coordinator(None);
     assert_committed_once(&bank, &id);
 }
@@ -102,34 +104,32 @@ fn coordinator_killed_after_create_is_finished_by_a_new_one() {
 #[test]
 fn a_participant_that_never_comes_back_makes_the_txn_abort_at_its_deadline() {
     let fp = "participant-after-prepare";
-    let mut bank = Bank::start_with(BankOptions { b_failpoint: Some(fp.into()), ..Default::default() });
+    let mut bank = Bank::start_with(ClusterOptions::default().failpoint("bank-b", fp));
     bank.seed(Side::A, "acct:alice", 100);
     let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10).with_timeout(Duration::from_secs(2));
     let started = Instant::now();
     let id = bank.submit(&spec);
-    bank.bank_b[0].wait_for_line(&reached(fp), LONG);
-    bank.bank_b[0].kill9();
+    bank.bank(Side::B)[0].wait_for_line(&reached(fp), LONG);
+    bank.bank(Side::B)[0].kill9();
 
     // Deadline passes: abort decided, the reason names the silent participant; bank-a (alive)
-    // applies the abort and releases its lock. bank-b cannot ack, so the record stays `aborting`.
-    let rec = bank.wait_state(&id, &[TxnState::Aborting, TxnState::Aborted], LONG);
+    // applies the abort and releases its lock. bank-b cannot ack, so the record stays `aborting`
+    // (already the producer's answer).
+    let rec = bank.wait_settled(&id);
+    assert_eq!(rec.state, TxnState::Aborting, "{rec:?}");
     assert!(started.elapsed() >= Duration::from_millis(1900), "aborted before its deadline: {:?}", started.elapsed());
     let reason = rec.reason.clone().unwrap_or_default();
     assert!(reason.contains("bank-b"), "reason should name bank-b: {rec:?}");
-    assert_eq!(rec.branches[1].vote, None, "{rec:?}");
-    poll("bank-a applies the abort", LONG, || {
-        (bank.barrier_state(Side::A, &id).as_deref() == Some("aborted")).then_some(())
-    });
-    let lock: Option<String> =
-        redis::cmd("GET").arg("rtx:lock:acct:alice").query(&mut bank.data_conn(Side::A)).unwrap();
-    assert_eq!(lock, None, "bank-a still locks acct:alice");
+    assert_eq!(rec.branches[1].phase, Phase::Pending, "{rec:?}");
+    bank.wait_barrier("bank-a", &id, "aborted");
+    assert_eq!(bank.lock("bank-a", "acct:alice"), None, "bank-a still locks acct:alice");
     assert_eq!(bank.balance(Side::A, "acct:alice"), 100);
     assert_eq!(bank.balance(Side::B, "acct:bob"), 0);
-    // Re-sends keep going out, but nothing is decided twice.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(bank.record(&id).unwrap().state, TxnState::Aborting);
+    let rec = bank.wait_record(&id, "bank-a's abort acked", LONG, |r| r.branches[0].phase == Phase::Aborted);
+    assert_eq!(rec.state, TxnState::Aborting, "{rec:?}");
 
-    // If it does come back after all, it applies the abort and everything is released.
+    // If it does come back after all, it applies the abort (its prepared branch is dropped) and
+    // everything is released.
     bank.start_participant(Side::B, None);
     let rec = bank.wait(&id);
     assert_eq!(rec.state, TxnState::Aborted, "{rec:?}");
@@ -174,7 +174,7 @@ fn stream_redis_restart_under_load_loses_nothing() {
                         return specs;
                     }
                     // A fresh client each try: a connection broken by the restart is not reused.
-                    let r = match Client::connect(&url).await {
+                    let r = match connect_client(&url).await {
                         Ok(c) => c.submit(&spec).await,
                         Err(e) => Err(e),
                     };
@@ -196,7 +196,7 @@ fn stream_redis_restart_under_load_loses_nothing() {
     // Restart the stream Redis (also bank-a's data Redis) once a part of the load is in.
     let mut s = bank.stream_conn();
     poll("a quarter of the transactions created", LONG, || (scan(&mut s, "rtx:txn:*").len() >= TXNS / 4).then_some(()));
-    bank.a.restart().expect("restart redis A");
+    bank.a().restart().expect("restart redis A");
     let submitted: Vec<(String, usize, usize, i64)> =
         tasks.into_iter().flat_map(|t| bank.rt.block_on(t).expect("producer task")).collect();
     stop.store(true, Ordering::Relaxed);
@@ -206,28 +206,15 @@ fn stream_redis_restart_under_load_loses_nothing() {
     // committed transfers say.
     let mut s = bank.stream_conn();
     let mut states: BTreeMap<String, String> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(45);
     for (id, ..) in &submitted {
         let st = loop {
-            let st: Option<String> = redis::cmd("HGET").arg(keys::txn_record(id)).arg("state").query(&mut s).unwrap();
+            let st: Option<String> = redis::cmd("HGET").arg(record_key(id)).arg("state").query(&mut s).unwrap();
             if matches!(st.as_deref(), Some("committed" | "aborted")) {
                 break st.unwrap();
             }
             if Instant::now() > deadline {
-                let workers: Vec<String> = bank
-                    .coordinators
-                    .iter()
-                    .chain(&bank.bank_a)
-                    .chain(&bank.bank_b)
-                    .map(|p| {
-                        format!("{}:\n{}", p.label, p.output().lines().rev().take(15).collect::<Vec<_>>().join("\n"))
-                    })
-                    .collect();
-                panic!(
-                    "{id} is not terminal ({st:?}) 60s after a Redis restart\n{}\n{}",
-                    bank.dump(id),
-                    workers.join("\n")
-                );
+                panic!("{id} is not terminal ({st:?}) 45s after a Redis restart\n{}\n{}", bank.dump(id), bank.tails());
             }
             std::thread::sleep(Duration::from_millis(50));
         };
@@ -245,46 +232,74 @@ fn stream_redis_restart_under_load_loses_nothing() {
     assert_eq!(bank.total(), total, "money not conserved");
     assert_eq!(bank.balances(), expected, "balances differ from the committed transfers");
     bank.wait_clean();
-    for p in bank.coordinators.iter_mut().chain(bank.bank_a.iter_mut()).chain(bank.bank_b.iter_mut()) {
-        assert!(p.is_running(), "{} died during the Redis restart:\n{}", p.label, p.output());
-    }
+    bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1"]);
 }
 
 #[test]
 fn a_producer_client_keeps_working_across_a_redis_restart() {
-    // The library's Client (one multiplexed connection and one outcome reader) is created before
+    // The library's Client (one managed connection and one outcome reader) is created before
     // the stream Redis restarts and used after it.
-    //
-    // BUG (common/src/client.rs, fails at the time of writing): `Client` keeps the
-    // `MultiplexedConnection` it opened in `connect` for ever (`submit`/`status` clone it, the
-    // outcome reader in `read_outcomes` retries on the same connection). After the server
-    // restarts, every call fails with "broken pipe" and never recovers, so a long-lived producer
-    // (and `wait`, whose 1 s re-check uses `status`) is dead until the process restarts. The
-    // workers survive the same restart (the consumer runtime reconnects); the Client should too
-    // (reconnect on an I/O error, e.g. `redis::aio::ConnectionManager` or a reconnect-and-retry
-    // like `Consumer::reconnect`).
     let mut bank = Bank::start();
     bank.seed(Side::A, "acct:alice", 100);
     let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1));
     assert_eq!(rec.state, TxnState::Committed);
-    bank.a.restart().expect("restart redis A");
+    bank.a().restart().expect("restart redis A");
     let client = bank.client().clone();
     let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 2);
     let started = Instant::now();
     let rec = bank.rt.block_on(async {
-        // The first command may meet the dead connection; a retry must then succeed.
-        let mut last = None;
-        for _ in 0..50 {
-            match client.submit_and_wait(&spec, LONG).await {
-                Ok(r) => return r,
-                Err(e) => last = Some(e.to_string()),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the client never recovered after the restart: {last:?}");
+        // submit_and_wait itself retries a submit that meets the dead connection (same id).
+        client.submit_and_wait(&spec, LONG).await.unwrap_or_else(|e| panic!("the client did not recover: {e}"))
     });
     assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     assert_eq!(bank.balance(Side::A, "acct:alice"), 97);
     assert_eq!(bank.balance(Side::B, "acct:bob"), 3);
+}
+
+#[test]
+fn submit_wait_rides_out_a_stream_redis_restart() {
+    // `redtx submit --wait --timeout 60s` is waiting when the stream Redis restarts: it must not
+    // fail with exit 4 ("error") for a transaction that goes on; it reconnects and reports the
+    // outcome (0), or at worst gives up (3).
+    let mut bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    // bank-b is frozen, so the transaction is still preparing when Redis restarts.
+    bank.bank(Side::B)[0].stop();
+    let json = serde_json::json!({
+        "id": "t-restart", "mode": "2pc", "timeout": "40s",
+        "branches": [
+            {"participant": "bank-a", "ops": [{"op": "incrby", "key": "acct:alice", "by": -10, "min": 0}]},
+            {"participant": "bank-b", "ops": [{"op": "incrby", "key": "acct:bob", "by": 10}]}]
+    })
+    .to_string();
+    let mut submit =
+        spawn_redtx("submit", &bank.url(), &["--wait", "--timeout", "60s", "--json", "-"], json.as_bytes());
+    // The submit is in and the coordinator has it: the CLI is waiting now.
+    bank.wait_barrier("bank-a", "t-restart", "prepared");
+    assert!(submit.is_running(), "redtx submit ended early:\n{}", submit.output());
+
+    bank.a().restart().expect("restart redis A");
+    bank.bank(Side::B)[0].cont();
+
+    let rec = bank.wait("t-restart");
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    let status = submit
+        .wait_exit(LONG)
+        .unwrap_or_else(|| panic!("redtx submit still waits {LONG:?} after the commit:\n{}", submit.output()));
+    let code = status.code();
+    assert!(
+        matches!(code, Some(0) | Some(3)),
+        "redtx submit exited {status} across a Redis restart:\n{}",
+        submit.output()
+    );
+    if code == Some(0) {
+        let out = submit.output();
+        let json_line = out.lines().find(|l| l.trim_start().starts_with('{')).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(json_line).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["state"], "committed", "{out}");
+    }
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 90);
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 10);
+    bank.assert_clean();
 }

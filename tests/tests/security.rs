@@ -20,11 +20,14 @@ fn transfer_through_binaries(url: &str, data_url: &str, envs: &[(&str, &str)]) -
     ];
     let spec = transfer_json(Some("sec-1"), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 30);
     let mut cmd = Command::new(bin("redtx"));
-    cmd.args(["submit", "--wait", "--json", "--redis", url, "-"])
+    cmd.args(["submit", "--wait", "--json", "--redis", url])
+        .args(partitions_args())
+        .arg("-")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env_remove("REDTX_REDIS_URL");
+        .env_remove("REDTX_REDIS_URL")
+        .env_remove("REDTX_PARTITIONS");
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -72,7 +75,7 @@ fn an_acl_user_with_a_password_works_and_no_password_is_printed() {
 
     // A wrong password: a clear error, exit 4, the password not shown.
     let bad = format!("redis://app:wrong-{APP_PW}@127.0.0.1:{}", server.port());
-    let out = cli(&["status", "--redis", &bad, "sec-1"], None);
+    let out = redtx("status", &bad, &["sec-1"], None);
     assert_eq!(out.code, Some(4), "{}", out.all());
     assert!(!out.all().contains(APP_PW), "{}", out.all());
 }
@@ -162,7 +165,7 @@ fn tls_urls_work() {
     assert!(!printed.contains(ROOT_PW), "the password was printed:\n{printed}");
 
     // Without the CA the certificate is refused: an error, not a silent plain-text fallback.
-    let out = cli(&["status", "--redis", &url, "sec-1"], None);
+    let out = redtx("status", &url, &["sec-1"], None);
     assert_eq!(out.code, Some(4), "{}", out.all());
     assert!(!out.all().contains(ROOT_PW), "{}", out.all());
 }
