@@ -1,71 +1,54 @@
 --[[
-commit: phase two (commit) of a 2PC branch at a key-value participant. Idempotent.
+commit: 2PC phase two of a prepared key-value branch (work `Confirm`), if the barrier is still
+as expected.
 
-Applies the writes staged by `prepare`, in order (SET, DEL, INCRBY, HSET, HDEL, HINCRBY), releases
-the branch's locks (only those still owned by this barrier), drops the staging, marks the barrier
-committed and lets it expire after the retention window. A repeat is a no-op.
-
-The writes were checked at prepare and their keys stayed locked, so they cannot fail unless a
-plain (non-redtx) writer changed a locked key's type meanwhile. Each write is therefore run with
-`redis.pcall`: a failing write is reported (code 1 with its error) instead of aborting the script
-half-way, since a re-run would apply the earlier writes twice.
+Applies the writes staged by prepare, in order, releases the branch's locks (those it still
+owns), drops the staging, marks the barrier committed and lets it expire after the retention.
+The staged writes are checked again before the first write (a plain writer may have changed a
+locked key's type or value meanwhile): if they no longer apply, the script fails with nothing
+changed (the commit stays pending, retried and logged, until an operator repairs the key).
 
 Input:
-  KEYS[1]      barrier, rtx:bar:<participant>:<txn> (hash)
-  KEYS[2i]     i-th distinct user key of the branch (i = 1..n, in Branch::keys() order)
-  KEYS[2i+1]   lock of that key, rtx:lock:<key>
-  ARGV[1]      participant name
-  ARGV[2]      now, ms since the epoch
-  ARGV[3]      retention of the committed barrier, ms; it is kept at least until the
-               branch's deadline plus a clock-skew margin (a duplicate prepare arriving before
-               the deadline must find it)
+  KEYS[1]       barrier, rtx:bar:<participant>:<txn>
+  KEYS[2i]      i-th key the branch was prepared with (the barrier's `keys`, in order)
+  KEYS[2i+1]    its lock, rtx:lock:<key>
+  ARGV[1]       owner, "<participant> <txn>" (the lock value)
+  ARGV[2]       participant name
+  ARGV[3]       expected barrier state ('prepared')
+  ARGV[4]       now, ms
+  ARGV[5]       retention, ms
+  ARGV[6]       clock-skew margin, ms
+  ARGV[7]       longest transaction timeout, ms
 
-Output: {code, detail}
-   1, errors   committed now; errors is "" or the "; "-joined errors of writes that failed
-   2, ""       already committed (a repeat)
-  -1, state    never prepared: state is "missing", "refused" or "aborted"; nothing applied
-  -2, detail   the KEYS differ from the keys the branch was prepared with; nothing applied
+Output:
+  {1, 'committed', ''}                applied
+  {2, state, reason, deadline}        MOVED: the barrier is not in the expected state, or KEYS
+                                      are not the branch's keys; nothing changed
+  error                               the staged writes no longer apply; nothing changed
 ]]
--- rcall, bar, expire_after, prepared_keys, release: lua/lib/barrier.lua (prepended).
+-- rcall, bar, moved, same_keys, unlock, expire: lua/lib/barrier.lua; simulate, apply:
+-- lua/lib/ops.lua (all prepended)
 
-local state = rcall('HGET', bar, 'state')
-if state == 'committed' then
-  return {2, ''}
+local m = moved()
+if m then
+  return m
 end
-if state ~= 'prepared' then
-  return {-1, state or 'missing'}
+if not same_keys() then
+  return moved_anyway()
 end
-
-local keys, differ = prepared_keys()
-if not keys then
-  return {-2, differ}
+local staged = cmsgpack.unpack(rcall('HGET', bar, 'ops'))
+local ops = {}
+for k, w in ipairs(staged) do
+  ops[k] = {w[1], w[2], w[3], w[4], '', ''}
 end
-
-local errors = {}
-for _, w in ipairs(cmsgpack.unpack(rcall('HGET', bar, 'ops'))) do
-  local op, key, f, arg = w[1], KEYS[2 * w[2]], w[3], w[4]
-  local r
-  if op == 'set' then
-    r = redis.pcall('SET', key, arg)
-  elseif op == 'del' then
-    r = redis.pcall('DEL', key)
-  elseif op == 'incrby' then
-    r = redis.pcall('INCRBY', key, arg)
-  elseif op == 'hset' then
-    r = redis.pcall('HSET', key, f, arg)
-  elseif op == 'hdel' then
-    r = redis.pcall('HDEL', key, f)
-  elseif op == 'hincrby' then
-    r = redis.pcall('HINCRBY', key, f, arg)
-  else
-    r = {err = 'unknown staged op ' .. tostring(op)}
-  end
-  if type(r) == 'table' and r.err then
-    errors[#errors + 1] = op .. ' ' .. key .. ': ' .. r.err
-  end
+local _, why = simulate(ops)
+if why then
+  return redis.error_reply('commit: the staged writes no longer apply (was a locked key written outside redtx?): ' .. why)
 end
 
-release(keys)
-rcall('HSET', bar, 'state', 'committed', 'done', ARGV[2])
-expire_after(tonumber(rcall('HGET', bar, 'deadline') or '0'))
-return {1, table.concat(errors, '; ')}
+rcall('HSET', bar, 'state', 'committed', 'done', ARGV[4])
+rcall('HDEL', bar, 'ops')
+apply(staged)
+unlock()
+expire(rcall('HGET', bar, 'deadline'))
+return {1, 'committed', ''}

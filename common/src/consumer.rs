@@ -1,13 +1,16 @@
 //! The stream worker runtime shared by coordinators and participants.
 //!
-//! A [`Consumer`] reads its stream through a consumer group in batches (`XREADGROUP COUNT`),
-//! hands each batch of decoded messages to a [`Handler`], and writes the handler's results and the
-//! `XACK` of the batch in one `MULTI`/`EXEC`, so an entry is acked exactly when what it caused is
-//! written. Entries left pending by a dead worker are
-//! taken over with `XAUTOCLAIM` once idle for `claim_idle`. An entry that cannot be decoded, or
-//! that the handler refuses, goes to the dead-letter stream with the reason, is counted and acked:
-//! a worker never crash-loops on one entry. Redis errors are logged and retried with a backoff;
-//! the affected entries stay pending and are claimed again.
+//! A [`Consumer`] reads a list of streams (typically one per partition, `rtx:part:<name>:{P}`)
+//! through one consumer group, in batches: one `XREADGROUP COUNT .. STREAMS s0 s1 .. > > ..`
+//! for all of them. It hands each batch of decoded messages to a [`Handler`] (each
+//! [`Delivery`] says which stream and partition it came from), and writes the handler's results,
+//! the dead letters and the `XACK`s of the batch in one `MULTI`/`EXEC`, so an entry is acked
+//! exactly when what it caused is written. Entries left pending by a dead worker are taken over
+//! with `XAUTOCLAIM` (per stream) once idle for `claim_idle`. An entry that cannot be decoded,
+//! or that the handler refuses, goes to the dead-letter stream of its partition
+//! (`rtx:dead:{P}`, counted in `rtx:dead:count:{P}`) with the reason, and is acked: a worker
+//! never crash-loops on one entry. Redis errors are logged and retried with a backoff; the
+//! affected entries stay pending and are claimed again.
 
 use crate::conn::RedisUrl;
 use crate::protocol::Message;
@@ -19,6 +22,7 @@ use redis::streams::{
     StreamReadOptions, StreamReadReply,
 };
 use redis::AsyncCommands;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,8 +34,9 @@ const MAX_CLAIM_ROUNDS: usize = 16;
 /// How a consumer reads.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    /// Stream to read.
-    pub stream: String,
+    /// Streams to read, all through the same group (e.g. one per partition). Each stream's
+    /// partition is [`keys::partition_of_stream`] of its name (0 if it has none).
+    pub streams: Vec<String>,
     /// Consumer group (created at id 0 if missing, so nothing added before is skipped).
     pub group: String,
     /// This consumer's name, unique per process.
@@ -52,10 +57,10 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    /// Sane defaults for `stream`/`group`: batches of 256, 1 s block, claim after 5 s idle.
-    pub fn new(stream: String, group: String) -> Self {
+    /// Sane defaults for `streams`/`group`: batches of 256, 1 s block, claim after 5 s idle.
+    pub fn new(streams: Vec<String>, group: String) -> Self {
         ConsumerConfig {
-            stream,
+            streams,
             group,
             consumer: unique_consumer_name(),
             batch: 256,
@@ -77,6 +82,10 @@ pub fn unique_consumer_name() -> String {
 /// A decoded entry handed to the handler.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// The stream it was read from.
+    pub stream: String,
+    /// That stream's partition (where replies and dead letters go).
+    pub partition: u32,
     /// Stream entry id.
     pub id: String,
     /// The message.
@@ -133,7 +142,12 @@ pub struct ConsumerStats {
     pub failed_batches: AtomicU64,
 }
 
-/// A worker reading one stream through one consumer group.
+/// The partition of `stream` (0 for a stream without one).
+fn partition_of(stream: &str) -> u32 {
+    keys::partition_of_stream(stream).unwrap_or(0)
+}
+
+/// A worker reading a list of streams through one consumer group.
 pub struct Consumer {
     url: RedisUrl,
     cfg: ConsumerConfig,
@@ -141,17 +155,21 @@ pub struct Consumer {
     read_conn: MultiplexedConnection,
     conn: MultiplexedConnection,
     stats: Arc<ConsumerStats>,
-    /// Where the next `XAUTOCLAIM` scan starts.
-    claim_from: String,
+    /// Per stream (index in `cfg.streams`): where the next `XAUTOCLAIM` scan starts.
+    claim_from: Vec<String>,
 }
 
 impl Consumer {
-    /// Connects and creates the group if needed.
+    /// Connects and creates the group on every stream if needed.
     pub async fn connect(url: &RedisUrl, cfg: ConsumerConfig) -> Result<Self> {
+        assert!(!cfg.streams.is_empty(), "a consumer reads at least one stream");
         let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
         let mut conn = url.connect().await?;
-        ensure_group(&mut conn, url, &cfg.stream, &cfg.group).await?;
-        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, stats: Arc::default(), claim_from: "0-0".into() })
+        for stream in &cfg.streams {
+            ensure_group(&mut conn, url, stream, &cfg.group).await?;
+        }
+        let claim_from = vec!["0-0".to_string(); cfg.streams.len()];
+        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, stats: Arc::default(), claim_from })
     }
 
     /// The counters.
@@ -164,7 +182,7 @@ impl Consumer {
         let mut last_tick = Instant::now() - self.cfg.tick_every;
         let mut last_trim = Instant::now();
         let mut backoff = Backoff::default();
-        tracing::info!(stream = %self.cfg.stream, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "worker started");
+        tracing::info!(streams = ?self.cfg.streams, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "worker started");
         while !shutdown.is_triggered() {
             let step = async {
                 if last_tick.elapsed() >= self.cfg.tick_every {
@@ -195,49 +213,70 @@ impl Consumer {
                 }
             }
         }
-        tracing::info!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, "worker stopped");
+        tracing::info!(group = %self.cfg.group, consumer = %self.cfg.consumer, "worker stopped");
         Ok(())
     }
 
-    /// Replaces both connections with fresh ones and makes sure the group exists (a Redis that
-    /// lost its data also lost the group).
+    /// Replaces both connections with fresh ones and makes sure the groups exist (a Redis that
+    /// lost its data also lost the groups).
     async fn reconnect(&mut self) -> Result<()> {
         let read_conn = self.url.connect_with(self.cfg.block + Duration::from_secs(10)).await?;
         let mut conn = self.url.connect().await?;
-        ensure_group(&mut conn, &self.url, &self.cfg.stream, &self.cfg.group).await?;
+        for stream in &self.cfg.streams {
+            ensure_group(&mut conn, &self.url, stream, &self.cfg.group).await?;
+        }
         self.read_conn = read_conn;
         self.conn = conn;
         Ok(())
     }
 
-    async fn read(&mut self) -> Result<Vec<StreamId>> {
+    /// One `XREADGROUP` over every stream; entries tagged with the stream they came from.
+    async fn read(&mut self) -> Result<Vec<(usize, StreamId)>> {
         let opts = StreamReadOptions::default()
             .group(&self.cfg.group, &self.cfg.consumer)
             .count(self.cfg.batch)
             .block(self.cfg.block.as_millis() as usize);
+        let ids = vec![">"; self.cfg.streams.len()];
         let reply: Option<StreamReadReply> = self
             .read_conn
-            .xread_options(&[&self.cfg.stream], &[">"], &opts)
+            .xread_options(&self.cfg.streams, &ids, &opts)
             .await
             .map_err(|e| Error::redis(&self.url, e))?;
-        Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
+        let mut out = Vec::new();
+        for k in reply.map(|r| r.keys).unwrap_or_default() {
+            // Redis answers with the names it was given.
+            let Some(i) = self.cfg.streams.iter().position(|s| *s == k.key) else {
+                tracing::error!(stream = %k.key, "XREADGROUP answered for a stream it was not asked for");
+                continue;
+            };
+            out.extend(k.ids.into_iter().map(|e| (i, e)));
+        }
+        Ok(out)
     }
 
-    /// Trims the stream below the oldest entry some consumer group may still need: the oldest
+    /// Trims every stream (see [`Consumer::trim_stream`]).
+    pub async fn trim(&mut self) -> Result<()> {
+        for i in 0..self.cfg.streams.len() {
+            let stream = self.cfg.streams[i].clone();
+            self.trim_stream(&stream).await?;
+        }
+        Ok(())
+    }
+
+    /// Trims `stream` below the oldest entry some consumer group may still need: the oldest
     /// pending entry and the last delivered one of every group (all groups, not only ours),
     /// and nothing younger than `keep`. Approximate (`MINID ~`), so Redis frees whole nodes.
     /// Returns the `MINID` used, if any.
-    pub async fn trim(&mut self) -> Result<Option<String>> {
+    pub async fn trim_stream(&mut self, stream: &str) -> Result<Option<String>> {
         let url = &self.url;
-        let groups: StreamInfoGroupsReply =
-            self.conn.xinfo_groups(&self.cfg.stream).await.map_err(|e| Error::redis(url, e))?;
+        let groups: StreamInfoGroupsReply = self.conn.xinfo_groups(stream).await.map_err(|e| Error::redis(url, e))?;
         let keep_from = crate::now_ms().saturating_sub(self.cfg.keep.as_millis() as u64);
         let mut floor = (keep_from, 0);
         for g in &groups.groups {
             floor = floor.min(parse_id(&g.last_delivered_id).unwrap_or((0, 0)));
             if g.pending > 0 {
                 let p: StreamPendingReply =
-                    self.conn.xpending(&self.cfg.stream, &g.name).await.map_err(|e| Error::redis(url, e))?;
+                    self.conn.xpending(stream, &g.name).await.map_err(|e| Error::redis(url, e))?;
                 if let StreamPendingReply::Data(d) = p {
                     floor = floor.min(parse_id(&d.start_id).unwrap_or((0, 0)));
                 }
@@ -248,7 +287,7 @@ impl Consumer {
         }
         let minid = format!("{}-{}", floor.0, floor.1);
         let trimmed: u64 = redis::cmd("XTRIM")
-            .arg(&self.cfg.stream)
+            .arg(stream)
             .arg("MINID")
             .arg("~")
             .arg(&minid)
@@ -256,22 +295,29 @@ impl Consumer {
             .await
             .map_err(|e| Error::redis(url, e))?;
         if trimmed > 0 {
-            tracing::debug!(stream = %self.cfg.stream, trimmed, %minid, "trimmed stream");
+            tracing::debug!(%stream, trimmed, %minid, "trimmed stream");
         }
         Ok(Some(minid))
     }
 
     /// Takes over entries idle longer than `claim_idle` (from dead consumers, or our own failed
-    /// batches) and processes them.
+    /// batches) on every stream and processes them.
     async fn claim_idle<H: Handler>(&mut self, handler: &mut H) -> Result<()> {
+        for i in 0..self.cfg.streams.len() {
+            self.claim_idle_on(handler, i).await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_idle_on<H: Handler>(&mut self, handler: &mut H, i: usize) -> Result<()> {
         // Resume where the previous tick stopped, so a long pending list is covered in turn.
-        let mut start = std::mem::replace(&mut self.claim_from, "0-0".to_string());
+        let mut start = std::mem::replace(&mut self.claim_from[i], "0-0".to_string());
         let mut rounds = 0;
         loop {
             let reply: StreamAutoClaimReply = self
                 .conn
                 .xautoclaim_options(
-                    &self.cfg.stream,
+                    &self.cfg.streams[i],
                     &self.cfg.group,
                     &self.cfg.consumer,
                     self.cfg.claim_idle.as_millis() as u64,
@@ -283,8 +329,8 @@ impl Consumer {
             let n = reply.claimed.len();
             if n > 0 {
                 self.stats.claimed.fetch_add(n as u64, Ordering::Relaxed);
-                tracing::info!(stream = %self.cfg.stream, claimed = n, "took over idle pending entries");
-                self.process(handler, reply.claimed).await?;
+                tracing::info!(stream = %self.cfg.streams[i], claimed = n, "took over idle pending entries");
+                self.process(handler, reply.claimed.into_iter().map(|e| (i, e)).collect()).await?;
             }
             // Redis looks at no more than 10 x COUNT pending entries per call, so a short answer
             // does not mean the end; go on up to a bound per tick, and resume next tick.
@@ -293,32 +339,33 @@ impl Consumer {
                 return Ok(());
             }
             if rounds >= MAX_CLAIM_ROUNDS {
-                self.claim_from = reply.next_stream_id;
+                self.claim_from[i] = reply.next_stream_id;
                 return Ok(());
             }
             start = reply.next_stream_id;
         }
     }
 
-    async fn process<H: Handler>(&mut self, handler: &mut H, entries: Vec<StreamId>) -> Result<()> {
+    async fn process<H: Handler>(&mut self, handler: &mut H, entries: Vec<(usize, StreamId)>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut batch = Vec::with_capacity(entries.len());
         // The decoded entries as read, so that a refused one is dead-lettered with its original
         // fields (`orig.t`, `orig.m`), like an undecodable one.
-        let mut originals: Vec<StreamId> = Vec::with_capacity(entries.len());
-        let mut dead: Vec<(StreamId, String)> = Vec::new();
-        for e in entries {
+        let mut originals: Vec<(usize, StreamId)> = Vec::with_capacity(entries.len());
+        let mut dead: Vec<(usize, StreamId, String)> = Vec::new();
+        for (i, e) in entries {
             match Message::from_entry(&e.map) {
                 Ok(msg) => {
-                    batch.push(Delivery { id: e.id.clone(), msg });
-                    originals.push(e);
+                    let stream = self.cfg.streams[i].clone();
+                    batch.push(Delivery { partition: partition_of(&stream), stream, id: e.id.clone(), msg });
+                    originals.push((i, e));
                 }
-                Err(err) => dead.push((e, err.to_string())),
+                Err(err) => dead.push((i, e, err.to_string())),
             }
         }
-        let mut ack: Vec<String> = Vec::with_capacity(batch.len());
+        let mut ack: Vec<(usize, String)> = Vec::with_capacity(batch.len());
         let mut writes = Vec::new();
         if !batch.is_empty() {
             let handled = match handler.handle(batch).await {
@@ -332,10 +379,10 @@ impl Consumer {
             };
             let dispositions = handled.dispositions;
             assert_eq!(dispositions.len(), originals.len(), "handler must return one disposition per delivery");
-            for (entry, d) in originals.into_iter().zip(dispositions) {
+            for ((i, entry), d) in originals.into_iter().zip(dispositions) {
                 match d {
-                    Disposition::Ack => ack.push(entry.id),
-                    Disposition::DeadLetter(reason) => dead.push((entry, reason)),
+                    Disposition::Ack => ack.push((i, entry.id)),
+                    Disposition::DeadLetter(reason) => dead.push((i, entry, reason)),
                     Disposition::Retry => {}
                 }
             }
@@ -344,15 +391,16 @@ impl Consumer {
         self.commit(writes, dead, ack).await
     }
 
-    /// Writes the batch's results, its dead letters (copied with the reason, counted) and the
-    /// `XACK` of the handled and dead-lettered entries as one `MULTI`/`EXEC`: all or nothing, so
-    /// an entry is never acked without what it caused (a Redis refusing writes, e.g. at its
-    /// memory limit, aborts the whole transaction and the entries stay pending).
+    /// Writes the batch's results, its dead letters (copied with the reason, counted, in the
+    /// partition of the stream they came from) and the `XACK`s of the handled and dead-lettered
+    /// entries as one `MULTI`/`EXEC`: all or nothing, so an entry is never acked without what
+    /// it caused (a Redis refusing writes, e.g. at its memory limit, aborts the whole
+    /// transaction and the entries stay pending).
     async fn commit(
         &mut self,
         writes: Vec<redis::Cmd>,
-        dead: Vec<(StreamId, String)>,
-        mut ack: Vec<String>,
+        dead: Vec<(usize, StreamId, String)>,
+        mut ack: Vec<(usize, String)>,
     ) -> Result<()> {
         if writes.is_empty() && dead.is_empty() && ack.is_empty() {
             return Ok(());
@@ -363,36 +411,61 @@ impl Consumer {
             p.add_command(c).ignore();
         }
         let now = crate::now_ms();
-        for (entry, reason) in &dead {
-            tracing::warn!(stream = %self.cfg.stream, id = %entry.id, %reason, "dead-lettering entry");
-            let mut fields: Vec<(String, Vec<u8>)> = vec![
-                ("stream".into(), self.cfg.stream.clone().into_bytes()),
-                ("group".into(), self.cfg.group.clone().into_bytes()),
-                ("id".into(), entry.id.clone().into_bytes()),
-                ("reason".into(), reason.clone().into_bytes()),
-                ("at".into(), now.to_string().into_bytes()),
-            ];
-            for (k, v) in &entry.map {
-                if let redis::Value::BulkString(b) = v {
-                    fields.push((format!("orig.{k}"), b.clone()));
-                }
-            }
-            p.xadd(keys::dead_letter_stream(), "*", &fields).ignore();
-            p.hincr(keys::dead_letter_counts(), &self.cfg.stream, 1).ignore();
+        for (i, entry, reason) in &dead {
+            let stream = &self.cfg.streams[*i];
+            tracing::warn!(%stream, id = %entry.id, %reason, "dead-lettering entry");
+            let fields = dead_letter_fields(stream, &self.cfg.group, &entry.id, reason, now, &entry.map);
+            let partition = partition_of(stream);
+            p.xadd(keys::dead_letter_stream(partition), "*", &fields).ignore();
+            p.hincr(keys::dead_letter_counts(partition), stream, 1).ignore();
         }
         let handled = ack.len() as u64;
-        ack.extend(dead.iter().map(|(e, _)| e.id.clone()));
-        if ack.is_empty() {
-            p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
-        } else {
-            p.xack(&self.cfg.stream, &self.cfg.group, &ack);
-            let (_acked,): (u64,) = p.query_async(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
-            self.stats.acked.fetch_add(handled, Ordering::Relaxed);
+        ack.extend(dead.iter().map(|(i, e, _)| (*i, e.id.clone())));
+        // One XACK per stream.
+        let mut by_stream: HashMap<usize, Vec<String>> = HashMap::new();
+        for (i, id) in ack {
+            by_stream.entry(i).or_default().push(id);
         }
+        for (i, ids) in &by_stream {
+            p.xack(&self.cfg.streams[*i], &self.cfg.group, ids).ignore();
+        }
+        p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        self.stats.acked.fetch_add(handled, Ordering::Relaxed);
         self.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
+
+/// The fields of a dead letter (`XADD rtx:dead:{P} * <fields>`): where the entry came from
+/// (`stream`, `group`, `id`), why (`reason`), when (`at`, ms), and its original fields as
+/// `orig.<field>` (bulk strings only), so an operator can inspect or re-drive it.
+pub fn dead_letter_fields(
+    stream: &str,
+    group: &str,
+    id: &str,
+    reason: &str,
+    at_ms: u64,
+    original: &HashMap<String, redis::Value>,
+) -> Vec<(String, Vec<u8>)> {
+    let mut fields: Vec<(String, Vec<u8>)> = vec![
+        ("stream".into(), stream.as_bytes().to_vec()),
+        ("group".into(), group.as_bytes().to_vec()),
+        ("id".into(), id.as_bytes().to_vec()),
+        ("reason".into(), reason.as_bytes().to_vec()),
+        ("at".into(), at_ms.to_string().into_bytes()),
+    ];
+    let mut orig: Vec<(&String, &Vec<u8>)> = original
+        .iter()
+        .filter_map(|(k, v)| match v {
+            redis::Value::BulkString(b) => Some((k, b)),
+            _ => None,
+        })
+        .collect();
+    orig.sort();
+    fields.extend(orig.into_iter().map(|(k, v)| (format!("orig.{k}"), v.clone())));
+    fields
+}
+
 /// A stream entry id `ms-seq` as a pair, for ordering.
 fn parse_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;

@@ -1,40 +1,136 @@
 --[[
-Shared part of commit.lua and abort.lua: prepended to each when it is loaded (see
-participant/src/kv.rs), so it sees their KEYS/ARGV layout: KEYS[1] the barrier, then (user key,
-lock key) pairs; ARGV[2] now (ms), ARGV[3] retention (ms).
+lib/barrier.lua: the layout and helpers every key-value participant script shares (prepended to
+each; see participant/src/kv.rs). The barrier *rules* are not here: the Rust runtime decides
+(participant/src/barrier.rs) and a script only carries out one transition, if the barrier is
+still in the state the runtime expects (compare-and-set), together with its business change.
+
+Every script does all its reads and checks before its first write, and writes the barrier
+first: on a Redis at its memory limit that first write is refused, so nothing changes and the
+script fails (the request stays pending and is retried); once a script has written, Redis does
+not refuse its later writes. Writes use redis.call (never pcall): an error aborts the script.
+
+Common input:
+  KEYS[1]      barrier, rtx:bar:<participant>:<txn> (hash: state, reason, deadline, keys,
+               ops while prepared, at, done)
+  KEYS[2i]     i-th distinct user key of the branch (i = 1..n), in first-use order
+  KEYS[2i+1]   its lock, rtx:lock:<key> (string: the owner of the lock, ARGV[1])
+  ARGV[1]      owner: this branch's lock value, "<participant> <txn>"
+  ARGV[2]      participant name (prefix of every reason)
+  ARGV[3]      expected barrier state ("" = no barrier yet)
+  ARGV[4]      now, ms since the epoch (the worker's clock)
+  ARGV[5]      retention, ms: a finished barrier is kept at least this long
+  ARGV[6]      clock-skew margin, ms: a barrier with a deadline is kept until deadline + margin
+  ARGV[7]      longest transaction timeout, ms: a finished barrier without a deadline (a
+               tombstone, a saga step) is kept at least this long + margin
+
+Common output (participant/src/kv.rs: ScriptCode):
+  {1, state, reason}             DONE: the barrier is now `state` ("reason" may be "")
+  {2, state, reason, deadline}   MOVED: the barrier is not in the expected state (state "" = no
+                                 barrier), or KEYS are not the branch's keys; nothing changed
+  {3, reason}                    BUSY: a saga step's key is locked by a 2PC branch; nothing
+                                 changed
 ]]
 local rcall = redis.call
 local bar = KEYS[1]
--- Margin for the skew between the worker's clock (ARGV[2]) and the Redis clock (expiry).
-local SKEW_MS = 60000
+local owner = ARGV[1]
+local name = ARGV[2]
+local expected = ARGV[3]
+local now = tonumber(ARGV[4])
 
--- Expiry of a finished barrier: the retention, but never before its deadline (+ margin).
-local function expire_after(deadline)
-  local ttl = math.max(tonumber(ARGV[3]), deadline - tonumber(ARGV[2]) + SKEW_MS)
-  rcall('PEXPIRE', bar, string.format('%d', ttl))
+if #KEYS % 2 ~= 1 then
+  return redis.error_reply('KEYS must be the barrier then (key, lock) pairs')
+end
+local nkeys = (#KEYS - 1) / 2
+
+-- The MOVED reply if the barrier is not in the expected state, else nil.
+local function moved()
+  local b = rcall('HMGET', bar, 'state', 'reason', 'deadline')
+  if (b[1] or '') == expected then
+    return nil
+  end
+  return {2, b[1] or '', b[2] or '', b[3] or ''}
 end
 
--- The keys the branch was prepared with; nil and a detail if KEYS does not list exactly them.
-local function prepared_keys()
-  local keys = cmsgpack.unpack(rcall('HGET', bar, 'keys'))
-  local same = (#keys * 2 + 1 == #KEYS)
-  for i = 1, #keys do
-    if KEYS[2 * i] ~= keys[i] or KEYS[2 * i + 1] ~= 'rtx:lock:' .. keys[i] then
-      same = false
+-- The MOVED reply, unconditionally (the barrier as it is).
+local function moved_anyway()
+  local b = rcall('HMGET', bar, 'state', 'reason', 'deadline')
+  return {2, b[1] or '', b[2] or '', b[3] or ''}
+end
+
+-- Whether KEYS lists exactly the keys the branch was prepared with.
+local function same_keys()
+  local raw = rcall('HGET', bar, 'keys')
+  if not raw then
+    return false
+  end
+  local keys = cmsgpack.unpack(raw)
+  if #keys ~= nkeys then
+    return false
+  end
+  for i = 1, nkeys do
+    if KEYS[2 * i] ~= keys[i] then
+      return false
     end
   end
-  if not same then
-    return nil, 'prepared with keys [' .. table.concat(keys, ', ') .. ']'
+  return true
+end
+
+-- The branch's user keys, from KEYS.
+local function user_keys()
+  local keys = {}
+  for i = 1, nkeys do
+    keys[i] = KEYS[2 * i]
   end
   return keys
 end
 
--- Releases the locks still owned by this barrier and drops the staged writes.
-local function release(keys)
-  for i = 1, #keys do
-    if rcall('GET', KEYS[2 * i + 1]) == bar then
+-- Lets a finished barrier expire: after the retention, but never before its deadline (a
+-- string, or nil/false/"" for none) plus the skew margin, nor (without a deadline) before the
+-- longest timeout plus the margin.
+local function expire(deadline)
+  local d = tonumber(deadline or '')
+  local floor
+  if d then
+    floor = d - now + tonumber(ARGV[6])
+  else
+    floor = tonumber(ARGV[7]) + tonumber(ARGV[6])
+  end
+  rcall('PEXPIRE', bar, string.format('%d', math.max(tonumber(ARGV[5]), floor)))
+end
+
+-- 2PC prepare: nil if every lock is free or already ours, else why the branch is refused.
+local function lock_conflict()
+  local _, txn = string.match(owner, '^(%S+) (.+)$')
+  for i = 1, nkeys do
+    local held = rcall('GET', KEYS[2 * i + 1])
+    if held and held ~= owner then
+      local other, other_txn = string.match(held, '^(%S+) (.+)$')
+      if other_txn == txn then
+        return name .. ': ' .. KEYS[2 * i] .. ' is also written by participant ' .. other ..
+          ' in this transaction (they share a data Redis); put those ops in one branch'
+      end
+      return name .. ': conflict: ' .. KEYS[2 * i] .. ' is held by another transaction'
+    end
+  end
+  return nil
+end
+
+-- Saga step: nil if no key is locked, else the BUSY reply (a saga never writes under a 2PC
+-- branch's lock; the coordinator retries the step later).
+local function busy()
+  for i = 1, nkeys do
+    if rcall('EXISTS', KEYS[2 * i + 1]) == 1 then
+      return {3, name .. ': ' .. KEYS[2 * i] .. ' is locked by a 2PC transaction; retry later'}
+    end
+  end
+  return nil
+end
+
+-- Releases the locks this branch still owns.
+local function unlock()
+  for i = 1, nkeys do
+    if rcall('GET', KEYS[2 * i + 1]) == owner then
       rcall('DEL', KEYS[2 * i + 1])
     end
   end
-  rcall('HDEL', bar, 'ops')
 end

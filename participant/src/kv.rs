@@ -1,87 +1,111 @@
-//! The built-in key-value resource: the Lua scripts of `lua/prepare.lua`, `lua/commit.lua` and
-//! `lua/abort.lua` run on the participant's data Redis, one pipeline per batch.
+//! The built-in key-value resource: each [`Transition`] is one Lua call on the participant's
+//! data Redis, a batch is one pipeline.
 //!
-//! Building the calls and reading the replies are pure functions ([`prepare_call`],
-//! [`resolve_call`], [`read_reply`]); [`KvResource`] adds the connection.
+//! One script per work (`lua/`): `prepare` (Try), `commit` (Confirm), `abort` (Cancel),
+//! `execute` (Action), `compensate` (Compensation), `mark` (Mark). Each opens with its KEYS, ARGV
+//! and replies; the layout they share and its helpers are in `lua/lib/barrier.lua`, the
+//! simulated checks of the ops in `lua/lib/ops.lua`, the exact 64-bit arithmetic in
+//! `lua/lib/i64.lua` (prepended at compile time). Replies are read through [`ScriptCode`].
+//!
+//! The barrier is the hash `rtx:bar:<participant>:<txn>` (`state`, `reason`, `deadline`,
+//! `keys`, `ops` while prepared, `at`, `done`); a key's lock is `rtx:lock:<key>`, holding
+//! [`lock_owner`]. Commit and abort messages carry no keys: the keys of a prepared branch come
+//! from a small in-memory cache filled at prepare, or else from the barrier (`HGET keys`, one
+//! pipeline per batch), so that KEYS lists every key a script touches.
 
-use crate::resource::{Request, Resource, Response};
+use crate::barrier::{Barrier, BarrierState, Request, Work, SKEW};
+use crate::resource::{Applied, Resource, Transition};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use redtx_common::conn::RedisUrl;
-use redtx_common::protocol::{Outcome, Prepare, Resolve};
+use redtx_common::kv::{decode_ops, keys_of, Op};
 use redtx_common::scripts::{self, Call, LuaScript};
-use redtx_common::spec::{self, Branch, Mode, Op, TxnSpec};
-use redtx_common::{keys, Error, Result};
+use redtx_common::{keys, spec, Error, Result};
+use std::collections::HashMap;
 use std::time::Duration;
 
-/// `lua/prepare.lua`.
-pub static PREPARE: LuaScript = LuaScript::new("prepare", include_str!("../../lua/prepare.lua"));
-/// `lua/commit.lua` (after `lua/lib/barrier.lua`).
-pub static COMMIT: LuaScript =
-    LuaScript::new("commit", concat!(include_str!("../../lua/lib/barrier.lua"), include_str!("../../lua/commit.lua")));
-/// `lua/abort.lua` (after `lua/lib/barrier.lua`).
-pub static ABORT: LuaScript =
-    LuaScript::new("abort", concat!(include_str!("../../lua/lib/barrier.lua"), include_str!("../../lua/abort.lua")));
+macro_rules! lua {
+    ($($file:literal),*) => { concat!($(include_str!(concat!("../../lua/", $file))),*) };
+}
 
-/// KEYS shared by the three scripts: the barrier, then (user key, lock key) per distinct key.
-fn with_keys(call: Call, name: &str, txn: &str, keys: &[String]) -> Call {
-    let mut call = call.key(keys::barrier(name, txn));
+/// `lua/prepare.lua`: Try.
+pub static PREPARE: LuaScript =
+    LuaScript::new("prepare", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "prepare.lua"));
+/// `lua/commit.lua`: Confirm.
+pub static COMMIT: LuaScript =
+    LuaScript::new("commit", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "commit.lua"));
+/// `lua/abort.lua`: Cancel.
+pub static ABORT: LuaScript = LuaScript::new("abort", lua!("lib/barrier.lua", "abort.lua"));
+/// `lua/execute.lua`: Action.
+pub static EXECUTE: LuaScript =
+    LuaScript::new("execute", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "execute.lua"));
+/// `lua/compensate.lua`: Compensation.
+pub static COMPENSATE: LuaScript =
+    LuaScript::new("compensate", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "compensate.lua"));
+/// `lua/mark.lua`: Mark.
+pub static MARK: LuaScript = LuaScript::new("mark", lua!("lib/barrier.lua", "mark.lua"));
+
+/// Every script, for loading them up front.
+pub static SCRIPTS: [&LuaScript; 6] = [&PREPARE, &COMMIT, &ABORT, &EXECUTE, &COMPENSATE, &MARK];
+
+/// Most branches whose keys are remembered between prepare and commit/abort; beyond it the
+/// cache starts afresh (a miss costs one pipelined `HGET`).
+const KEY_CACHE_MAX: usize = 65_536;
+
+/// The first element of every script's reply (`lua/lib/barrier.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i64)]
+pub enum ScriptCode {
+    /// `{1, state, reason}`: the transition happened; the barrier is now `state`.
+    Done = 1,
+    /// `{2, state, reason, deadline}`: the barrier was not in the expected state (`state` ""
+    /// = none), or KEYS were not the branch's keys; nothing changed.
+    Moved = 2,
+    /// `{3, reason}`: a saga step's key is locked by a 2PC branch; nothing changed.
+    Busy = 3,
+}
+
+impl ScriptCode {
+    /// The code `n`, if it is one.
+    pub fn from_i64(n: i64) -> Option<ScriptCode> {
+        [ScriptCode::Done, ScriptCode::Moved, ScriptCode::Busy].into_iter().find(|c| *c as i64 == n)
+    }
+}
+
+/// The value of a lock taken by `participant`'s branch of `txn`: `<participant> <txn>` (neither
+/// contains a space), so a script that finds the lock held can tell which branch holds it.
+pub fn lock_owner(participant: &str, txn: &str) -> String {
+    format!("{participant} {txn}")
+}
+
+/// The script and the common KEYS/ARGV (`lua/lib/barrier.lua`) of one transition.
+fn base(
+    script: &'static LuaScript,
+    name: &str,
+    txn: &str,
+    keys: &[String],
+    expect: Option<BarrierState>,
+    now_ms: u64,
+    retention: Duration,
+) -> Call {
+    let mut call = script.call().key(keys::barrier(name, txn));
     for k in keys {
         call = call.key(k.as_str()).key(keys::lock(k));
     }
-    call
-}
-
-/// Checks a prepare as the producer's validation would (ids, key names and sizes, bounds), so
-/// that a hand-made message cannot touch redtx's own keys. `Err` is the reason to vote no.
-pub fn check_prepare(p: &Prepare) -> std::result::Result<(), String> {
-    let spec = TxnSpec {
-        id: p.txn.clone(),
-        mode: Mode::TwoPhase,
-        timeout_ms: spec::DEFAULT_TIMEOUT.as_millis() as u64,
-        branches: vec![Branch { participant: p.participant.clone(), ops: p.ops.clone() }],
-    };
-    spec.validate().map_err(|e| {
-        let e = e.to_string().replace("branches[0].", "").replace("id: ", "txn: ");
-        format!("{}: invalid prepare: {e}", p.participant)
-    })
-}
-
-/// A coordinator sets a deadline at most the longest timeout ahead; one further out is a
-/// hand-made (or corrupt) message, and would make the barrier's lifetime arithmetic overflow.
-pub fn check_deadline(p: &Prepare, now_ms: u64) -> std::result::Result<(), String> {
-    let furthest = now_ms + (spec::MAX_TIMEOUT + Duration::from_secs(60)).as_millis() as u64;
-    if p.deadline_ms > furthest {
-        return Err(format!(
-            "{}: invalid prepare: deadline {} is further ahead than the longest timeout ({})",
-            p.participant,
-            p.deadline_ms,
-            humantime::format_duration(spec::MAX_TIMEOUT)
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a commit/abort's transaction id and keys. `Err` is the reason to dead-letter it.
-pub fn check_resolve(r: &Resolve) -> std::result::Result<(), String> {
-    spec::check_id("txn", &r.txn).map_err(|e| format!("invalid {}: {e}", "commit/abort"))?;
-    if let Some(k) = r.keys.iter().find(|k| k.is_empty() || k.starts_with(spec::RESERVED_PREFIX)) {
-        return Err(format!("invalid commit/abort: key {k:?} is empty or reserved"));
-    }
-    Ok(())
-}
-
-/// The `prepare.lua` call for `p` (see the script's header for the layout).
-pub fn prepare_call(name: &str, p: &Prepare, now_ms: u64, retention: Duration) -> Call {
-    let branch_keys = Branch { participant: p.participant.clone(), ops: p.ops.clone() }.keys();
-    let mut call = with_keys(PREPARE.call(), name, &p.txn, &branch_keys)
+    call.arg(lock_owner(name, txn))
         .arg(name)
+        .arg(expect.map(BarrierState::as_str).unwrap_or(""))
         .arg(now_ms)
         .arg(retention.as_millis() as u64)
-        .arg(p.deadline_ms);
+        .arg(SKEW.as_millis() as u64)
+        .arg(spec::MAX_TIMEOUT.as_millis() as u64)
+}
+
+/// Appends the ops in six slots each (`lua/lib/ops.lua`); `keys` is [`keys_of`] the ops.
+fn with_ops(mut call: Call, keys: &[String], ops: &[Op]) -> Call {
     let bound = |b: Option<i64>| b.map(|b| b.to_string()).unwrap_or_default();
-    for op in &p.ops {
-        let index = branch_keys.iter().position(|k| k == op.key()).expect("every op key is a branch key") + 1;
+    for op in ops {
+        let index = keys.iter().position(|k| k == op.key()).expect("every op key is a branch key") + 1;
         let (verb, field, value, min, max) = match op {
             Op::Set(o) => ("set", "", o.value.clone(), None, None),
             Op::Del(_) => ("del", "", String::new(), None, None),
@@ -99,62 +123,74 @@ pub fn prepare_call(name: &str, p: &Prepare, now_ms: u64, retention: Duration) -
     call
 }
 
-/// The `commit.lua` or `abort.lua` call for `r`.
-pub fn resolve_call(script: &'static LuaScript, name: &str, r: &Resolve, now_ms: u64, retention: Duration) -> Call {
-    let call = with_keys(script.call(), name, &r.txn, &r.keys).arg(name).arg(now_ms).arg(retention.as_millis() as u64);
-    if std::ptr::eq(script, &ABORT) {
-        // A tombstone does not know its transaction's deadline: it lives at least this long.
-        call.arg(spec::MAX_TIMEOUT.as_millis() as u64)
-    } else {
-        call
-    }
+/// How one transition is carried out: a script call, and the branch's keys (remembered if it
+/// ends prepared).
+#[derive(Clone)]
+pub struct Plan {
+    /// The call.
+    pub call: Call,
+    /// The keys of its ops.
+    pub keys: Vec<String>,
 }
 
-/// The call for a request, or the answer given without running a script (an invalid message).
-pub fn call_for(name: &str, req: &Request, now_ms: u64, retention: Duration) -> std::result::Result<Call, Response> {
-    match req {
-        Request::Prepare(p) => match check_prepare(p).and_then(|()| check_deadline(p, now_ms)) {
-            Ok(()) => Ok(prepare_call(name, p, now_ms, retention)),
-            Err(reason) => Err(Response::Vote { yes: false, reason: Some(reason), repeat: false }),
-        },
-        Request::Commit(r) | Request::Abort(r) => {
-            check_resolve(r).map_err(Response::Violation)?;
-            let script = if matches!(req, Request::Commit(_)) { &COMMIT } else { &ABORT };
-            Ok(resolve_call(script, name, r, now_ms, retention))
+/// The plan for transition `t` of participant `name`. `prepared_keys`: for Confirm/Cancel, the
+/// keys the branch was prepared with, if known (unknown: the script answers MOVED unless the
+/// barrier is no longer prepared, and the runtime asks again).
+pub fn plan(name: &str, t: &Transition<'_>, prepared_keys: Option<&[String]>, retention: Duration) -> Plan {
+    let req = t.request;
+    let txn = req.txn();
+    let base = |script, keys: &[String]| base(script, name, txn, keys, t.expect, t.now_ms, retention);
+    // A payload that does not decode is a business refusal that names the field.
+    let decoded = |what: &str| decode_ops(req.payload(), "payload").map_err(|e| format!("{name}: invalid {what}: {e}"));
+    let ops_call = |script, what: &str, pre: &dyn Fn(Call) -> Call| match decoded(what) {
+        Ok(ops) => {
+            let keys = keys_of(&ops);
+            let call = with_ops(pre(base(script, &keys)).arg(""), &keys, &ops);
+            Plan { call, keys }
+        }
+        Err(refusal) => Plan { call: pre(base(script, &[])).arg(refusal), keys: Vec::new() },
+    };
+    match &t.work {
+        Work::Try => {
+            let deadline = if let Request::Prepare(p) = req { p.deadline_ms } else { 0 };
+            ops_call(&PREPARE, "payload", &|c: Call| c.arg(deadline))
+        }
+        Work::Action => ops_call(&EXECUTE, "payload", &|c: Call| c),
+        Work::Compensation => ops_call(&COMPENSATE, "compensation payload", &|c: Call| c),
+        Work::Confirm | Work::Cancel => {
+            let script = if t.work == Work::Confirm { &COMMIT } else { &ABORT };
+            Plan { call: base(script, prepared_keys.unwrap_or(&[])), keys: Vec::new() }
+        }
+        Work::Mark { to, reason } => {
+            let deadline = match req {
+                Request::Prepare(p) if *to == BarrierState::Refused => p.deadline_ms.to_string(),
+                _ => String::new(),
+            };
+            let call = base(&MARK, &[]).arg(to.as_str()).arg(reason.as_deref().unwrap_or("")).arg(deadline);
+            Plan { call, keys: Vec::new() }
         }
     }
 }
 
-/// Reads a script's `{code, detail}` reply into a [`Response`] (the codes are documented in
-/// each script's header).
-pub fn read_reply(req: &Request, reply: &Value) -> Result<Response> {
-    let script = match req {
-        Request::Prepare(_) => PREPARE.name,
-        Request::Commit(_) => COMMIT.name,
-        Request::Abort(_) => ABORT.name,
-    };
+/// Reads a script's reply (see [`ScriptCode`]).
+pub fn read_reply(script: &'static str, reply: &Value) -> Result<Applied> {
     let items = scripts::reply_strings(script, reply)?;
     let bad = || Error::ScriptReply { script, detail: format!("{items:?}") };
-    let [code, detail] = <[String; 2]>::try_from(items.clone()).map_err(|_| bad())?;
-    let code: i64 = code.parse().map_err(|_| bad())?;
-    let txn = req.txn();
-    Ok(match (req, code) {
-        (Request::Prepare(_), 1 | 2) => Response::Vote { yes: true, reason: None, repeat: code == 2 },
-        (Request::Prepare(_), 0 | 3) => Response::Vote { yes: false, reason: Some(detail), repeat: code == 3 },
-        (Request::Commit(_), 1 | 2) => Response::Done {
-            outcome: Outcome::Committed,
-            repeat: code == 2,
-            warning: (!detail.is_empty()).then(|| format!("committed writes failed: {detail}")),
+    let code = items.first().and_then(|c| c.parse().ok()).and_then(ScriptCode::from_i64).ok_or_else(bad)?;
+    let text = |i: usize| items.get(i).filter(|s| !s.is_empty()).cloned();
+    let state = |s: &str| BarrierState::parse(s).ok_or_else(bad);
+    Ok(match code {
+        ScriptCode::Done => Applied::Done { state: state(items.get(1).ok_or_else(bad)?)?, reason: text(2) },
+        ScriptCode::Moved => match items.get(1).map(String::as_str) {
+            None => return Err(bad()),
+            Some("") => Applied::Moved(None),
+            Some(s) => Applied::Moved(Some(Barrier {
+                state: state(s)?,
+                reason: text(2),
+                deadline_ms: text(3).map(|d| d.parse().map_err(|_| bad())).transpose()?,
+            })),
         },
-        (Request::Commit(_), -1) => {
-            Response::Violation(format!("commit of txn {txn}, which was never prepared here (barrier {detail})"))
-        }
-        (Request::Abort(_), 1..=3) => Response::Done { outcome: Outcome::Aborted, repeat: code == 2, warning: None },
-        (Request::Abort(_), -1) => Response::Violation(format!("abort of txn {txn}, which is already committed here")),
-        (Request::Commit(_) | Request::Abort(_), -2) => {
-            Response::Violation(format!("{} of txn {txn} names other keys than its prepare: {detail}", req.kind()))
-        }
-        _ => return Err(bad()),
+        ScriptCode::Busy => Applied::Busy(text(1).ok_or_else(bad)?),
     })
 }
 
@@ -165,13 +201,15 @@ pub struct KvResource {
     url: RedisUrl,
     retention: Duration,
     conn: Option<MultiplexedConnection>,
+    /// Keys of branches this process prepared (txn -> keys), for their commit/abort.
+    prepared_keys: HashMap<String, Vec<String>>,
 }
 
 impl KvResource {
-    /// A resource for participant `name` on the data Redis at `url`; outcome barriers are kept
+    /// A resource for participant `name` on the data Redis at `url`; finished barriers are kept
     /// for `retention`.
     pub fn new(url: RedisUrl, name: impl Into<String>, retention: Duration) -> Self {
-        KvResource { name: name.into(), url, retention, conn: None }
+        KvResource { name: name.into(), url, retention, conn: None, prepared_keys: HashMap::new() }
     }
 
     /// The participant name.
@@ -181,136 +219,181 @@ impl KvResource {
 
     /// The connection, opened (and the scripts loaded) if needed. Loading up front matters:
     /// `scripts::run` re-sends a call answered `NOSCRIPT` after the rest of its pipeline, which
-    /// would reorder a batch. Every order is safe (the scripts are written for messages arriving
-    /// in any order), but in-order is what operators and tests expect.
+    /// would reorder a batch.
     async fn conn(&mut self) -> Result<&mut MultiplexedConnection> {
         if self.conn.is_none() {
             let mut conn = self.url.connect().await?;
-            for script in [&PREPARE, &COMMIT, &ABORT] {
+            for script in SCRIPTS {
                 script.load(&mut conn).await.map_err(|e| Error::redis(&self.url, e))?;
             }
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just connected"))
     }
+
+    /// The prepared keys of `txns` read from their barriers, in one pipeline.
+    async fn fetch_keys(&mut self, txns: &[&str]) -> Result<Vec<Vec<String>>> {
+        let mut p = redis::pipe();
+        for txn in txns {
+            p.hget(keys::barrier(&self.name, txn), "keys");
+        }
+        let url = self.url.clone();
+        let raw: Vec<Option<Vec<u8>>> = p.query_async(self.conn().await?).await.map_err(|e| Error::redis(&url, e))?;
+        Ok(raw.into_iter().map(|r| r.and_then(|b| rmp_serde::from_slice(&b).ok()).unwrap_or_default()).collect())
+    }
+
+    async fn run(&mut self, calls: &[Call]) -> Result<Vec<redis::RedisResult<Value>>> {
+        let url = self.url.clone();
+        match scripts::run(self.conn().await?, &url, calls).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                // Maybe a connection that died with a Redis restart: run the calls again at once
+                // on a fresh connection (a transition that did run answers MOVED the second time).
+                tracing::debug!(error = %e, "data Redis pipeline failed; retrying on a new connection");
+                self.conn = None;
+                let r = scripts::run(self.conn().await?, &url, calls).await;
+                r.inspect_err(|_| self.conn = None)
+            }
+        }
+    }
 }
 
 impl Resource for KvResource {
-    async fn apply(&mut self, batch: &[Request]) -> Result<Vec<Result<Response, String>>> {
-        let now = redtx_common::now_ms();
-        let mut out: Vec<Option<Result<Response, String>>> = vec![None; batch.len()];
+    async fn apply(&mut self, batch: &[Transition<'_>]) -> Result<Vec<std::result::Result<Applied, String>>> {
+        let needs_keys = |t: &Transition<'_>| matches!(t.work, Work::Confirm | Work::Cancel);
+        let misses: Vec<&str> = batch
+            .iter()
+            .filter(|t| needs_keys(t) && !self.prepared_keys.contains_key(t.request.txn()))
+            .map(|t| t.request.txn())
+            .collect();
+        let mut fetched: HashMap<&str, Vec<String>> = HashMap::new();
+        if !misses.is_empty() {
+            let keys = self.fetch_keys(&misses).await?;
+            fetched = misses.into_iter().zip(keys).collect();
+        }
+        let mut out: Vec<Option<std::result::Result<Applied, String>>> = vec![None; batch.len()];
         let mut calls = Vec::with_capacity(batch.len());
         let mut at = Vec::with_capacity(batch.len());
-        for (i, req) in batch.iter().enumerate() {
-            match call_for(&self.name, req, now, self.retention) {
-                Ok(call) => {
-                    calls.push(call);
-                    at.push(i);
-                }
-                Err(answer) => out[i] = Some(Ok(answer)),
+        for (i, t) in batch.iter().enumerate() {
+            if t.request.participant() != self.name {
+                out[i] = Some(Err(format!(
+                    "request for participant {:?} given to the resource of {:?}",
+                    t.request.participant(),
+                    self.name
+                )));
+                continue;
             }
+            let txn = t.request.txn();
+            let known = fetched.get(txn).or_else(|| self.prepared_keys.get(txn)).map(Vec::as_slice);
+            let Plan { call, keys } = plan(&self.name, t, known, self.retention);
+            calls.push(call);
+            at.push((i, keys));
         }
         if !calls.is_empty() {
-            let url = self.url.clone();
-            let replies = match scripts::run(self.conn().await?, &url, &calls).await {
-                Ok(r) => r,
-                Err(e) => {
-                    // Maybe a connection that died with a Redis restart: the scripts are
-                    // idempotent, so run them again at once on a fresh connection.
-                    tracing::debug!(error = %e, "data Redis pipeline failed; retrying on a new connection");
-                    self.conn = None;
-                    let r = scripts::run(self.conn().await?, &url, &calls).await;
-                    r.inspect_err(|_| self.conn = None)?
+            let replies = self.run(&calls).await?;
+            for ((i, keys), (call, reply)) in at.into_iter().zip(calls.iter().zip(replies)) {
+                let t = &batch[i];
+                let applied = match reply {
+                    Ok(v) => read_reply(call.script().name, &v).map_err(|e| e.to_string()),
+                    Err(e) => Err(Error::redis(&self.url, e).to_string()),
+                };
+                let txn = t.request.txn();
+                match (&t.work, &applied) {
+                    (Work::Try, Ok(Applied::Done { state: BarrierState::Prepared, .. })) => {
+                        if self.prepared_keys.len() >= KEY_CACHE_MAX {
+                            self.prepared_keys.clear();
+                        }
+                        self.prepared_keys.insert(txn.to_string(), keys);
+                    }
+                    (Work::Confirm | Work::Cancel, Ok(_)) => {
+                        self.prepared_keys.remove(txn);
+                    }
+                    _ => {}
                 }
-            };
-            for (i, reply) in at.into_iter().zip(replies) {
-                out[i] = Some(match reply {
-                    Ok(v) => read_reply(&batch[i], &v).map_err(|e| e.to_string()),
-                    Err(e) => Err(Error::redis(&url, e).to_string()),
-                });
+                out[i] = Some(applied);
             }
         }
-        Ok(out.into_iter().map(|r| r.expect("every request answered")).collect())
+        Ok(out.into_iter().map(|r| r.expect("every transition answered")).collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redtx_common::spec::{ExpectOp, HincrbyOp, IncrbyOp};
+    use redtx_common::kv::encode_ops;
+    use redtx_common::protocol::{Execute, Prepare, Resolve};
 
-    fn prep(ops: Vec<Op>) -> Prepare {
-        Prepare { txn: "t1".into(), branch: 0, participant: "bank-a".into(), deadline_ms: 99, ops }
+    fn prep(payload: Vec<u8>) -> Request {
+        Request::Prepare(Prepare {
+            txn: "t1".into(),
+            branch: 0,
+            participant: "bank-a".into(),
+            deadline_ms: 99,
+            payload,
+        })
+    }
+
+    fn t(req: &Request, expect: Option<BarrierState>, work: Work) -> Transition<'_> {
+        Transition { request: req, expect, work, now_ms: 7 }
     }
 
     #[test]
-    fn a_deadline_beyond_the_longest_timeout_votes_no_without_a_script() {
-        let mut p = prep(vec![Op::set("k", "v")]);
-        p.deadline_ms = u64::MAX;
-        let Err(Response::Vote { yes: false, reason: Some(r), .. }) =
-            call_for("bank-a", &Request::Prepare(p.clone()), 1_000, Duration::from_secs(1))
-        else {
-            panic!("expected a no vote");
+    fn codes_round_trip() {
+        for c in [ScriptCode::Done, ScriptCode::Moved, ScriptCode::Busy] {
+            assert_eq!(ScriptCode::from_i64(c as i64), Some(c));
+        }
+        assert_eq!(ScriptCode::from_i64(0), None);
+    }
+
+    #[test]
+    fn an_undecodable_payload_is_a_refusal_naming_the_field() {
+        let bad = prep(encode_ops(&[Op::set("rtx:lock:x", "v")]));
+        let Plan { call, keys } = plan("bank-a", &t(&bad, None, Work::Try), None, Duration::from_secs(1));
+        assert_eq!(call.script().name, "prepare");
+        assert!(keys.is_empty());
+        let good = prep(encode_ops(&[Op::incrby("a", 1), Op::set("b", "v"), Op::incrby("a", 2)]));
+        let Plan { keys, .. } = plan("bank-a", &t(&good, None, Work::Try), None, Duration::from_secs(1));
+        assert_eq!(keys, ["a", "b"]);
+        let e = Request::Compensate(Execute {
+            txn: "t1".into(),
+            branch: 0,
+            participant: "bank-a".into(),
+            attempt: 1,
+            payload: vec![0xc1],
+        });
+        let Plan { call, .. } =
+            plan("bank-a", &t(&e, Some(BarrierState::Done), Work::Compensation), None, Duration::from_secs(1));
+        assert_eq!(call.script().name, "compensate");
+        let r = Request::Commit(Resolve { txn: "t1".into(), branch: 0, participant: "bank-a".into() });
+        let Plan { call, .. } =
+            plan("bank-a", &t(&r, Some(BarrierState::Prepared), Work::Confirm), None, Duration::from_secs(1));
+        assert_eq!(call.script().name, "commit");
+    }
+
+    #[test]
+    fn replies_map_to_applied() {
+        let v = |items: &[&str]| {
+            let mut out = vec![Value::Int(items[0].parse().unwrap())];
+            out.extend(items[1..].iter().map(|s| Value::BulkString(s.as_bytes().to_vec())));
+            Value::Array(out)
         };
-        assert!(r.contains("further ahead than the longest timeout"), "{r}");
-        p.deadline_ms = 1_000 + 3_600_000;
-        assert!(call_for("bank-a", &Request::Prepare(p), 1_000, Duration::from_secs(1)).is_ok());
-    }
-
-    #[test]
-    fn invalid_prepares_vote_no_without_a_script() {
-        let p = prep(vec![Op::set("rtx:lock:x", "v")]);
-        let Err(Response::Vote { yes: false, reason: Some(r), .. }) =
-            call_for("bank-a", &Request::Prepare(p), 1, Duration::from_secs(1))
-        else {
-            panic!("expected a refusal")
-        };
-        assert!(r.starts_with("bank-a: invalid prepare: ops[0].key"), "{r}");
-        let mut p = prep(vec![Op::set("k", "v")]);
-        p.txn = "bad id".into();
-        assert!(call_for("bank-a", &Request::Prepare(p), 1, Duration::from_secs(1)).is_err());
-        let r = Resolve { txn: "t".into(), branch: 0, participant: "bank-a".into(), keys: vec!["rtx:x".into()] };
-        assert!(matches!(
-            call_for("bank-a", &Request::Commit(r), 1, Duration::from_secs(1)),
-            Err(Response::Violation(_))
-        ));
-    }
-
-    #[test]
-    fn prepare_layout() {
-        let p = prep(vec![
-            Op::Incrby(IncrbyOp { key: "a".into(), by: -5, min: Some(0), max: None }),
-            Op::Hincrby(HincrbyOp { key: "h".into(), field: "f".into(), by: 2, min: None, max: Some(9) }),
-            Op::Expect(ExpectOp { key: "a".into(), value: None }),
-        ]);
-        assert!(prepare_call("bank-a", &p, 7, Duration::from_millis(1000)).script().name == "prepare");
-        // The layout itself is exercised against Redis in tests/scripts.rs.
-    }
-
-    #[test]
-    fn replies_map_to_responses() {
-        let v = |code: i64, d: &str| Value::Array(vec![Value::Int(code), Value::BulkString(d.as_bytes().to_vec())]);
-        let p = Request::Prepare(prep(vec![Op::set("k", "v")]));
-        let r = Resolve { txn: "t1".into(), branch: 0, participant: "bank-a".into(), keys: vec!["k".into()] };
-        let (c, a) = (Request::Commit(r.clone()), Request::Abort(r));
-        assert_eq!(read_reply(&p, &v(1, "")).unwrap(), Response::Vote { yes: true, reason: None, repeat: false });
-        assert_eq!(read_reply(&p, &v(2, "")).unwrap(), Response::Vote { yes: true, reason: None, repeat: true });
         assert_eq!(
-            read_reply(&p, &v(3, "no")).unwrap(),
-            Response::Vote { yes: false, reason: Some("no".into()), repeat: true }
+            read_reply("prepare", &v(&["1", "prepared", ""])).unwrap(),
+            Applied::Done { state: BarrierState::Prepared, reason: None }
         );
-        assert!(matches!(
-            read_reply(&c, &v(1, "")).unwrap(),
-            Response::Done { outcome: Outcome::Committed, warning: None, .. }
-        ));
-        assert!(matches!(read_reply(&c, &v(1, "x")).unwrap(), Response::Done { warning: Some(_), .. }));
-        assert!(
-            matches!(read_reply(&c, &v(-1, "refused")).unwrap(), Response::Violation(m) if m.contains("never prepared"))
+        assert_eq!(
+            read_reply("prepare", &v(&["1", "refused", "bank-a: conflict"])).unwrap(),
+            Applied::Done { state: BarrierState::Refused, reason: Some("bank-a: conflict".into()) }
         );
-        assert!(matches!(read_reply(&a, &v(-2, "k")).unwrap(), Response::Violation(m) if m.contains("other keys")));
-        assert!(matches!(read_reply(&a, &v(3, "")).unwrap(), Response::Done { outcome: Outcome::Aborted, .. }));
-        assert!(matches!(read_reply(&a, &v(-1, "")).unwrap(), Response::Violation(m) if m.contains("committed")));
-        assert!(read_reply(&a, &v(9, "")).is_err());
-        assert!(read_reply(&a, &Value::Int(1)).is_err());
+        assert_eq!(read_reply("commit", &v(&["2", "", "", ""])).unwrap(), Applied::Moved(None));
+        assert_eq!(
+            read_reply("commit", &v(&["2", "committed", "", "123"])).unwrap(),
+            Applied::Moved(Some(Barrier { state: BarrierState::Committed, reason: None, deadline_ms: Some(123) }))
+        );
+        assert_eq!(read_reply("execute", &v(&["3", "locked"])).unwrap(), Applied::Busy("locked".into()));
+        assert!(read_reply("execute", &v(&["1", "nonsense", ""])).is_err());
+        assert!(read_reply("execute", &v(&["9", "done", ""])).is_err());
+        assert!(read_reply("execute", &Value::Int(1)).is_err());
+        assert!(read_reply("commit", &v(&["2", "prepared", "", "soon"])).is_err());
     }
 }

@@ -1,19 +1,29 @@
-//! The redtx participant: applies 2PC branches to a data Redis, driven by messages on its stream.
+//! The redtx participant: applies 2PC branches and saga steps to a resource, driven by messages
+//! on its streams.
 //!
-//! A participant named `<name>` reads `rtx:part:<name>:{0}` through consumer group `<name>`
-//! (add processes with the same name to scale it), runs each batch of `prepare`/`commit`/`abort`
-//! messages as one pipeline of Lua scripts on its data Redis, then writes the `vote`/`ack` replies
-//! to `rtx:coord:{0}` and acks the entries in one transaction on the stream Redis.
+//! A participant named `<name>` reads the streams of every partition, `rtx:part:<name>:{P}`
+//! for `P` in `0..partitions`, in one `XREADGROUP` through consumer group `<name>` (add
+//! processes with the same name to scale it). It settles each batch of
+//! `prepare`/`commit`/`abort`/`execute`/`compensate` requests against its [`Resource`] (for the
+//! built-in key-value resource, one pipeline of Lua scripts on its data Redis), then writes each
+//! `vote`/`ack`/`result` to `rtx:coord:{P}` of the partition the request came from, and acks the
+//! entries, in one transaction on the stream Redis.
+//!
+//! The barrier rules (prepare once, abort-before-prepare tombstone, deadline refusal, null
+//! compensation, no hanging action, ...) are written once, here, in Rust; a resource supplies
+//! only the atomic "barrier transition + business change".
 //!
 //! # Layout
-//! - [`resource`]: the [`Resource`] trait (prepare/commit/abort over a batch) and its
-//!   [`Request`]/[`Response`] types; custom participants implement it.
-//! - [`kv`]: [`KvResource`], the built-in key-value resource: the Lua scripts of `lua/`, how
-//!   calls are built and how replies are read.
-//! - [`machine`]: the pure decisions: which entries a participant handles, and what each answer
-//!   turns into (reply and ack/retry/dead-letter).
-//! - [`worker`]: the [`Handler`](redtx_common::consumer::Handler) gluing it together, and the
-//!   fail points.
+//! - [`barrier`]: the rules, pure: [`BarrierState`], [`Barrier`], [`Request`], and
+//!   [`decide`](barrier::decide) (the state/request table is in its doc).
+//! - [`resource`]: the [`Resource`] trait (carry out a batch of [`Transition`]s, each a
+//!   compare-and-set on the barrier plus the business change) and its [`Applied`] answers.
+//! - [`worker`]: the runtime: which entries a participant handles, [`settle`](worker::settle)
+//!   (decide on a likely barrier, apply, decide again when it moved), the
+//!   [`Handler`](redtx_common::consumer::Handler) and the fail points.
+//! - [`kv`]: [`KvResource`], the built-in key-value resource: one Lua script per work in `lua/`,
+//!   how calls are built and replies read.
+//! - [`conformance`]: the suite that checks every barrier rule against any resource.
 //!
 //! ```no_run
 //! # async fn demo() -> redtx_common::Result<()> {
@@ -23,52 +33,75 @@
 //! # }
 //! ```
 
+pub mod barrier;
+pub mod conformance;
 pub mod kv;
-pub mod machine;
 pub mod resource;
 pub mod worker;
 
+pub use barrier::{Answer, Barrier, BarrierState, Decision, Request, Work};
 pub use kv::KvResource;
-pub use resource::{Request, Resource, Response};
-pub use worker::{Participant, AFTER_COMMIT, AFTER_PREPARE};
+pub use resource::{Applied, Resource, Transition};
+pub use worker::{Participant, AFTER_COMMIT, AFTER_EXECUTE, AFTER_PREPARE};
 
 use redtx_common::conn::RedisUrl;
 use redtx_common::consumer::{Backoff, Consumer, ConsumerConfig};
 use redtx_common::shutdown::Shutdown;
-use redtx_common::{keys, spec, Result};
+use redtx_common::{keys, spec, Error, Result};
 use std::time::Duration;
 
 /// How a participant runs.
 #[derive(Debug, Clone)]
 pub struct ParticipantConfig {
-    /// URL of the stream Redis (where `rtx:part:<name>:{0}` and `rtx:coord:{0}` live).
+    /// URL of the stream Redis (where `rtx:part:<name>:{P}` and `rtx:coord:{P}` live).
     pub redis: String,
     /// URL of the data Redis the branches apply to; `None`: the stream Redis.
     pub data: Option<String>,
-    /// Participant name: its stream and consumer group.
+    /// Participant name: its streams and consumer group.
     pub name: String,
+    /// Number of partitions of the deployment (the same everywhere): the streams read are
+    /// those of partitions `0..partitions`.
+    pub partitions: u32,
     /// Most entries per read (and per script pipeline).
     pub batch: usize,
     /// Pending entries idle this long are taken over from a (presumably dead) worker.
     pub claim_idle: Duration,
-    /// How long commit/abort/refusal barriers are kept (a repeat within it is recognised).
+    /// How long finished barriers are kept (a repeat within it is recognised).
     pub retention: Duration,
     /// Stream history kept even when every group is done with it (trimming never goes younger).
     pub keep_history: Duration,
 }
 
 impl ParticipantConfig {
-    /// Defaults: data on the stream Redis, batches of 256, claim after 5 s, retention 24 h.
+    /// Defaults: data on the stream Redis, [`keys::DEFAULT_PARTITIONS`] partitions, batches of
+    /// 256, claim after 5 s, retention 24 h, history 1 h.
     pub fn new(redis: impl Into<String>, name: impl Into<String>) -> Self {
         ParticipantConfig {
             redis: redis.into(),
             data: None,
             name: name.into(),
+            partitions: keys::DEFAULT_PARTITIONS,
             batch: 256,
             claim_idle: Duration::from_secs(5),
             retention: Duration::from_secs(24 * 3600),
             keep_history: Duration::from_secs(3600),
         }
+    }
+
+    /// The streams this participant reads: one per partition.
+    pub fn streams(&self) -> Vec<String> {
+        (0..self.partitions).map(|p| keys::participant_stream(&self.name, p)).collect()
+    }
+
+    fn check(&self) -> Result<()> {
+        spec::check_participant("name", &self.name)?;
+        if self.partitions == 0 || self.partitions > keys::MAX_PARTITIONS {
+            return Err(Error::Spec(spec::SpecError::new(
+                "partitions",
+                format!("must be between 1 and {}, got {}", keys::MAX_PARTITIONS, self.partitions),
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -76,18 +109,19 @@ impl ParticipantConfig {
 /// it holds, acks nothing unprocessed, returns `Ok`. A Redis that is unreachable is waited for
 /// (with backoff and warnings); an invalid name or URL is an error at once.
 pub async fn run(cfg: ParticipantConfig, shutdown: Shutdown) -> Result<()> {
-    spec::check_participant("name", &cfg.name)?;
+    cfg.check()?;
     let data = RedisUrl::parse(cfg.data.as_deref().unwrap_or(&cfg.redis))?;
     tracing::info!(participant = %cfg.name, data = %data, "applying branches to this data Redis");
     let resource = KvResource::new(data, cfg.name.clone(), cfg.retention);
     run_with(cfg, resource, shutdown).await
 }
 
-/// Runs a participant over any [`Resource`] (`cfg.data` is ignored: the resource owns its data).
+/// Runs a participant over any [`Resource`] (`cfg.data` and `cfg.retention` are ignored: the
+/// resource owns its data).
 pub async fn run_with<R: Resource>(cfg: ParticipantConfig, resource: R, shutdown: Shutdown) -> Result<()> {
-    spec::check_participant("name", &cfg.name)?;
+    cfg.check()?;
     let url = RedisUrl::parse(&cfg.redis)?;
-    let mut ccfg = ConsumerConfig::new(keys::participant_stream(&cfg.name), cfg.name.clone());
+    let mut ccfg = ConsumerConfig::new(cfg.streams(), cfg.name.clone());
     ccfg.batch = cfg.batch.max(1);
     ccfg.claim_idle = cfg.claim_idle;
     ccfg.keep = cfg.keep_history;

@@ -11,7 +11,8 @@ use std::time::Duration;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Applies redtx 2PC branches to a Redis: reads rtx:part:<NAME>:{0}, votes and acks on rtx:coord:{0}.
+/// Applies redtx 2PC branches and saga steps to a Redis: reads rtx:part:<NAME>:{P} of every
+/// partition P, answers (vote, ack, result) on rtx:coord:{P}.
 #[derive(Parser, Debug)]
 #[command(name = "redtx-participant", version)]
 struct Args {
@@ -24,13 +25,16 @@ struct Args {
     /// Data Redis URL the branches apply to [default: the stream Redis]
     #[arg(long)]
     data: Option<String>,
+    /// Number of partitions of the deployment (the same for every process)
+    #[arg(long, default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=redtx_common::keys::MAX_PARTITIONS as i64))]
+    partitions: u32,
     /// Most entries read (and scripts pipelined) at once
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     batch: u64,
     /// Take over entries left pending this long by a dead worker
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     claim_idle: Duration,
-    /// How long outcome barriers are kept (repeats within it are recognised)
+    /// How long finished barriers are kept (repeats within it are recognised)
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     retention: Duration,
     /// Stream history kept after every consumer group is done with it (for inspection)
@@ -58,6 +62,7 @@ async fn main() -> ExitCode {
         redis,
         data: args.data,
         name: args.name,
+        partitions: args.partitions,
         batch: args.batch as usize,
         claim_idle: args.claim_idle,
         retention: args.retention,

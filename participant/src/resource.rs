@@ -1,74 +1,58 @@
-//! The [`Resource`] trait: what a participant does with prepare/commit/abort requests.
+//! The [`Resource`] trait: the one atomic primitive a participant's data store supplies.
 //!
-//! The worker runtime ([`crate::worker`]) owns delivery (batches, acks, claiming, dead letters,
-//! replies to the coordinator); a resource owns the data and its idempotency barrier. The
-//! built-in [`KvResource`](crate::kv::KvResource) runs Lua scripts on a data Redis; a custom
-//! participant implements this trait and calls [`run_with`](crate::run_with).
+//! The runtime owns the barrier *rules* ([`crate::barrier`]); a resource only carries out a
+//! [`Transition`]: "if the barrier is still in state `expect`, change it and make the business
+//! change, atomically". The built-in [`KvResource`](crate::kv::KvResource) does it in one Lua
+//! call on its data Redis; a SQL resource would do it in one database transaction with a
+//! barrier table. Implement this trait and call [`run_with`](crate::run_with) for a participant
+//! of your own, and run [`conformance::run`](crate::conformance::run) against it in a test.
 
-use redtx_common::protocol::{Outcome, Prepare, Resolve};
+use crate::barrier::{Barrier, BarrierState, Request, Work};
 use redtx_common::Result;
 use std::future::Future;
 
-/// One request to a resource, already checked to be addressed to it.
+/// One barrier transition to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
-    /// Lock, check and stage a branch; answer with a vote.
-    Prepare(Prepare),
-    /// Apply the staged branch.
-    Commit(Resolve),
-    /// Drop the staged branch (or remember that it must never be prepared).
-    Abort(Resolve),
+pub struct Transition<'a> {
+    /// The request it serves (transaction, branch, participant, payload, deadline).
+    pub request: &'a Request,
+    /// Compare-and-set: carry it out only if the barrier is in this state (`None`: there is no
+    /// barrier yet). Otherwise change nothing and answer [`Applied::Moved`].
+    pub expect: Option<BarrierState>,
+    /// What to do.
+    pub work: Work,
+    /// The runtime's clock (ms since the epoch), for timestamps and expiries.
+    pub now_ms: u64,
 }
 
-impl Request {
-    /// The transaction id.
-    pub fn txn(&self) -> &str {
-        match self {
-            Request::Prepare(p) => &p.txn,
-            Request::Commit(r) | Request::Abort(r) => &r.txn,
-        }
-    }
-
-    /// The branch index.
-    pub fn branch(&self) -> u32 {
-        match self {
-            Request::Prepare(p) => p.branch,
-            Request::Commit(r) | Request::Abort(r) => r.branch,
-        }
-    }
-
-    /// `prepare`, `commit` or `abort`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Request::Prepare(_) => "prepare",
-            Request::Commit(_) => "commit",
-            Request::Abort(_) => "abort",
-        }
-    }
-}
-
-/// What a resource did with one [`Request`].
+/// What a resource did with one [`Transition`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Response {
-    /// Answer to a prepare. `repeat`: the same answer was given before (a redelivery).
-    Vote { yes: bool, reason: Option<String>, repeat: bool },
-    /// A commit or abort is applied (`repeat`: it already was). `warning`: something the
-    /// operator must know although the outcome stands (e.g. a committed write that Redis
-    /// refused because a plain writer changed a locked key).
-    Done { outcome: Outcome, repeat: bool, warning: Option<String> },
-    /// The request contradicts what the resource knows (commit of a branch never prepared,
-    /// abort of a committed one, keys that differ from the prepared ones, an invalid message):
-    /// nothing was changed; the entry is dead-lettered with this reason and nothing is sent.
-    Violation(String),
+pub enum Applied {
+    /// Done, atomically with the barrier change: the barrier is now in `state`. For
+    /// [`Work::Try`] and [`Work::Action`] the business may refuse: `state` is then `Refused` /
+    /// `Failed` with the `reason` (recorded). A compensation the business refuses leaves the
+    /// barrier `Done` (nothing recorded) with the `reason`. A [`Work::Mark`] ends in its `to`.
+    Done { state: BarrierState, reason: Option<String> },
+    /// The barrier was not in the expected state; nothing changed. Carries the barrier as it is,
+    /// so the runtime decides again.
+    Moved(Option<Barrier>),
+    /// Saga only: the change cannot be made now (e.g. a key held by a 2PC branch's lock);
+    /// nothing changed. The step is answered `error`, and the coordinator retries it later.
+    Busy(String),
 }
 
-/// A transactional resource driven by the participant worker.
+/// A transactional data store driven by the participant runtime.
 ///
-/// Every operation must be idempotent (a request may be delivered again after a crash) and
-/// atomic per request.
+/// `apply` carries out a batch of transitions, each atomically (barrier change + business
+/// change, or nothing). The runtime never puts two transitions of the same barrier in one
+/// batch. It may send any transition again (after a crash, or a redelivery): the
+/// compare-and-set on `expect` makes a repeat answer [`Applied::Moved`].
 pub trait Resource: Send {
-    /// Carries out a batch, in order. Returns one result per request: `Err(detail)` means this
-    /// request could not be done now (it stays pending and is retried later). An outer `Err`
-    /// means nothing is known about any of them (all stay pending).
-    fn apply(&mut self, batch: &[Request]) -> impl Future<Output = Result<Vec<Result<Response, String>>>> + Send;
+    /// One result per transition, in order. Inner `Err(detail)`: this one could not be done now
+    /// (nothing changed; it stays pending and is retried). Outer `Err`: nothing is known about
+    /// any of them (all stay pending).
+    fn apply(
+        &mut self,
+        batch: &[Transition<'_>],
+    ) -> impl Future<Output = Result<Vec<std::result::Result<Applied, String>>>> + Send;
 }

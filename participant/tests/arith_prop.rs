@@ -1,14 +1,14 @@
-//! Property test: `prepare.lua`'s exact 64-bit counter checks agree with Rust's i128 arithmetic,
-//! on a real Redis, including near ±2^53 and the i64 limits.
+//! Property test: the exact 64-bit counter checks of `lua/lib/i64.lua` (through `prepare.lua`
+//! and `commit.lua`) agree with Rust's i128 arithmetic, on a real Redis, including near ±2^53
+//! and the i64 limits.
 
 mod support;
 
 use proptest::prelude::*;
 use redis::AsyncCommands;
-use redtx_common::conn::RedisUrl;
-use redtx_common::spec::{IncrbyOp, Op};
-use redtx_participant::{KvResource, Request, Resource, Response};
-use std::time::Duration;
+use redtx_common::kv::{IncrbyOp, Op};
+use redtx_common::protocol::Outcome;
+use redtx_participant::{Answer, Request};
 use support::*;
 
 fn interesting() -> impl Strategy<Value = i64> {
@@ -45,10 +45,7 @@ fn expected(cur: i64, by: i64, min: Option<i64>, max: Option<i64>) -> Option<Str
 fn counters_match_i128_arithmetic() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let s = server();
-    let (c, kv) = rt.block_on(async {
-        let kv = KvResource::new(RedisUrl::parse(&s.url()).unwrap(), NAME, Duration::from_secs(60));
-        (conn(&s).await, kv)
-    });
+    let (c, kv) = rt.block_on(async { (conn(&s).await, kv(&s)) });
     // The property closure is `Fn`: state it mutates lives in cells.
     let (c, kv, n) = (std::cell::RefCell::new(c), std::cell::RefCell::new(kv), std::cell::Cell::new(0u64));
     let cfg = ProptestConfig { cases: 300, ..ProptestConfig::default() };
@@ -63,18 +60,21 @@ fn counters_match_i128_arithmetic() {
         let (c, kv) = (&mut *c, &mut *kv);
         let (answer, value) = rt.block_on(async {
             let _: () = c.set("k", cur).await.unwrap();
-            let answer = kv.apply(&[Request::Prepare(p.clone())]).await.unwrap().pop().unwrap().unwrap();
-            let _ = kv.apply(&[Request::Commit(resolve(&p))]).await.unwrap();
-            let _ = kv.apply(&[Request::Abort(resolve(&p))]).await.unwrap();
+            let answer = ask(kv, Request::Prepare(p.clone())).await.unwrap();
+            if answer == (Answer::Vote { yes: true, reason: None }) {
+                assert_eq!(ask(kv, Request::Commit(resolve(&txn))).await.unwrap(), Answer::Ack(Outcome::Committed));
+            } else {
+                assert_eq!(ask(kv, Request::Abort(resolve(&txn))).await.unwrap(), Answer::Ack(Outcome::Aborted));
+            }
             (answer, get(c, "k").await.unwrap())
         });
         match expected(cur, by, min, max) {
             None => {
-                prop_assert_eq!(answer, Response::Vote { yes: true, reason: None, repeat: false });
+                prop_assert_eq!(answer, Answer::Vote { yes: true, reason: None });
                 prop_assert_eq!(value, (cur + by).to_string());
             }
             Some(reason) => {
-                prop_assert_eq!(answer, Response::Vote { yes: false, reason: Some(reason), repeat: false });
+                prop_assert_eq!(answer, Answer::Vote { yes: false, reason: Some(reason) });
                 prop_assert_eq!(value, cur.to_string());
             }
         }

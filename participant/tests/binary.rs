@@ -2,8 +2,8 @@
 
 mod support;
 
-use redtx_common::protocol::{Message, Outcome, Vote};
-use redtx_common::spec::Op;
+use redtx_common::kv::Op;
+use redtx_common::protocol::{Message, Outcome, StepKind, StepResult, StepStatus, Vote};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
@@ -31,6 +31,23 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Waits until the child announces that it froze at fail point `name` (on stderr), then keeps
+/// draining its stderr so that it never blocks on a full pipe.
+fn wait_failpoint(child: &mut Child, name: &str) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = format!("failpoint {name} reached");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(&want) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("fail point {name} never reached"));
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
     assert!(ok.success());
@@ -41,13 +58,17 @@ fn help_and_bad_arguments() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--redis", "--name", "--data", "--batch", "--claim-idle", "--retention"] {
+    for flag in
+        ["--redis", "--name", "--data", "--partitions", "--batch", "--claim-idle", "--retention", "--keep-history"]
+    {
         assert!(help.contains(flag), "{help}");
     }
     let out = Command::new(BIN).args(["--name", "bad name!"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad name!"));
     let out = Command::new(BIN).args(["--name", "p", "--claim-idle", "soon"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN).args(["--name", "p", "--partitions", "0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(BIN).args(["--name", "p", "--redis", "http://u:hunter2@x"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -74,20 +95,16 @@ async fn killed_after_prepare_a_successor_votes_the_same() {
     let mut frozen = spawn(&s.url(), &["--claim-idle", "300ms"], Some(redtx_participant::AFTER_PREPARE));
     let p = prepare("k1", vec![Op::set("k", "v")]);
     send(&mut c, &Message::Prepare(p.clone())).await;
-    // Wait for the prepare script to have run (the lock is taken), then kill -9.
-    let started = Instant::now();
-    while get(&mut c, &redtx_common::keys::lock("k")).await.is_none() {
-        assert!(started.elapsed() < Duration::from_secs(10), "prepare never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Frozen after the prepare ran (the lock is taken), before voting: kill -9.
+    wait_failpoint(&mut frozen, redtx_participant::AFTER_PREPARE);
+    assert!(get(&mut c, &redtx_common::keys::lock("k")).await.is_some(), "prepare ran");
     assert!(coord_messages(&mut c).await.is_empty(), "frozen before voting");
     signal(&frozen, "KILL");
     wait_exit(&mut frozen, Duration::from_secs(5));
 
     let mut next = spawn(&s.url(), &["--claim-idle", "300ms"], None);
     assert!(matches!(&wait_messages(&mut c, 1).await[0], Message::Vote(Vote { yes: true, .. })));
-    send(&mut c, &Message::Commit(resolve(&p))).await;
+    send(&mut c, &Message::Commit(resolve(&p.txn))).await;
     let m = wait_messages(&mut c, 2).await;
     assert!(matches!(&m[1], Message::Ack(a) if a.outcome == Outcome::Committed));
     assert_eq!(get(&mut c, "k").await.as_deref(), Some("v"));
@@ -104,13 +121,9 @@ async fn killed_after_commit_a_successor_acks_without_applying_twice() {
     let mut first = spawn(&s.url(), &["--claim-idle", "300ms"], Some(redtx_participant::AFTER_COMMIT));
     send(&mut c, &Message::Prepare(p.clone())).await;
     wait_messages(&mut c, 1).await;
-    send(&mut c, &Message::Commit(resolve(&p))).await;
-    let started = Instant::now();
-    while get(&mut c, "n").await.as_deref() != Some("2") {
-        assert!(started.elapsed() < Duration::from_secs(10), "commit never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut c, &Message::Commit(resolve(&p.txn))).await;
+    wait_failpoint(&mut first, redtx_participant::AFTER_COMMIT);
+    assert_eq!(get(&mut c, "n").await.as_deref(), Some("2"), "commit ran");
     assert_eq!(coord_messages(&mut c).await.len(), 1, "frozen before acking");
     signal(&first, "KILL");
     wait_exit(&mut first, Duration::from_secs(5));
@@ -118,6 +131,31 @@ async fn killed_after_commit_a_successor_acks_without_applying_twice() {
     let mut next = spawn(&s.url(), &["--claim-idle", "300ms"], None);
     let m = wait_messages(&mut c, 2).await;
     assert!(matches!(&m[1], Message::Ack(a) if a.outcome == Outcome::Committed));
+    assert_eq!(get(&mut c, "n").await.as_deref(), Some("2"), "applied once");
+    signal(&next, "TERM");
+    assert!(wait_exit(&mut next, Duration::from_secs(5)).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_after_execute_a_successor_reports_without_applying_twice() {
+    let s = server();
+    let mut c = conn(&s).await;
+    let _: () = redis::AsyncCommands::set(&mut c, "n", 1).await.unwrap();
+    let mut first =
+        spawn(&s.url(), &["--claim-idle", "300ms", "--partitions", "2"], Some(redtx_participant::AFTER_EXECUTE));
+    send_to(&mut c, 1, &Message::Execute(execute("k3", vec![Op::incrby("n", 1)]))).await;
+    wait_failpoint(&mut first, redtx_participant::AFTER_EXECUTE);
+    assert_eq!(get(&mut c, "n").await.as_deref(), Some("2"), "execute ran");
+    assert!(coord_messages_of(&mut c, 1).await.is_empty(), "frozen before reporting");
+    signal(&first, "KILL");
+    wait_exit(&mut first, Duration::from_secs(5));
+
+    let mut next = spawn(&s.url(), &["--claim-idle", "300ms", "--partitions", "2"], None);
+    let m = wait_messages_of(&mut c, 1, 1).await;
+    assert!(
+        matches!(&m[0], Message::Result(StepResult { step: StepKind::Action, status: StepStatus::Done, .. })),
+        "{m:?}"
+    );
     assert_eq!(get(&mut c, "n").await.as_deref(), Some("2"), "applied once");
     signal(&next, "TERM");
     assert!(wait_exit(&mut next, Duration::from_secs(5)).success());

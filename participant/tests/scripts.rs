@@ -1,35 +1,32 @@
-//! The Lua scripts, driven through `KvResource` against a real Redis.
+//! The key-value resource's Lua scripts on a real Redis, driven through the runtime's
+//! `settle` (what the key-value business does; the barrier rules themselves are checked by the
+//! conformance suite, tests/conformance.rs).
 
 mod support;
 
 use redis::AsyncCommands;
 use redtx_common::conn::RedisUrl;
-use redtx_common::protocol::Outcome;
-use redtx_common::spec::{DelOp, ExpectOp, HdelOp, HincrbyOp, HsetOp, IncrbyOp, Op};
-use redtx_participant::{KvResource, Request, Resource, Response};
+use redtx_common::kv::{encode_ops, DelOp, ExpectOp, HdelOp, HincrbyOp, HsetOp, IncrbyOp, Op};
+use redtx_common::protocol::{Outcome, StepKind, StepStatus};
+use redtx_common::{keys, now_ms};
+use redtx_participant::{Answer, KvResource, Request};
 use std::time::Duration;
 use support::*;
 
-const RETENTION: Duration = Duration::from_secs(3600);
-
-fn kv(s: &redtx_common::server::RedisServer) -> KvResource {
-    KvResource::new(RedisUrl::parse(&s.url()).unwrap(), NAME, RETENTION)
+fn yes() -> Answer {
+    Answer::Vote { yes: true, reason: None }
 }
 
-async fn one(r: &mut KvResource, req: Request) -> Response {
-    r.apply(&[req]).await.unwrap().pop().unwrap().unwrap()
+fn no(reason: &str) -> Answer {
+    Answer::Vote { yes: false, reason: Some(reason.into()) }
 }
 
-fn yes(repeat: bool) -> Response {
-    Response::Vote { yes: true, reason: None, repeat }
+fn acked(outcome: Outcome) -> Answer {
+    Answer::Ack(outcome)
 }
 
-fn no(reason: &str) -> Response {
-    Response::Vote { yes: false, reason: Some(reason.into()), repeat: false }
-}
-
-fn done(outcome: Outcome, repeat: bool) -> Response {
-    Response::Done { outcome, repeat, warning: None }
+fn step(step: StepKind, status: StepStatus, reason: Option<&str>) -> Answer {
+    Answer::Step { step, status, reason: reason.map(Into::into) }
 }
 
 fn incrby(key: &str, by: i64, min: Option<i64>, max: Option<i64>) -> Op {
@@ -49,7 +46,7 @@ fn expect(key: &str, value: Option<&str>) -> Op {
 }
 
 #[tokio::test]
-async fn prepare_stages_commit_applies_and_repeats_are_harmless() {
+async fn prepare_stages_and_locks_commit_applies_and_releases() {
     let s = server();
     let mut c = conn(&s).await;
     let mut r = kv(&s);
@@ -66,74 +63,57 @@ async fn prepare_stages_commit_applies_and_repeats_are_harmless() {
             incrby("acct:alice", -10, Some(0), None),
         ],
     );
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    // Staged only: plain readers see the old values; the keys are locked by the barrier.
+    assert_eq!(ask(&mut r, Request::Prepare(p.clone())).await.unwrap(), yes());
+    // Staged only: plain readers see the old values; the keys are locked by this branch.
     assert_eq!(get(&mut c, "acct:alice").await.as_deref(), Some("100"));
     assert_eq!(get(&mut c, "x").await, None);
     assert_eq!(hget(&mut c, "h", "f").await, None);
-    let bar = redtx_common::keys::barrier(NAME, "t1");
+    let bar = keys::barrier(NAME, "t1");
     for k in ["acct:alice", "x", "h"] {
-        assert_eq!(get(&mut c, &redtx_common::keys::lock(k)).await.as_deref(), Some(bar.as_str()));
+        assert_eq!(get(&mut c, &keys::lock(k)).await.as_deref(), Some("bank-a t1"));
     }
     assert_eq!(hget(&mut c, &bar, "state").await.as_deref(), Some("prepared"));
+    assert_eq!(hget(&mut c, &bar, "deadline").await, Some(p.deadline_ms.to_string()));
     let ttl: i64 = c.pttl(&bar).await.unwrap();
     assert_eq!(ttl, -1, "a prepared barrier never expires");
 
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(true));
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
+    assert_eq!(ask(&mut r, Request::Commit(resolve("t1"))).await.unwrap(), acked(Outcome::Committed));
     assert_eq!(get(&mut c, "acct:alice").await.as_deref(), Some("60"));
     assert_eq!(get(&mut c, "x").await.as_deref(), Some("v"));
     let h: std::collections::HashMap<String, String> = c.hgetall("h").await.unwrap();
     assert_eq!(h, [("f".to_string(), "v".to_string()), ("n".to_string(), "5".to_string())].into());
-    for k in ["acct:alice", "x", "h"] {
-        assert_eq!(get(&mut c, &redtx_common::keys::lock(k)).await, None);
-    }
+    let locks: Vec<String> = c.keys("rtx:lock:*").await.unwrap();
+    assert!(locks.is_empty(), "{locks:?}");
     assert_eq!(hget(&mut c, &bar, "state").await.as_deref(), Some("committed"));
     assert_eq!(hget(&mut c, &bar, "ops").await, None, "staging dropped");
     let ttl: i64 = c.pttl(&bar).await.unwrap();
     assert!(ttl > 0 && ttl <= RETENTION.as_millis() as i64, "{ttl}");
-
-    // Repeats: nothing applied twice; a late duplicate prepare still says yes and locks nothing.
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, true));
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(true));
-    assert_eq!(get(&mut c, "acct:alice").await.as_deref(), Some("60"));
-    assert_eq!(get(&mut c, &redtx_common::keys::lock("x")).await, None);
-    // Abort after commit contradicts the decision.
-    assert!(
-        matches!(one(&mut r, Request::Abort(resolve(&p))).await, Response::Violation(m) if m.contains("committed"))
-    );
 }
 
 #[tokio::test]
-async fn abort_releases_locks_and_drops_staging() {
+async fn commit_and_abort_find_the_keys_in_the_barrier() {
+    // Commit/abort messages carry no keys. A worker that did not run the prepare (another
+    // process of the same participant, or a restart) reads them from the barrier.
     let s = server();
     let mut c = conn(&s).await;
-    let mut r = kv(&s);
-    let _: () = c.set("k", 5).await.unwrap();
-    let p = prepare("t2", vec![incrby("k", 1, None, None), Op::Del(DelOp { key: "d".into() })]);
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, false));
-    assert_eq!(get(&mut c, "k").await.as_deref(), Some("5"));
-    assert_eq!(get(&mut c, &redtx_common::keys::lock("k")).await, None);
-    assert_eq!(get(&mut c, &redtx_common::keys::lock("d")).await, None);
-    let bar = redtx_common::keys::barrier(NAME, "t2");
-    assert_eq!(hget(&mut c, &bar, "state").await.as_deref(), Some("aborted"));
-    let ttl: i64 = c.pttl(&bar).await.unwrap();
-    assert!(ttl > 0);
-    assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, true));
-    // A redelivered prepare after the abort votes no and takes nothing.
-    let Response::Vote { yes: false, reason: Some(reason), repeat: true } =
-        one(&mut r, Request::Prepare(p.clone())).await
-    else {
-        panic!("expected a repeated no")
-    };
-    assert!(reason.contains("aborted"), "{reason}");
-    assert_eq!(get(&mut c, &redtx_common::keys::lock("k")).await, None);
-    // Commit after abort is a protocol violation and applies nothing.
-    assert!(
-        matches!(one(&mut r, Request::Commit(resolve(&p))).await, Response::Violation(m) if m.contains("never prepared"))
-    );
-    assert_eq!(get(&mut c, "k").await.as_deref(), Some("5"));
+    let mut first = kv(&s);
+    for t in ["k1", "k2"] {
+        let p = prepare(t, vec![Op::set(format!("{t}:a"), "v"), incrby(&format!("{t}:b"), 1, None, None)]);
+        assert_eq!(ask(&mut first, Request::Prepare(p)).await.unwrap(), yes());
+    }
+    let mut second = kv(&s);
+    let out = redtx_participant::worker::settle(
+        &mut second,
+        &[Request::Commit(resolve("k1")), Request::Abort(resolve("k2"))],
+        now_ms(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out, vec![Ok(acked(Outcome::Committed)), Ok(acked(Outcome::Aborted))]);
+    assert_eq!(get(&mut c, "k1:a").await.as_deref(), Some("v"));
+    assert_eq!(get(&mut c, "k2:b").await, None);
+    let locks: Vec<String> = c.keys("rtx:lock:*").await.unwrap();
+    assert!(locks.is_empty(), "{locks:?}");
 }
 
 #[tokio::test]
@@ -170,21 +150,17 @@ async fn guards_refuse_with_clear_reasons_and_change_nothing() {
     for (i, (ops, reason)) in cases.into_iter().enumerate() {
         let txn = format!("g{i}");
         let p = prepare(&txn, ops);
-        assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, no(reason), "case {i}");
+        assert_eq!(ask(&mut r, Request::Prepare(p.clone())).await.unwrap(), no(reason), "case {i}");
         let bar = redtx_common::keys::barrier(NAME, &txn);
         assert_eq!(hget(&mut c, &bar, "state").await.as_deref(), Some("refused"));
         let ttl: i64 = c.pttl(&bar).await.unwrap();
         assert!(ttl > 0, "a refusal expires");
         // Same answer again, and no lock was taken.
-        assert_eq!(
-            one(&mut r, Request::Prepare(p.clone())).await,
-            Response::Vote { yes: false, reason: Some(reason.into()), repeat: true }
-        );
-        for k in resolve(&p).keys {
-            assert_eq!(get(&mut c, &redtx_common::keys::lock(&k)).await, None, "case {i}: {k}");
-        }
+        assert_eq!(ask(&mut r, Request::Prepare(p.clone())).await.unwrap(), no(reason), "case {i}");
+        let locks: Vec<String> = c.keys("rtx:lock:*").await.unwrap();
+        assert!(locks.is_empty(), "case {i}: {locks:?}");
         // The coordinator aborts a refused branch: fine and final.
-        assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, false));
+        assert_eq!(ask(&mut r, Request::Abort(resolve(&txn))).await.unwrap(), acked(Outcome::Aborted));
     }
     assert_eq!(get(&mut c, "acct:alice").await.as_deref(), Some("10"));
     assert_eq!(get(&mut c, "name").await.as_deref(), Some("ann"));
@@ -214,8 +190,8 @@ async fn guards_see_earlier_ops_of_the_branch() {
             expect("n", Some("0")),
         ],
     );
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
+    assert_eq!(ask(&mut r, Request::Prepare(p.clone())).await.unwrap(), yes());
+    assert_eq!(ask(&mut r, Request::Commit(resolve(&p.txn))).await.unwrap(), acked(Outcome::Committed));
     assert_eq!(hget(&mut c, "s", "f").await.as_deref(), Some("v"));
     assert_eq!(get(&mut c, "h").await.as_deref(), Some("now-a-string"));
     assert_eq!(get(&mut c, "n").await.as_deref(), Some("0"));
@@ -230,38 +206,38 @@ async fn counters_are_exact_over_the_whole_i64_range() {
     let _: () = c.set("big", "9007199254740993").await.unwrap();
     let p = prepare("b1", vec![incrby("big", -1, Some(9007199254740993), None)]);
     assert_eq!(
-        one(&mut r, Request::Prepare(p)).await,
+        ask(&mut r, Request::Prepare(p)).await.unwrap(),
         no("bank-a: big would be 9007199254740992, below min 9007199254740993")
     );
     let p = prepare("b2", vec![incrby("big", 2, None, Some(9007199254740995))]);
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
+    assert_eq!(ask(&mut r, Request::Prepare(p.clone())).await.unwrap(), yes());
+    assert_eq!(ask(&mut r, Request::Commit(resolve(&p.txn))).await.unwrap(), acked(Outcome::Committed));
     assert_eq!(get(&mut c, "big").await.as_deref(), Some("9007199254740995"));
 
     let _: () = c.set("max", i64::MAX - 7).await.unwrap();
     let p = prepare("b3", vec![incrby("max", 8, None, None)]);
     assert_eq!(
-        one(&mut r, Request::Prepare(p)).await,
+        ask(&mut r, Request::Prepare(p)).await.unwrap(),
         no("bank-a: max would be 9223372036854775808, outside the 64-bit integer range")
     );
     let p = prepare("b4", vec![incrby("max", 7, None, None)]);
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
+    assert_eq!(ask(&mut r, Request::Prepare(p.clone())).await.unwrap(), yes());
+    assert_eq!(ask(&mut r, Request::Commit(resolve(&p.txn))).await.unwrap(), acked(Outcome::Committed));
     assert_eq!(get(&mut c, "max").await, Some(i64::MAX.to_string()));
 
     let p = prepare("b5", vec![incrby("min", i64::MIN, None, None), incrby("min", -1, None, None)]);
     assert_eq!(
-        one(&mut r, Request::Prepare(p)).await,
+        ask(&mut r, Request::Prepare(p)).await.unwrap(),
         no("bank-a: min would be -9223372036854775809, outside the 64-bit integer range")
     );
     let p = prepare("b6", vec![hincrby("hh", "f", i64::MIN, Some(i64::MIN)), hincrby("hh", "f", i64::MAX, None)]);
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
+    assert_eq!(ask(&mut r, Request::Prepare(p.clone())).await.unwrap(), yes());
+    assert_eq!(ask(&mut r, Request::Commit(resolve(&p.txn))).await.unwrap(), acked(Outcome::Committed));
     assert_eq!(hget(&mut c, "hh", "f").await.as_deref(), Some("-1"));
     // Redis's own integer syntax: no leading zeros or '+'.
     let _: () = c.set("odd", "007").await.unwrap();
     let p = prepare("b7", vec![incrby("odd", 1, None, None)]);
-    assert_eq!(one(&mut r, Request::Prepare(p)).await, no("bank-a: odd is \"007\", not an integer"));
+    assert_eq!(ask(&mut r, Request::Prepare(p)).await.unwrap(), no("bank-a: odd is \"007\", not an integer"));
 }
 
 #[tokio::test]
@@ -270,71 +246,230 @@ async fn conflicts_refuse_without_waiting_or_locking() {
     let mut c = conn(&s).await;
     let mut r = kv(&s);
     let p1 = prepare("c1", vec![incrby("k", 1, None, None)]);
-    assert_eq!(one(&mut r, Request::Prepare(p1.clone())).await, yes(false));
+    assert_eq!(ask(&mut r, Request::Prepare(p1)).await.unwrap(), yes());
     let p2 = prepare("c2", vec![Op::set("other", "x"), incrby("k", 1, None, None)]);
-    assert_eq!(one(&mut r, Request::Prepare(p2)).await, no("bank-a: conflict: k is held by another transaction"));
-    assert_eq!(get(&mut c, &redtx_common::keys::lock("other")).await, None);
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p1))).await, done(Outcome::Committed, false));
-    let p3 = prepare("c3", vec![incrby("k", 1, None, None)]);
-    assert_eq!(one(&mut r, Request::Prepare(p3.clone())).await, yes(false));
-    // One pipeline per batch, run in order: the commit frees `k` for the next prepare, which
-    // then wins over the prepare after it.
-    let p4 = prepare("c4", vec![incrby("k", 1, None, None)]);
-    let p5 = prepare("c5", vec![incrby("k", 1, None, None)]);
-    let out =
-        r.apply(&[Request::Commit(resolve(&p3)), Request::Prepare(p4.clone()), Request::Prepare(p5)]).await.unwrap();
-    assert_eq!(out[0], Ok(done(Outcome::Committed, false)));
-    assert_eq!(out[1], Ok(yes(false)));
-    assert_eq!(out[2], Ok(no("bank-a: conflict: k is held by another transaction")));
-    assert_eq!(get(&mut c, "k").await.as_deref(), Some("2"));
+    assert_eq!(
+        ask(&mut r, Request::Prepare(p2)).await.unwrap(),
+        no("bank-a: conflict: k is held by another transaction")
+    );
+    assert_eq!(get(&mut c, &keys::lock("other")).await, None);
+    // A saga step never writes under a 2PC lock: `error`, retried by the coordinator.
+    let e = execute("c-saga", vec![incrby("k", 5, None, None)]);
+    assert_eq!(
+        ask(&mut r, Request::Execute(e.clone())).await.unwrap(),
+        step(StepKind::Action, StepStatus::Error, Some("bank-a: k is locked by a 2PC transaction; retry later"))
+    );
+    assert_eq!(get(&mut c, &keys::barrier(NAME, "c-saga")).await, None, "nothing recorded");
+    assert_eq!(ask(&mut r, Request::Commit(resolve("c1"))).await.unwrap(), acked(Outcome::Committed));
+    assert_eq!(ask(&mut r, Request::Execute(e)).await.unwrap(), step(StepKind::Action, StepStatus::Done, None));
+    assert_eq!(get(&mut c, "k").await.as_deref(), Some("6"));
 }
 
 #[tokio::test]
-async fn abort_before_prepare_and_late_prepares_vote_no() {
+async fn two_participants_on_one_data_redis_cannot_write_one_key_in_one_transaction() {
+    let s = server();
+    let mut c = conn(&s).await;
+    let mut a = kv(&s);
+    let mut b = kv_named(&s, "bank-b");
+    let pa = prepare("shared", vec![incrby("acct:x", 1, None, None)]);
+    assert_eq!(ask(&mut a, Request::Prepare(pa)).await.unwrap(), yes());
+    let mut pb = prepare("shared", vec![incrby("acct:x", 2, None, None)]);
+    pb.participant = "bank-b".into();
+    assert_eq!(
+        ask(&mut b, Request::Prepare(pb)).await.unwrap(),
+        no("bank-b: acct:x is also written by participant bank-a in this transaction (they share a data Redis); \
+            put those ops in one branch")
+    );
+    assert_eq!(get(&mut c, &keys::lock("acct:x")).await.as_deref(), Some("bank-a shared"));
+    // Another transaction is an ordinary conflict.
+    let mut pc = prepare("later", vec![incrby("acct:x", 2, None, None)]);
+    pc.participant = "bank-b".into();
+    assert_eq!(
+        ask(&mut b, Request::Prepare(pc)).await.unwrap(),
+        no("bank-b: conflict: acct:x is held by another transaction")
+    );
+}
+
+#[tokio::test]
+async fn a_bad_payload_is_refused_naming_the_field() {
     let s = server();
     let mut c = conn(&s).await;
     let mut r = kv(&s);
-    let p = prepare("a1", vec![Op::set("k", "v")]);
-    assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, false));
-    let bar = redtx_common::keys::barrier(NAME, "a1");
-    let ttl: i64 = c.pttl(&bar).await.unwrap();
-    assert!(ttl > 0, "the tombstone expires");
-    assert_eq!(
-        one(&mut r, Request::Prepare(p.clone())).await,
-        Response::Vote { yes: false, reason: Some("bank-a: aborted before prepare".into()), repeat: true }
-    );
-    assert_eq!(get(&mut c, &redtx_common::keys::lock("k")).await, None);
-    assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, true));
-
-    let mut late = prepare("a2", vec![Op::set("k", "v")]);
-    late.deadline_ms = redtx_common::now_ms() - 1000;
-    let Response::Vote { yes: false, reason: Some(reason), repeat: false } = one(&mut r, Request::Prepare(late)).await
+    let mut p = prepare("bad", vec![]);
+    p.payload = encode_ops(&[Op::set("ok", "v"), Op::set("rtx:lock:x", "v")]);
+    let Answer::Vote { yes: false, reason: Some(reason) } = ask(&mut r, Request::Prepare(p.clone())).await.unwrap()
     else {
         panic!("expected a no")
     };
-    assert!(reason.starts_with("bank-a: prepare arrived ") && reason.ends_with(" ms after the deadline"), "{reason}");
-    assert_eq!(get(&mut c, &redtx_common::keys::lock("k")).await, None);
-    assert_eq!(get(&mut c, "k").await, None);
+    assert!(reason.starts_with("bank-a: invalid payload: payload[1].key: "), "{reason}");
+    assert_eq!(hget(&mut c, &keys::barrier(NAME, "bad"), "state").await.as_deref(), Some("refused"));
+    assert_eq!(ask(&mut r, Request::Prepare(p)).await.unwrap(), no(&reason), "a repeat says the same");
+    let mut e = execute("bad-step", vec![]);
+    e.payload = vec![0xc1];
+    let Answer::Step { status: StepStatus::Failed, reason: Some(reason), .. } =
+        ask(&mut r, Request::Execute(e)).await.unwrap()
+    else {
+        panic!("expected a failed step")
+    };
+    assert!(reason.starts_with("bank-a: invalid payload: payload: not a list of key-value ops"), "{reason}");
+    // A compensation that does not decode fails, and leaves the action applied (to retry).
+    let e = execute("comp", vec![incrby("n", 1, None, None)]);
+    assert_eq!(ask(&mut r, Request::Execute(e.clone())).await.unwrap(), step(StepKind::Action, StepStatus::Done, None));
+    let mut comp = e.clone();
+    comp.payload = encode_ops(&[]);
+    let Answer::Step { step: StepKind::Compensation, status: StepStatus::Failed, reason: Some(reason) } =
+        ask(&mut r, Request::Compensate(comp)).await.unwrap()
+    else {
+        panic!("expected a failed compensation")
+    };
+    assert!(reason.contains("invalid compensation payload"), "{reason}");
+    assert_eq!(hget(&mut c, &keys::barrier(NAME, "comp"), "state").await.as_deref(), Some("done"));
+    let mut comp = e;
+    comp.payload = encode_ops(&[incrby("n", -1, None, None)]);
+    assert_eq!(
+        ask(&mut r, Request::Compensate(comp)).await.unwrap(),
+        step(StepKind::Compensation, StepStatus::Done, None)
+    );
+    assert_eq!(get(&mut c, "n").await.as_deref(), Some("0"));
 }
 
 #[tokio::test]
-async fn protocol_violations_change_nothing() {
+async fn saga_steps_check_guards_and_compensations_can_be_refused() {
     let s = server();
     let mut c = conn(&s).await;
     let mut r = kv(&s);
-    let p = prepare("v1", vec![Op::set("k", "v"), Op::set("j", "w")]);
-    assert!(matches!(one(&mut r, Request::Commit(resolve(&p))).await, Response::Violation(m) if m.contains("missing")));
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    let mut other = resolve(&p);
-    other.keys = vec!["k".into()];
-    assert!(
-        matches!(one(&mut r, Request::Commit(other.clone())).await, Response::Violation(m) if m.contains("other keys"))
+    let _: () = c.set("stock", 1).await.unwrap();
+    let take = |t: &str| execute(t, vec![incrby("stock", -1, Some(0), None)]);
+    assert_eq!(
+        ask(&mut r, Request::Execute(take("s1"))).await.unwrap(),
+        step(StepKind::Action, StepStatus::Done, None)
     );
-    assert!(matches!(one(&mut r, Request::Abort(other)).await, Response::Violation(m) if m.contains("other keys")));
-    assert_eq!(get(&mut c, "k").await, None);
-    assert!(get(&mut c, &redtx_common::keys::lock("k")).await.is_some(), "still prepared and locked");
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
-    assert_eq!(get(&mut c, "j").await.as_deref(), Some("w"));
+    assert_eq!(
+        ask(&mut r, Request::Execute(take("s2"))).await.unwrap(),
+        step(StepKind::Action, StepStatus::Failed, Some("bank-a: stock would be -1, below min 0"))
+    );
+    let bar = keys::barrier(NAME, "s1");
+    let ttl: i64 = c.pttl(&bar).await.unwrap();
+    assert!(ttl > 0, "saga barriers expire after the retention");
+    // A compensation whose guard fails changes nothing and can be retried.
+    let refund = execute("s1", vec![incrby("stock", 1, None, Some(1)), Op::set("log", "refunded")]);
+    let _: () = c.set("stock", 1).await.unwrap();
+    assert_eq!(
+        ask(&mut r, Request::Compensate(refund.clone())).await.unwrap(),
+        step(StepKind::Compensation, StepStatus::Failed, Some("bank-a: stock would be 2, above max 1"))
+    );
+    assert_eq!(get(&mut c, "log").await, None);
+    let _: () = c.set("stock", 0).await.unwrap();
+    assert_eq!(
+        ask(&mut r, Request::Compensate(refund)).await.unwrap(),
+        step(StepKind::Compensation, StepStatus::Done, None)
+    );
+    assert_eq!(get(&mut c, "stock").await.as_deref(), Some("1"));
+    assert_eq!(get(&mut c, "log").await.as_deref(), Some("refunded"));
+}
+
+/// Each verb on a Redis at its memory limit: the script fails before changing anything, the
+/// request stays pending; once memory is back, it applies exactly once.
+#[tokio::test]
+async fn a_full_redis_fails_every_verb_cleanly_and_the_retry_applies_once() {
+    let s = server();
+    let mut c = conn(&s).await;
+    let mut r = kv(&s);
+    let _: () = c.set("acct", 10).await.unwrap();
+    let snapshot = |c: &redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            let mut out = Vec::new();
+            let mut ks: Vec<String> = c.keys("*").await.unwrap();
+            ks.sort();
+            for k in ks {
+                let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&k).query_async(&mut c).await.unwrap();
+                out.push((k, dump));
+            }
+            out
+        }
+    };
+    // prepare
+    let p = prepare("m1", vec![incrby("acct", -3, Some(0), None), Op::set("note", "x")]);
+    maxmemory(&mut c, 1).await;
+    let before = snapshot(&c).await;
+    let e = ask(&mut r, Request::Prepare(p.clone())).await.unwrap_err();
+    assert!(e.contains("OOM"), "{e}");
+    assert_eq!(snapshot(&c).await, before, "a refused prepare changed something");
+    maxmemory(&mut c, 0).await;
+    assert_eq!(ask(&mut r, Request::Prepare(p)).await.unwrap(), yes());
+
+    // commit
+    maxmemory(&mut c, 1).await;
+    let before = snapshot(&c).await;
+    let e = ask(&mut r, Request::Commit(resolve("m1"))).await.unwrap_err();
+    assert!(e.contains("OOM"), "{e}");
+    assert_eq!(snapshot(&c).await, before, "a refused commit changed something");
+    assert_eq!(hget(&mut c, &keys::barrier(NAME, "m1"), "state").await.as_deref(), Some("prepared"));
+    assert_eq!(get(&mut c, &keys::lock("acct")).await.as_deref(), Some("bank-a m1"), "locks held");
+    maxmemory(&mut c, 0).await;
+    assert_eq!(ask(&mut r, Request::Commit(resolve("m1"))).await.unwrap(), acked(Outcome::Committed));
+    assert_eq!(ask(&mut r, Request::Commit(resolve("m1"))).await.unwrap(), acked(Outcome::Committed));
+    assert_eq!(get(&mut c, "acct").await.as_deref(), Some("7"), "applied once");
+
+    // abort (of a prepared branch, and before any prepare)
+    let p = prepare("m2", vec![incrby("acct", -1, None, None)]);
+    assert_eq!(ask(&mut r, Request::Prepare(p)).await.unwrap(), yes());
+    maxmemory(&mut c, 1).await;
+    let before = snapshot(&c).await;
+    assert!(ask(&mut r, Request::Abort(resolve("m2"))).await.unwrap_err().contains("OOM"));
+    assert!(ask(&mut r, Request::Abort(resolve("m3"))).await.unwrap_err().contains("OOM"));
+    assert_eq!(snapshot(&c).await, before, "a refused abort changed something");
+    maxmemory(&mut c, 0).await;
+    assert_eq!(ask(&mut r, Request::Abort(resolve("m2"))).await.unwrap(), acked(Outcome::Aborted));
+    assert_eq!(ask(&mut r, Request::Abort(resolve("m3"))).await.unwrap(), acked(Outcome::Aborted));
+    assert_eq!(get(&mut c, &keys::lock("acct")).await, None);
+
+    // execute and compensate
+    let e = execute("m4", vec![incrby("acct", -2, Some(0), None)]);
+    maxmemory(&mut c, 1).await;
+    let before = snapshot(&c).await;
+    assert!(ask(&mut r, Request::Execute(e.clone())).await.unwrap_err().contains("OOM"));
+    assert_eq!(snapshot(&c).await, before, "a refused execute changed something");
+    maxmemory(&mut c, 0).await;
+    assert_eq!(ask(&mut r, Request::Execute(e.clone())).await.unwrap(), step(StepKind::Action, StepStatus::Done, None));
+    assert_eq!(ask(&mut r, Request::Execute(e)).await.unwrap(), step(StepKind::Action, StepStatus::Done, None));
+    assert_eq!(get(&mut c, "acct").await.as_deref(), Some("5"), "applied once");
+    let comp = execute("m4", vec![incrby("acct", 2, None, None)]);
+    maxmemory(&mut c, 1).await;
+    let before = snapshot(&c).await;
+    assert!(ask(&mut r, Request::Compensate(comp.clone())).await.unwrap_err().contains("OOM"));
+    assert_eq!(snapshot(&c).await, before, "a refused compensate changed something");
+    maxmemory(&mut c, 0).await;
+    for _ in 0..2 {
+        assert_eq!(
+            ask(&mut r, Request::Compensate(comp.clone())).await.unwrap(),
+            step(StepKind::Compensation, StepStatus::Done, None)
+        );
+    }
+    assert_eq!(get(&mut c, "acct").await.as_deref(), Some("7"), "compensated once");
+}
+
+#[tokio::test]
+async fn a_commit_whose_staged_writes_no_longer_apply_fails_and_changes_nothing() {
+    // A plain writer changed a locked key's type: the commit cannot apply the staged INCRBY.
+    // It fails before any write (the branch stays prepared, its entry pending and logged) instead
+    // of applying half of it, or marking it committed without the write.
+    let s = server();
+    let mut c = conn(&s).await;
+    let mut r = kv(&s);
+    let p = prepare("w1", vec![Op::set("a", "1"), incrby("b", 1, None, None)]);
+    assert_eq!(ask(&mut r, Request::Prepare(p)).await.unwrap(), yes());
+    let _: () = c.hset("b", "f", "v").await.unwrap();
+    let e = ask(&mut r, Request::Commit(resolve("w1"))).await.unwrap_err();
+    assert!(e.contains("no longer apply") && e.contains("b is a hash, incrby needs a string"), "{e}");
+    assert_eq!(get(&mut c, "a").await, None);
+    assert_eq!(hget(&mut c, &keys::barrier(NAME, "w1"), "state").await.as_deref(), Some("prepared"));
+    // Repaired: the commit goes through.
+    let _: () = c.del("b").await.unwrap();
+    assert_eq!(ask(&mut r, Request::Commit(resolve("w1"))).await.unwrap(), acked(Outcome::Committed));
+    assert_eq!(get(&mut c, "a").await.as_deref(), Some("1"));
+    assert_eq!(get(&mut c, "b").await.as_deref(), Some("1"));
 }
 
 #[tokio::test]
@@ -343,9 +478,9 @@ async fn scripts_survive_a_flushed_script_cache() {
     let mut c = conn(&s).await;
     let mut r = kv(&s);
     let p = prepare("f1", vec![Op::set("k", "v")]);
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
+    assert_eq!(ask(&mut r, Request::Prepare(p)).await.unwrap(), yes());
     let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
+    assert_eq!(ask(&mut r, Request::Commit(resolve("f1"))).await.unwrap(), acked(Outcome::Committed));
 }
 
 #[tokio::test]
@@ -355,38 +490,37 @@ async fn barriers_outlive_the_deadline_whatever_the_retention() {
     let s = server();
     let mut c = conn(&s).await;
     let mut r = KvResource::new(RedisUrl::parse(&s.url()).unwrap(), NAME, Duration::from_millis(100));
-    let pttl = |c: &mut redis::aio::MultiplexedConnection, txn: &str| {
-        let key = redtx_common::keys::barrier(NAME, txn);
+    let pttl = |c: &redis::aio::MultiplexedConnection, txn: &str| {
+        let key = keys::barrier(NAME, txn);
         let mut c = c.clone();
         async move { c.pttl::<_, i64>(key).await.unwrap() }
     };
     let mut p = prepare("e1", vec![Op::set("k", "v")]);
-    p.deadline_ms = redtx_common::now_ms() + 600_000;
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    assert_eq!(one(&mut r, Request::Commit(resolve(&p))).await, done(Outcome::Committed, false));
-    assert!(pttl(&mut c, "e1").await > 600_000, "committed barrier kept past the deadline");
+    p.deadline_ms = now_ms() + 600_000;
+    assert_eq!(ask(&mut r, Request::Prepare(p)).await.unwrap(), yes());
+    assert_eq!(ask(&mut r, Request::Commit(resolve("e1"))).await.unwrap(), acked(Outcome::Committed));
+    assert!(pttl(&c, "e1").await > 600_000, "committed barrier kept past the deadline");
 
     let mut p = prepare("e2", vec![Op::set("k", "v")]);
-    p.deadline_ms = redtx_common::now_ms() + 600_000;
-    assert_eq!(one(&mut r, Request::Prepare(p.clone())).await, yes(false));
-    assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, false));
-    assert!(pttl(&mut c, "e2").await > 600_000, "aborted barrier kept past the deadline");
+    p.deadline_ms = now_ms() + 600_000;
+    assert_eq!(ask(&mut r, Request::Prepare(p)).await.unwrap(), yes());
+    assert_eq!(ask(&mut r, Request::Abort(resolve("e2"))).await.unwrap(), acked(Outcome::Aborted));
+    assert!(pttl(&c, "e2").await > 600_000, "aborted barrier kept past the deadline");
 
     let mut p = prepare("e3", vec![Op::set("k", "v")]);
-    p.deadline_ms = redtx_common::now_ms() + 600_000;
-    let _: () = c.set(redtx_common::keys::lock("k"), "rtx:bar:other:x").await.unwrap();
-    assert!(matches!(one(&mut r, Request::Prepare(p.clone())).await, Response::Vote { yes: false, .. }));
-    assert!(pttl(&mut c, "e3").await > 600_000, "refusal kept past the deadline");
+    p.deadline_ms = now_ms() + 600_000;
+    let _: () = c.set(keys::lock("k"), "other x").await.unwrap();
+    assert!(matches!(ask(&mut r, Request::Prepare(p)).await.unwrap(), Answer::Vote { yes: false, .. }));
+    assert!(pttl(&c, "e3").await > 600_000, "refusal kept past the deadline");
 
-    let p = prepare("e4", vec![Op::set("k", "v")]);
-    assert_eq!(one(&mut r, Request::Abort(resolve(&p))).await, done(Outcome::Aborted, false));
+    assert_eq!(ask(&mut r, Request::Abort(resolve("e4"))).await.unwrap(), acked(Outcome::Aborted));
     let longest = redtx_common::spec::MAX_TIMEOUT.as_millis() as i64;
-    assert!(pttl(&mut c, "e4").await > longest, "a tombstone outlives any deadline");
+    assert!(pttl(&c, "e4").await > longest, "a tombstone outlives any deadline");
 
     // Past the deadline, the plain retention applies.
     let mut p = prepare("e5", vec![Op::set("j", "v")]);
-    p.deadline_ms = redtx_common::now_ms() - 120_000;
-    assert!(matches!(one(&mut r, Request::Prepare(p)).await, Response::Vote { yes: false, .. }));
-    let t = pttl(&mut c, "e5").await;
+    p.deadline_ms = now_ms() - 120_000;
+    assert!(matches!(ask(&mut r, Request::Prepare(p)).await.unwrap(), Answer::Vote { yes: false, .. }));
+    let t = pttl(&c, "e5").await;
     assert!(t > 0 && t <= 100, "{t}");
 }

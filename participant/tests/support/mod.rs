@@ -4,12 +4,14 @@
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use redtx_common::conn::RedisUrl;
-use redtx_common::protocol::{Message, Prepare, Resolve};
+use redtx_common::kv::{encode_ops, Op};
+use redtx_common::protocol::{Execute, Message, Prepare, Resolve};
 use redtx_common::server::RedisServer;
-use redtx_common::spec::{Branch, Op};
+use redtx_participant::{worker, Answer, KvResource, Request};
 use std::time::{Duration, Instant};
 
 pub const NAME: &str = "bank-a";
+pub const RETENTION: Duration = Duration::from_secs(3600);
 
 pub fn server() -> RedisServer {
     RedisServer::start().expect("redis-server starts")
@@ -19,14 +21,35 @@ pub async fn conn(s: &RedisServer) -> MultiplexedConnection {
     RedisUrl::parse(&s.url()).unwrap().connect().await.unwrap()
 }
 
-pub fn prepare(txn: &str, ops: Vec<Op>) -> Prepare {
-    Prepare { txn: txn.into(), branch: 0, participant: NAME.into(), deadline_ms: redtx_common::now_ms() + 60_000, ops }
+pub fn kv(s: &RedisServer) -> KvResource {
+    kv_named(s, NAME)
 }
 
-/// The commit/abort body matching `p` (its keys in `Branch::keys()` order).
-pub fn resolve(p: &Prepare) -> Resolve {
-    let keys = Branch { participant: p.participant.clone(), ops: p.ops.clone() }.keys();
-    Resolve { txn: p.txn.clone(), branch: p.branch, participant: p.participant.clone(), keys }
+pub fn kv_named(s: &RedisServer, name: &str) -> KvResource {
+    KvResource::new(RedisUrl::parse(&s.url()).unwrap(), name, RETENTION)
+}
+
+pub fn prepare(txn: &str, ops: Vec<Op>) -> Prepare {
+    Prepare {
+        txn: txn.into(),
+        branch: 0,
+        participant: NAME.into(),
+        deadline_ms: redtx_common::now_ms() + 60_000,
+        payload: encode_ops(&ops),
+    }
+}
+
+pub fn resolve(txn: &str) -> Resolve {
+    Resolve { txn: txn.into(), branch: 0, participant: NAME.into() }
+}
+
+pub fn execute(txn: &str, ops: Vec<Op>) -> Execute {
+    Execute { txn: txn.into(), branch: 0, participant: NAME.into(), attempt: 1, payload: encode_ops(&ops) }
+}
+
+/// Settles one request through the runtime; `Err` if it stayed pending.
+pub async fn ask(r: &mut KvResource, req: Request) -> Result<Answer, String> {
+    worker::settle(r, &[req], redtx_common::now_ms()).await.map_err(|e| e.to_string())?.pop().unwrap()
 }
 
 pub async fn get(c: &mut MultiplexedConnection, key: &str) -> Option<String> {
@@ -41,30 +64,61 @@ pub async fn xadd(c: &mut MultiplexedConnection, stream: &str, fields: &[(&str, 
     let _: String = c.xadd(stream, "*", fields).await.unwrap();
 }
 
-pub async fn send(c: &mut MultiplexedConnection, msg: &Message) {
-    let participant = match msg {
-        Message::Prepare(p) => p.participant.clone(),
-        Message::Commit(r) | Message::Abort(r) => r.participant.clone(),
-        _ => NAME.into(),
-    };
-    xadd(c, &redtx_common::keys::participant_stream(&participant), &msg.fields()[..]).await;
+/// Sends `msg` to its participant's stream of partition `p`.
+pub async fn send_to(c: &mut MultiplexedConnection, p: u32, msg: &Message) {
+    let participant = msg.participant().unwrap_or(NAME).to_string();
+    xadd(c, &redtx_common::keys::participant_stream(&participant, p), &msg.fields()[..]).await;
 }
 
-/// Every message on the coordinator stream so far.
-pub async fn coord_messages(c: &mut MultiplexedConnection) -> Vec<Message> {
-    let r: redis::streams::StreamRangeReply = c.xrange_all(redtx_common::keys::coord_stream()).await.unwrap();
+/// Sends `msg` to partition 0.
+pub async fn send(c: &mut MultiplexedConnection, msg: &Message) {
+    send_to(c, 0, msg).await
+}
+
+/// Every message on the coordinator stream of partition `p` so far.
+pub async fn coord_messages_of(c: &mut MultiplexedConnection, p: u32) -> Vec<Message> {
+    let r: redis::streams::StreamRangeReply = c.xrange_all(redtx_common::keys::coord_stream(p)).await.unwrap();
     r.ids.iter().map(|e| Message::from_entry(&e.map).unwrap()).collect()
 }
 
-/// Waits until the coordinator stream holds at least `n` messages and returns them.
-pub async fn wait_messages(c: &mut MultiplexedConnection, n: usize) -> Vec<Message> {
+/// Every message on the coordinator stream of partition 0 so far.
+pub async fn coord_messages(c: &mut MultiplexedConnection) -> Vec<Message> {
+    coord_messages_of(c, 0).await
+}
+
+/// Waits until the coordinator stream of partition `p` holds at least `n` messages; returns them.
+pub async fn wait_messages_of(c: &mut MultiplexedConnection, p: u32, n: usize) -> Vec<Message> {
     let started = Instant::now();
     loop {
-        let m = coord_messages(c).await;
+        let m = coord_messages_of(c, p).await;
         if m.len() >= n {
             return m;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "waited for {n} replies, got {m:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "waited for {n} replies on partition {p}, got {m:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until the coordinator stream of partition 0 holds at least `n` messages; returns them.
+pub async fn wait_messages(c: &mut MultiplexedConnection, n: usize) -> Vec<Message> {
+    wait_messages_of(c, 0, n).await
+}
+
+/// Polls `check` until it returns true (10 s at most).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `CONFIG SET maxmemory <bytes>` with `noeviction` (0: no limit).
+pub async fn maxmemory(c: &mut MultiplexedConnection, bytes: u64) {
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query_async(c).await.unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(bytes).query_async(c).await.unwrap();
 }

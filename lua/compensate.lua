@@ -1,0 +1,54 @@
+--[[
+compensate: undoes a saga step's action at a key-value participant (work `Compensation`) by
+applying the compensation's ops, if the barrier is still as expected (the action is `done`),
+and records the barrier `compensated`. A compensation whose guard fails changes nothing and
+leaves the barrier `done` (the coordinator retries it). A key held by a 2PC branch's lock makes
+it BUSY (nothing written). The barrier expires after the retention.
+
+Input:
+  KEYS[1]       barrier, rtx:bar:<participant>:<txn>
+  KEYS[2i]      i-th distinct user key of the compensation (i = 1..n), in first-use order
+  KEYS[2i+1]    its lock, rtx:lock:<key> (only read)
+  ARGV[1]       owner, "<participant> <txn>"
+  ARGV[2]       participant name
+  ARGV[3]       expected barrier state ('done')
+  ARGV[4]       now, ms
+  ARGV[5]       retention, ms
+  ARGV[6]       clock-skew margin, ms
+  ARGV[7]       longest transaction timeout, ms
+  ARGV[8]       refusal: "" or a reason to refuse without looking at the ops (the payload did
+                not decode); then there are no ops and no key pairs
+  ARGV[9..]     the compensation's ops, six slots each (lua/lib/ops.lua)
+
+Output:
+  {1, 'compensated', ''}              undone
+  {1, 'done', reason}                 a guard failed, or ARGV[8]; nothing changed (still done)
+  {2, state, reason, deadline}        MOVED: the barrier is not in the expected state
+  {3, reason}                         BUSY: a key is locked by a 2PC branch; nothing changed
+]]
+-- rcall, bar, moved, busy, expire: lua/lib/barrier.lua; read_ops, simulate, apply:
+-- lua/lib/ops.lua (all prepended)
+
+local m = moved()
+if m then
+  return m
+end
+local ops, bad = read_ops(9)
+if not ops then
+  return redis.error_reply('compensate: ' .. bad)
+end
+if ARGV[8] ~= '' then
+  return {1, 'done', ARGV[8]}
+end
+local b = busy()
+if b then
+  return b
+end
+local writes, why = simulate(ops)
+if not writes then
+  return {1, 'done', why}
+end
+rcall('HSET', bar, 'state', 'compensated', 'at', ARGV[4])
+apply(writes)
+expire(nil)
+return {1, 'compensated', ''}

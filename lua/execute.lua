@@ -1,0 +1,56 @@
+--[[
+execute: a saga step's action at a key-value participant (work `Action`), if the barrier is
+still as expected: checks the ops on the simulated state of their keys, then either applies them
+and records the barrier `done`, or records it `failed` with the reason (nothing applied). A key
+held by a 2PC branch's lock makes the step BUSY (nothing written; the coordinator retries).
+The barrier expires after the retention.
+
+Input:
+  KEYS[1]       barrier, rtx:bar:<participant>:<txn>
+  KEYS[2i]      i-th distinct user key of the action (i = 1..n), in first-use order
+  KEYS[2i+1]    its lock, rtx:lock:<key> (only read)
+  ARGV[1]       owner, "<participant> <txn>"
+  ARGV[2]       participant name
+  ARGV[3]       expected barrier state ("" = none)
+  ARGV[4]       now, ms
+  ARGV[5]       retention, ms
+  ARGV[6]       clock-skew margin, ms
+  ARGV[7]       longest transaction timeout, ms
+  ARGV[8]       refusal: "" or a reason to fail without looking at the ops (the payload did
+                not decode); then there are no ops and no key pairs
+  ARGV[9..]     the ops, six slots each (lua/lib/ops.lua)
+
+Output:
+  {1, 'done', ''}                     applied
+  {1, 'failed', reason}               a guard failed, or ARGV[8]; nothing applied; recorded
+  {2, state, reason, deadline}        MOVED: the barrier is not in the expected state
+  {3, reason}                         BUSY: a key is locked by a 2PC branch; nothing changed
+]]
+-- rcall, bar, moved, busy, expire: lua/lib/barrier.lua; read_ops, simulate, apply:
+-- lua/lib/ops.lua (all prepended)
+
+local m = moved()
+if m then
+  return m
+end
+local ops, bad = read_ops(9)
+if not ops then
+  return redis.error_reply('execute: ' .. bad)
+end
+local writes, why = nil, (ARGV[8] ~= '' and ARGV[8] or nil)
+if not why then
+  local b = busy()
+  if b then
+    return b
+  end
+  writes, why = simulate(ops)
+end
+if why then
+  rcall('HSET', bar, 'state', 'failed', 'reason', why, 'at', ARGV[4])
+  expire(nil)
+  return {1, 'failed', why}
+end
+rcall('HSET', bar, 'state', 'done', 'at', ARGV[4])
+apply(writes)
+expire(nil)
+return {1, 'done', ''}

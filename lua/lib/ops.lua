@@ -1,0 +1,225 @@
+--[[
+lib/ops.lua: the key-value ops of a branch, checked on a simulated state and then applied.
+Prepended after lib/barrier.lua and lib/i64.lua (it uses rcall, name, nkeys, and the i64
+helpers).
+
+Ops come in ARGV in six slots each (read_ops):
+  name   set | del | incrby | hset | hdel | hincrby | expect | absent
+         (absent = expect with a null value: the key must not exist)
+  i      index of the op's key in KEYS (the key is KEYS[2i])
+  field  hash field ("" for non-hash ops)
+  arg    value (set, hset, expect) or decimal `by` (incrby, hincrby)
+  min    decimal lower bound, "" for none
+  max    decimal upper bound, "" for none
+
+  read_ops(from)  the ops from ARGV[from] on, or nil and an error
+  simulate(ops)   checks every op in order against the current values (read only): the writes
+                  to make ({op, i, field, arg}, guards dropped), or nil and the refusal reason
+  apply(writes)   makes the writes (redis.call: any error aborts the script)
+]]
+
+local function read_ops(from)
+  local ops = {}
+  local a = from
+  while a + 5 <= #ARGV do
+    local i = tonumber(ARGV[a + 1])
+    if not i or i < 1 or i > nkeys then
+      return nil, 'op key index out of range'
+    end
+    ops[#ops + 1] = {ARGV[a], i, ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]}
+    a = a + 6
+  end
+  if a ~= #ARGV + 1 then
+    return nil, 'ARGV must hold whole ops of six slots'
+  end
+  return ops
+end
+
+local function quote(v)
+  if #v > 64 then
+    v = string.sub(v, 1, 64) .. '...'
+  end
+  return '"' .. v .. '"'
+end
+
+local function simulate(ops)
+  -- Simulated state of each key, read lazily. t: Redis type ('none', 'string', 'hash', ...);
+  -- v: string value (nil = not read yet); n: hash length; fields: field -> value or false
+  -- (absent); fresh: no need to read Redis.
+  local sim = {}
+  local function key_state(i)
+    local s = sim[i]
+    if not s then
+      local t = rcall('TYPE', KEYS[2 * i])['ok']
+      s = {t = t, fields = {}, fresh = (t == 'none'), n = 0}
+      if t == 'hash' then
+        s.n = rcall('HLEN', KEYS[2 * i])
+      end
+      sim[i] = s
+    end
+    return s
+  end
+
+  local function str_value(s, i)
+    if s.v == nil then
+      s.v = rcall('GET', KEYS[2 * i])
+    end
+    return s.v
+  end
+
+  local function field_value(s, i, f)
+    local v = s.fields[f]
+    if v == nil then
+      if s.fresh then
+        v = false
+      else
+        v = rcall('HGET', KEYS[2 * i], f)
+      end
+      s.fields[f] = v
+    end
+    return v
+  end
+
+  local function clear(s)
+    s.t, s.v, s.n, s.fields, s.fresh = 'none', nil, 0, {}, true
+  end
+
+  local function wrong_type(key, s, op, want)
+    return name .. ': ' .. key .. ' is a ' .. s.t .. ', ' .. op .. ' needs a ' .. want
+  end
+
+  -- Checks a counter change; returns the new value or nil plus a refusal reason.
+  local function bump(what, cur_raw, by_raw, min_raw, max_raw)
+    local cur = ZERO
+    if cur_raw then
+      cur = parse_int(cur_raw)
+      if not cur then
+        return nil, name .. ': ' .. what .. ' is ' .. quote(cur_raw) .. ', not an integer'
+      end
+    end
+    local by = parse_int(by_raw)
+    if not by then
+      return nil, name .. ': increment ' .. quote(by_raw) .. ' for ' .. what .. ' is not a 64-bit integer'
+    end
+    local new = add(cur, by)
+    if not in_i64(new) then
+      return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', outside the 64-bit integer range'
+    end
+    if min_raw ~= '' then
+      local lo = parse_int(min_raw)
+      if lo and cmp(new, lo) < 0 then
+        return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', below min ' .. min_raw
+      end
+    end
+    if max_raw ~= '' then
+      local hi = parse_int(max_raw)
+      if hi and cmp(new, hi) > 0 then
+        return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', above max ' .. max_raw
+      end
+    end
+    return show(new)
+  end
+
+  local writes = {}
+  for _, o in ipairs(ops) do
+    local op, i, f, arg, lo, hi = o[1], o[2], o[3], o[4], o[5], o[6]
+    local key = KEYS[2 * i]
+    local s = key_state(i)
+    if op == 'set' then
+      if s.t ~= 'none' and s.t ~= 'string' then
+        return nil, wrong_type(key, s, op, 'string')
+      end
+      clear(s)
+      s.t, s.v, s.fresh = 'string', arg, false
+    elseif op == 'del' then
+      clear(s)
+    elseif op == 'incrby' then
+      if s.t ~= 'none' and s.t ~= 'string' then
+        return nil, wrong_type(key, s, op, 'string')
+      end
+      local cur = false
+      if s.t == 'string' then
+        cur = str_value(s, i)
+      end
+      local new, why = bump(key, cur, arg, lo, hi)
+      if not new then
+        return nil, why
+      end
+      clear(s)
+      s.t, s.v, s.fresh = 'string', new, false
+    elseif op == 'hset' or op == 'hincrby' then
+      if s.t ~= 'none' and s.t ~= 'hash' then
+        return nil, wrong_type(key, s, op, 'hash')
+      end
+      if s.t == 'none' then
+        clear(s)
+        s.t = 'hash'
+      end
+      local old = field_value(s, i, f)
+      local new = arg
+      if op == 'hincrby' then
+        local why
+        new, why = bump(key .. ' field ' .. f, old, arg, lo, hi)
+        if not new then
+          return nil, why
+        end
+      end
+      if old == false then
+        s.n = s.n + 1
+      end
+      s.fields[f] = new
+    elseif op == 'hdel' then
+      if s.t ~= 'none' and s.t ~= 'hash' then
+        return nil, wrong_type(key, s, op, 'hash')
+      end
+      if s.t == 'hash' and field_value(s, i, f) ~= false then
+        s.fields[f] = false
+        s.n = s.n - 1
+        if s.n <= 0 then
+          clear(s)
+        end
+      end
+    elseif op == 'expect' then
+      if s.t == 'none' then
+        return nil, name .. ': ' .. key .. ' does not exist, expected ' .. quote(arg)
+      elseif s.t ~= 'string' then
+        return nil, wrong_type(key, s, op, 'string')
+      end
+      local cur = str_value(s, i)
+      if cur ~= arg then
+        return nil, name .. ': ' .. key .. ' is ' .. quote(cur) .. ', expected ' .. quote(arg)
+      end
+    elseif op == 'absent' then
+      if s.t == 'string' then
+        return nil, name .. ': ' .. key .. ' is ' .. quote(str_value(s, i)) .. ', expected it not to exist'
+      elseif s.t ~= 'none' then
+        return nil, name .. ': ' .. key .. ' exists (a ' .. s.t .. '), expected it not to exist'
+      end
+    else
+      return nil, name .. ': unknown op ' .. tostring(op)
+    end
+    if op ~= 'expect' and op ~= 'absent' then
+      writes[#writes + 1] = {op, i, f, arg}
+    end
+  end
+  return writes
+end
+
+local function apply(writes)
+  for _, w in ipairs(writes) do
+    local op, key, f, arg = w[1], KEYS[2 * w[2]], w[3], w[4]
+    if op == 'set' then
+      rcall('SET', key, arg)
+    elseif op == 'del' then
+      rcall('DEL', key)
+    elseif op == 'incrby' then
+      rcall('INCRBY', key, arg)
+    elseif op == 'hset' then
+      rcall('HSET', key, f, arg)
+    elseif op == 'hdel' then
+      rcall('HDEL', key, f)
+    elseif op == 'hincrby' then
+      rcall('HINCRBY', key, f, arg)
+    end
+  end
+end
