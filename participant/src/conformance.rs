@@ -452,3 +452,134 @@ pub async fn run<R: Resource, F: Fixture>(resource: &mut R, fixture: &mut F) -> 
 
     Ok(RULES.len())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The suite against an in-memory reference resource (it must pass), and against broken
+    //! variants of it (the suite must name the rule they break).
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    /// Payloads: `add:<item>`, `remove:<item>`, `refuse`.
+    #[derive(Default)]
+    struct Mem {
+        barriers: HashMap<String, Barrier>,
+        staged: HashMap<String, Vec<u8>>,
+        counts: Arc<Mutex<HashMap<String, i64>>>,
+        /// Broken: carries out transitions whatever the barrier holds.
+        ignore_cas: bool,
+        /// Broken: a Mark records nothing.
+        forget_marks: bool,
+    }
+
+    impl Mem {
+        /// Applies a payload; `Err`: the business refuses.
+        fn business(&self, payload: &[u8]) -> std::result::Result<(), String> {
+            let text = std::str::from_utf8(payload).map_err(|e| e.to_string())?;
+            let (delta, item) = match text.split_once(':') {
+                Some(("add", item)) => (1, item),
+                Some(("remove", item)) => (-1, item),
+                _ => return Err("mem: refused".into()),
+            };
+            *self.counts.lock().unwrap().entry(item.to_string()).or_default() += delta;
+            Ok(())
+        }
+
+        fn transition(&mut self, t: &Transition<'_>) -> Applied {
+            let txn = t.request.txn().to_string();
+            let current = self.barriers.get(&txn).cloned();
+            if !self.ignore_cas && current.as_ref().map(|b| b.state) != t.expect {
+                return Applied::Moved(current);
+            }
+            let deadline_ms = match t.request {
+                Request::Prepare(p) => Some(p.deadline_ms),
+                _ => current.as_ref().and_then(|b| b.deadline_ms),
+            };
+            let (state, reason) = match &t.work {
+                Work::Try if t.request.payload() == b"refuse" => (BarrierState::Refused, Some("mem: refused".into())),
+                Work::Try => {
+                    self.staged.insert(txn.clone(), t.request.payload().to_vec());
+                    (BarrierState::Prepared, None)
+                }
+                Work::Confirm => {
+                    let staged = self.staged.get(&txn).cloned().unwrap_or_default();
+                    self.business(&staged).expect("staged payloads were checked");
+                    (BarrierState::Committed, None)
+                }
+                Work::Cancel => {
+                    self.staged.remove(&txn);
+                    (BarrierState::Aborted, Some("mem: aborted".into()))
+                }
+                Work::Action => match self.business(t.request.payload()) {
+                    Ok(()) => (BarrierState::Done, None),
+                    Err(r) => (BarrierState::Failed, Some(r)),
+                },
+                Work::Compensation => match self.business(t.request.payload()) {
+                    Ok(()) => (BarrierState::Compensated, None),
+                    Err(r) => return Applied::Done { state: BarrierState::Done, reason: Some(r) },
+                },
+                Work::Mark { to, reason } => {
+                    if self.forget_marks {
+                        return Applied::Done { state: *to, reason: reason.clone() };
+                    }
+                    (*to, reason.clone())
+                }
+            };
+            self.barriers.insert(txn, Barrier { state, reason: reason.clone(), deadline_ms });
+            Applied::Done { state, reason }
+        }
+    }
+
+    impl Resource for Mem {
+        async fn apply(&mut self, batch: &[Transition<'_>]) -> Result<Vec<std::result::Result<Applied, String>>> {
+            Ok(batch.iter().map(|t| Ok(self.transition(t))).collect())
+        }
+    }
+
+    struct MemFixture(Arc<Mutex<HashMap<String, i64>>>);
+
+    impl Fixture for MemFixture {
+        fn participant(&self) -> &str {
+            "mem"
+        }
+        fn add(&self, item: &str) -> Vec<u8> {
+            format!("add:{item}").into_bytes()
+        }
+        fn remove(&self, item: &str) -> Vec<u8> {
+            format!("remove:{item}").into_bytes()
+        }
+        fn refused(&self) -> Vec<u8> {
+            b"refuse".to_vec()
+        }
+        async fn count(&mut self, item: &str) -> Result<i64> {
+            Ok(self.0.lock().unwrap().get(item).copied().unwrap_or(0))
+        }
+    }
+
+    async fn run_on(mut mem: Mem) -> std::result::Result<usize, Failure> {
+        let mut fx = MemFixture(mem.counts.clone());
+        run(&mut mem, &mut fx).await
+    }
+
+    #[tokio::test]
+    async fn the_reference_resource_passes() {
+        assert_eq!(run_on(Mem::default()).await, Ok(RULES.len()));
+    }
+
+    #[tokio::test]
+    async fn a_resource_without_compare_and_set_fails_the_first_rule() {
+        let f = run_on(Mem { ignore_cas: true, ..Mem::default() }).await.unwrap_err();
+        assert_eq!(f.rule, RULES[0], "{f}");
+    }
+
+    #[tokio::test]
+    async fn a_resource_that_forgets_marks_fails_the_tombstone_rule() {
+        let f = run_on(Mem { forget_marks: true, ..Mem::default() }).await.unwrap_err();
+        assert_eq!(f.rule, RULES[3], "{f}");
+        assert!(
+            f.to_string().starts_with("conformance rule `2pc: an abort before the prepare leaves a tombstone"),
+            "{f}"
+        );
+    }
+}

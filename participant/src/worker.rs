@@ -209,7 +209,8 @@ fn log(name: &str, req: &Request, answer: &std::result::Result<Answer, String>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redtx_common::protocol::{Outcome, Prepare, Resolve, Submit};
+    use crate::barrier::Barrier;
+    use redtx_common::protocol::{Execute, Outcome, Prepare, Resolve, Submit};
     use redtx_common::spec::{Branch, Op, TxnSpec};
 
     fn prepare(p: &str) -> Prepare {
@@ -259,5 +260,141 @@ mod tests {
         assert_eq!(reply(&p, &Answer::Violation("x".into())), None);
         let c = Request::Commit(resolve("a"));
         assert!(matches!(reply(&c, &Answer::Ack(Outcome::Committed)), Some(Message::Ack(Ack { branch: 1, .. }))));
+    }
+
+    /// A resource answering by a rule, recording every batch it gets.
+    struct Scripted<F: FnMut(&Transition<'_>) -> std::result::Result<Applied, String> + Send> {
+        answer: F,
+        batches: Vec<Vec<(String, Option<BarrierState>, Work)>>,
+    }
+
+    impl<F: FnMut(&Transition<'_>) -> std::result::Result<Applied, String> + Send> Resource for Scripted<F> {
+        async fn apply(&mut self, batch: &[Transition<'_>]) -> Result<Vec<std::result::Result<Applied, String>>> {
+            self.batches.push(batch.iter().map(|t| (t.request.txn().to_string(), t.expect, t.work.clone())).collect());
+            Ok(batch.iter().map(&mut self.answer).collect())
+        }
+    }
+
+    fn scripted<F: FnMut(&Transition<'_>) -> std::result::Result<Applied, String> + Send>(answer: F) -> Scripted<F> {
+        Scripted { answer, batches: Vec::new() }
+    }
+
+    fn prep(txn: &str) -> Request {
+        let mut p = prepare("a");
+        p.txn = txn.into();
+        p.deadline_ms = NOW + 5_000;
+        Request::Prepare(p)
+    }
+
+    fn commit(txn: &str) -> Request {
+        let mut r = resolve("a");
+        r.txn = txn.into();
+        Request::Commit(r)
+    }
+
+    fn ends_as_expected(t: &Transition<'_>) -> std::result::Result<Applied, String> {
+        let state = match &t.work {
+            Work::Try => BarrierState::Prepared,
+            Work::Confirm => BarrierState::Committed,
+            Work::Cancel => BarrierState::Aborted,
+            Work::Action => BarrierState::Done,
+            Work::Compensation => BarrierState::Compensated,
+            Work::Mark { to, .. } => *to,
+        };
+        Ok(Applied::Done { state, reason: None })
+    }
+
+    const NOW: u64 = 1_000;
+
+    #[tokio::test]
+    async fn the_common_case_is_one_round_trip() {
+        let mut r = scripted(ends_as_expected);
+        let reqs = [prep("t1"), commit("t2"), prep("t3")];
+        let out = settle(&mut r, &reqs, NOW).await.unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Ok(Answer::Vote { yes: true, reason: None }),
+                Ok(Answer::Ack(Outcome::Committed)),
+                Ok(Answer::Vote { yes: true, reason: None })
+            ]
+        );
+        assert_eq!(r.batches.len(), 1);
+        assert_eq!(r.batches[0][1], ("t2".into(), Some(BarrierState::Prepared), Work::Confirm));
+    }
+
+    #[tokio::test]
+    async fn requests_of_one_barrier_go_in_successive_rounds_in_order() {
+        let mut r = scripted(ends_as_expected);
+        let reqs = [prep("t1"), commit("t1"), prep("t2")];
+        let out = settle(&mut r, &reqs, NOW).await.unwrap();
+        assert!(out.iter().all(Result::is_ok), "{out:?}");
+        assert_eq!(r.batches.len(), 2);
+        assert_eq!(r.batches[0].iter().map(|b| b.0.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
+        assert_eq!(r.batches[1], vec![("t1".into(), Some(BarrierState::Prepared), Work::Confirm)]);
+    }
+
+    #[tokio::test]
+    async fn a_moved_barrier_is_decided_again() {
+        // Commit guessed `prepared`, but the barrier is already committed: ack, no second write.
+        let mut r = scripted(|_: &Transition<'_>| Ok(Applied::Moved(Some(Barrier::new(BarrierState::Committed)))));
+        let out = settle(&mut r, &[commit("t1")], NOW).await.unwrap();
+        assert_eq!(out, vec![Ok(Answer::Ack(Outcome::Committed))]);
+        assert_eq!(r.batches.len(), 1);
+        // Abort guessed `prepared`, but there is no barrier: a tombstone, in a second round.
+        let mut r = scripted(|t: &Transition<'_>| match t.expect {
+            Some(_) => Ok(Applied::Moved(None)),
+            None => ends_as_expected(t),
+        });
+        let mut a = resolve("a");
+        a.txn = "t1".into();
+        let out = settle(&mut r, &[Request::Abort(a)], NOW).await.unwrap();
+        assert_eq!(out, vec![Ok(Answer::Ack(Outcome::Aborted))]);
+        assert!(matches!(&r.batches[1][0], (_, None, Work::Mark { to: BarrierState::Aborted, .. })), "{:?}", r.batches);
+    }
+
+    #[tokio::test]
+    async fn a_barrier_that_keeps_moving_leaves_the_request_pending() {
+        let mut flip = false;
+        let mut r = scripted(move |_: &Transition<'_>| {
+            flip = !flip;
+            let state = if flip { BarrierState::Prepared } else { BarrierState::Refused };
+            Ok(Applied::Moved(Some(Barrier::new(state))))
+        });
+        let mut a = resolve("a");
+        a.txn = "t1".into();
+        let out = settle(&mut r, &[Request::Abort(a)], NOW).await.unwrap();
+        assert!(matches!(&out[0], Err(e) if e.contains("kept changing")), "{out:?}");
+        assert_eq!(r.batches.len(), MAX_ATTEMPTS as usize);
+    }
+
+    #[tokio::test]
+    async fn busy_saga_steps_answer_error_and_failures_stay_pending() {
+        let mut r = scripted(|t: &Transition<'_>| match t.request {
+            Request::Prepare(_) => Err("connection reset".into()),
+            _ => Ok(Applied::Busy("k is locked".into())),
+        });
+        let e = Execute { txn: "t2".into(), branch: 0, participant: "a".into(), attempt: 1, payload: vec![] };
+        let out = settle(&mut r, &[prep("t1"), Request::Execute(e)], NOW).await.unwrap();
+        assert_eq!(out[0], Err("connection reset".into()));
+        assert_eq!(
+            out[1],
+            Ok(Answer::Step { step: StepKind::Action, status: StepStatus::Error, reason: Some("k is locked".into()) })
+        );
+        // A state that does not answer the request is a resource bug: pending, not a reply.
+        let mut r = scripted(|_: &Transition<'_>| Ok(Applied::Done { state: BarrierState::Done, reason: None }));
+        let out = settle(&mut r, &[prep("t1")], NOW).await.unwrap();
+        assert!(matches!(&out[0], Err(e) if e.contains("does not answer")), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn a_resource_answering_the_wrong_number_of_results_fails_the_batch() {
+        struct Short;
+        impl Resource for Short {
+            async fn apply(&mut self, _: &[Transition<'_>]) -> Result<Vec<std::result::Result<Applied, String>>> {
+                Ok(Vec::new())
+            }
+        }
+        assert!(settle(&mut Short, &[prep("t1")], NOW).await.is_err());
     }
 }
