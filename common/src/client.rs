@@ -3,10 +3,10 @@
 //! ```no_run
 //! # async fn demo() -> redtx_common::Result<()> {
 //! use redtx_common::{Client, spec::{Branch, IncrbyOp, Op, TxnSpec}};
-//! let client = Client::connect("redis://127.0.0.1:6379").await?;
+//! let client = Client::connect("redis://127.0.0.1:6379").await?.with_partitions(8);
 //! let spec = TxnSpec::new(vec![
-//!     Branch { participant: "bank-a".into(), ops: vec![Op::Incrby(IncrbyOp { key: "acct:alice".into(), by: -10, min: Some(0), max: None })] },
-//!     Branch { participant: "bank-b".into(), ops: vec![Op::incrby("acct:bob", 10)] },
+//!     Branch::kv("bank-a", vec![Op::Incrby(IncrbyOp { key: "acct:alice".into(), by: -10, min: Some(0), max: None })]),
+//!     Branch::kv("bank-b", vec![Op::incrby("acct:bob", 10)]),
 //! ]);
 //! let record = client.submit_and_wait(&spec, std::time::Duration::from_secs(30)).await?;
 //! println!("{} is {}", record.id, record.state);

@@ -66,7 +66,7 @@ async fn idle_entries_behind_fresh_ones_are_taken_over() {
     claim(&mut con, &ids[..50], 0);
     claim(&mut con, &ids[50..], 600_000);
 
-    let mut cfg = ConsumerConfig::new(STREAM.into(), GROUP.into());
+    let mut cfg = ConsumerConfig::new(vec![STREAM.into()], GROUP.into());
     cfg.batch = 2;
     cfg.claim_idle = Duration::from_secs(60);
     cfg.block = Duration::from_millis(100);

@@ -26,7 +26,7 @@ fn fill(con: &mut redis::Connection, n: usize) -> Vec<String> {
 }
 
 async fn consumer(url: &RedisUrl, keep: Duration) -> Consumer {
-    let mut cfg = ConsumerConfig::new(STREAM.into(), GROUP.into());
+    let mut cfg = ConsumerConfig::new(vec![STREAM.into()], GROUP.into());
     cfg.keep = keep;
     Consumer::connect(url, cfg).await.unwrap()
 }
@@ -45,7 +45,7 @@ async fn trims_only_what_every_group_has_acked() {
     let mut c = consumer(&url, Duration::ZERO).await;
 
     // Nothing delivered yet: nothing may go.
-    assert_eq!(c.trim().await.unwrap(), None);
+    assert_eq!(c.trim_stream(STREAM).await.unwrap(), None);
     assert_eq!(con.xlen::<_, usize>(STREAM).unwrap(), 1000);
 
     // All delivered, the first 600 acked: everything before the oldest pending entry may go.
@@ -61,7 +61,7 @@ async fn trims_only_what_every_group_has_acked() {
         .query(&mut con)
         .unwrap();
     let _: usize = con.xack(STREAM, GROUP, &ids[..600]).unwrap();
-    assert_eq!(c.trim().await.unwrap().as_deref(), Some(ids[600].as_str()));
+    assert_eq!(c.trim_stream(STREAM).await.unwrap().as_deref(), Some(ids[600].as_str()));
     let len: usize = con.xlen(STREAM).unwrap();
     assert!((400..1000).contains(&len), "approximate trim left {len} entries");
     assert!(exists(&mut con, &ids[600]), "the oldest pending entry must stay");
@@ -70,7 +70,7 @@ async fn trims_only_what_every_group_has_acked() {
     // A second group that has read nothing holds everything that is left.
     let _: () = con.xgroup_create(STREAM, "audit", "0").unwrap();
     let _: usize = con.xack(STREAM, GROUP, &ids[600..]).unwrap();
-    assert_eq!(c.trim().await.unwrap(), None);
+    assert_eq!(c.trim_stream(STREAM).await.unwrap(), None);
     assert_eq!(con.xlen::<_, usize>(STREAM).unwrap(), len);
 }
 
@@ -91,7 +91,7 @@ async fn keeps_history_younger_than_keep() {
         .query(&mut con)
         .unwrap();
     let _: usize = con.xack(STREAM, GROUP, &ids).unwrap();
-    let minid = c.trim().await.unwrap().expect("a floor");
+    let minid = c.trim_stream(STREAM).await.unwrap().expect("a floor");
     assert!(minid.as_str() < ids[0].as_str(), "{minid} must be older than every entry");
     assert_eq!(con.xlen::<_, usize>(STREAM).unwrap(), 500);
 }
