@@ -1,7 +1,7 @@
 //! `redtx bench`: how fast is a transaction, compared with the Redis work underneath it.
 //!
-//! Sets up like the demo (two private `redis-server`s with AOF off, or everything on `--redis`; a
-//! coordinator and the participants `bank-a` and `bank-b` in this process), then runs:
+//! Sets up like the demo (private `redis-server`s with AOF off, one per participant, or
+//! everything on `--redis`; a coordinator and the participants in this process), then runs:
 //!
 //! 1. **Baseline**, on the stream Redis, before the workers start: `EVALSHA` of a trivial script
 //!    (`INCRBY`) from `--concurrency` tasks over one multiplexed connection (as `Client` uses),
@@ -9,45 +9,56 @@
 //!    Concurrent awaited calls on one multiplexed connection still share its socket writes, so
 //!    (a) is not one network round trip per call; (b) adds explicit batching on top.
 //! 2. **Closed loop**: `--concurrency` producers, each `submit_and_wait`ing transfers of a
-//!    random amount between bank-a and bank-b, for `--duration`.
+//!    random amount for `--duration`. `--mode 2pc`: two-branch transfers between `bank-a` and
+//!    `bank-b`. `--mode saga`: three-step sagas over `bank-a`, `bank-b` and `bank-c` (take
+//!    `2x` from one, give `x` to each of the others; each step's compensation gives it back).
 //! 3. **Half load**: an open loop submitting on a fixed schedule at half the closed-loop
 //!    throughput, for `--duration`; each latency is measured from the transaction's scheduled
 //!    submit time, so a schedule that falls behind counts against it.
 //!
-//! Transfers have no guard that can fail (no `min`), and cannot conflict: in the closed loop each
+//! Transfers have no guard that can fail (no `min`), and cannot conflict (2PC locks): in the closed loop each
 //! producer draws its accounts from its own stripe (`i % concurrency == producer`); in the open
 //! loop transaction `n` uses account `n % accounts`, which conflicts only if more than
 //! `--accounts` transactions are in flight. So the figures measure the protocol, not lock
-//! contention, and `aborted` must be 0.
+//! contention, and `aborted` (or `compensated`) must be 0.
 //!
 //! Throughput and latency are reported with ratios against the baseline of the same run, and
-//! the Redis commands per committed transaction (the `INFO commandstats` delta of every server
-//! over the closed loop, split into commands sent over the network and commands run inside the
-//! Lua scripts). At the end the total money must be unchanged and no lock left behind (exit 5
-//! otherwise).
+//! the Redis commands per committed (or completed) transaction: the `INFO commandstats` delta of
+//! every server over the closed loop. Redis counts the commands a Lua script runs like any other,
+//! so the split into commands sent over the network and commands run inside scripts comes from
+//! a short `MONITOR` sample after the closed loop (MONITOR tags a script's commands `[lua]`),
+//! applied per command to the delta. At the end the total money must be unchanged and no lock
+//! left behind (exit 5 otherwise).
 
 use crate::cluster::{Book, Cluster};
-use crate::Exit;
+use crate::demo::Latencies;
+use crate::{Exit, Mode};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use redis::aio::MultiplexedConnection;
 use redtx_common::conn::RedisUrl;
-use redtx_common::record::TxnState;
+use redtx_common::keys;
 use redtx_common::spec::{Branch, Op, TxnSpec};
 use redtx_common::{Client, Error};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Use this Redis for the streams and both banks instead of starting two private servers.
+    /// Use this Redis for the streams and every bank instead of starting private servers.
     /// The run's participants and keys get names of their own there, so it never mixes with a
     /// deployment on the same Redis. ($REDTX_REDIS_URL is deliberately not used here.)
     #[arg(long)]
     redis: Option<String>,
+    /// 2pc: two-branch transfers; saga: three-step sagas over three participants.
+    #[arg(long, value_enum, default_value = "2pc")]
+    mode: Mode,
+    /// Number of partitions (with --redis: the deployment's).
+    #[arg(long, default_value_t = keys::DEFAULT_PARTITIONS, value_parser = crate::partitions)]
+    partitions: u32,
     /// How long the closed loop and the half-load run each.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -81,23 +92,16 @@ pub async fn run(args: BenchArgs) -> Exit {
     }
 }
 
-/// Latencies of one phase, sorted.
-struct Latencies(Vec<Duration>);
+/// Percentiles of a phase as JSON.
+fn latency_json(l: &Latencies) -> serde_json::Value {
+    json!({"p50_ms": l.ms(0.50), "p90_ms": l.ms(0.90), "p99_ms": l.ms(0.99), "max_ms": l.ms(1.0)})
+}
 
-impl Latencies {
-    fn new(mut v: Vec<Duration>) -> Self {
-        v.sort_unstable();
-        Latencies(v)
-    }
-
-    /// Nearest-rank percentile, in milliseconds (0 when empty).
-    fn ms(&self, p: f64) -> f64 {
-        let i = ((self.0.len() as f64 * p).ceil() as usize).saturating_sub(1);
-        self.0.get(i).copied().unwrap_or_default().as_secs_f64() * 1000.0
-    }
-
-    fn json(&self) -> serde_json::Value {
-        json!({"p50_ms": self.ms(0.50), "p90_ms": self.ms(0.90), "p99_ms": self.ms(0.99), "max_ms": self.ms(1.0)})
+/// The participants of a mode.
+fn participants(mode: Mode) -> &'static [&'static str] {
+    match mode {
+        Mode::TwoPhase => &["bank-a", "bank-b"],
+        Mode::Saga => &["bank-a", "bank-b", "bank-c"],
     }
 }
 
@@ -132,7 +136,7 @@ impl Phase {
     fn json(&self) -> serde_json::Value {
         json!({
             "committed": self.committed, "aborted": self.aborted, "gave_up": self.gave_up,
-            "seconds": self.elapsed.as_secs_f64(), "tx_per_s": self.rate(), "latency": self.lat.json(),
+            "seconds": self.elapsed.as_secs_f64(), "tx_per_s": self.rate(), "latency": latency_json(&self.lat),
         })
     }
 }
@@ -143,15 +147,20 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         return Ok(Exit::Invalid);
     }
     let baseline_for = args.baseline.unwrap_or(args.duration.min(Duration::from_secs(3)));
-    let mut cluster = Cluster::start(args.redis.as_deref(), "bench")?;
-    let banks = &cluster.banks;
+    let names = participants(args.mode);
+    let mut cluster = Cluster::start(args.redis.as_deref(), "bench", names, args.partitions)?;
+    let banks = &cluster.members;
+    let on: Vec<String> = banks.iter().skip(1).map(|b| format!("{} on {}", b.name, b.url)).collect();
     let header = format!(
-        "redtx bench: streams and bank-a on {}, bank-b on {}; {} accounts per bank, {} producers, {} per phase",
+        "redtx bench ({}): streams and {} on {}, {}; {} accounts per bank, {} producers, {} per phase, {} partitions",
+        mode_name(args.mode),
+        banks[0].name,
         banks[0].url,
-        banks[1].url,
+        on.join(", "),
         args.accounts,
         args.concurrency,
-        humantime::format_duration(args.duration)
+        humantime::format_duration(args.duration),
+        args.partitions
     );
     if !args.json {
         println!("{header}");
@@ -165,29 +174,42 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
 
     // Workers and accounts.
     cluster.start_workers();
-    let mut conns = cluster.open_accounts(args.accounts, BALANCE).await?;
-    let before = cluster.total(&mut conns, args.accounts).await?;
-    let keys: Arc<Book> = Arc::new(cluster.book(args.accounts));
-    let client = Client::connect(&cluster.stream_url).await?;
+    let keys: Arc<Book> = Arc::new(cluster.book(names.len(), args.accounts));
+    let mut conns = cluster.connect_all().await?;
+    cluster.open_accounts(&mut conns, &keys, BALANCE).await?;
+    let before = cluster.total(&mut conns, &keys).await?;
+    let client = Client::connect(&cluster.stream_url).await?.with_partitions(args.partitions);
+    let load = Load { client: client.clone(), keys: keys.clone(), mode: args.mode };
     // Warm up: scripts loaded, outcome reader running.
-    client.submit_and_wait(&transfer(&keys, 0, true, 1), WAIT).await?;
+    client.submit_and_wait(&load.transfer(0, true, 1), WAIT).await?;
 
-    // 2. Closed loop, with the commands it cost.
+    // 2. Closed loop, with the commands it cost, then a short sample of which of them ran
+    // inside Lua scripts.
     let servers = distinct_servers(&cluster)?;
     let stats_before = commandstats(&servers).await?;
-    let closed = closed_loop(&client, &keys, args.concurrency, args.duration).await?;
+    let closed = closed_loop(&load, "closed loop", args.concurrency, args.duration).await?;
     let stats_after = commandstats(&servers).await?;
-    let per_txn = CommandCount::delta(&stats_before, &stats_after, closed.committed);
+    let sample_for = (args.duration / 5).clamp(Duration::from_millis(200), Duration::from_secs(1));
+    let split = match lua_share(&servers, &load, args.concurrency, sample_for).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("warning: no network/Lua split of the Redis commands (MONITOR sample failed: {e})");
+            None
+        }
+    };
+    let per_txn = CommandCount::delta(&stats_before, &stats_after, closed.committed, split.as_ref());
 
     // 3. Half load.
     let target = closed.rate() / 2.0;
-    let half = open_loop(&client, &keys, target, args.duration).await?;
+    let half = open_loop(&load, target, args.duration).await?;
 
     cluster.stop_workers().await;
-    let after = cluster.total(&mut conns, args.accounts).await?;
+    let after = cluster.total(&mut conns, &keys).await?;
     let locks = cluster.locks_left(&mut conns).await?;
     if cluster.shared() {
-        cleanup(&cluster, &mut conns, &keys).await?;
+        for (m, k) in keys.keys.iter().enumerate() {
+            cluster.delete(&mut conns, m, k).await?;
+        }
     }
     drop(cluster);
 
@@ -202,9 +224,10 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
             "config": {
                 "duration_s": args.duration.as_secs_f64(), "baseline_s": baseline_for.as_secs_f64(),
                 "concurrency": args.concurrency, "accounts": args.accounts, "private_servers": servers.len() > 1,
+                "mode": mode_name(args.mode), "partitions": args.partitions, "participants": names,
             },
             "baseline": {
-                "evalsha_awaited_per_s": awaited.rate(), "evalsha_awaited_latency": awaited.lat.json(),
+                "evalsha_awaited_per_s": awaited.rate(), "evalsha_awaited_latency": latency_json(&awaited.lat),
                 "evalsha_pipelined_per_s": pipelined.rate(), "pipeline": PIPELINE,
             },
             "closed_loop": closed.json(),
@@ -216,6 +239,7 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
             },
             "redis_commands_per_txn": {
                 "total": per_txn.total, "network": per_txn.network, "in_lua": per_txn.in_lua, "by_command": by_command,
+                "split_sample_s": split.as_ref().map(|_| sample_for.as_secs_f64()),
             },
             "money": { "before": before, "after": after, "conserved": before == after },
             "locks_left": locks,
@@ -237,8 +261,12 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         row("closed loop", format!("{:.0} tx/s", closed.rate()), Some(&closed.lat));
         row(&format!("half load (open, target {target:.0}/s)"), format!("{:.0} tx/s", half.rate()), Some(&half.lat));
         println!();
+        let (ok_word, ko_word) = match args.mode {
+            Mode::TwoPhase => ("committed", "aborted"),
+            Mode::Saga => ("completed", "compensated"),
+        };
         println!(
-            "  closed loop: {} committed, {} aborted; half load: {} committed, {} aborted",
+            "  closed loop: {} {ok_word}, {} {ko_word}; half load: {} {ok_word}, {} {ko_word}",
             closed.committed, closed.aborted, half.committed, half.aborted
         );
         if gave_up > 0 {
@@ -247,10 +275,13 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         println!("  closed-loop tx/s ÷ EVALSHA/s awaited:    {ratio_awaited:.4}");
         println!("  closed-loop tx/s ÷ EVALSHA/s pipelined:  {ratio_pipelined:.4}");
         println!("  closed-loop p50 ÷ EVALSHA p50 awaited:   {latency_ratio:.1}");
-        println!(
-            "  redis commands per committed tx:         {:.1} ({:.1} sent over the network, {:.1} inside Lua scripts)",
-            per_txn.total, per_txn.network, per_txn.in_lua
-        );
+        match (per_txn.network, per_txn.in_lua) {
+            (Some(net), Some(lua)) => println!(
+                "  redis commands per {ok_word} tx:         {:.1} ({net:.1} sent over the network, {lua:.1} inside Lua scripts)",
+                per_txn.total
+            ),
+            _ => println!("  redis commands per {ok_word} tx:         {:.1}", per_txn.total),
+        }
         let mut top: Vec<_> = per_txn.by_command.iter().filter(|(_, v)| **v >= 0.05).collect();
         top.sort_by(|a, b| b.1.total_cmp(a.1));
         let list: Vec<String> = top.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
@@ -355,14 +386,45 @@ async fn baseline(
     Ok(Baseline { calls: count.load(Ordering::Relaxed), elapsed, lat: Latencies::new(lat) })
 }
 
-/// A transfer of `amount` between account `i` of bank-a and account `i` of bank-b, either way.
-fn transfer(keys: &Book, i: usize, a_to_b: bool, amount: i64) -> TxnSpec {
-    let (from, to) = if a_to_b { (0, 1) } else { (1, 0) };
-    TxnSpec::new(vec![
-        Branch { participant: keys.names[from].clone(), ops: vec![Op::incrby(keys[from][i].clone(), -amount)] },
-        Branch { participant: keys.names[to].clone(), ops: vec![Op::incrby(keys[to][i].clone(), amount)] },
-    ])
-    .with_timeout(Duration::from_secs(5))
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::TwoPhase => "2pc",
+        Mode::Saga => "saga",
+    }
+}
+
+/// What the load phases submit, and through which client.
+#[derive(Clone)]
+struct Load {
+    client: Client,
+    keys: Arc<Book>,
+    mode: Mode,
+}
+
+impl Load {
+    /// A transfer of `amount` at account `i` of every bank, one way or the other. 2PC: from
+    /// bank-a to bank-b (or back). Saga: `2 * amount` from bank-a, `amount` to bank-b and to
+    /// bank-c (or back), each step compensated by its opposite.
+    fn transfer(&self, i: usize, forward: bool, amount: i64) -> TxnSpec {
+        let (keys, sign) = (&self.keys, if forward { 1 } else { -1 });
+        match self.mode {
+            Mode::TwoPhase => TxnSpec::new(vec![
+                Branch::kv(keys.names[0].clone(), vec![Op::incrby(keys[0][i].clone(), -amount * sign)]),
+                Branch::kv(keys.names[1].clone(), vec![Op::incrby(keys[1][i].clone(), amount * sign)]),
+            ])
+            .with_timeout(Duration::from_secs(5)),
+            Mode::Saga => {
+                let step = |m: usize, by: i64| {
+                    Branch::kv_step(
+                        keys.names[m].clone(),
+                        vec![Op::incrby(keys[m][i].clone(), by)],
+                        vec![Op::incrby(keys[m][i].clone(), -by)],
+                    )
+                };
+                TxnSpec::saga(vec![step(0, -2 * amount * sign), step(1, amount * sign), step(2, amount * sign)])
+            }
+        }
+    }
 }
 
 /// Counts an outcome; `Err` for anything but committed, aborted or gave up.
@@ -375,9 +437,10 @@ struct Counts {
 
 impl Counts {
     /// Records a `submit_and_wait` result; true if it produced an outcome (for its latency).
+    /// Committed and completed count as committed; every other outcome as aborted.
     fn record(&self, r: Result<redtx_common::record::TxnRecord, Error>) -> Result<bool, Error> {
         match r {
-            Ok(rec) if rec.state == TxnState::Committed => self.committed.fetch_add(1, Ordering::Relaxed),
+            Ok(rec) if rec.state.is_success() => self.committed.fetch_add(1, Ordering::Relaxed),
             Ok(_) => self.aborted.fetch_add(1, Ordering::Relaxed),
             Err(Error::WaitTimeout { .. }) => {
                 self.gave_up.fetch_add(1, Ordering::Relaxed);
@@ -400,18 +463,18 @@ impl Counts {
 }
 
 /// `concurrency` producers, each submitting and waiting for one transfer after another.
-async fn closed_loop(client: &Client, keys: &Arc<Book>, concurrency: usize, length: Duration) -> Result<Phase, Error> {
+async fn closed_loop(load: &Load, name: &str, concurrency: usize, length: Duration) -> Result<Phase, Error> {
     let counts = Arc::new(Counts::default());
     let done = Arc::new(AtomicU64::new(0));
-    let _progress = Progress::start("closed loop", length, done.clone(), "transactions");
+    let _progress = Progress::start(name, length, done.clone(), "transactions");
     let started = Instant::now();
     let end = started + length;
     let mut producers = tokio::task::JoinSet::new();
     for p in 0..concurrency {
-        let (client, keys, counts, done) = (client.clone(), keys.clone(), counts.clone(), done.clone());
+        let (load, counts, done) = (load.clone(), counts.clone(), done.clone());
         producers.spawn(async move {
             // This producer's own accounts: no other producer touches them.
-            let stripe = (keys[0].len() - p).div_ceil(concurrency);
+            let stripe = (load.keys[0].len() - p).div_ceil(concurrency);
             let mut lat = Vec::new();
             while Instant::now() < end {
                 let (i, a_to_b, amount) = {
@@ -419,7 +482,7 @@ async fn closed_loop(client: &Client, keys: &Arc<Book>, concurrency: usize, leng
                     (p + concurrency * rng.random_range(0..stripe), rng.random_bool(0.5), rng.random_range(1..=100))
                 };
                 let t0 = Instant::now();
-                if counts.record(client.submit_and_wait(&transfer(&keys, i, a_to_b, amount), WAIT).await)? {
+                if counts.record(load.client.submit_and_wait(&load.transfer(i, a_to_b, amount), WAIT).await)? {
                     lat.push(t0.elapsed());
                 }
                 done.fetch_add(1, Ordering::Relaxed);
@@ -433,7 +496,7 @@ async fn closed_loop(client: &Client, keys: &Arc<Book>, concurrency: usize, leng
 
 /// Submits transfers on a fixed schedule at `rate` per second for `length`, each in its own task;
 /// a latency runs from the scheduled submit time to the outcome.
-async fn open_loop(client: &Client, keys: &Arc<Book>, rate: f64, length: Duration) -> Result<Phase, Error> {
+async fn open_loop(load: &Load, rate: f64, length: Duration) -> Result<Phase, Error> {
     let counts = Arc::new(Counts::default());
     let done = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start("half load", length, done.clone(), "transactions");
@@ -447,14 +510,14 @@ async fn open_loop(client: &Client, keys: &Arc<Book>, rate: f64, length: Duratio
                 break;
             }
             tokio::time::sleep_until(at.into()).await;
-            let (client, keys, counts, done) = (client.clone(), keys.clone(), counts.clone(), done.clone());
+            let (load, counts, done) = (load.clone(), counts.clone(), done.clone());
             let (a_to_b, amount) = {
                 let mut rng = rand::rng();
                 (rng.random_bool(0.5), rng.random_range(1..=100))
             };
-            let i = n as usize % keys[0].len();
+            let i = n as usize % load.keys[0].len();
             tasks.spawn(async move {
-                let r = client.submit_and_wait(&transfer(&keys, i, a_to_b, amount), WAIT).await;
+                let r = load.client.submit_and_wait(&load.transfer(i, a_to_b, amount), WAIT).await;
                 let took = at.elapsed();
                 done.fetch_add(1, Ordering::Relaxed);
                 Ok::<_, Error>(counts.record(r)?.then_some(took))
@@ -486,9 +549,9 @@ where
 /// Every Redis involved, once each.
 fn distinct_servers(cluster: &Cluster) -> Result<Vec<RedisUrl>, Error> {
     let mut urls: Vec<String> = vec![cluster.stream_url.clone()];
-    for b in &cluster.banks {
-        if !urls.iter().any(|u| u == b.url.expose()) {
-            urls.push(b.url.expose().to_string());
+    for m in &cluster.members {
+        if !urls.iter().any(|u| u == m.url.expose()) {
+            urls.push(m.url.expose().to_string());
         }
     }
     urls.iter().map(|u| RedisUrl::parse(u)).collect()
@@ -514,47 +577,117 @@ async fn commandstats(servers: &[RedisUrl]) -> Result<Vec<HashMap<String, u64>>,
     Ok(out)
 }
 
-/// Redis commands per committed transaction.
+/// Share of each command's calls made inside Lua scripts (by lowercase command name, e.g.
+/// `xadd`), per server, as seen by `MONITOR` while a closed loop runs for `length`.
+type LuaShare = Vec<HashMap<String, f64>>;
+
+/// Echoed on the stream Redis to tell a monitor thread to stop.
+const MONITOR_STOP: &str = "redtx-bench-monitor-stop";
+
+async fn lua_share(servers: &[RedisUrl], load: &Load, concurrency: usize, length: Duration) -> Result<LuaShare, Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut monitors = Vec::new();
+    for url in servers {
+        let (url, stop) = (url.clone(), stop.clone());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        monitors.push(std::thread::spawn(move || monitor(&url, &stop, ready_tx)));
+        ready_rx.await.map_err(|_| Error::Io(std::io::Error::other("MONITOR thread ended")))??;
+    }
+    let sampled = closed_loop(load, "MONITOR sample", concurrency, length).await;
+    stop.store(true, Ordering::Relaxed);
+    // The ECHO itself shows on each monitor and wakes its thread up.
+    for url in servers {
+        let mut c = url.connect().await?;
+        let _: String =
+            redis::cmd("ECHO").arg(MONITOR_STOP).query_async(&mut c).await.map_err(|e| Error::redis(url, e))?;
+    }
+    sampled?;
+    let mut out = Vec::new();
+    for m in monitors {
+        let counts = m.join().map_err(|_| Error::Io(std::io::Error::other("MONITOR thread panicked")))??;
+        out.push(counts.into_iter().map(|(cmd, (net, lua))| (cmd, lua as f64 / (net + lua).max(1) as f64)).collect());
+    }
+    Ok(out)
+}
+
+/// Runs `MONITOR` on `url` until `stop` is set and a command arrives; counts per lowercase
+/// command name the calls sent by clients and those run by scripts (`[0 lua]`).
+fn monitor(
+    url: &RedisUrl,
+    stop: &AtomicBool,
+    ready: tokio::sync::oneshot::Sender<Result<(), Error>>,
+) -> Result<HashMap<String, (u64, u64)>, Error> {
+    let err = |e| Error::redis(url, e);
+    let started = (|| {
+        let mut con = url.client().get_connection_with_timeout(Duration::from_secs(5)).map_err(err)?;
+        con.send_packed_command(&redis::cmd("MONITOR").get_packed_command()).map_err(err)?;
+        con.recv_response().map_err(err)?;
+        Ok::<_, Error>(con)
+    })();
+    let mut con = match started {
+        Ok(c) => {
+            let _ = ready.send(Ok(()));
+            c
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = ready.send(Err(e));
+            return Err(Error::Io(std::io::Error::other(msg)));
+        }
+    };
+    let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
+    loop {
+        let line = match con.recv_response().map_err(err)? {
+            redis::Value::SimpleString(l) => l,
+            _ => continue,
+        };
+        if stop.load(Ordering::Relaxed) {
+            return Ok(counts);
+        }
+        // `1700000000.123456 [0 127.0.0.1:50000] "XADD" "rtx:..." ...`, `[0 lua]` inside scripts.
+        let Some((client, rest)) = line.split_once('[').and_then(|(_, r)| r.split_once("] \"")) else { continue };
+        let Some((cmd, _)) = rest.split_once('"') else { continue };
+        let c = counts.entry(cmd.to_ascii_lowercase()).or_default();
+        if client.ends_with(" lua") {
+            c.1 += 1;
+        } else {
+            c.0 += 1;
+        }
+    }
+}
+
+/// Redis commands per committed transaction; the network/Lua split when a sample gave one.
 struct CommandCount {
     total: f64,
-    network: f64,
-    in_lua: f64,
+    network: Option<f64>,
+    in_lua: Option<f64>,
     by_command: HashMap<String, f64>,
 }
 
 impl CommandCount {
-    fn delta(before: &[HashMap<String, u64>], after: &[HashMap<String, u64>], txns: u64) -> Self {
+    fn delta(
+        before: &[HashMap<String, u64>],
+        after: &[HashMap<String, u64>],
+        txns: u64,
+        split: Option<&LuaShare>,
+    ) -> Self {
         let mut by_command: HashMap<String, f64> = HashMap::new();
-        for (b, a) in before.iter().zip(after) {
+        let mut in_lua = 0.0;
+        for (server, (b, a)) in before.iter().zip(after).enumerate() {
             for (name, calls) in a {
-                let d = calls.saturating_sub(b.get(name).copied().unwrap_or(0));
-                *by_command.entry(name.clone()).or_default() += d as f64 / txns.max(1) as f64;
+                let d = calls.saturating_sub(b.get(name).copied().unwrap_or(0)) as f64 / txns.max(1) as f64;
+                *by_command.entry(name.clone()).or_default() += d;
+                // `xinfo|groups` is `XINFO` to MONITOR.
+                let base = name.split('|').next().unwrap_or(name);
+                in_lua += d * split.and_then(|s| s[server].get(base)).copied().unwrap_or(0.0);
             }
         }
         by_command.retain(|_, v| *v > 0.0);
-        let in_lua: f64 = by_command.iter().filter(|(k, _)| called_from_lua(k)).map(|(_, v)| v).sum();
         let total: f64 = by_command.values().sum();
-        CommandCount { total, network: total - in_lua, in_lua, by_command }
+        let (network, in_lua) = match split {
+            Some(_) => (Some(total - in_lua), Some(in_lua)),
+            None => (None, None),
+        };
+        CommandCount { total, network, in_lua, by_command }
     }
-}
-
-/// Whether redtx's Lua scripts call this command (then Redis counts those calls as well). The
-/// Rust side only sends stream, sorted-set, script and `HGETALL` commands, which no script uses.
-fn called_from_lua(command: &str) -> bool {
-    let needle = format!("call('{}'", command.to_ascii_uppercase());
-    redtx_coordinator::scripts::ALL
-        .iter()
-        .copied()
-        .chain([&redtx_participant::kv::PREPARE, &redtx_participant::kv::COMMIT, &redtx_participant::kv::ABORT])
-        .any(|s| s.source.contains(&needle))
-}
-
-/// On a shared `--redis`, removes the accounts this run opened.
-async fn cleanup(cluster: &Cluster, conns: &mut [MultiplexedConnection], keys: &Book) -> Result<(), Error> {
-    for ((bank, c), keys) in cluster.banks.iter().zip(conns.iter_mut()).zip(keys.keys.iter()) {
-        for chunk in keys.chunks(1000) {
-            let _: () = redis::cmd("DEL").arg(chunk).query_async(c).await.map_err(|e| Error::redis(&bank.url, e))?;
-        }
-    }
-    Ok(())
 }

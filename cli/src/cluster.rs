@@ -1,52 +1,55 @@
-//! The setup shared by `redtx demo` and `redtx bench`: two banks on two private `redis-server`s
-//! (or everything on one `--redis`), a coordinator and the participants `bank-a` and `bank-b` in
-//! this process, the accounts, and the end-of-run checks (total money, locks left behind).
+//! The setup shared by `redtx demo` and `redtx bench`: participants on private `redis-server`s
+//! (one each; the first also holds the streams), or everything on one `--redis`; a coordinator
+//! and the participants in this process; accounts; the end-of-run checks (sums of keys, locks
+//! left behind).
 //!
-//! With private servers the first one holds the streams and bank-a's data, the second bank-b's
-//! data. Dropping the [`Cluster`] kills the servers it started.
+//! Dropping the [`Cluster`] kills the servers it started.
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use redtx_common::server::{RedisServer, ServerOptions};
 use redtx_common::shutdown::Shutdown;
-use redtx_common::{conn::RedisUrl, Error};
+use redtx_common::{conn::RedisUrl, keys, Error};
 
-/// Where a bank keeps its accounts.
-pub struct Bank {
-    /// The participant's name: `bank-a`, or `<label>-<run>-bank-a` on a shared `--redis`, so a
-    /// run never joins (and feeds its data to) the consumer group of real participants.
+/// A participant of the run and where it keeps its data.
+pub struct Member {
+    /// The participant's name: e.g. `bank-a`, or `<label>-<run>-bank-a` on a shared `--redis`, so
+    /// a run never joins (and feeds its data to) the consumer group of real participants.
     pub name: String,
-    /// `a` or `b`.
-    pub letter: char,
+    /// Its data Redis.
     pub url: RedisUrl,
+    /// Prefix of every key of the run: empty on private servers, `<label>:<run>:` on `--redis`.
     pub prefix: String,
 }
 
-impl Bank {
-    /// The key of account `i` (`acct:a7`, or `<label>:<run>:acct:a7` on a shared `--redis`).
-    pub fn key(&self, i: usize) -> String {
-        format!("{}acct:{}{i}", self.prefix, self.letter)
+impl Member {
+    /// The run's name for `key` (`stock:3`, or `demo:1a2b3c4d:stock:3` on a shared `--redis`).
+    pub fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
     }
 }
 
-/// The accounts of both banks (`book[b][i]`) and the participants owning them (`book.names[b]`).
+/// Accounts per member (`book[m][i]`) and the participants owning them (`book.names[m]`).
 pub struct Book {
-    pub names: [String; 2],
-    pub keys: [Vec<String>; 2],
+    pub names: Vec<String>,
+    pub keys: Vec<Vec<String>>,
 }
 
 impl std::ops::Index<usize> for Book {
     type Output = Vec<String>;
-    fn index(&self, bank: usize) -> &Vec<String> {
-        &self.keys[bank]
+    fn index(&self, member: usize) -> &Vec<String> {
+        &self.keys[member]
     }
 }
 
-/// The servers, the two banks and the in-process workers.
+/// The servers, the participants and the in-process workers.
 pub struct Cluster {
-    /// Redis holding the streams (and bank-a's data).
+    /// Redis holding the streams (and the first member's data).
     pub stream_url: String,
-    pub banks: [Bank; 2],
+    /// Partitions of the run (coordinator, participants and the client must agree).
+    pub partitions: u32,
+    /// The participants, in the order given to [`Cluster::start`].
+    pub members: Vec<Member>,
     /// Keeps the private servers alive until the cluster is dropped.
     servers: Vec<RedisServer>,
     shutdown: Shutdown,
@@ -54,114 +57,232 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts two private servers (AOF off), or uses `redis` for the streams and both banks; on a
-    /// shared Redis the account keys carry `<label>:<run id>:` so runs never mix. No workers yet.
-    pub fn start(redis: Option<&str>, label: &str) -> Result<Cluster, Error> {
-        let mut servers = Vec::new();
+    /// Starts one private server (AOF off) per participant in `names`, or uses `redis` for the
+    /// streams and every participant; on a shared Redis the keys carry `<label>:<run id>:` and
+    /// the participants are named `<label>-<run id>-<name>` so runs never mix. No workers yet.
+    pub fn start(redis: Option<&str>, label: &str, names: &[&str], partitions: u32) -> Result<Cluster, Error> {
         let run = &redtx_common::spec::new_txn_id()[..8];
-        let (stream_url, a_url, b_url, prefix) = match redis {
-            Some(u) => (u.to_string(), u.to_string(), u.to_string(), format!("{label}:{run}:")),
+        let mut servers = Vec::new();
+        let members = match redis {
+            Some(u) => {
+                let url = RedisUrl::parse(u)?;
+                let prefix = format!("{label}:{run}:");
+                names
+                    .iter()
+                    .map(|n| Member { name: format!("{label}-{run}-{n}"), url: url.clone(), prefix: prefix.clone() })
+                    .collect::<Vec<_>>()
+            }
             None => {
                 let opts = ServerOptions { aof: false, ..Default::default() };
-                let a = RedisServer::start_with(opts.clone())?;
-                let b = RedisServer::start_with(opts)?;
-                let urls = (a.url(), a.url(), b.url(), String::new());
-                servers.push(a);
-                servers.push(b);
-                urls
+                let mut members = Vec::new();
+                for n in names {
+                    let s = RedisServer::start_with(opts.clone())?;
+                    members.push(Member {
+                        name: n.to_string(),
+                        url: RedisUrl::parse(&s.url())?,
+                        prefix: String::new(),
+                    });
+                    servers.push(s);
+                }
+                members
             }
         };
-        let name = |bank: &str| if servers.is_empty() { format!("{label}-{run}-{bank}") } else { bank.to_string() };
-        let banks = [
-            Bank { name: name("bank-a"), letter: 'a', url: RedisUrl::parse(&a_url)?, prefix: prefix.clone() },
-            Bank { name: name("bank-b"), letter: 'b', url: RedisUrl::parse(&b_url)?, prefix },
-        ];
-        Ok(Cluster { stream_url, banks, servers, shutdown: Shutdown::new(), workers: tokio::task::JoinSet::new() })
+        let stream_url = members.first().map(|m| m.url.expose().to_string()).unwrap_or_default();
+        Ok(Cluster {
+            stream_url,
+            partitions,
+            members,
+            servers,
+            shutdown: Shutdown::new(),
+            workers: tokio::task::JoinSet::new(),
+        })
     }
 
-    /// True when the streams and both banks are on one Redis (`--redis`).
+    /// True when the streams and every participant are on one Redis (`--redis`).
     pub fn shared(&self) -> bool {
         self.servers.is_empty()
     }
 
-    /// Spawns a coordinator and the participants `bank-a` and `bank-b` in this process.
+    /// Spawns a coordinator and every participant in this process.
     pub fn start_workers(&mut self) {
-        let coordinator = redtx_coordinator::CoordinatorConfig::new(self.stream_url.clone());
+        let mut coordinator = redtx_coordinator::CoordinatorConfig::new(self.stream_url.clone());
+        coordinator.partitions = self.partitions;
         self.workers.spawn(redtx_coordinator::run(coordinator, self.shutdown.clone()));
-        for bank in &self.banks {
-            let mut cfg = redtx_participant::ParticipantConfig::new(self.stream_url.clone(), bank.name.clone());
-            cfg.data = Some(bank.url.expose().to_string());
+        for m in &self.members {
+            let mut cfg = redtx_participant::ParticipantConfig::new(self.stream_url.clone(), m.name.clone());
+            cfg.data = Some(m.url.expose().to_string());
+            cfg.partitions = self.partitions;
             self.workers.spawn(redtx_participant::run(cfg, self.shutdown.clone()));
         }
     }
 
     /// Stops the workers; they finish what they hold. On a shared `--redis`, the run's own
-    /// participant streams are deleted then (nobody else reads them).
+    /// participant streams and barriers are deleted then (nobody else reads them).
     pub async fn stop_workers(&mut self) {
         self.shutdown.trigger();
         while self.workers.join_next().await.is_some() {}
         if self.shared() {
-            let streams: Vec<String> =
-                self.banks.iter().map(|b| redtx_common::keys::participant_stream(&b.name)).collect();
-            if let Ok(mut c) = self.banks[0].url.connect().await {
+            let streams: Vec<String> = self
+                .members
+                .iter()
+                .flat_map(|m| (0..self.partitions).map(|p| keys::participant_stream(&m.name, p)))
+                .collect();
+            if let Ok(mut c) = self.members[0].url.connect().await {
                 let _: redis::RedisResult<()> = c.del(&streams).await;
+                // The run's participants' barriers (their records expire by themselves).
+                for m in &self.members {
+                    let found: Vec<String> = match c.scan_match::<_, String>(keys::barrier(&m.name, "*")).await {
+                        Ok(mut iter) => {
+                            let mut v = Vec::new();
+                            while let Some(Ok(k)) = iter.next_item().await {
+                                v.push(k);
+                            }
+                            v
+                        }
+                        Err(_) => continue,
+                    };
+                    for chunk in found.chunks(1000) {
+                        let _: redis::RedisResult<()> = c.del(chunk).await;
+                    }
+                }
             }
         }
     }
 
-    /// The keys of `accounts` accounts per bank, and the banks' participant names.
-    pub fn book(&self, accounts: usize) -> Book {
+    /// The keys of `accounts` accounts (`acct:a0`, `acct:b0`, ...) at each of the first
+    /// `members` participants, and their names.
+    pub fn book(&self, members: usize, accounts: usize) -> Book {
+        let members = &self.members[..members];
         Book {
-            names: [0, 1].map(|b| self.banks[b].name.clone()),
-            keys: [0, 1].map(|b| (0..accounts).map(|i| self.banks[b].key(i)).collect()),
+            names: members.iter().map(|m| m.name.clone()).collect(),
+            keys: members
+                .iter()
+                .enumerate()
+                .map(|(b, m)| (0..accounts).map(|i| m.key(&format!("acct:{}{i}", (b'a' + b as u8) as char))).collect())
+                .collect(),
         }
     }
 
-    /// Opens `accounts` accounts with `balance` in each bank; returns one connection per bank.
-    pub async fn open_accounts(&self, accounts: usize, balance: i64) -> Result<Vec<MultiplexedConnection>, Error> {
+    /// One connection per participant's data Redis, in member order.
+    pub async fn connect_all(&self) -> Result<Vec<MultiplexedConnection>, Error> {
         let mut conns = Vec::new();
-        for bank in &self.banks {
-            let mut c = bank.url.connect().await?;
-            let keys: Vec<String> = (0..accounts).map(|i| bank.key(i)).collect();
-            for chunk in keys.chunks(1000) {
-                let pairs: Vec<(&String, i64)> = chunk.iter().map(|k| (k, balance)).collect();
-                let _: () = c.mset(&pairs).await.map_err(|e| Error::redis(&bank.url, e))?;
-            }
-            conns.push(c);
+        for m in &self.members {
+            conns.push(m.url.connect().await?);
         }
         Ok(conns)
     }
 
-    /// The money in all accounts of both banks.
-    pub async fn total(&self, conns: &mut [MultiplexedConnection], accounts: usize) -> Result<i64, Error> {
+    /// Sets every key of `book[m]` to `value` at member `m`.
+    pub async fn open_accounts(
+        &self,
+        conns: &mut [MultiplexedConnection],
+        book: &Book,
+        value: i64,
+    ) -> Result<(), Error> {
+        for (m, keys) in book.keys.iter().enumerate() {
+            let pairs: Vec<(&String, i64)> = keys.iter().map(|k| (k, value)).collect();
+            self.set(conns, m, &pairs).await?;
+        }
+        Ok(())
+    }
+
+    /// `MSET`s `pairs` at member `m`, in chunks.
+    pub async fn set<V: redis::ToRedisArgs + Send + Sync>(
+        &self,
+        conns: &mut [MultiplexedConnection],
+        m: usize,
+        pairs: &[(&String, V)],
+    ) -> Result<(), Error> {
+        for chunk in pairs.chunks(1000) {
+            let _: () = conns[m].mset(chunk).await.map_err(|e| Error::redis(&self.members[m].url, e))?;
+        }
+        Ok(())
+    }
+
+    /// The values of `keys` at member `m` (`None`: missing).
+    pub async fn get<V: redis::FromRedisValue>(
+        &self,
+        conns: &mut [MultiplexedConnection],
+        m: usize,
+        keys: &[String],
+    ) -> Result<Vec<Option<V>>, Error> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(1000) {
+            let vals: Vec<Option<V>> = conns[m].mget(chunk).await.map_err(|e| Error::redis(&self.members[m].url, e))?;
+            out.extend(vals);
+        }
+        Ok(out)
+    }
+
+    /// The sum of every account of `book`.
+    pub async fn total(&self, conns: &mut [MultiplexedConnection], book: &Book) -> Result<i64, Error> {
         let mut sum = 0;
-        for (bank, c) in self.banks.iter().zip(conns.iter_mut()) {
-            let keys: Vec<String> = (0..accounts).map(|i| bank.key(i)).collect();
-            for chunk in keys.chunks(1000) {
-                let vals: Vec<Option<i64>> = c.mget(chunk).await.map_err(|e| Error::redis(&bank.url, e))?;
-                sum += vals.into_iter().map(|v| v.unwrap_or(0)).sum::<i64>();
-            }
+        for (m, keys) in book.keys.iter().enumerate() {
+            sum += self.get::<i64>(conns, m, keys).await?.into_iter().flatten().sum::<i64>();
         }
         Ok(sum)
     }
 
-    /// Locks on either bank's accounts still held (there must be none once everything finished).
+    /// Locks on the run's keys still held (there must be none once everything finished): keys
+    /// named [`keys::lock`] of a key with the run's prefix, in every data Redis.
     pub async fn locks_left(&self, conns: &mut [MultiplexedConnection]) -> Result<usize, Error> {
         let mut n = 0;
-        for (bank, c) in self.banks.iter().zip(conns.iter_mut()) {
-            n += count_locks(c, bank).await?;
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        for (m, c) in self.members.iter().zip(conns.iter_mut()) {
+            // On a shared --redis every member has the same server and prefix: count once.
+            if seen.contains(&(m.url.expose(), m.prefix.as_str())) {
+                continue;
+            }
+            seen.push((m.url.expose(), m.prefix.as_str()));
+            n += count_locks(c, m).await?;
         }
         Ok(n)
     }
+
+    /// On a shared `--redis`, deletes `keys` of member `m` (the run's own data).
+    pub async fn delete(&self, conns: &mut [MultiplexedConnection], m: usize, keys: &[String]) -> Result<(), Error> {
+        for chunk in keys.chunks(1000) {
+            let _: () = conns[m].del(chunk).await.map_err(|e| Error::redis(&self.members[m].url, e))?;
+        }
+        Ok(())
+    }
 }
 
-async fn count_locks(c: &mut MultiplexedConnection, bank: &Bank) -> Result<usize, Error> {
-    let pattern = format!("{}{}*", redtx_common::keys::lock(""), bank.prefix);
-    let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await.map_err(|e| Error::redis(&bank.url, e))?;
+async fn count_locks(c: &mut MultiplexedConnection, m: &Member) -> Result<usize, Error> {
+    let pattern = keys::lock(&format!("{}*", m.prefix));
+    let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await.map_err(|e| Error::redis(&m.url, e))?;
     let mut n = 0;
     while let Some(k) = iter.next_item().await {
-        let _ = k.map_err(|e| Error::redis(&bank.url, e))?;
+        let _ = k.map_err(|e| Error::redis(&m.url, e))?;
         n += 1;
     }
     Ok(n)
+}
+
+/// Waits until every transaction of `ids` is terminal (`aborting` and `stuck` are settled for a
+/// producer, but a participant may still be applying the abort or the compensation), polling
+/// their records, for at most `limit`. Returns the final records, `None` where there is none.
+pub async fn settle(
+    client: &redtx_common::Client,
+    ids: &[String],
+    limit: std::time::Duration,
+) -> Result<Vec<Option<redtx_common::record::TxnRecord>>, Error> {
+    let end = std::time::Instant::now() + limit;
+    let mut out: Vec<Option<redtx_common::record::TxnRecord>> = vec![None; ids.len()];
+    let mut open: Vec<usize> = (0..ids.len()).collect();
+    loop {
+        let mut still = Vec::new();
+        for i in open {
+            let r = client.status(&ids[i]).await?;
+            if !r.as_ref().is_some_and(|r| r.state.is_terminal()) {
+                still.push(i);
+            }
+            out[i] = r;
+        }
+        open = still;
+        if open.is_empty() || std::time::Instant::now() >= end {
+            return Ok(out);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -4,29 +4,36 @@
 //! - `main.rs`: arguments, dispatch, exit codes.
 //! - [`submit`]: read a JSON spec, enqueue it, optionally wait for the outcome.
 //! - [`status`]: show a transaction's record.
-//! - [`demo`]: a self-contained run of money transfers between two banks on two Redis servers.
-//! - [`bench`]: throughput and latency of transactions, as ratios against raw Redis calls.
-//! - [`cluster`]: the servers, banks and in-process workers shared by `demo` and `bench`.
-//! - [`output`]: how records are printed (text and JSON).
+//! - [`demo`]: self-contained runs on private Redis servers: money transfers between two banks
+//!   (2PC), or an order flow over three participants (saga).
+//! - [`bench`]: throughput and latency of transactions (2PC or saga), as ratios against raw
+//!   Redis calls.
+//! - [`saga_demo`]: the order flow of `redtx demo --mode saga` and its checks.
+//! - [`cluster`]: the servers, participants and in-process workers shared by `demo` and `bench`.
+//! - [`output`]: how records and outcomes are printed (text and JSON).
 //!
-//! Exit codes: 0 committed / done, 1 aborted (or no such transaction for `status`), 2 invalid
-//! input or usage, 3 gave up waiting (the transaction goes on), 4 other errors (Redis
-//! unreachable, ...), 5 the demo or bench found an invariant broken.
+//! Exit codes: 0 committed / completed (or done), 1 aborted, aborting (abort decided) or
+//! compensated (or no such transaction for `status`), 2 invalid input or usage, 3 gave up
+//! waiting (the transaction goes on), 4 other errors (Redis unreachable without `--wait`, ...),
+//! 5 the demo or bench found an invariant broken, 6 stuck (a saga compensation keeps failing;
+//! it is still retried, an operator should look).
 
 mod bench;
 mod cluster;
+mod demo;
+mod output;
+mod saga_demo;
+mod status;
+mod submit;
+
 /// mimalloc: much cheaper than the system allocator for the many small buffers of the
 /// in-process workers of `demo` and `bench`.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod demo;
-mod output;
-mod status;
-mod submit;
-
 use clap::{Parser, Subcommand};
-use redtx_common::Error;
+use redtx_common::record::TxnState;
+use redtx_common::{keys, Error};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -44,7 +51,12 @@ enum Command {
         /// Redis holding the streams [default: $REDTX_REDIS_URL, then redis://127.0.0.1:6379]
         #[arg(long)]
         redis: Option<String>,
-        /// Wait until every participant has applied the outcome.
+        /// Number of partitions of the deployment (as given to the coordinators and participants).
+        #[arg(long, env = "REDTX_PARTITIONS", default_value_t = keys::DEFAULT_PARTITIONS, value_parser = partitions)]
+        partitions: u32,
+        /// Wait for the outcome: until every participant applied it (committed, completed,
+        /// aborted, compensated), the abort is decided, or a compensation is stuck. A lost
+        /// connection or a restarting Redis is waited out until --timeout.
         #[arg(long)]
         wait: bool,
         /// How long --wait waits (the transaction's own timeout is in the spec).
@@ -56,23 +68,45 @@ enum Command {
         /// The spec file, or `-` for stdin.
         file: String,
     },
-    /// Show a transaction: state, reason, each branch's vote and ack, timestamps.
+    /// Show a transaction: state, reason, failed step, each branch's or step's phase, attempts
+    /// and reason, timestamps.
     Status {
         /// Redis holding the streams [default: $REDTX_REDIS_URL, then redis://127.0.0.1:6379]
         #[arg(long)]
         redis: Option<String>,
+        /// Number of partitions of the deployment (as given to the coordinators and participants).
+        #[arg(long, env = "REDTX_PARTITIONS", default_value_t = keys::DEFAULT_PARTITIONS, value_parser = partitions)]
+        partitions: u32,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
         /// The transaction id.
         id: String,
     },
-    /// Run money transfers between two banks on two private Redis servers and check that no
-    /// money is created or lost.
+    /// Run money transfers between two banks (2PC), or orders over three participants (saga), on
+    /// private Redis servers, and check that nothing is created, lost or half-done.
     Demo(demo::DemoArgs),
     /// Measure transactions per second and latency against a baseline of raw Redis script calls
     /// on the same Redis, in the same run.
     Bench(bench::BenchArgs),
+}
+
+/// How `demo` and `bench` run their transactions.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Two-phase commit.
+    #[value(name = "2pc")]
+    TwoPhase,
+    /// Saga: steps commit one by one; a failed step compensates the ones that ran.
+    Saga,
+}
+
+/// Parses `--partitions` (1 to [`keys::MAX_PARTITIONS`]).
+pub fn partitions(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=keys::MAX_PARTITIONS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a number from 1 to {}", keys::MAX_PARTITIONS)),
+    }
 }
 
 /// Process exit codes (see the crate doc).
@@ -84,6 +118,7 @@ pub enum Exit {
     GaveUp = 3,
     Failed = 4,
     Broken = 5,
+    Stuck = 6,
 }
 
 impl Exit {
@@ -95,6 +130,16 @@ impl Exit {
             _ => Exit::Failed,
         }
     }
+
+    /// The exit code of a settled transaction.
+    pub fn of_state(state: TxnState) -> Exit {
+        match state {
+            TxnState::Committed | TxnState::Completed => Exit::Ok,
+            TxnState::Aborted | TxnState::Aborting | TxnState::Compensated => Exit::Aborted,
+            TxnState::Stuck => Exit::Stuck,
+            _ => Exit::GaveUp,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -104,11 +149,12 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let code = rt.block_on(async {
         match cli.command {
-            Command::Submit { redis, wait, timeout, json, file } => {
-                submit::run(&redtx_common::conn::default_url(redis.as_deref()), wait, timeout, json, &file).await
+            Command::Submit { redis, partitions, wait, timeout, json, file } => {
+                let url = redtx_common::conn::default_url(redis.as_deref());
+                submit::run(submit::Args { url: &url, partitions, wait, timeout, json, file: &file }).await
             }
-            Command::Status { redis, json, id } => {
-                status::run(&redtx_common::conn::default_url(redis.as_deref()), json, &id).await
+            Command::Status { redis, partitions, json, id } => {
+                status::run(&redtx_common::conn::default_url(redis.as_deref()), partitions, json, &id).await
             }
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,

@@ -4,12 +4,12 @@ use crate::{fail, output, Exit};
 use redtx_common::spec::check_id;
 use redtx_common::{Client, Error};
 
-pub async fn run(url: &str, json: bool, id: &str) -> Exit {
+pub async fn run(url: &str, partitions: u32, json: bool, id: &str) -> Exit {
     if let Err(e) = check_id("id", id) {
         return fail(&Error::Spec(e));
     }
     let client = match Client::connect(url).await {
-        Ok(c) => c,
+        Ok(c) => c.with_partitions(partitions),
         Err(e) => return fail(&e),
     };
     match client.status(id).await {
@@ -22,7 +22,9 @@ pub async fn run(url: &str, json: bool, id: &str) -> Exit {
                 println!("{}", output::json_state(id, "unknown", Some("no such transaction")));
             }
             eprintln!(
-                "no transaction {id} at {}: never submitted, not yet picked up by a coordinator, or expired after its retention",
+                "no transaction {id} in partition {} of {partitions} at {}: never submitted, not yet picked up by a \
+                 coordinator, expired after its retention, or the deployment uses another --partitions",
+                client.partition(id),
                 client.url()
             );
             Exit::Aborted

@@ -1,11 +1,27 @@
 //! `redtx submit`: validate a JSON spec, enqueue it, optionally wait for its outcome.
+//!
+//! With `--wait`, a lost connection, a refused one or a Redis still loading its data never ends
+//! the command early: connecting, submitting (always with the same id, so never twice) and
+//! waiting are retried until `--timeout`, and then it exits 3 with what it knows.
 
-use crate::{fail, output, Exit};
-use redtx_common::record::TxnState;
+use crate::output::{self, Outcome};
+use crate::{fail, Exit};
+use redtx_common::consumer::Backoff;
+use redtx_common::record::TxnRecord;
 use redtx_common::spec::{TxnSpec, MAX_SPEC_BYTES};
 use redtx_common::{Client, Error};
 use std::io::Read;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// What `redtx submit` was asked.
+pub struct Args<'a> {
+    pub url: &'a str,
+    pub partitions: u32,
+    pub wait: bool,
+    pub timeout: Duration,
+    pub json: bool,
+    pub file: &'a str,
+}
 
 /// Reads at most one byte more than the limit, so an oversized spec is refused without
 /// reading all of it.
@@ -21,85 +37,182 @@ fn read_spec(file: &str) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-pub async fn run(url: &str, wait: bool, timeout: Duration, json: bool, file: &str) -> Exit {
-    let bytes = match read_spec(file) {
+/// Prints the `--json` object (if asked) and returns `code`.
+fn report(json: bool, o: Outcome<'_>, code: Exit) -> Exit {
+    if json {
+        println!("{}", o.json());
+    }
+    code
+}
+
+/// An outcome without a record.
+fn bare<'a>(id: &'a str, enqueued: bool, state: &'a str, reason: Option<&'a str>) -> Outcome<'a> {
+    Outcome { id, enqueued, record: None, state, reason, spec_differs: false }
+}
+
+pub async fn run(a: Args<'_>) -> Exit {
+    let started = Instant::now();
+    let bytes = match read_spec(a.file) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: {e}");
-            if json {
-                println!("{}", output::json_state("", "invalid", Some(&e)));
-            }
-            return Exit::Invalid;
+            return report(a.json, bare("", false, "invalid", Some(&e)), Exit::Invalid);
         }
     };
     let spec = match TxnSpec::from_json(&bytes) {
         Ok(s) => s,
-        Err(e) => return fail_json(json, "", &Error::Spec(e)),
+        Err(e) => return fail_json(a.json, "", false, &Error::Spec(e)),
     };
-    let client = match Client::connect(url).await {
-        Ok(c) => c,
-        Err(e) => return fail_json(json, &spec.id, &e),
+    let id = spec.id.as_str();
+
+    let client = match connect(&a, started).await {
+        Ok(c) => c.with_partitions(a.partitions),
+        Err(e) if a.wait && e.is_transient() => {
+            let why = format!(
+                "gave up after {:.1}s: {e}; the transaction was not submitted",
+                started.elapsed().as_secs_f64()
+            );
+            eprintln!("error: {why}");
+            return report(a.json, bare(id, false, "unknown", Some(&why)), Exit::GaveUp);
+        }
+        Err(e) => return fail_json(a.json, id, false, &e),
     };
     // A participant nobody ever started (often a typo) makes the transaction abort at its
     // deadline and wait for that participant: say so now rather than after the wait.
     if let Ok(missing) = client.missing_participants(&spec).await {
         for p in missing {
+            let then = match spec.mode {
+                redtx_common::spec::Mode::Saga => "gives up on that step and stays compensating (then stuck)",
+                redtx_common::spec::Mode::TwoPhase => "aborts at its deadline and stays aborting",
+            };
             eprintln!(
-                "warning: no participant named {p:?} has ever connected to {}; unless one starts, this transaction \
-                 aborts at its deadline and stays aborting until {p} applies the abort",
-                client.url()
+                "warning: no participant named {p:?} has ever read partition {} of {} at {}; unless one starts (with \
+                 the same --partitions), this transaction {then} until {p} answers",
+                client.partition(id),
+                client.partitions(),
+                client.url(),
             );
         }
     }
-    if !wait {
+
+    if !a.wait {
+        // An id submitted before keeps its first spec: say so when this one differs.
+        let existing = client.status(id).await.ok().flatten();
+        let differs = warn_if_differs(existing.as_ref(), &spec);
         return match client.submit(&spec).await {
             Ok(id) => {
-                println!("{}", if json { output::json_state(&id, "submitted", None) } else { id });
-                Exit::Ok
-            }
-            Err(e) => fail_json(json, &spec.id, &e),
-        };
-    }
-    match client.submit_and_wait(&spec, timeout).await {
-        Ok(r) => {
-            if r.spec.as_ref().is_some_and(|stored| stored != &spec) {
-                eprintln!(
-                    "warning: transaction {} already existed with a different spec; this is the outcome of the first one",
-                    r.id
-                );
-            }
-            println!("{}", if json { output::json(&r) } else { output::line(&r) });
-            if r.state == TxnState::Committed {
-                Exit::Ok
-            } else {
-                Exit::Aborted
-            }
-        }
-        Err(e @ Error::WaitTimeout { .. }) => {
-            let record = client.status(&spec.id).await.ok().flatten();
-            if json {
-                match &record {
-                    Some(r) => println!("{}", output::json(r)),
-                    None => println!("{}", output::json_state(&spec.id, "unknown", None)),
+                if a.json {
+                    let o = Outcome { spec_differs: differs, ..bare(&id, true, "submitted", None) };
+                    report(true, o, Exit::Ok)
+                } else {
+                    println!("{id}");
+                    Exit::Ok
                 }
             }
-            let code = fail(&e);
-            if let Some(r) = record {
-                eprintln!("{}", output::pending(&r));
-            }
-            code
-        }
-        Err(e) => fail_json(json, &spec.id, &e),
+            Err(e) => fail_json(a.json, id, false, &e),
+        };
     }
+
+    // Submit, retrying a transient failure with the same id until the timeout.
+    let mut backoff = Backoff::default();
+    let submitted = loop {
+        match client.submit(&spec).await {
+            Ok(_) => break Ok(()),
+            Err(e) if e.is_transient() && started.elapsed() < a.timeout => {
+                tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
+                tokio::time::sleep(backoff.next().min(a.timeout.saturating_sub(started.elapsed()))).await;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    // Waiting starts only after the submit was acknowledged.
+    let (enqueued, result) = match submitted {
+        Ok(()) => (true, client.wait(id, a.timeout.saturating_sub(started.elapsed())).await),
+        Err(e) => (false, Err(e)),
+    };
+    match result {
+        Ok(r) => {
+            let differs = warn_if_differs(Some(&r), &spec);
+            let code = Exit::of_state(r.state);
+            if !a.json {
+                println!("{}", output::line(&r));
+            }
+            report(a.json, Outcome { spec_differs: differs, ..record_outcome(&r, true) }, code)
+        }
+        Err(e) if matches!(e, Error::WaitTimeout { .. }) || e.is_transient() => {
+            // Gave up: say what is known (the record, if Redis answers now).
+            let record = client.status(id).await.ok().flatten();
+            let enqueued = enqueued || record.is_some();
+            match &e {
+                Error::WaitTimeout { .. } => eprintln!("error: {e}"),
+                _ => eprintln!(
+                    "error: gave up after {:.1}s: {e}; the transaction {}",
+                    started.elapsed().as_secs_f64(),
+                    if enqueued { "goes on" } else { "may not have been submitted (submitting it again is safe)" }
+                ),
+            }
+            let differs = warn_if_differs(record.as_ref(), &spec);
+            match &record {
+                Some(r) => eprintln!("{}", output::pending(r)),
+                None if enqueued => eprintln!(
+                    "{id} has no record yet: no coordinator has picked it up (is one running, with --partitions {}?)",
+                    client.partitions()
+                ),
+                None => {}
+            }
+            let o = match &record {
+                Some(r) => record_outcome(r, enqueued),
+                None => bare(id, enqueued, "unknown", None),
+            };
+            report(a.json, Outcome { spec_differs: differs, ..o }, Exit::GaveUp)
+        }
+        Err(e) => fail_json(a.json, id, enqueued, &e),
+    }
+}
+
+fn record_outcome(r: &TxnRecord, enqueued: bool) -> Outcome<'_> {
+    Outcome {
+        id: &r.id,
+        enqueued,
+        record: Some(r),
+        state: r.state.as_str(),
+        reason: r.reason.as_deref(),
+        spec_differs: false,
+    }
+}
+
+/// Connects; with `--wait`, retries a transient failure (refused, dropped, `LOADING`) until the
+/// timeout.
+async fn connect(a: &Args<'_>, started: Instant) -> Result<Client, Error> {
+    let mut backoff = Backoff::default();
+    loop {
+        match Client::connect(a.url).await {
+            Err(e) if a.wait && e.is_transient() && started.elapsed() < a.timeout => {
+                tracing::debug!(error = %e, "connect: Redis unavailable; retrying");
+                tokio::time::sleep(backoff.next().min(a.timeout.saturating_sub(started.elapsed()))).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Warns when the stored transaction of this id has another spec; returns whether it does.
+fn warn_if_differs(stored: Option<&TxnRecord>, spec: &TxnSpec) -> bool {
+    let differs = stored.and_then(|r| r.spec.as_ref()).is_some_and(|s| s != spec);
+    if differs {
+        eprintln!(
+            "warning: transaction {} already exists with a different spec; this is the outcome of the first one",
+            spec.id
+        );
+    }
+    differs
 }
 
 /// [`fail`], and with `--json` also one object on stdout: `state` is `invalid` (exit 2) or
 /// `error`, `reason` the message.
-fn fail_json(json: bool, id: &str, e: &Error) -> Exit {
+fn fail_json(json: bool, id: &str, enqueued: bool, e: &Error) -> Exit {
     let code = fail(e);
-    if json {
-        let state = if code == Exit::Invalid { "invalid" } else { "error" };
-        println!("{}", output::json_state(id, state, Some(&e.to_string())));
-    }
-    code
+    let state = if code == Exit::Invalid { "invalid" } else { "error" };
+    let reason = e.to_string();
+    report(json, bare(id, enqueued, state, Some(&reason)), code)
 }

@@ -6,9 +6,21 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn a_short_bench_reports_throughput_baseline_and_nothing_broken() {
+    check_bench(&[]);
+}
+
+#[test]
+fn a_short_saga_bench_on_two_partitions_reports_the_same_figures() {
+    let v = check_bench(&["--mode", "saga", "--partitions", "2"]);
+    assert_eq!(v["config"]["mode"], "saga", "{v}");
+    assert_eq!(v["config"]["partitions"], 2, "{v}");
+}
+
+fn check_bench(extra: &[&str]) -> serde_json::Value {
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_redtx"))
         .args(["bench", "--duration", "1s", "--concurrency", "4", "--accounts", "100", "--json"])
+        .args(extra)
         .env_remove("REDTX_REDIS_URL")
         .output()
         .expect("redtx runs");
@@ -26,6 +38,8 @@ fn a_short_bench_reports_throughput_baseline_and_nothing_broken() {
         "/ratios/closed_tx_per_evalsha_awaited",
         "/ratios/closed_tx_per_evalsha_pipelined",
         "/redis_commands_per_txn/total",
+        "/redis_commands_per_txn/network",
+        "/redis_commands_per_txn/in_lua",
     ] {
         assert!(num(ptr) > 0.0, "{ptr} is not positive: {v}");
     }
@@ -37,4 +51,5 @@ fn a_short_bench_reports_throughput_baseline_and_nothing_broken() {
     assert_eq!(v["broken"], false, "{v}");
     assert_eq!(v["money"]["conserved"], true, "{v}");
     assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    v
 }
