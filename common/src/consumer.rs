@@ -268,36 +268,7 @@ impl Consumer {
     /// and nothing younger than `keep`. Approximate (`MINID ~`), so Redis frees whole nodes.
     /// Returns the `MINID` used, if any.
     pub async fn trim_stream(&mut self, stream: &str) -> Result<Option<String>> {
-        let url = &self.url;
-        let groups: StreamInfoGroupsReply = self.conn.xinfo_groups(stream).await.map_err(|e| Error::redis(url, e))?;
-        let keep_from = crate::now_ms().saturating_sub(self.cfg.keep.as_millis() as u64);
-        let mut floor = (keep_from, 0);
-        for g in &groups.groups {
-            floor = floor.min(parse_id(&g.last_delivered_id).unwrap_or((0, 0)));
-            if g.pending > 0 {
-                let p: StreamPendingReply =
-                    self.conn.xpending(stream, &g.name).await.map_err(|e| Error::redis(url, e))?;
-                if let StreamPendingReply::Data(d) = p {
-                    floor = floor.min(parse_id(&d.start_id).unwrap_or((0, 0)));
-                }
-            }
-        }
-        if floor == (0, 0) {
-            return Ok(None);
-        }
-        let minid = format!("{}-{}", floor.0, floor.1);
-        let trimmed: u64 = redis::cmd("XTRIM")
-            .arg(stream)
-            .arg("MINID")
-            .arg("~")
-            .arg(&minid)
-            .query_async(&mut self.conn)
-            .await
-            .map_err(|e| Error::redis(url, e))?;
-        if trimmed > 0 {
-            tracing::debug!(%stream, trimmed, %minid, "trimmed stream");
-        }
-        Ok(Some(minid))
+        trim_stream(&mut self.conn, &self.url, stream, self.cfg.keep).await
     }
 
     /// Takes over entries idle longer than `claim_idle` (from dead consumers, or our own failed
@@ -464,6 +435,46 @@ pub fn dead_letter_fields(
     orig.sort();
     fields.extend(orig.into_iter().map(|(k, v)| (format!("orig.{k}"), v.clone())));
     fields
+}
+
+/// Trims `stream` below the oldest entry some consumer group may still need: the oldest
+/// pending entry and the last delivered one of every group (all groups, not only the caller's),
+/// and nothing younger than `keep`. Approximate (`MINID ~`), so Redis frees whole nodes.
+/// Returns the `MINID` used, if any. Shared by participants and coordinators.
+pub async fn trim_stream(
+    conn: &mut MultiplexedConnection,
+    url: &RedisUrl,
+    stream: &str,
+    keep: Duration,
+) -> Result<Option<String>> {
+    let groups: StreamInfoGroupsReply = conn.xinfo_groups(stream).await.map_err(|e| Error::redis(url, e))?;
+    let keep_from = crate::now_ms().saturating_sub(keep.as_millis() as u64);
+    let mut floor = (keep_from, 0);
+    for g in &groups.groups {
+        floor = floor.min(parse_id(&g.last_delivered_id).unwrap_or((0, 0)));
+        if g.pending > 0 {
+            let p: StreamPendingReply = conn.xpending(stream, &g.name).await.map_err(|e| Error::redis(url, e))?;
+            if let StreamPendingReply::Data(d) = p {
+                floor = floor.min(parse_id(&d.start_id).unwrap_or((0, 0)));
+            }
+        }
+    }
+    if floor == (0, 0) {
+        return Ok(None);
+    }
+    let minid = format!("{}-{}", floor.0, floor.1);
+    let trimmed: u64 = redis::cmd("XTRIM")
+        .arg(stream)
+        .arg("MINID")
+        .arg("~")
+        .arg(&minid)
+        .query_async(conn)
+        .await
+        .map_err(|e| Error::redis(url, e))?;
+    if trimmed > 0 {
+        tracing::debug!(%stream, trimmed, %minid, "trimmed stream");
+    }
+    Ok(Some(minid))
 }
 
 /// A stream entry id `ms-seq` as a pair, for ordering.

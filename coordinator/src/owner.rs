@@ -23,7 +23,7 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use redtx_common::conn::RedisUrl;
-use redtx_common::consumer::{dead_letter_fields, ensure_group};
+use redtx_common::consumer::{dead_letter_fields, ensure_group, trim_stream};
 use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
 use redtx_common::protocol::Message;
 use redtx_common::record::{create_fields, progress_fields, txn_from_hash};
@@ -358,40 +358,8 @@ impl Owner {
 
     async fn trim(&mut self) -> Result<()> {
         let owned: Vec<u32> = self.parts.keys().copied().collect();
-        // TODO(next): share the participant runtime's trim (below every group's oldest needed
-        // entry); until then the coordinator stream is capped by its acked history only.
-        let keep_from = now_ms().saturating_sub(self.cfg.keep_history.as_millis() as u64);
         for p in owned {
-            let stream = keys::coord_stream(p);
-            let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(&stream)
-                .query_async(&mut self.conn)
-                .await
-                .map_err(|e| Error::redis(&self.url, e))?;
-            let mut floor = keep_from;
-            for g in &groups {
-                if let Some(redis::Value::BulkString(id)) = g.get("last-delivered-id") {
-                    let ms = String::from_utf8_lossy(id).split('-').next().and_then(|m| m.parse().ok()).unwrap_or(0);
-                    floor = floor.min(ms);
-                }
-            }
-            let pending: redis::streams::StreamPendingReply =
-                self.conn.xpending(&stream, keys::COORD_GROUP).await.map_err(|e| Error::redis(&self.url, e))?;
-            if let redis::streams::StreamPendingReply::Data(d) = pending {
-                let ms = d.start_id.split('-').next().and_then(|m| m.parse().ok()).unwrap_or(0);
-                floor = floor.min(ms);
-            }
-            if floor > 0 {
-                let _: u64 = redis::cmd("XTRIM")
-                    .arg(&stream)
-                    .arg("MINID")
-                    .arg("~")
-                    .arg(floor)
-                    .query_async(&mut self.conn)
-                    .await
-                    .map_err(|e| Error::redis(&self.url, e))?;
-            }
+            trim_stream(&mut self.conn, &self.url, &keys::coord_stream(p), self.cfg.keep_history).await?;
         }
         Ok(())
     }
