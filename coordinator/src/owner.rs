@@ -469,7 +469,7 @@ impl Owner {
             let event = match msg {
                 Message::Submit(s) => {
                     if !part.txns.contains_key(&id) {
-                        match records.remove(&id) {
+                        match records.get(&id).cloned() {
                             Some(Err(e)) => {
                                 batch.dead.push((entry, format!("the record of {id} cannot be read: {e}")));
                                 continue;
