@@ -4,7 +4,8 @@
 //! with an abort, so it cannot leave a key locked.
 
 use redis::Commands;
-use redtx_common::protocol::{Message, Prepare};
+use redtx_common::machine::Phase;
+use redtx_common::protocol::{Ack, Message, Outcome, Prepare, Vote};
 use redtx_common::record::TxnState;
 use redtx_common::spec::{Branch, Op, TxnSpec};
 use redtx_tests::*;
@@ -279,4 +280,82 @@ fn a_stray_prepare_without_a_record_is_aborted_and_leaves_no_lock() {
     assert_eq!(bank.balance(Side::A, "acct:alice"), 90);
     bank.assert_clean();
     assert!(bank.dead_letters().is_empty(), "{:?}", bank.dead_letters());
+}
+
+#[test]
+fn a_finished_txn_submitted_again_with_its_votes_in_one_batch_gets_no_abort() {
+    // Found by the saga duplicate test: the coordinator reads the records of the transactions a
+    // batch names once, and a repeated `submit` of a finished transaction took that record out
+    // of the batch's map, so a repeated `yes` vote later in the same batch looked like a vote for
+    // a transaction without a record and got an `abort` (sent to a committed branch, which
+    // dead-letters it). The repeats are written in one MULTI/EXEC, so that they arrive in one
+    // batch.
+    let bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10).with_id("t-batch");
+    assert_eq!(bank.run(&spec).state, TxnState::Committed);
+    let mut s = bank.stream_conn();
+    let coord = keys::coord_stream(partition("t-batch"));
+    let repeats: Vec<(String, BTreeMap<String, Vec<u8>>)> = xrange(&mut s, &coord)
+        .into_iter()
+        .filter(|(_, f)| matches!(f.get("t").map(Vec::as_slice), Some(b"submit" | b"vote")))
+        .collect();
+    assert!(repeats.len() >= 3, "{repeats:?}");
+    // One MULTI/EXEC: a read blocked at the server is served with all of them at once.
+    let mut tx = redis::pipe();
+    tx.atomic();
+    for (_, f) in &repeats {
+        tx.xadd(&coord, "*", &[("t", f["t"].clone()), ("m", f["m"].clone())]).ignore();
+    }
+    let _: () = tx.query(&mut s).unwrap();
+    poll("the repeats handled", LONG, || drained(&mut s, &coord).then_some(()));
+    for name in ["bank-a", "bank-b"] {
+        let stream = keys::participant_stream(name, partition("t-batch"));
+        poll("the participants drained", LONG, || drained(&mut s, &stream).then_some(()));
+        let aborts = bank.sent_to(name, "t-batch").into_iter().filter(|m| matches!(m, Message::Abort(_))).count();
+        assert_eq!(aborts, 0, "an abort was sent to {name} for a committed transaction");
+    }
+    assert!(bank.dead_letters().is_empty(), "{:?}", bank.dead_letters());
+    assert_eq!(bank.record("t-batch").unwrap().state, TxnState::Committed);
+}
+
+#[test]
+fn a_repeated_vote_in_the_batch_that_finishes_its_txn_gets_no_abort() {
+    // The same class as the previous test, other trigger: the batch holding a transaction's last
+    // ack also holds a repeated `yes` vote of it (a redelivery). The ack finishes the
+    // transaction (it leaves the partition's memory); the vote after it must be answered as a
+    // vote for a finished, committed transaction (nothing to do), not as one for a transaction
+    // without a record (`abort`, sent to a committed branch).
+    let fp = "participant-after-commit";
+    let mut bank = Bank::start_with(ClusterOptions::default().failpoint("bank-b", fp));
+    bank.seed(Side::A, "acct:alice", 100);
+    let id = bank.submit(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10).with_id("t-last-ack"));
+    bank.bank(Side::B)[0].wait_for_line("failpoint participant-after-commit reached", LONG);
+    bank.bank(Side::B)[0].kill9();
+    let rec = bank.wait_record(&id, "bank-a acked", LONG, |r| r.branches[0].phase == Phase::Committed);
+    assert_eq!(rec.state, TxnState::Committing, "{rec:?}");
+
+    // bank-b's ack and a repeat of its vote, in one batch.
+    let ack =
+        Message::Ack(Ack { txn: id.clone(), branch: 1, participant: "bank-b".into(), outcome: Outcome::Committed });
+    let vote =
+        Message::Vote(Vote { txn: id.clone(), branch: 1, participant: "bank-b".into(), yes: true, reason: None });
+    let coord = keys::coord_stream(partition(&id));
+    let mut s = bank.stream_conn();
+    let mut tx = redis::pipe();
+    tx.atomic();
+    tx.xadd(&coord, "*", &ack.fields()).ignore();
+    tx.xadd(&coord, "*", &vote.fields()).ignore();
+    let _: () = tx.query(&mut s).unwrap();
+    assert_eq!(bank.wait(&id).state, TxnState::Committed);
+    poll("the coordinator handled both", LONG, || drained(&mut s, &coord).then_some(()));
+    let aborts = bank.sent_to("bank-b", &id).into_iter().filter(|m| matches!(m, Message::Abort(_))).count();
+    assert_eq!(aborts, 0, "an abort was sent to bank-b for a committed transaction");
+
+    bank.start_participant(Side::B, None);
+    let stream = keys::participant_stream("bank-b", partition(&id));
+    poll("bank-b drained", LONG, || drained(&mut s, &stream).then_some(()));
+    assert!(bank.dead_letters().is_empty(), "{:?}", bank.dead_letters());
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 10);
+    bank.assert_clean();
 }
