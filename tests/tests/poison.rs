@@ -141,20 +141,35 @@ fn garbage_is_dead_lettered_per_partition_counted_acked_and_work_goes_on() {
 }
 
 #[test]
-fn a_submit_with_an_invalid_spec_is_dead_lettered() {
-    // A producer in another language skipped validation: a reserved key.
+fn a_submit_with_an_invalid_spec_is_dead_lettered_and_bad_ops_are_refused_by_the_participant() {
+    // A producer in another language skipped validation. What the coordinator can check (the
+    // spec's shape) makes it dead-letter the submit; a branch's ops are opaque to it, so a
+    // reserved key is refused by the participant (a no vote naming the field), and the
+    // transaction aborts without locking anything.
     let bank = Bank::start();
     let mut s = bank.stream_conn();
-    let mut bad = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1).with_id("t-invalid");
-    bad.branches[0] = Branch::kv("bank-a", vec![Op::incrby("rtx:lock:acct:alice", 1)]);
-    let m = Message::Submit(Submit { spec: bad, submitted_ms: redtx_common::now_ms() });
+    let mut empty = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1).with_id("t-invalid");
+    empty.branches.clear();
+    let m = Message::Submit(Submit { spec: empty, submitted_ms: redtx_common::now_ms() });
     let coord = keys::coord_stream(partition("t-invalid"));
     let id: String = s.xadd(&coord, "*", &m.fields()).unwrap();
     let dead = poll("invalid submit dead-lettered", LONG, || by_source(&bank).remove(&(coord.clone(), id.clone())));
-    assert!(!dead.get("reason").is_empty());
+    assert!(dead.get("reason").contains("branches"), "{dead:?}");
     assert_eq!(dead.dead_stream, keys::dead_letter_stream(partition("t-invalid")));
     assert_eq!(bank.record("t-invalid"), None, "an invalid spec must not become a transaction");
+
+    let mut reserved = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1).with_id("t-reserved");
+    reserved.branches[0] = Branch::kv("bank-a", vec![Op::incrby("rtx:lock:acct:alice", 1)]);
+    let m = Message::Submit(Submit { spec: reserved, submitted_ms: redtx_common::now_ms() });
+    let _: String = s.xadd(keys::coord_stream(partition("t-reserved")), "*", &m.fields()).unwrap();
+    let rec = bank.wait("t-reserved");
+    assert_eq!(rec.state, TxnState::Aborted, "{rec:?}");
+    let reason = rec.reason.unwrap_or_default();
+    assert!(reason.contains("bank-a") && reason.contains("rtx:"), "{reason}");
     assert_eq!(bank.lock("bank-a", "rtx:lock:acct:alice"), None);
+    let raw: Option<String> = bank.side_conn(Side::A).get("rtx:lock:acct:alice").unwrap();
+    assert_eq!(raw, None, "the reserved key was written");
+    bank.assert_clean();
     let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 0));
     assert!(rec.state.is_terminal());
 }
