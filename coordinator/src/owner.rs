@@ -343,7 +343,7 @@ impl Owner {
                 .map_err(|e| Error::redis(&self.url, e))?;
             if !reply.claimed.is_empty() {
                 tracing::info!(partition = p, claimed = reply.claimed.len(), "took over pending entries");
-                self.handle(p, reply.claimed).await?;
+                self.handle(vec![(p, reply.claimed)]).await?;
             }
             if reply.next_stream_id == "0-0" {
                 return Ok(());
@@ -364,32 +364,31 @@ impl Owner {
         Ok(())
     }
 
-    /// Ticks every due transaction of every partition.
+    /// Ticks every due transaction of every partition; all partitions' writes go in one
+    /// pipeline.
     async fn ticks(&mut self) -> Result<()> {
         let now = now_ms();
-        let owned: Vec<u32> = self.parts.keys().copied().collect();
-        for p in owned {
-            let due: Vec<String> = match self.parts.get(&p) {
-                Some(part) if !part.stale => {
-                    part.timers.iter().take_while(|(w, _)| *w <= now).take(4096).map(|(_, id)| id.clone()).collect()
-                }
-                _ => continue,
-            };
+        let t = self.timing();
+        let mut batches = Vec::new();
+        for (&p, part) in self.parts.iter_mut() {
+            if part.stale {
+                continue;
+            }
+            let due: Vec<String> =
+                part.timers.iter().take_while(|(w, _)| *w <= now).take(4096).map(|(_, id)| id.clone()).collect();
             if due.is_empty() {
                 continue;
             }
-            let t = self.timing();
             let mut batch = Batch::default();
-            let part = self.parts.get_mut(&p).expect("owned");
             for id in due {
                 step_live(part, &id, Event::Tick, t, &mut batch);
             }
             if batch.decided {
                 tracing::info!(partition = p, "deadline passed: deciding");
             }
-            self.write(p, batch).await?;
+            batches.push((p, batch));
         }
-        Ok(())
+        self.write(batches).await
     }
 
     /// One `XREADGROUP` over every owned partition, then each partition's share is handled.
@@ -416,155 +415,73 @@ impl Owner {
         let reply: Option<StreamReadReply> =
             self.read_conn.xread_options(&streams, &ids, &opts).await.map_err(|e| Error::redis(&self.url, e))?;
         let Some(reply) = reply else { return Ok(()) };
-        for k in reply.keys {
-            let Some(p) = keys::partition_of_stream(&k.key) else { continue };
-            if self.parts.contains_key(&p) {
-                self.handle(p, k.ids).await?;
-            }
-        }
-        Ok(())
+        let work = reply
+            .keys
+            .into_iter()
+            .filter_map(|k| keys::partition_of_stream(&k.key).map(|p| (p, k.ids)))
+            .filter(|(p, _)| self.parts.contains_key(p))
+            .collect();
+        self.handle(work).await
     }
 
-    /// Handles one partition's entries and writes the result.
-    async fn handle(&mut self, p: u32, entries: Vec<StreamId>) -> Result<()> {
-        if entries.is_empty() || !self.parts.contains_key(&p) {
+    /// Handles the entries read from each partition: the records of transactions not in
+    /// memory are read in one pipeline for all partitions, and the partitions' writes go in one
+    /// pipeline of fenced calls.
+    async fn handle(&mut self, work: Vec<(u32, Vec<StreamId>)>) -> Result<()> {
+        let work: Vec<(u32, Vec<StreamId>)> =
+            work.into_iter().filter(|(p, e)| !e.is_empty() && self.parts.contains_key(p)).collect();
+        if work.is_empty() {
             return Ok(());
         }
-        let mut batch = Batch::default();
-        let mut msgs = Vec::with_capacity(entries.len());
-        for e in entries {
-            match Message::from_entry(&e.map) {
-                Ok(m) => msgs.push((e, m)),
-                Err(err) => batch.dead.push((e, err.to_string())),
+        let mut decoded = Vec::with_capacity(work.len());
+        // Transactions not in memory: finished ones, new ones, or strangers.
+        let mut unknown: Vec<(u32, String)> = Vec::new();
+        for (p, entries) in work {
+            let mut batch = Batch::default();
+            let mut msgs = Vec::with_capacity(entries.len());
+            for e in entries {
+                match Message::from_entry(&e.map) {
+                    Ok(m) => msgs.push((e, m)),
+                    Err(err) => batch.dead.push((e, err.to_string())),
+                }
             }
-        }
-        // Transactions not in memory: finished ones, new ones, or strangers. Read their
-        // records in one round trip.
-        let unknown: Vec<String> = {
             let part = &self.parts[&p];
             let mut seen = HashSet::new();
-            msgs.iter()
-                .map(|(_, m)| m.txn().to_string())
-                .filter(|id| !part.txns.contains_key(id) && seen.insert(id.clone()))
-                .collect()
-        };
-        let mut records: HashMap<String, std::result::Result<Option<Txn>, String>> = HashMap::new();
+            for (_, m) in &msgs {
+                let id = m.txn();
+                if !part.txns.contains_key(id) && seen.insert(id.to_string()) {
+                    unknown.push((p, id.to_string()));
+                }
+            }
+            decoded.push((p, msgs, batch));
+        }
+        let mut records: HashMap<(u32, String), std::result::Result<Option<Txn>, String>> = HashMap::new();
         if !unknown.is_empty() {
             let mut pipe = redis::pipe();
-            for id in &unknown {
-                pipe.hgetall(keys::txn_record(p, id));
+            for (p, id) in &unknown {
+                pipe.hgetall(keys::txn_record(*p, id));
             }
             let hashes: Vec<HashMap<String, Vec<u8>>> =
                 pipe.query_async(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
-            for (id, h) in unknown.into_iter().zip(hashes) {
+            for ((p, id), h) in unknown.into_iter().zip(hashes) {
                 let r = txn_from_hash(&id, &h);
-                records.insert(id, r);
+                records.insert((p, id), r);
             }
         }
         let t = self.timing();
         let partitions = self.cfg.partitions;
-        let part = self.parts.get_mut(&p).expect("owned");
-        for (entry, msg) in msgs {
-            let id = msg.txn().to_string();
-            let event = match msg {
-                Message::Submit(s) => {
-                    if !part.txns.contains_key(&id) {
-                        match records.get(&id).cloned() {
-                            Some(Err(e)) => {
-                                batch.dead.push((entry, format!("the record of {id} cannot be read: {e}")));
-                                continue;
-                            }
-                            Some(Ok(Some(txn))) => {
-                                if !txn.state().is_terminal() {
-                                    part.set_timer(&id, None, txn.wake_ms());
-                                    part.txns.insert(id.clone(), txn);
-                                }
-                            }
-                            Some(Ok(None)) | None => {
-                                if let Err(e) = s.spec.validate() {
-                                    batch.dead.push((entry, format!("invalid spec: {e}")));
-                                    continue;
-                                }
-                                let home = keys::partition(&id, partitions);
-                                if home != p {
-                                    batch.dead.push((
-                                        entry,
-                                        format!(
-                                            "txn {id} belongs to partition {home} of {partitions}, not {p}: \
-                                             the producer's --partitions differs from the coordinators'"
-                                        ),
-                                    ));
-                                    continue;
-                                }
-                                let (txn, out) = Txn::create(s.spec, t);
-                                batch.created.insert(id.clone());
-                                part.set_timer(&id, None, txn.wake_ms());
-                                part.txns.insert(id.clone(), txn);
-                                collect(&id, out, &mut batch);
-                                batch.acks.push(entry.id);
-                                continue;
-                            }
-                        }
-                    }
-                    if !part.txns.contains_key(&id) {
-                        // A finished transaction submitted again: its record tells the outcome.
-                        batch.acks.push(entry.id);
-                        continue;
-                    }
-                    Event::Submit
-                }
-                Message::Vote(v) => Event::Vote(v),
-                Message::Ack(a) => Event::Ack(a),
-                Message::Result(r) => Event::Result(r),
-                other => {
-                    let reason = format!("a `{}` message does not belong on the coordinator stream", other.kind());
-                    batch.dead.push((entry, reason));
-                    continue;
-                }
-            };
-            if let Some(Ok(Some(txn))) = records.get(&id) {
-                if !txn.state().is_terminal() && !part.txns.contains_key(&id) {
-                    // Live but not in memory (the live set lost it): adopt it.
-                    part.set_timer(&id, None, txn.wake_ms());
-                    part.txns.insert(id.clone(), txn.clone());
-                }
-            }
-            if part.txns.contains_key(&id) {
-                let rejected = step_live(part, &id, event, t, &mut batch);
-                match rejected {
-                    Some(reason) => batch.dead.push((entry, reason)),
-                    None => batch.acks.push(entry.id),
-                }
-                continue;
-            }
-            match records.get(&id) {
-                Some(Err(e)) => batch.dead.push((entry, format!("the record of {id} cannot be read: {e}"))),
-                Some(Ok(Some(txn))) => {
-                    // Finished: it may still answer (a late `yes` to an abort gets the abort).
-                    let mut txn = batch.detached.remove(&id).unwrap_or_else(|| txn.clone());
-                    let out = txn.step(event, t);
-                    if let Some(reason) = out.reject.clone() {
-                        batch.dead.push((entry, reason));
-                        continue;
-                    }
-                    if out.changed {
-                        batch.dirty.insert(id.clone());
-                    }
-                    collect(&id, out, &mut batch);
-                    batch.detached.insert(id.clone(), txn);
-                    batch.acks.push(entry.id);
-                }
-                Some(Ok(None)) | None => {
-                    tracing::info!(partition = p, txn = %id, "message for a transaction without a record (expired or never created)");
-                    collect(&id, orphan(&event), &mut batch);
-                    batch.acks.push(entry.id);
-                }
-            }
+        let mut batches = Vec::with_capacity(decoded.len());
+        let mut created = false;
+        for (p, msgs, mut batch) in decoded {
+            let part = self.parts.get_mut(&p).expect("owned");
+            step_entries(part, p, partitions, msgs, &records, t, &mut batch);
+            created |= !batch.created.is_empty();
+            batches.push((p, batch));
         }
-        if !batch.created.is_empty() {
+        if created {
             failpoint::hit(FP_AFTER_CREATE).await;
         }
-        self.write(p, batch).await
+        self.write(batches).await
     }
 
     /// Whether participant `name` reads its stream of partition `p` (its group exists and has
@@ -590,17 +507,70 @@ impl Owner {
         yes
     }
 
-    /// Writes a batch of partition `p` through the fence.
-    async fn write(&mut self, p: u32, batch: Batch) -> Result<()> {
+    /// Writes the batches of several partitions: one fenced call each, all in one pipeline.
+    /// A partition whose call is refused by the fence is dropped (step down); one whose call
+    /// failed is marked stale (reloaded before it handles more), and the error is returned.
+    async fn write(&mut self, batches: Vec<(u32, Batch)>) -> Result<()> {
+        let mut calls = Vec::with_capacity(batches.len());
+        let mut parts = Vec::with_capacity(batches.len());
+        let mut decided = false;
+        for (p, batch) in batches {
+            decided |= batch.decided;
+            if let Some(call) = self.fenced_call(p, batch).await {
+                calls.push(call);
+                parts.push(p);
+            }
+        }
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let replies = match scripts::run(&mut self.conn, &self.url, &calls).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing known about these writes: memory may be ahead of Redis. Reload.
+                for p in &parts {
+                    if let Some(part) = self.parts.get_mut(p) {
+                        part.stale = true;
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let mut failed = None;
+        for (p, reply) in parts.into_iter().zip(replies) {
+            let reply =
+                reply.map_err(|e| Error::redis(&self.url, e)).and_then(|v| scripts::reply_strings(FENCED.name, &v));
+            match reply {
+                Ok(r) if r.first().map(String::as_str) == Some("1") => {}
+                Ok(r) => {
+                    let holder = r.get(1).cloned().unwrap_or_default();
+                    tracing::warn!(partition = p, holder = %holder, "write refused by the fence: the lease moved; stepping down");
+                    self.parts.remove(&p);
+                }
+                Err(e) => {
+                    if let Some(part) = self.parts.get_mut(&p) {
+                        part.stale = true;
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if decided {
+            failpoint::hit(FP_AFTER_DECISION).await;
+        }
+        Ok(())
+    }
+
+    /// The fenced call that writes one partition's batch, if it writes anything.
+    async fn fenced_call(&mut self, p: u32, batch: Batch) -> Option<scripts::Call> {
         let mut w = Writes::default();
         let t_ms = now_ms();
         let retention = self.cfg.retention.as_millis().max(1) as u64;
-        let decided = batch.decided;
         {
-            let part = match self.parts.get(&p) {
-                Some(x) => x,
-                None => return Ok(()),
-            };
+            let part = self.parts.get(&p)?;
             let txn_of = |id: &str| part.txns.get(id).or_else(|| batch.detached.get(id));
             for id in &batch.created {
                 if let Some(txn) = txn_of(id) {
@@ -687,35 +657,14 @@ impl Owner {
             w.push(&stream, args);
         }
         if w.is_empty() {
-            return Ok(());
+            return None;
         }
         let lease_value = self.parts[&p].lease.clone();
         let mut call = FENCED.call().key(keys::lease(p));
         for k in &w.keys {
             call = call.key(k.as_str());
         }
-        let call = call.arg(lease_value.as_str()).arg(w.encode());
-        let result = call.run(&mut self.conn, &self.url).await;
-        let reply = match result.and_then(|v| scripts::reply_strings(FENCED.name, &v)) {
-            Ok(r) => r,
-            Err(e) => {
-                // Nothing known about this write: memory may be ahead of Redis. Reload.
-                if let Some(part) = self.parts.get_mut(&p) {
-                    part.stale = true;
-                }
-                return Err(e);
-            }
-        };
-        if reply.first().map(String::as_str) != Some("1") {
-            let holder = reply.get(1).cloned().unwrap_or_default();
-            tracing::warn!(partition = p, holder = %holder, "write refused by the fence: the lease moved; stepping down");
-            self.parts.remove(&p);
-            return Ok(());
-        }
-        if decided {
-            failpoint::hit(FP_AFTER_DECISION).await;
-        }
-        Ok(())
+        Some(call.arg(lease_value.as_str()).arg(w.encode()))
     }
 }
 
@@ -753,6 +702,116 @@ fn collect(id: &str, out: Output, batch: &mut Batch) {
             Effect::Announce(s) => batch.announce.push((id.to_string(), s.as_str())),
             Effect::Finish => {
                 batch.finished.insert(id.to_string());
+            }
+        }
+    }
+}
+
+/// Steps every entry of one partition's batch (records of transactions not in memory were read
+/// beforehand into `records`).
+fn step_entries(
+    part: &mut Part,
+    p: u32,
+    partitions: u32,
+    msgs: Vec<(StreamId, Message)>,
+    records: &HashMap<(u32, String), std::result::Result<Option<Txn>, String>>,
+    t: Timing,
+    batch: &mut Batch,
+) {
+    for (entry, msg) in msgs {
+        let id = msg.txn().to_string();
+        let event = match msg {
+            Message::Submit(s) => {
+                if !part.txns.contains_key(&id) {
+                    match records.get(&(p, id.clone())).cloned() {
+                        Some(Err(e)) => {
+                            batch.dead.push((entry, format!("the record of {id} cannot be read: {e}")));
+                            continue;
+                        }
+                        Some(Ok(Some(txn))) => {
+                            if !txn.state().is_terminal() {
+                                part.set_timer(&id, None, txn.wake_ms());
+                                part.txns.insert(id.clone(), txn);
+                            }
+                        }
+                        Some(Ok(None)) | None => {
+                            if let Err(e) = s.spec.validate() {
+                                batch.dead.push((entry, format!("invalid spec: {e}")));
+                                continue;
+                            }
+                            let home = keys::partition(&id, partitions);
+                            if home != p {
+                                batch.dead.push((
+                                    entry,
+                                    format!(
+                                        "txn {id} belongs to partition {home} of {partitions}, not {p}: \
+                                         the producer's --partitions differs from the coordinators'"
+                                    ),
+                                ));
+                                continue;
+                            }
+                            let (txn, out) = Txn::create(s.spec, t);
+                            batch.created.insert(id.clone());
+                            part.set_timer(&id, None, txn.wake_ms());
+                            part.txns.insert(id.clone(), txn);
+                            collect(&id, out, batch);
+                            batch.acks.push(entry.id);
+                            continue;
+                        }
+                    }
+                }
+                if !part.txns.contains_key(&id) {
+                    // A finished transaction submitted again: its record tells the outcome.
+                    batch.acks.push(entry.id);
+                    continue;
+                }
+                Event::Submit
+            }
+            Message::Vote(v) => Event::Vote(v),
+            Message::Ack(a) => Event::Ack(a),
+            Message::Result(r) => Event::Result(r),
+            other => {
+                let reason = format!("a `{}` message does not belong on the coordinator stream", other.kind());
+                batch.dead.push((entry, reason));
+                continue;
+            }
+        };
+        if let Some(Ok(Some(txn))) = records.get(&(p, id.clone())) {
+            if !txn.state().is_terminal() && !part.txns.contains_key(&id) {
+                // Live but not in memory (the live set lost it): adopt it.
+                part.set_timer(&id, None, txn.wake_ms());
+                part.txns.insert(id.clone(), txn.clone());
+            }
+        }
+        if part.txns.contains_key(&id) {
+            let rejected = step_live(part, &id, event, t, batch);
+            match rejected {
+                Some(reason) => batch.dead.push((entry, reason)),
+                None => batch.acks.push(entry.id),
+            }
+            continue;
+        }
+        match records.get(&(p, id.clone())) {
+            Some(Err(e)) => batch.dead.push((entry, format!("the record of {id} cannot be read: {e}"))),
+            Some(Ok(Some(txn))) => {
+                // Finished: it may still answer (a late `yes` to an abort gets the abort).
+                let mut txn = batch.detached.remove(&id).unwrap_or_else(|| txn.clone());
+                let out = txn.step(event, t);
+                if let Some(reason) = out.reject.clone() {
+                    batch.dead.push((entry, reason));
+                    continue;
+                }
+                if out.changed {
+                    batch.dirty.insert(id.clone());
+                }
+                collect(&id, out, batch);
+                batch.detached.insert(id.clone(), txn);
+                batch.acks.push(entry.id);
+            }
+            Some(Ok(None)) | None => {
+                tracing::info!(partition = p, txn = %id, "message for a transaction without a record (expired or never created)");
+                collect(&id, orphan(&event), batch);
+                batch.acks.push(entry.id);
             }
         }
     }
