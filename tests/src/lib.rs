@@ -1264,6 +1264,9 @@ impl std::ops::DerefMut for Shop {
     }
 }
 
+/// One step of one order as found: the marker's `a` and `c`, and the barrier state.
+type StepSeen = (Option<i64>, Option<i64>, Option<String>);
+
 /// What [`Shop::check`] counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShopSummary {
@@ -1325,7 +1328,7 @@ impl Shop {
         let mut sum = ShopSummary::default();
         let mut problems = Vec::new();
         // Step markers and barriers of every order, one pipeline per participant.
-        let mut markers: BTreeMap<&str, Vec<(Option<i64>, Option<i64>, Option<String>)>> = BTreeMap::new();
+        let mut markers: BTreeMap<&str, Vec<StepSeen>> = BTreeMap::new();
         for name in SHOP_STEPS {
             let mut c = self.data_conn(name);
             let mut out = Vec::with_capacity(orders.len());
@@ -1371,11 +1374,10 @@ impl Shop {
                 TxnState::Compensated => {
                     sum.compensated += 1;
                     for (n, (a, c, st)) in SHOP_STEPS.iter().zip(&steps) {
-                        let barrier_ok = match (a, st.as_deref()) {
-                            (1, Some("compensated")) => true,
-                            (0, None | Some("failed") | Some("compensated")) => true,
-                            _ => false,
-                        };
+                        let barrier_ok = matches!(
+                            (a, st.as_deref()),
+                            (1, Some("compensated")) | (0, None | Some("failed") | Some("compensated"))
+                        );
                         if *a > 1 || c != a || !barrier_ok {
                             problems.push(format!("{} compensated, but at {n}: a={a} c={c} barrier {st:?}", o.id));
                         }

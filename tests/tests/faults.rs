@@ -288,6 +288,7 @@ fn submit_wait_rides_out_a_stream_redis_restart() {
         .wait_exit(LONG)
         .unwrap_or_else(|| panic!("redtx submit still waits {LONG:?} after the commit:\n{}", submit.output()));
     let code = status.code();
+    eprintln!("redtx submit --wait across the restart exited {code:?}");
     assert!(
         matches!(code, Some(0) | Some(3)),
         "redtx submit exited {status} across a Redis restart:\n{}",

@@ -349,11 +349,6 @@ fn every_saga_message_delivered_twice_is_harmless() {
     assert_eq!(shop.run(&ok.saga()).state, TxnState::Completed);
     assert_eq!(shop.run(&no.saga()).state, TxnState::Compensated);
     wait_quiet(&shop);
-    if std::env::var_os("DEBUG_DUMP").is_some() {
-        for m in shop.coord_messages(&no.id) {
-            eprintln!("COORD {m:?}");
-        }
-    }
     let before = snapshot(&shop, &[&ok, &no]);
 
     // Re-deliver every message: copy each entry's `t` and `m` to a new entry of its stream.
