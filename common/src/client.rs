@@ -149,14 +149,27 @@ impl Client {
     /// connection is retried until `timeout`; then it gives up with [`Error::WaitTimeout`]
     /// (the transaction goes on).
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<TxnRecord> {
+        self.wait_inner(id, timeout, None).await
+    }
+
+    /// `wait`, where `woken` (if given) is a waiter registered before the transaction was
+    /// submitted: every outcome of it comes after, so the first record read can wait for it.
+    async fn wait_inner(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut woken: Option<oneshot::Receiver<()>>,
+    ) -> Result<TxnRecord> {
         let started = Instant::now();
         let mut backoff = crate::consumer::Backoff::default();
         loop {
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = async {
+                if let Some(rx) = woken.take() {
+                    let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), rx).await;
+                }
                 self.start_reader().await?;
-                let (tx, rx) = oneshot::channel();
-                self.waiters.by_txn.lock().unwrap().entry(id.to_string()).or_default().push(tx);
+                let rx = self.register(id);
                 if let Some(r) = self.status(id).await? {
                     if r.state.is_settled() {
                         return Ok(Some(r));
@@ -188,12 +201,25 @@ impl Client {
         }
     }
 
+    /// Registers a waiter for `id`'s next outcome.
+    fn register(&self, id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.by_txn.lock().unwrap().entry(id.to_string()).or_default().push(tx);
+        rx
+    }
+
     /// [`submit`](Self::submit) then [`wait`](Self::wait). A submit that fails for a transient
     /// reason (lost connection, Redis restarting) is retried with the same id until `timeout`:
     /// a second submit never creates a second transaction.
     pub async fn submit_and_wait(&self, spec: &TxnSpec, timeout: Duration) -> Result<TxnRecord> {
         let started = Instant::now();
         let mut backoff = crate::consumer::Backoff::default();
+        // Registered before the submit: the outcome can only come after it, so no record read
+        // is needed before it does (one round trip less per transaction).
+        let woken = match self.start_reader().await {
+            Ok(()) => Some(self.register(&spec.id)),
+            Err(_) => None,
+        };
         let id = loop {
             match self.submit(spec).await {
                 Ok(id) => break id,
@@ -201,10 +227,13 @@ impl Client {
                     tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
                     tokio::time::sleep(backoff.next()).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.forget(&spec.id);
+                    return Err(e);
+                }
             }
         };
-        self.wait(&id, timeout.saturating_sub(started.elapsed())).await
+        self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), woken).await
     }
 
     fn forget(&self, id: &str) {

@@ -761,7 +761,11 @@ fn step_entries(
                     }
                 }
                 if !part.txns.contains_key(&id) {
-                    // A finished transaction submitted again: its record tells the outcome.
+                    // A finished transaction submitted again: announce its outcome again, so
+                    // that a producer waiting on the outcomes stream hears at once.
+                    if let Some(Ok(Some(txn))) = records.get(&(p, id.clone())) {
+                        batch.announce.push((id.clone(), txn.state().as_str()));
+                    }
                     batch.acks.push(entry.id);
                     continue;
                 }
