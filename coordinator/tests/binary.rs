@@ -63,23 +63,18 @@ impl Proc {
 
 /// Starts the binary (1 s leases), optionally with a fail point armed.
 fn coordinator(url: &str, failpoint: Option<&str>) -> Proc {
+    coordinator_resending(url, failpoint, "200ms")
+}
+
+/// [`coordinator`] with decisions re-sent after `resend_every`.
+fn coordinator_resending(url: &str, failpoint: Option<&str>, resend_every: &str) -> Proc {
     let mut cmd = Command::new(BIN);
     let parts = common::PARTITIONS.to_string();
-    cmd.args([
-        "--redis",
-        url,
-        "--partitions",
-        &parts,
-        "--lease",
-        "1s",
-        "--claim-idle",
-        "300ms",
-        "--resend-every",
-        "200ms",
-    ])
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    cmd.args(["--redis", url, "--partitions", &parts, "--lease", "1s", "--claim-idle", "300ms"])
+        .args(["--resend-every", resend_every])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     if let Some(fp) = failpoint {
         cmd.env("REDTX_FAILPOINT", fp);
     }
@@ -159,7 +154,8 @@ async fn killed_after_a_decision_the_next_owner_finishes_from_the_record() {
 async fn an_owner_frozen_past_its_lease_is_fenced_and_steps_down() {
     let env = Env::start().await;
     let url = env.server.url();
-    let mut x = coordinator(&url, None);
+    // No re-sends within the test: a second abort could only come from the frozen owner.
+    let mut x = coordinator_resending(&url, None, "1h");
     env.until("x to own every partition", || async {
         env.lease_owners().await.iter().all(Option::is_some).then_some(())
     })
@@ -174,7 +170,7 @@ async fn an_owner_frozen_past_its_lease_is_fenced_and_steps_down() {
     }
     x.signal("-STOP");
     let x_owner = env.lease_owners().await[0].clone().unwrap();
-    let mut y = coordinator(&url, None);
+    let mut y = coordinator_resending(&url, None, "1h");
     env.until("y to own every partition", || async {
         let o = env.lease_owners().await;
         o.iter().all(|h| h.as_ref().is_some_and(|h| *h != x_owner)).then_some(())
