@@ -30,6 +30,9 @@ pub static RENEW: LuaScript = LuaScript::new("lease_renew", include_str!("../../
 pub static RELEASE: LuaScript =
     LuaScript::new("lease_release", include_str!("../../lua/coordinator/lease_release.lua"));
 
+/// How long a partition must stay free before a coordinator at or above its share takes it.
+pub const GRACE: std::time::Duration = std::time::Duration::from_millis(1000);
+
 /// What one round of [`plan`] decides.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -40,23 +43,23 @@ pub struct Plan {
 }
 
 /// The spreading rule. `owned`: partitions this coordinator holds; `free`: partitions nobody
-/// holds now; `free_before`: those free at the previous round; `live`: live coordinators
-/// (at least 1, this one).
+/// holds now; `free_long`: those free for at least [`GRACE`]; `live`: live coordinators (at
+/// least 1, this one).
 pub fn plan(
     partitions: u32,
     live: usize,
     owned: &BTreeSet<u32>,
     free: &BTreeSet<u32>,
-    free_before: &BTreeSet<u32>,
+    free_long: &BTreeSet<u32>,
 ) -> Plan {
     let share = (partitions as usize).div_ceil(live.max(1));
     let mut p = Plan::default();
     if owned.len() < share {
         p.acquire.extend(free.iter().take(share - owned.len()));
     }
-    // Partitions left free for a whole round (their owner died and the others are full): take
-    // them anyway; availability first, the share evens out later.
-    for f in free.intersection(free_before) {
+    // Partitions left free for a while (their owner died and the others are full): take them
+    // anyway; availability first, the share evens out later.
+    for f in free.intersection(free_long) {
         if !p.acquire.contains(f) {
             p.acquire.push(*f);
         }
@@ -186,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn partitions_left_free_for_a_round_are_taken_beyond_the_share() {
+    fn partitions_left_free_for_a_while_are_taken_beyond_the_share() {
         let p = plan(8, 3, &set(&[0, 1, 2]), &set(&[6, 7]), &set(&[6, 7]));
         assert_eq!(p.acquire, vec![6, 7]);
         assert!(p.release.is_empty(), "never give up while some are free");

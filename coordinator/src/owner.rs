@@ -66,11 +66,21 @@ struct Part {
     claim_from: String,
     /// Memory is stale (a write failed): reload before handling more.
     stale: bool,
+    /// Per transaction, entries whose effect is in memory but not yet in the record: acked
+    /// with the transaction's next write.
+    held: HashMap<String, BTreeSet<String>>,
 }
 
 impl Part {
     fn new(lease: String) -> Part {
-        Part { lease, txns: HashMap::new(), timers: BTreeSet::new(), claim_from: "0-0".into(), stale: true }
+        Part {
+            lease,
+            txns: HashMap::new(),
+            timers: BTreeSet::new(),
+            claim_from: "0-0".into(),
+            stale: true,
+            held: HashMap::new(),
+        }
     }
 
     fn set_timer(&mut self, id: &str, old: Option<u64>, new: Option<u64>) {
@@ -149,7 +159,8 @@ pub struct Owner {
     read_conn: MultiplexedConnection,
     conn: MultiplexedConnection,
     parts: BTreeMap<u32, Part>,
-    free_before: BTreeSet<u32>,
+    /// Since when each partition has been seen free.
+    free_since: HashMap<u32, Instant>,
     last_round: Option<Instant>,
     last_renew: Instant,
     last_trim: Instant,
@@ -171,7 +182,7 @@ impl Owner {
             read_conn,
             conn,
             parts: BTreeMap::new(),
-            free_before: BTreeSet::new(),
+            free_since: HashMap::new(),
             last_round: None,
             last_renew: Instant::now(),
             last_trim: Instant::now(),
@@ -264,8 +275,13 @@ impl Owner {
         let (live, free) =
             lease::survey(&mut self.conn, &self.url, &self.me, now_ms(), ttl, self.cfg.partitions).await?;
         let owned: BTreeSet<u32> = self.parts.keys().copied().collect();
-        let plan = lease::plan(self.cfg.partitions, live, &owned, &free, &self.free_before);
-        self.free_before = free;
+        self.free_since.retain(|p, _| free.contains(p));
+        for p in &free {
+            self.free_since.entry(*p).or_insert_with(Instant::now);
+        }
+        let free_long: BTreeSet<u32> =
+            self.free_since.iter().filter(|(_, t)| t.elapsed() >= lease::GRACE).map(|(p, _)| *p).collect();
+        let plan = lease::plan(self.cfg.partitions, live, &owned, &free, &free_long);
         if !plan.acquire.is_empty() {
             for (p, value) in lease::acquire(&mut self.conn, &self.url, &self.me, ttl, &plan.acquire).await? {
                 tracing::info!(partition = p, lease = %value, "acquired partition");
@@ -314,6 +330,7 @@ impl Owner {
         }
         let n = txns.len();
         part.txns = txns;
+        part.held.clear();
         part.stale = false;
         part.claim_from = "0-0".into();
         tracing::info!(partition = p, live = n, took = ?started.elapsed(), "partition loaded");
@@ -649,7 +666,17 @@ impl Owner {
             let counts = keys::dead_letter_counts(p);
             w.push(&counts, vec![b("HINCRBY"), b(&counts), b(&stream), b("1")]);
         }
+        // Entries held for the transactions written now are recorded by this write.
+        let mut held = Vec::new();
+        if let Some(part) = self.parts.get_mut(&p) {
+            for id in batch.created.iter().chain(&batch.dirty).chain(&batch.finished) {
+                if let Some(ids) = part.held.remove(id) {
+                    held.extend(ids);
+                }
+            }
+        }
         let mut acks: Vec<&str> = batch.acks.iter().map(String::as_str).collect();
+        acks.extend(held.iter().map(String::as_str));
         acks.extend(batch.dead.iter().map(|(e, _)| e.id.as_str()));
         if !acks.is_empty() {
             let mut args = vec![b("XACK"), b(&stream), b(keys::COORD_GROUP)];
@@ -670,17 +697,45 @@ impl Owner {
 
 /// Steps a live transaction of `part`, keeping its timer; returns the reject reason if any.
 fn step_live(part: &mut Part, id: &str, event: Event, t: Timing, batch: &mut Batch) -> Option<String> {
+    step_live_entry(part, id, event, None, t, batch)
+}
+
+/// Steps a live transaction for `event`, which came in stream entry `entry` (`None`: a tick).
+/// The entry is acked with the write that records what it changed. An event that changes only
+/// the transaction's counters (a vote or an ack that is not the last, a repeat) is not written
+/// on its own: its entry is held pending until the transaction's next write, which records it
+/// with the rest; a new owner replays such entries. Returns the reject reason, if any.
+fn step_live_entry(
+    part: &mut Part,
+    id: &str,
+    event: Event,
+    entry: Option<String>,
+    t: Timing,
+    batch: &mut Batch,
+) -> Option<String> {
     let txn = part.txns.get_mut(id)?;
     let before = txn.wake_ms();
+    let state_before = txn.state();
     let out = txn.step(event, t);
     if out.reject.is_some() {
         return out.reject;
     }
     let after = txn.wake_ms();
-    if out.changed {
+    let essential =
+        txn.state() != state_before || out.effects.iter().any(|e| !matches!(e, Effect::Send { resend: true, .. }));
+    let finished = out.effects.contains(&Effect::Finish);
+    let write = out.changed && (essential || entry.is_none());
+    if write {
         batch.dirty.insert(id.to_string());
     }
-    let finished = out.effects.contains(&Effect::Finish);
+    match entry {
+        Some(e) if !write && (out.changed || part.held.contains_key(id)) => {
+            // Memory is (or was already) ahead of the record for this transaction.
+            part.held.entry(id.to_string()).or_default().insert(e);
+        }
+        Some(e) => batch.acks.push(e),
+        None => {}
+    }
     collect(id, out, batch);
     if finished {
         part.set_timer(id, before, None);
@@ -788,14 +843,15 @@ fn step_entries(
             }
         }
         if part.txns.contains_key(&id) {
-            let rejected = step_live(part, &id, event, t, batch);
-            match rejected {
-                Some(reason) => batch.dead.push((entry, reason)),
-                None => batch.acks.push(entry.id),
+            let entry_id = entry.id.clone();
+            if let Some(reason) = step_live_entry(part, &id, event, Some(entry_id), t, batch) {
+                batch.dead.push((entry, reason));
             }
             continue;
         }
-        match records.get(&(p, id.clone())) {
+        // A transaction that finished earlier in this batch is answered like a finished record.
+        let finished_here = batch.detached.get(&id).cloned().map(|t| Ok(Some(t)));
+        match finished_here.as_ref().or(records.get(&(p, id.clone()))) {
             Some(Err(e)) => batch.dead.push((entry, format!("the record of {id} cannot be read: {e}"))),
             Some(Ok(Some(txn))) => {
                 // Finished: it may still answer (a late `yes` to an abort gets the abort).
