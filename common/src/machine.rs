@@ -43,7 +43,7 @@
 //! | compensating | compensation `done`                     | compensating | `compensate` the next step, in reverse order |
 //! | compensating | last compensation `done`                | compensated  | announce; finish                          |
 //! | compensating | compensation `failed`/`error`/no result, attempts < B | compensating | `compensate` again after the backoff |
-//! | compensating | the same at attempt B                   | stuck        | announce `stuck`; retried every 30 s      |
+//! | compensating | the same at attempt B                   | stuck        | announce `stuck`; retried, backing off to 30 s |
 //! | stuck        | compensation `done`                     | compensating (or compensated) | go on                    |
 //! | any          | a result of a step not in flight (repeat, late) | same  | —                                         |
 //!
@@ -713,7 +713,8 @@ impl Txn {
         b.at_ms = Some(t.now_ms);
         out.changed = true;
         if b.attempts >= retry.limit {
-            b.retry_at_ms = Some(t.now_ms + MAX_RESEND_DELAY_MS);
+            // Still retried, the backoff doubling on up to 30 s: never dropped.
+            b.retry_at_ms = Some(t.now_ms + backoff_ms(retry.backoff_ms, b.attempts));
             if self.progress.state != TxnState::Stuck {
                 self.progress.state = TxnState::Stuck;
                 out.effects.push(Effect::Announce(TxnState::Stuck));

@@ -477,3 +477,38 @@ fn concurrent_orders_conserve_stock_and_money_across_kills() {
     assert!(shop.dead_letters().is_empty(), "{:?}", shop.dead_letters());
     shop.assert_running(&["coordinator#2", "orders#1", "stock#2", "payment#1"]);
 }
+
+#[test]
+fn a_compensation_that_keeps_failing_is_stuck_then_finishes_once_it_can() {
+    let shop = shop_with(ClusterOptions::default());
+    // Step 0's compensation is guarded by a flag an operator has not set yet; step 1 fails
+    // (10 widgets wanted, 10 in stock, but ann cannot pay 1000), so step 0 must be undone.
+    let spec = serde_json::json!({
+        "id": "stuck-1", "mode": "saga", "timeout": "20s",
+        "retry": {"limit": 2, "backoff": "20ms", "step_timeout": "2s"},
+        "steps": [
+            {"participant": "stock",
+             "action": [{"op": "incrby", "key": "stock:widget", "by": -10, "min": 0}],
+             "compensation": [{"op": "expect", "key": "undo-allowed", "value": "yes"},
+                              {"op": "incrby", "key": "stock:widget", "by": 10}]},
+            {"participant": "payment",
+             "action": [{"op": "incrby", "key": "bal:ann", "by": -1000, "min": 0}],
+             "compensation": [{"op": "incrby", "key": "bal:ann", "by": 1000}]}]
+    })
+    .to_string();
+    let out = redtx("submit", &shop.url(), &["--wait", "--json", "-"], Some(spec.as_bytes()));
+    assert_eq!(out.code, Some(6), "stuck exits 6: {out:?}");
+    assert_eq!(out.json()["state"], "stuck", "{out:?}");
+    assert_eq!(shop.int("stock", "stock:widget"), 0, "not undone yet");
+    let st = redtx("status", &shop.url(), &["stuck-1"], None);
+    assert!(st.stdout.contains("stuck") && st.stdout.contains("undo-allowed"), "{st:?}");
+    // It is still retried: once the guard can pass, the saga finishes, undoing step 0 once.
+    let mut c = shop.data_conn("stock");
+    let _: () = c.set("undo-allowed", "yes").unwrap();
+    let rec = shop.wait("stuck-1");
+    assert_eq!(rec.state, TxnState::Compensated, "{rec:?}");
+    assert!(rec.branches[0].attempts > 2, "{rec:?}");
+    assert_eq!(shop.int("stock", "stock:widget"), 10);
+    assert_eq!(shop.int("payment", "bal:ann"), 100);
+    assert_eq!(compensations_done(&shop, "stuck-1"), vec![0]);
+}
