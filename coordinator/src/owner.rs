@@ -113,17 +113,13 @@ impl Writes {
         self.cmds.is_empty()
     }
 
-    /// The MessagePack array of arrays of strings `fenced.lua` unpacks (Redis's `cmsgpack`
-    /// reads no `bin` type, so binary arguments travel as `str`: it does not check UTF-8).
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 * self.cmds.len());
-        rmp::encode::write_array_len(&mut out, self.cmds.len() as u32).expect("vec write");
-        for c in &self.cmds {
-            rmp::encode::write_array_len(&mut out, c.len() as u32).expect("vec write");
-            for a in c {
-                rmp::encode::write_str_len(&mut out, a.len() as u32).expect("vec write");
-                out.extend_from_slice(a);
-            }
+    /// `fenced.lua`'s ARGV after the lease value: each command as its argument count, then
+    /// its arguments.
+    fn args(self) -> Vec<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.cmds.iter().map(|c| c.len() + 1).sum());
+        for c in self.cmds {
+            out.push(c.len().to_string().into_bytes());
+            out.extend(c);
         }
         out
     }
@@ -691,7 +687,11 @@ impl Owner {
         for k in &w.keys {
             call = call.key(k.as_str());
         }
-        Some(call.arg(lease_value.as_str()).arg(w.encode()))
+        let mut call = call.arg(lease_value.as_str());
+        for a in w.args() {
+            call = call.arg(a);
+        }
+        Some(call)
     }
 }
 

@@ -293,15 +293,7 @@ async fn a_write_with_a_moved_lease_is_refused_whole() {
     let env = Env::start().await;
     let mut c = env.conn.clone();
     let _: () = c.set(keys::lease(1), "7:someone-else").await.unwrap();
-    let cmds = {
-        let mut out = Vec::new();
-        rmp::encode::write_array_len(&mut out, 1).unwrap();
-        rmp::encode::write_array_len(&mut out, 3).unwrap();
-        for a in ["SET", "rtx:probe:{1}", "x"] {
-            rmp::encode::write_str(&mut out, a).unwrap();
-        }
-        out
-    };
+    let cmds: Vec<&str> = vec!["3", "SET", "rtx:probe:{1}", "x"];
     let url = redtx_common::conn::RedisUrl::parse(&env.server.url()).unwrap();
     let call = redtx_coordinator::owner::FENCED.call().key(keys::lease(1)).key("rtx:probe:{1}");
     let v = call.clone().arg("6:me").arg(cmds.clone()).run(&mut c, &url).await.unwrap();

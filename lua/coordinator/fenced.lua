@@ -11,8 +11,8 @@ Input:
   KEYS[1]      the lease, rtx:lease:{P} (string "<token>:<owner>")
   KEYS[2..]    every key the commands touch (declared for Redis Cluster; all carry {P})
   ARGV[1]      the lease value the caller holds
-  ARGV[2]      the commands: a MessagePack array of arrays of strings, each one Redis command
-               with its arguments (e.g. {"XADD", "rtx:part:a:{3}", "*", "t", "prepare", ...})
+  ARGV[2..]    the commands, one after the other, each as its argument count n followed by its
+               n arguments (the command name first), e.g. 3, "ZREM", "rtx:live:{3}", "t1", ...
 
 Output:
   {1, n}             applied: n commands ran
@@ -23,8 +23,11 @@ local holder = rcall('GET', KEYS[1])
 if holder ~= ARGV[1] then
   return {0, holder or ''}
 end
-local cmds = cmsgpack.unpack(ARGV[2])
-for i = 1, #cmds do
-  rcall(unpack(cmds[i]))
+local i, n, count = 2, #ARGV, 0
+while i <= n do
+  local len = tonumber(ARGV[i])
+  rcall(unpack(ARGV, i + 1, i + len))
+  i = i + len + 1
+  count = count + 1
 end
-return {1, #cmds}
+return {1, count}
