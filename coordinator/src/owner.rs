@@ -520,56 +520,67 @@ impl Owner {
         yes
     }
 
-    /// Writes the batches of several partitions: one fenced call each, all in one pipeline.
-    /// A partition whose call is refused by the fence is dropped (step down); one whose call
-    /// failed is marked stale (reloaded before it handles more), and the error is returned.
+    /// Writes the batches of several partitions in ONE fenced call, checked against every
+    /// lease it writes under: all of it or none of it is applied. A partition whose lease moved
+    /// is dropped (step down) and the others are marked stale (reloaded before they handle more;
+    /// their entries stay pending); a call that failed marks them all stale and returns the
+    /// error.
     async fn write(&mut self, batches: Vec<(u32, Batch)>) -> Result<()> {
-        let mut calls = Vec::with_capacity(batches.len());
         let mut parts = Vec::with_capacity(batches.len());
+        let mut all = Writes::default();
         let mut decided = false;
         for (p, batch) in batches {
             decided |= batch.decided;
-            if let Some(call) = self.fenced_call(p, batch).await {
-                calls.push(call);
+            if let Some(w) = self.partition_writes(p, batch).await {
                 parts.push(p);
+                all.cmds.extend(w.cmds);
+                all.keys.extend(w.keys);
             }
         }
-        if calls.is_empty() {
+        if parts.is_empty() {
             return Ok(());
         }
-        let replies = match scripts::run(&mut self.conn, &self.url, &calls).await {
-            Ok(r) => r,
-            Err(e) => {
-                // Nothing known about these writes: memory may be ahead of Redis. Reload.
-                for p in &parts {
-                    if let Some(part) = self.parts.get_mut(p) {
-                        part.stale = true;
-                    }
+        let mut call = FENCED.call();
+        for p in &parts {
+            call = call.key(keys::lease(*p));
+        }
+        for k in &all.keys {
+            call = call.key(k.as_str());
+        }
+        call = call.arg(parts.len());
+        for p in &parts {
+            call = call.arg(self.parts[p].lease.as_str());
+        }
+        for a in all.args() {
+            call = call.arg(a);
+        }
+        let reply = call.run(&mut self.conn, &self.url).await.and_then(|v| scripts::reply_strings(FENCED.name, &v));
+        let stale = |owner: &mut Owner| {
+            for p in &parts {
+                if let Some(part) = owner.parts.get_mut(p) {
+                    part.stale = true;
                 }
-                return Err(e);
             }
         };
-        let mut failed = None;
-        for (p, reply) in parts.into_iter().zip(replies) {
-            let reply =
-                reply.map_err(|e| Error::redis(&self.url, e)).and_then(|v| scripts::reply_strings(FENCED.name, &v));
-            match reply {
-                Ok(r) if r.first().map(String::as_str) == Some("1") => {}
-                Ok(r) => {
-                    let holder = r.get(1).cloned().unwrap_or_default();
+        match reply {
+            Ok(r) if r.first().map(String::as_str) == Some("1") => {}
+            Ok(r) => {
+                // Nothing was written. The partition that lost its lease is dropped; the others
+                // go on after a reload.
+                let lost = r.get(1).and_then(|i| i.parse::<usize>().ok()).and_then(|i| parts.get(i.wrapping_sub(1)));
+                let holder = r.get(2).cloned().unwrap_or_default();
+                stale(self);
+                if let Some(&p) = lost {
                     tracing::warn!(partition = p, holder = %holder, "write refused by the fence: the lease moved; stepping down");
                     self.parts.remove(&p);
                 }
-                Err(e) => {
-                    if let Some(part) = self.parts.get_mut(&p) {
-                        part.stale = true;
-                    }
-                    failed = Some(e);
-                }
+                return Ok(());
             }
-        }
-        if let Some(e) = failed {
-            return Err(e);
+            Err(e) => {
+                // Nothing known about this write: memory may be ahead of Redis. Reload.
+                stale(self);
+                return Err(e);
+            }
         }
         if decided {
             failpoint::hit(FP_AFTER_DECISION).await;
@@ -577,8 +588,8 @@ impl Owner {
         Ok(())
     }
 
-    /// The fenced call that writes one partition's batch, if it writes anything.
-    async fn fenced_call(&mut self, p: u32, batch: Batch) -> Option<scripts::Call> {
+    /// The commands that write one partition's batch, if it writes anything.
+    async fn partition_writes(&mut self, p: u32, batch: Batch) -> Option<Writes> {
         let mut w = Writes::default();
         let t_ms = now_ms();
         let retention = self.cfg.retention.as_millis().max(1) as u64;
@@ -682,16 +693,7 @@ impl Owner {
         if w.is_empty() {
             return None;
         }
-        let lease_value = self.parts[&p].lease.clone();
-        let mut call = FENCED.call().key(keys::lease(p));
-        for k in &w.keys {
-            call = call.key(k.as_str());
-        }
-        let mut call = call.arg(lease_value.as_str());
-        for a in w.args() {
-            call = call.arg(a);
-        }
-        Some(call)
+        Some(w)
     }
 }
 

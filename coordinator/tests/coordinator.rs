@@ -296,16 +296,24 @@ async fn a_write_with_a_moved_lease_is_refused_whole() {
     let cmds: Vec<&str> = vec!["3", "SET", "rtx:probe:{1}", "x"];
     let url = redtx_common::conn::RedisUrl::parse(&env.server.url()).unwrap();
     let call = redtx_coordinator::owner::FENCED.call().key(keys::lease(1)).key("rtx:probe:{1}");
-    let v = call.clone().arg("6:me").arg(cmds.clone()).run(&mut c, &url).await.unwrap();
-    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["0", "7:someone-else"]);
+    let v = call.clone().arg(1).arg("6:me").arg(cmds.clone()).run(&mut c, &url).await.unwrap();
+    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["0", "1", "7:someone-else"]);
     assert!(!c.exists::<_, bool>("rtx:probe:{1}").await.unwrap(), "nothing written");
-    let v = call.clone().arg("7:someone-else").arg(cmds.clone()).run(&mut c, &url).await.unwrap();
+    let v = call.clone().arg(1).arg("7:someone-else").arg(cmds.clone()).run(&mut c, &url).await.unwrap();
     assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["1", "1"]);
     assert_eq!(c.get::<_, String>("rtx:probe:{1}").await.unwrap(), "x");
     // A lapsed lease fences too.
     let _: () = c.del(keys::lease(1)).await.unwrap();
-    let v = call.arg("7:someone-else").arg(cmds).run(&mut c, &url).await.unwrap();
-    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["0", ""]);
+    let v = call.clone().arg(1).arg("7:someone-else").arg(cmds.clone()).run(&mut c, &url).await.unwrap();
+    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["0", "1", ""]);
+    // Two partitions: the second lease moved, so nothing is written for the first either.
+    let _: () = c.set(keys::lease(1), "8:me").await.unwrap();
+    let _: () = c.set(keys::lease(2), "9:other").await.unwrap();
+    let two = redtx_coordinator::owner::FENCED.call().key(keys::lease(1)).key(keys::lease(2)).key("rtx:probe:{1}");
+    let v =
+        two.arg(2).arg("8:me").arg("8:me").arg(vec!["3", "SET", "rtx:probe:{1}", "y"]).run(&mut c, &url).await.unwrap();
+    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["0", "2", "9:other"]);
+    assert_eq!(c.get::<_, String>("rtx:probe:{1}").await.unwrap(), "x");
 }
 
 #[tokio::test]
