@@ -160,6 +160,7 @@ pub struct Owner {
     last_round: Option<Instant>,
     last_renew: Instant,
     last_trim: Instant,
+    last_claim: Instant,
     consuming: HashMap<(String, u32), (bool, Instant)>,
 }
 
@@ -182,6 +183,7 @@ impl Owner {
             last_round: None,
             last_renew: Instant::now(),
             last_trim: Instant::now(),
+            last_claim: Instant::now(),
             consuming: HashMap::new(),
         })
     }
@@ -242,11 +244,19 @@ impl Owner {
             self.last_round = Some(Instant::now());
             self.ownership().await?;
             let owned: Vec<u32> = self.parts.keys().copied().collect();
+            // Idle entries are looked for twice per `--claim-idle`, not every round: each look
+            // is a round trip per partition that delays the entries arriving meanwhile.
+            let claim = self.last_claim.elapsed() >= self.cfg.claim_idle / 2;
+            if claim {
+                self.last_claim = Instant::now();
+            }
             for p in owned {
                 if self.parts.get(&p).is_some_and(|x| x.stale) {
                     self.reload(p).await?;
                 }
-                self.claim(p, self.cfg.claim_idle).await?;
+                if claim {
+                    self.claim(p, self.cfg.claim_idle).await?;
+                }
             }
             if self.last_trim.elapsed() >= Duration::from_secs(10) {
                 self.last_trim = Instant::now();

@@ -88,8 +88,31 @@ local function simulate(ops)
     return name .. ': ' .. key .. ' is a ' .. s.t .. ', ' .. op .. ' needs a ' .. want
   end
 
+  -- A decimal in Redis's integer syntax short enough (15 digits) for a Lua number to hold it,
+  -- and any sum of two of them, exactly; nil otherwise.
+  local function small(s)
+    if #s <= 15 and (string.find(s, '^-?[1-9][0-9]*$') or s == '0') then
+      return tonumber(s)
+    end
+    return nil
+  end
+
   -- Checks a counter change; returns the new value or nil plus a refusal reason.
   local function bump(what, cur_raw, by_raw, min_raw, max_raw)
+    -- Fast path: every number small, so doubles are exact; else exact decimal arithmetic.
+    local c, b = (cur_raw and small(cur_raw)) or (not cur_raw and 0), small(by_raw)
+    local lo, hi = min_raw == '' or small(min_raw), max_raw == '' or small(max_raw)
+    if c and b and lo and hi then
+      local n = c + b
+      local shown = string.format('%d', n)
+      if lo ~= true and n < lo then
+        return nil, name .. ': ' .. what .. ' would be ' .. shown .. ', below min ' .. min_raw
+      end
+      if hi ~= true and n > hi then
+        return nil, name .. ': ' .. what .. ' would be ' .. shown .. ', above max ' .. max_raw
+      end
+      return shown
+    end
     local cur = ZERO
     if cur_raw then
       cur = parse_int(cur_raw)

@@ -22,6 +22,9 @@ fn interesting() -> impl Strategy<Value = i64> {
         (0i64..5).prop_map(|d| i64::MAX - d),
         (0i64..5).prop_map(|d| i64::MIN + d),
         -1000i64..1000,
+        // Around the fast path's edge (15 digits: Lua numbers, exact) and just past it.
+        (-3i64..=3).prop_map(|d| 999_999_999_999_999 + d),
+        (-3i64..=3).prop_map(|d| -999_999_999_999_999 + d),
         any::<i64>(),
     ]
 }
