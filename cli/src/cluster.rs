@@ -57,6 +57,24 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Waits for every producer task; on the first failure, stops the workers and returns it.
+    pub async fn join_producers(
+        &mut self,
+        mut producers: tokio::task::JoinSet<Result<(), Error>>,
+    ) -> Result<(), Error> {
+        let mut failure = None;
+        while let Some(r) = producers.join_next().await {
+            if let Ok(Err(e)) = r {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failure {
+            self.stop_workers().await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Starts one private server (AOF off) per participant in `names`, or uses `redis` for the
     /// streams and every participant; on a shared Redis the keys carry `<label>:<run id>:` and
     /// the participants are named `<label>-<run id>-<name>` so runs never mix. No workers yet.

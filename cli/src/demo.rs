@@ -172,18 +172,9 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
             Ok(())
         });
     }
-    let mut failure = None;
-    while let Some(r) = producers.join_next().await {
-        if let Ok(Err(e)) = r {
-            failure.get_or_insert(e);
-        }
-    }
+    cluster.join_producers(producers).await?;
     let elapsed = started.elapsed();
     bar.finish_and_clear();
-    if let Some(e) = failure {
-        cluster.stop_workers().await;
-        return Err(e);
-    }
 
     // Decided aborts are answered before every bank released its locks: let them finish.
     let aborting = std::mem::take(&mut *tally.aborting.lock().unwrap());

@@ -190,18 +190,9 @@ pub async fn run(args: DemoArgs) -> Result<Exit, Error> {
             }
         });
     }
-    let mut failure = None;
-    while let Some(r) = producers.join_next().await {
-        if let Ok(Err(e)) = r {
-            failure.get_or_insert(e);
-        }
-    }
+    cluster.join_producers(producers).await?;
     let elapsed = started.elapsed();
     bar.finish_and_clear();
-    if let Some(e) = failure {
-        cluster.stop_workers().await;
-        return Err(e);
-    }
 
     // A producer is answered on `stuck` too, and gives up after WAIT: give those a last chance to
     // end before judging them.
