@@ -21,7 +21,7 @@ struct Args {
     #[arg(long, env = URL_ENV, hide_env_values = true)]
     redis: Option<String>,
     /// Number of partitions; the same for the whole deployment (producers, participants).
-    #[arg(long, default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, env = "REDTX_PARTITIONS", default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=redtx_common::keys::MAX_PARTITIONS as i64))]
     partitions: u32,
     /// Time to live of a partition lease: a dead coordinator's partitions move after this.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]

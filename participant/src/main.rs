@@ -26,7 +26,7 @@ struct Args {
     #[arg(long)]
     data: Option<String>,
     /// Number of partitions of the deployment (the same for every process)
-    #[arg(long, default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=redtx_common::keys::MAX_PARTITIONS as i64))]
+    #[arg(long, env = "REDTX_PARTITIONS", default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=redtx_common::keys::MAX_PARTITIONS as i64))]
     partitions: u32,
     /// Most entries read (and scripts pipelined) at once
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
