@@ -45,6 +45,10 @@ pub const FP_AFTER_DECISION: &str = "coordinator-after-decision";
 /// Outcome stream cap (`MAXLEN ~`).
 pub const OUTCOMES_MAXLEN: usize = 100_000;
 
+/// Most entry ids in one `XACK` of a fenced write (Lua's `unpack` in `fenced.lua` takes a few
+/// thousand arguments at most).
+const MAX_ACKS_PER_COMMAND: usize = 1000;
+
 /// How often leases, membership and idle entries are looked at.
 pub const TICK: Duration = Duration::from_millis(250);
 
@@ -695,9 +699,10 @@ impl Owner {
         let mut acks: Vec<&str> = batch.acks.iter().map(String::as_str).collect();
         acks.extend(held.iter().map(String::as_str));
         acks.extend(batch.dead.iter().map(|(e, _)| e.id.as_str()));
-        if !acks.is_empty() {
+        // In chunks: Lua's `unpack` in fenced.lua takes a few thousand arguments at most.
+        for chunk in acks.chunks(MAX_ACKS_PER_COMMAND) {
             let mut args = vec![b("XACK"), b(&stream), b(keys::COORD_GROUP)];
-            args.extend(acks.iter().map(b));
+            args.extend(chunk.iter().map(b));
             w.push(&stream, args);
         }
         if w.is_empty() {
@@ -790,7 +795,9 @@ fn step_entries(
         let event = match msg {
             Message::Submit(s) => {
                 if !part.txns.contains_key(&id) {
-                    match records.get(&(p, id.clone())).cloned() {
+                    // Finished earlier in this batch: its record is the detached copy.
+                    let finished_here = batch.detached.get(&id).cloned().map(|t| Ok(Some(t)));
+                    match finished_here.or_else(|| records.get(&(p, id.clone())).cloned()) {
                         Some(Err(e)) => {
                             batch.dead.push((entry, format!("the record of {id} cannot be read: {e}")));
                             continue;
@@ -830,8 +837,13 @@ fn step_entries(
                 if !part.txns.contains_key(&id) {
                     // A finished transaction submitted again: announce its outcome again, so
                     // that a producer waiting on the outcomes stream hears at once.
-                    if let Some(Ok(Some(txn))) = records.get(&(p, id.clone())) {
-                        batch.announce.push((id.clone(), txn.state().as_str()));
+                    let state =
+                        batch.detached.get(&id).map(Txn::state).or_else(|| match records.get(&(p, id.clone())) {
+                            Some(Ok(Some(txn))) => Some(txn.state()),
+                            _ => None,
+                        });
+                    if let Some(state) = state {
+                        batch.announce.push((id.clone(), state.as_str()));
                     }
                     batch.acks.push(entry.id);
                     continue;

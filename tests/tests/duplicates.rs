@@ -5,7 +5,7 @@
 
 use redis::Commands;
 use redtx_common::machine::Phase;
-use redtx_common::protocol::{Ack, Message, Outcome, Prepare, Vote};
+use redtx_common::protocol::{Ack, Message, Outcome, Prepare, Submit, Vote};
 use redtx_common::record::TxnState;
 use redtx_common::spec::{Branch, Op, TxnSpec};
 use redtx_tests::*;
@@ -357,5 +357,45 @@ fn a_repeated_vote_in_the_batch_that_finishes_its_txn_gets_no_abort() {
     poll("bank-b drained", LONG, || drained(&mut s, &stream).then_some(()));
     assert!(bank.dead_letters().is_empty(), "{:?}", bank.dead_letters());
     assert_eq!(bank.balance(Side::B, "acct:bob"), 10);
+    bank.assert_clean();
+}
+
+#[test]
+fn a_submit_repeated_in_the_batch_that_finishes_its_txn_creates_nothing() {
+    // The batch holding a transaction's last ack also holds a repeat of its submit (a producer
+    // retrying): the submit must find the transaction that just finished, not create it again
+    // (which would overwrite the committed record and send new prepares).
+    let fp = "participant-after-commit";
+    let mut bank = Bank::start_with(ClusterOptions::default().failpoint("bank-b", fp));
+    bank.seed(Side::A, "acct:alice", 100);
+    let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10).with_id("t-last-submit");
+    let id = bank.submit(&spec);
+    bank.bank(Side::B)[0].wait_for_line("failpoint participant-after-commit reached", LONG);
+    bank.bank(Side::B)[0].kill9();
+    bank.wait_record(&id, "bank-a acked", LONG, |r| r.branches[0].phase == Phase::Committed);
+
+    let ack =
+        Message::Ack(Ack { txn: id.clone(), branch: 1, participant: "bank-b".into(), outcome: Outcome::Committed });
+    let submit = Message::Submit(Submit { spec: spec.clone(), submitted_ms: 0 });
+    let coord = keys::coord_stream(partition(&id));
+    let mut s = bank.stream_conn();
+    let mut tx = redis::pipe();
+    tx.atomic();
+    tx.xadd(&coord, "*", &ack.fields()).ignore();
+    tx.xadd(&coord, "*", &submit.fields()).ignore();
+    let _: () = tx.query(&mut s).unwrap();
+    poll("the coordinator handled both", LONG, || drained(&mut s, &coord).then_some(()));
+    let rec = bank.wait(&id);
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    let prepares = bank.sent_to("bank-a", &id).into_iter().filter(|m| matches!(m, Message::Prepare(_))).count();
+    assert_eq!(prepares, 1, "the repeated submit sent new prepares");
+    let live: Vec<String> = redis::cmd("ZRANGE").arg(keys::live(partition(&id))).arg(0).arg(-1).query(&mut s).unwrap();
+    assert!(!live.contains(&id), "{live:?}");
+
+    bank.start_participant(Side::B, None);
+    let stream = keys::participant_stream("bank-b", partition(&id));
+    poll("bank-b drained", LONG, || drained(&mut s, &stream).then_some(()));
+    assert!(bank.dead_letters().is_empty(), "{:?}", bank.dead_letters());
+    assert_eq!(bank.record(&id).unwrap().state, TxnState::Committed);
     bank.assert_clean();
 }
