@@ -10,6 +10,7 @@ use redtx_common::keys;
 use redtx_common::machine::Phase;
 use redtx_common::protocol::{Message, Outcome, StepKind, StepStatus};
 use redtx_common::record::TxnState;
+use std::collections::HashMap;
 use std::time::Duration;
 
 #[tokio::test]
@@ -479,5 +480,38 @@ async fn a_saga_runs_forward_and_compensates_in_reverse() {
     assert_eq!(rec.failed_step, Some(2));
     assert_eq!(rec.reason.as_deref(), Some("c: why"));
     assert_eq!(env.inbox_kinds("c", "s1").await, vec!["execute"], "the failed step applied nothing");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_of_thousands_of_entries_is_written_whole() {
+    let mut env = Env::start().await;
+    let mut cfg = env.config();
+    cfg.partitions = 1; // one partition, one read: every entry in one write
+    cfg.batch = 10_000;
+    let mut c = env.conn.clone();
+    let mut p = redis::pipe();
+    for i in 0..9000 {
+        let m = Message::Vote(redtx_common::protocol::Vote {
+            txn: format!("ghost{i}"),
+            branch: 0,
+            participant: "a".into(),
+            yes: false,
+            reason: None,
+        });
+        p.xadd(keys::coord_stream(0), "*", &m.fields()).ignore();
+    }
+    let _: () = p.query_async(&mut c).await.unwrap();
+    env.spawn(cfg);
+    env.until("every entry acked", || async {
+        let mut c = env.conn.clone();
+        let pending: redis::streams::StreamPendingReply =
+            c.xpending(keys::coord_stream(0), keys::COORD_GROUP).await.ok()?;
+        let info: Vec<HashMap<String, redis::Value>> =
+            redis::cmd("XINFO").arg("GROUPS").arg(keys::coord_stream(0)).query_async(&mut c).await.ok()?;
+        let read = matches!(info[0].get("entries-read"), Some(redis::Value::Int(9000)));
+        (read && pending.count() == 0).then_some(())
+    })
+    .await;
     env.stop().await;
 }
