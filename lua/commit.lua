@@ -5,8 +5,10 @@ as expected.
 Applies the writes staged by prepare, in order, releases the branch's locks (those it still
 owns), drops the staging, marks the barrier committed and lets it expire after the retention.
 The staged writes are checked again before the first write (a plain writer may have changed a
-locked key's type or value meanwhile): if they no longer apply, the script fails with nothing
-changed (the commit stays pending, retried and logged, until an operator repairs the key).
+locked key's type or value meanwhile): if one of them would fail (wrong type, not an integer,
+past the 64-bit range), the script fails with nothing changed (the commit stays pending, retried
+and logged, until an operator repairs the key). The guards (min, max, expect) are not checked
+again: they held at prepare, and the locks keep other redtx transactions away.
 
 Input:
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>

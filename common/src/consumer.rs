@@ -1,4 +1,5 @@
-//! The stream worker runtime shared by coordinators and participants.
+//! The participants' stream worker runtime (the coordinator, which owns partitions, has its own
+//! loop in `coordinator/src/owner.rs` and shares the helpers at the end of this file).
 //!
 //! A [`Consumer`] reads a list of streams (typically one per partition, `rtx:part:<name>:{P}`)
 //! through one consumer group, in batches: one `XREADGROUP COUNT .. STREAMS s0 s1 .. > > ..`
