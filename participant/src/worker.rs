@@ -156,8 +156,11 @@ impl<R: Resource> Handler for Participant<R> {
         let mut out: Vec<Option<Disposition>> = vec![None; batch.len()];
         let mut requests = Vec::with_capacity(batch.len());
         let mut at = Vec::with_capacity(batch.len());
-        for (i, d) in batch.iter().enumerate() {
-            match request(&self.name, d.msg.clone()) {
+        // Only the partition of each entry is needed afterwards: the messages move (payloads
+        // are not copied).
+        let partitions: Vec<u32> = batch.iter().map(|d| d.partition).collect();
+        for (i, d) in batch.into_iter().enumerate() {
+            match request(&self.name, d.msg) {
                 Ok(r) => {
                     requests.push(r);
                     at.push(i);
@@ -182,7 +185,7 @@ impl<R: Resource> Handler for Participant<R> {
                 Ok(Answer::Violation(reason)) => Disposition::DeadLetter(reason),
                 Ok(a) => {
                     let msg = reply(req, &a).expect("only violations have no reply");
-                    let stream = keys::coord_stream(batch[i].partition);
+                    let stream = keys::coord_stream(partitions[i]);
                     writes.push(redis::cmd("XADD").arg(&stream).arg("*").arg(&msg.fields()[..]).clone());
                     Disposition::Ack
                 }
