@@ -40,9 +40,9 @@
 //! | running      | action `error`, or no result within `step_timeout`, attempts < B | running | `execute` again after the backoff |
 //! | running      | the same at attempt B                   | compensating | `compensate` the last step that ran       |
 //! | running      | tick at/after the deadline              | compensating | `compensate` the last step that ran       |
-//! | compensating | compensation `done`                     | compensating | `compensate` the next step, in reverse order |
+//! | compensating | compensation `done` (or `skipped`: nothing to undo, for an action never reported applied) | compensating | `compensate` the next step, in reverse order |
 //! | compensating | last compensation `done`                | compensated  | announce; finish                          |
-//! | compensating | compensation `failed`/`error`/no result, attempts < B | compensating | `compensate` again after the backoff |
+//! | compensating | compensation `failed`/`error`/no result, or `skipped` for an action reported applied, attempts < B | compensating | `compensate` again after the backoff |
 //! | compensating | the same at attempt B                   | stuck        | announce `stuck`; retried, backing off to 30 s |
 //! | stuck        | compensation `done`                     | compensating (or compensated) | go on                    |
 //! | any          | a result of a step not in flight (repeat, late) | same  | —                                         |
@@ -137,6 +137,9 @@ pub struct BranchProgress {
     /// When the phase last changed (ms).
     #[serde(default)]
     pub at_ms: Option<u64>,
+    /// Saga: the participant reported the action `done` (its compensation must undo something).
+    #[serde(default)]
+    pub applied: bool,
 }
 
 /// The mutable part of a transaction (the record's `st`).
@@ -641,7 +644,9 @@ impl Txn {
         match r.step {
             StepKind::Action if phase == Phase::Running => match (state, r.status) {
                 (TxnState::Running, StepStatus::Done) => {
-                    self.branch_mut(i, Phase::Done, t).sent_ms = None;
+                    let b = self.branch_mut(i, Phase::Done, t);
+                    b.sent_ms = None;
+                    b.applied = true;
                     out.changed = true;
                     self.start_ready(t, out);
                 }
@@ -652,14 +657,14 @@ impl Txn {
                     b.sent_ms = None;
                     self.begin_compensation(Some(r.branch), reason, t, out);
                 }
-                (TxnState::Running, StepStatus::Error) => {
+                (TxnState::Running, StepStatus::Error | StepStatus::Skipped) => {
                     let reason = prefixed(&name, r.reason.as_deref(), "error");
                     self.action_attempt_failed(i, reason, t, out);
                 }
                 // Compensating already: a step in flight finished. `Running` steps are
                 // compensated anyway; one that failed has nothing to undo.
                 (_, StepStatus::Done) => {
-                    self.branch_mut(i, Phase::Done, t);
+                    self.branch_mut(i, Phase::Done, t).applied = true;
                     out.changed = true;
                 }
                 (_, StepStatus::Failed) => {
@@ -667,10 +672,20 @@ impl Txn {
                     out.changed = true;
                     self.next_compensation(t, out);
                 }
-                (_, StepStatus::Error) => {}
+                (_, StepStatus::Error | StepStatus::Skipped) => {}
             },
             StepKind::Compensation if phase == Phase::Compensating => match r.status {
-                StepStatus::Done => {
+                // Nothing undone although the action reported it applied: the participant lost
+                // its trace (a barrier kept shorter than the saga took). Never taken for
+                // success: retried, then `stuck`, for an operator.
+                StepStatus::Skipped if self.progress.branches[i].applied => {
+                    let reason = format!(
+                        "{name}: no trace of the action it reported applied (its barrier expired?); \
+                         nothing was undone"
+                    );
+                    self.compensation_attempt_failed(i, reason, t, out);
+                }
+                StepStatus::Done | StepStatus::Skipped => {
                     let b = self.branch_mut(i, Phase::Compensated, t);
                     b.sent_ms = None;
                     b.retry_at_ms = None;

@@ -152,6 +152,9 @@ pub enum StepStatus {
     Failed,
     /// Could not be done now (a transient error); the coordinator retries with backoff.
     Error,
+    /// A compensation with nothing to undo: the action never ran here, or failed (a null
+    /// compensation, recorded so that the action is refused if it arrives later).
+    Skipped,
 }
 
 /// A participant reports on a saga step.
@@ -393,13 +396,13 @@ mod tests {
                     }
                 }
             ),
-            (s, any::<u32>(), s, any::<bool>(), 0..3u8, proptest::option::of(".*")).prop_map(
+            (s, any::<u32>(), s, any::<bool>(), 0..4u8, proptest::option::of(".*")).prop_map(
                 |(txn, branch, participant, action, st, reason)| Message::Result(StepResult {
                     txn,
                     branch,
                     participant,
                     step: if action { StepKind::Action } else { StepKind::Compensation },
-                    status: [StepStatus::Done, StepStatus::Failed, StepStatus::Error][st as usize],
+                    status: [StepStatus::Done, StepStatus::Failed, StepStatus::Error, StepStatus::Skipped][st as usize],
                     reason
                 })
             ),

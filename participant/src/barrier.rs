@@ -30,10 +30,10 @@
 //!
 //! | barrier \ request      | execute                                               | compensate                                 |
 //! |------------------------|-------------------------------------------------------|--------------------------------------------|
-//! | none                   | → Action (check and apply: `done`, or `failed` with the reason) | → Mark `compensated`: null compensation (nothing to undo), result done; a late action is refused |
+//! | none                   | → Action (check and apply: `done`, or `failed` with the reason) | → Mark `compensated`: null compensation (nothing to undo), result `skipped`; a late action is refused |
 //! | `done`                 | answer done (repeat)                                  | → Compensation (undo: `compensated`)       |
-//! | `failed`               | answer failed, the recorded reason (repeat)           | → Mark `compensated` (nothing was applied) |
-//! | `compensated`          | answer failed: compensated first (no hanging action)  | answer done (repeat)                       |
+//! | `failed`               | answer failed, the recorded reason (repeat)           | → Mark `compensated` (nothing was applied), result `skipped` |
+//! | `compensated`          | answer failed: compensated first (no hanging action)  | answer done, or `skipped` if it was marked (repeat) |
 //! | 2PC states             | dead-letter                                           | dead-letter                                |
 
 use redtx_common::protocol::{Execute, Outcome, Prepare, Resolve, StepKind, StepStatus};
@@ -386,7 +386,11 @@ pub fn decide(current: Option<&Barrier>, req: &Request, now_ms: u64) -> Decision
                     reason: recorded("the action failed").map(|r| format!("nothing to undo: {r}")),
                 },
             ),
-            Some(Compensated) => step(StepKind::Compensation, StepStatus::Done, None),
+            // A barrier compensated with a reason was a null compensation (nothing undone).
+            Some(Compensated) => match current.and_then(|b| b.reason.clone()) {
+                Some(why) => step(StepKind::Compensation, StepStatus::Skipped, Some(why)),
+                None => step(StepKind::Compensation, StepStatus::Done, None),
+            },
             Some(Prepared | Refused | Committed | Aborted) => {
                 violation(req, current, "a 2PC branch cannot be compensated")
             }
@@ -405,9 +409,11 @@ pub fn answer_after(req: &Request, state: BarrierState, reason: Option<String>) 
         (Request::Abort(_), Aborted) => Answer::Ack(Outcome::Aborted),
         (Request::Execute(_), Done) => Answer::Step { step: StepKind::Action, status: StepStatus::Done, reason: None },
         (Request::Execute(_), Failed) => Answer::Step { step: StepKind::Action, status: StepStatus::Failed, reason },
-        (Request::Compensate(_), Compensated) => {
-            Answer::Step { step: StepKind::Compensation, status: StepStatus::Done, reason: None }
-        }
+        // Undone (no reason), or marked compensated with the reason there was nothing to undo.
+        (Request::Compensate(_), Compensated) => match reason {
+            None => Answer::Step { step: StepKind::Compensation, status: StepStatus::Done, reason: None },
+            Some(why) => Answer::Step { step: StepKind::Compensation, status: StepStatus::Skipped, reason: Some(why) },
+        },
         // The business refused the compensation: nothing recorded, the action stays applied.
         (Request::Compensate(_), Done) => {
             Answer::Step { step: StepKind::Compensation, status: StepStatus::Failed, reason }

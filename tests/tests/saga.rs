@@ -10,6 +10,7 @@ use redis::Commands;
 use redtx_common::machine::Phase;
 use redtx_common::protocol::{Message, StepKind, StepStatus};
 use redtx_common::record::{TxnRecord, TxnState};
+use redtx_common::spec::TxnSpec;
 use redtx_tests::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -511,4 +512,37 @@ fn a_compensation_that_keeps_failing_is_stuck_then_finishes_once_it_can() {
     assert_eq!(shop.int("stock", "stock:widget"), 10);
     assert_eq!(shop.int("payment", "bal:ann"), 100);
     assert_eq!(compensations_done(&shop, "stuck-1"), vec![0]);
+}
+
+#[test]
+fn a_compensation_that_finds_no_trace_of_its_applied_action_is_not_taken_for_success() {
+    // stock applied its action, then lost its barrier before the compensation reached it (as if
+    // kept shorter than the saga took). Its answer "nothing to undo" contradicts the `done` the
+    // coordinator had: the saga must not end `compensated` with the stock still taken.
+    let mut shop = shop_with(ClusterOptions::default());
+    let spec = serde_json::json!({
+        "id": "lost-1", "mode": "saga", "timeout": "20s",
+        "retry": {"limit": 2, "backoff": "20ms", "step_timeout": "10s"},
+        "steps": [
+            {"participant": "stock",
+             "action": [{"op": "incrby", "key": "stock:widget", "by": -3, "min": 0}],
+             "compensation": [{"op": "incrby", "key": "stock:widget", "by": 3}]},
+            {"participant": "payment",
+             "action": [{"op": "incrby", "key": "bal:ann", "by": -1000, "min": 0}],
+             "compensation": [{"op": "incrby", "key": "bal:ann", "by": 1000}]}]
+    });
+    let spec = TxnSpec::from_json(spec.to_string().as_bytes()).unwrap();
+    // payment holds step 1 back until stock is frozen with its action applied.
+    shop.procs("payment")[0].stop();
+    let id = shop.submit(&spec);
+    shop.wait_barrier("stock", &id, "done");
+    shop.procs("stock")[0].stop();
+    shop.procs("payment")[0].cont();
+    shop.wait_record(&id, "the compensation of step 0 sent", LONG, |r| r.branches[0].phase == Phase::Compensating);
+    let _: () = shop.data_conn("stock").del(keys::barrier("stock", &id)).unwrap();
+    shop.procs("stock")[0].cont();
+    let rec = shop.wait_settled(&id);
+    assert_eq!(rec.state, TxnState::Stuck, "{rec:?}");
+    assert!(rec.branches[0].reason.as_deref().unwrap_or_default().contains("no trace of the action"), "{rec:?}");
+    assert_eq!(shop.int("stock", "stock:widget"), 7, "the action stays applied; an operator must undo it");
 }

@@ -261,7 +261,7 @@ mod properties {
         prop_oneof![
             (0..n, any::<bool>()).prop_map(|(b, y)| Ev::Vote(b, y)),
             (0..n, any::<bool>()).prop_map(|(b, c)| Ev::Ack(b, c)),
-            (0..n, any::<bool>(), 0..3u8).prop_map(|(b, a, s)| Ev::Result(b, a, s)),
+            (0..n, any::<bool>(), 0..4u8).prop_map(|(b, a, s)| Ev::Result(b, a, s)),
             (0..40_000u64).prop_map(Ev::Tick),
             Just(Ev::Submit),
         ]
@@ -283,7 +283,7 @@ mod properties {
                 branch: b,
                 participant: p(b),
                 step: if action { StepKind::Action } else { StepKind::Compensation },
-                status: [StepStatus::Done, StepStatus::Failed, StepStatus::Error][s as usize],
+                status: [StepStatus::Done, StepStatus::Failed, StepStatus::Error, StepStatus::Skipped][s as usize],
                 reason: None,
             }),
             Ev::Tick(_) => Event::Tick,
@@ -357,4 +357,23 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn a_compensation_that_finds_nothing_of_an_applied_action_is_not_success() {
+    let (mut x, _) = Txn::create(saga(2), t(T0));
+    x.step(result(0, StepKind::Action, StepStatus::Done), t(T0));
+    x.step(result(1, StepKind::Action, StepStatus::Failed), t(T0));
+    // Step 0 reported its action applied: a `skipped` compensation of it is a lost trace.
+    let o = x.step(result(0, StepKind::Compensation, StepStatus::Skipped), t(T0 + 1));
+    assert_eq!(x.state(), TxnState::Compensating, "{o:?}");
+    assert_eq!(x.progress.branches[0].phase, Phase::Compensating);
+    assert!(x.progress.branches[0].reason.as_deref().unwrap().contains("no trace of the action"));
+    // A step whose action never reported back may be skipped: nothing ran there.
+    let (mut y, _) = Txn::create(saga(2), t(T0));
+    y.step(result(0, StepKind::Action, StepStatus::Done), t(T0));
+    y.step(Event::Tick, t(T0 + y.spec.timeout_ms)); // deadline: step 1 never answered
+    y.step(result(1, StepKind::Compensation, StepStatus::Skipped), t(T0 + 30_001));
+    y.step(result(0, StepKind::Compensation, StepStatus::Done), t(T0 + 30_002));
+    assert_eq!(y.state(), TxnState::Compensated);
 }
