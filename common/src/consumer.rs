@@ -25,8 +25,6 @@ use redis::streams::{
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most `XAUTOCLAIM` calls per tick.
@@ -123,24 +121,6 @@ pub trait Handler: Send {
     /// one disposition per delivery plus the writes that carry the results. An `Err` means none
     /// of the batch is known done: all of it stays pending.
     fn handle(&mut self, batch: Vec<Delivery>) -> impl Future<Output = Result<Handled>> + Send;
-
-    /// Periodic work (the coordinator scans deadlines here). Called about every `tick_every`.
-    fn tick(&mut self) -> impl Future<Output = Result<()>> + Send {
-        async { Ok(()) }
-    }
-}
-
-/// Counters of one consumer, readable while it runs.
-#[derive(Debug, Default)]
-pub struct ConsumerStats {
-    /// Entries handled and acked.
-    pub acked: AtomicU64,
-    /// Entries dead-lettered.
-    pub dead_lettered: AtomicU64,
-    /// Entries taken over from idle consumers.
-    pub claimed: AtomicU64,
-    /// Batches that failed and were left pending.
-    pub failed_batches: AtomicU64,
 }
 
 /// The partition of `stream` (0 for a stream without one).
@@ -155,7 +135,6 @@ pub struct Consumer {
     /// Dedicated to blocking reads, so they never delay other commands.
     read_conn: MultiplexedConnection,
     conn: MultiplexedConnection,
-    stats: Arc<ConsumerStats>,
     /// Per stream (index in `cfg.streams`): where the next `XAUTOCLAIM` scan starts.
     claim_from: Vec<String>,
 }
@@ -170,12 +149,7 @@ impl Consumer {
             ensure_group(&mut conn, url, stream, &cfg.group).await?;
         }
         let claim_from = vec!["0-0".to_string(); cfg.streams.len()];
-        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, stats: Arc::default(), claim_from })
-    }
-
-    /// The counters.
-    pub fn stats(&self) -> Arc<ConsumerStats> {
-        self.stats.clone()
+        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, claim_from })
     }
 
     /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
@@ -189,7 +163,6 @@ impl Consumer {
                 if last_tick.elapsed() >= self.cfg.tick_every {
                     last_tick = Instant::now();
                     self.claim_idle(handler).await?;
-                    handler.tick().await?;
                 }
                 if self.cfg.trim_every.is_some_and(|every| last_trim.elapsed() >= every) {
                     last_trim = Instant::now();
@@ -300,7 +273,6 @@ impl Consumer {
                 .map_err(|e| Error::redis(&self.url, e))?;
             let n = reply.claimed.len();
             if n > 0 {
-                self.stats.claimed.fetch_add(n as u64, Ordering::Relaxed);
                 tracing::info!(stream = %self.cfg.streams[i], claimed = n, "took over idle pending entries");
                 self.process(handler, reply.claimed.into_iter().map(|e| (i, e)).collect()).await?;
             }
@@ -343,7 +315,6 @@ impl Consumer {
             let handled = match handler.handle(batch).await {
                 Ok(h) => h,
                 Err(e) => {
-                    self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                     // Dead letters found above are still written: they do not depend on the batch.
                     self.commit(Vec::new(), dead, Vec::new()).await?;
                     return Err(e);
@@ -391,7 +362,6 @@ impl Consumer {
             p.xadd(keys::dead_letter_stream(partition), "*", &fields).ignore();
             p.hincr(keys::dead_letter_counts(partition), stream, 1).ignore();
         }
-        let handled = ack.len() as u64;
         ack.extend(dead.iter().map(|(i, e, _)| (*i, e.id.clone())));
         // One XACK per stream.
         let mut by_stream: HashMap<usize, Vec<String>> = HashMap::new();
@@ -402,8 +372,6 @@ impl Consumer {
             p.xack(&self.cfg.streams[*i], &self.cfg.group, ids).ignore();
         }
         p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
-        self.stats.acked.fetch_add(handled, Ordering::Relaxed);
-        self.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
