@@ -368,9 +368,14 @@ impl Owner {
                 )
                 .await
                 .map_err(|e| Error::redis(&self.url, e))?;
-            if !reply.claimed.is_empty() {
-                tracing::info!(partition = p, claimed = reply.claimed.len(), "took over pending entries");
-                self.handle(vec![(p, reply.claimed)]).await?;
+            // Entries held on purpose (their effect is in memory, recorded with the
+            // transaction's next write) need no second look.
+            let held: HashSet<&String> =
+                self.parts.get(&p).map(|x| x.held.values().flatten().collect()).unwrap_or_default();
+            let claimed: Vec<StreamId> = reply.claimed.into_iter().filter(|e| !held.contains(&e.id)).collect();
+            if !claimed.is_empty() {
+                tracing::info!(partition = p, claimed = claimed.len(), "took over pending entries");
+                self.handle(vec![(p, claimed)]).await?;
             }
             if reply.next_stream_id == "0-0" {
                 return Ok(());
