@@ -8,13 +8,7 @@ Input:
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th key the branch was prepared with (the barrier's `keys`, in order)
   KEYS[2i+1]    its lock, rtx:lock:<key>
-  ARGV[1]       owner, "<participant> <txn>" (the lock value)
-  ARGV[2]       participant name
-  ARGV[3]       expected barrier state ('prepared')
-  ARGV[4]       now, ms
-  ARGV[5]       retention, ms
-  ARGV[6]       clock-skew margin, ms
-  ARGV[7]       longest transaction timeout, ms
+  ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is 'prepared'
 
 Output:
   {1, 'aborted', reason}              aborted

@@ -9,13 +9,7 @@ Input:
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th distinct user key of the compensation (i = 1..n), in first-use order
   KEYS[2i+1]    its lock, rtx:lock:<key> (only read)
-  ARGV[1]       owner, "<participant> <txn>"
-  ARGV[2]       participant name
-  ARGV[3]       expected barrier state ('done')
-  ARGV[4]       now, ms
-  ARGV[5]       retention, ms
-  ARGV[6]       clock-skew margin, ms
-  ARGV[7]       longest transaction timeout, ms
+  ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is 'done'
   ARGV[8]       refusal: "" or a reason to refuse without looking at the ops (the payload did
                 not decode); then there are no ops and no key pairs
   ARGV[9..]     the compensation's ops, six slots each (lua/lib/ops.lua)

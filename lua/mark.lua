@@ -7,13 +7,7 @@ compensation of a failed action.
 
 Input:
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
-  ARGV[1]       owner, "<participant> <txn>"
-  ARGV[2]       participant name
-  ARGV[3]       expected barrier state ("" = none)
-  ARGV[4]       now, ms
-  ARGV[5]       retention, ms
-  ARGV[6]       clock-skew margin, ms
-  ARGV[7]       longest transaction timeout, ms
+  ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is the one the runtime saw ("" = none)
   ARGV[8]       the new state
   ARGV[9]       the reason to record ("" = none)
   ARGV[10]      the deadline to record ("" = none; the barrier's own, if any, sets its expiry)

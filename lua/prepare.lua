@@ -10,13 +10,7 @@ Input:
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th distinct user key of the branch (i = 1..n), in first-use order
   KEYS[2i+1]    its lock, rtx:lock:<key>
-  ARGV[1]       owner, "<participant> <txn>" (the lock value)
-  ARGV[2]       participant name
-  ARGV[3]       expected barrier state ("" = none)
-  ARGV[4]       now, ms
-  ARGV[5]       retention, ms
-  ARGV[6]       clock-skew margin, ms
-  ARGV[7]       longest transaction timeout, ms
+  ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is "" (no barrier yet)
   ARGV[8]       the prepare's deadline, ms (recorded; the runtime refused late prepares already)
   ARGV[9]       refusal: "" or a reason to refuse without looking at the ops (the payload did
                 not decode); then there are no ops and no key pairs

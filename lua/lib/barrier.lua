@@ -42,19 +42,19 @@ if #KEYS % 2 ~= 1 then
 end
 local nkeys = (#KEYS - 1) / 2
 
--- The MOVED reply if the barrier is not in the expected state, else nil.
-local function moved()
-  local b = rcall('HMGET', bar, 'state', 'reason', 'deadline')
-  if (b[1] or '') == expected then
-    return nil
-  end
-  return {2, b[1] or '', b[2] or '', b[3] or ''}
-end
-
 -- The MOVED reply, unconditionally (the barrier as it is).
 local function moved_anyway()
   local b = rcall('HMGET', bar, 'state', 'reason', 'deadline')
   return {2, b[1] or '', b[2] or '', b[3] or ''}
+end
+
+-- The MOVED reply if the barrier is not in the expected state, else nil.
+local function moved()
+  local m = moved_anyway()
+  if m[2] == expected then
+    return nil
+  end
+  return m
 end
 
 -- Whether KEYS lists exactly the keys the branch was prepared with.
