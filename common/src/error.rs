@@ -36,6 +36,17 @@ pub enum Error {
     /// A private `redis-server` could not be started.
     #[error("could not start redis-server: {0}")]
     ServerStart(String),
+    /// PostgreSQL (`initdb` and `postgres`) is not installed (needed by the tests that start a
+    /// private PostgreSQL server).
+    #[error("PostgreSQL is not installed: {binary} was not found; install it, e.g. `apt-get install postgresql`, `dnf install postgresql-server` or `brew install postgresql`, or set REDTX_PG_BIN to the directory holding initdb and postgres")]
+    PostgresMissing { binary: String },
+    /// A private PostgreSQL server could not be started.
+    #[error("could not start PostgreSQL: {0}")]
+    PgServerStart(String),
+    /// A participant's own resource (a database, a service's state) failed as a whole; nothing
+    /// is known about the batch it was given, which stays pending and is retried.
+    #[error("{resource}: {detail}")]
+    Resource { resource: String, detail: String },
     /// Local I/O failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -95,6 +95,19 @@ pub fn lock(key: &str) -> String {
     format!("rtx:lock:{key}")
 }
 
+/// Participant side: the image (state and barriers) of a service run by the participant SDK's
+/// in-memory store, on its data Redis.
+pub fn service_image(name: &str) -> String {
+    format!("rtx:svc:{name}")
+}
+
+/// The deployment's identity: a random id set once (`SET NX`) in the stream Redis. A resource
+/// that leaves traces outside Redis (PostgreSQL's prepared transactions) names them with it,
+/// so it never touches another deployment's.
+pub fn deployment() -> String {
+    "rtx:deployment".to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

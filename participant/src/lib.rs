@@ -24,6 +24,8 @@
 //! - [`kv`]: [`KvResource`], the built-in key-value resource: one Lua script per work in `lua/`,
 //!   how calls are built and replies read.
 //! - [`conformance`]: the suite that checks every barrier rule against any resource.
+//! - [`sdk`]: participants of your own: a [`Service`](sdk::Service) with business logic only
+//!   (try/confirm/cancel, action/compensation) on a state of its own, run by [`sdk::serve`].
 //!
 //! ```no_run
 //! # async fn demo() -> redtx_common::Result<()> {
@@ -37,6 +39,7 @@ pub mod barrier;
 pub mod conformance;
 pub mod kv;
 pub mod resource;
+pub mod sdk;
 pub mod worker;
 
 pub use barrier::{Answer, Barrier, BarrierState, Decision, Request, Work};
