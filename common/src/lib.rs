@@ -18,6 +18,8 @@
 //!   its outcome.
 //! - [`conn`]: Redis URLs (with secrets redacted for display) and connections.
 //! - [`server`]: starts private `redis-server` processes on free ports (for `redtx demo` and tests).
+//! - [`pg_server`]: starts private PostgreSQL servers on free ports (for tests), 2PC-ready
+//!   (`max_prepared_transactions` set).
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
 //! - [`failpoint`]: named freeze points for kill-at-this-step tests.
 //! - [`error`]: the crate's error enum.
@@ -30,6 +32,7 @@ pub mod failpoint;
 pub mod keys;
 pub mod kv;
 pub mod machine;
+pub mod pg_server;
 pub mod protocol;
 pub mod record;
 pub mod scripts;
