@@ -48,4 +48,13 @@ fi
 install openssl openssl openssl
 echo "using $(${REDTX_REDIS_SERVER:-redis-server} --version)" >&2
 
+# The Python producer example (examples/python) runs in the tests: it needs redis-py and msgpack.
+if ! python3 -c 'import redis, msgpack' >/dev/null 2>&1; then
+  echo "python3 cannot import redis and msgpack: installing them with pip" >&2
+  # A distribution's own Python refuses pip (externally managed environment) unless told.
+  python3 -m pip install --quiet redis msgpack 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages redis msgpack \
+    || echo "warning: could not install redis and msgpack for python3; the Python example's test will fail" >&2
+fi
+
 exec cargo test --workspace --locked "$@"
