@@ -13,7 +13,8 @@
 //! - [`output`]: how records and outcomes are printed (text and JSON).
 //!
 //! Exit codes: 0 committed / completed (or done), 1 aborted, aborting (abort decided) or
-//! compensated (or no such transaction for `status`), 2 invalid input or usage, 3 gave up
+//! compensated (or no such transaction for `status`), 2 invalid input or usage (or a submit the
+//! coordinator rejected: another `--partitions`, say), 3 gave up
 //! waiting (the transaction goes on), 4 other errors (Redis unreachable without `--wait`, ...),
 //! 5 the demo or bench found an invariant broken, 6 stuck (a saga compensation keeps failing;
 //! it is still retried, an operator should look).
@@ -137,6 +138,7 @@ impl Exit {
             TxnState::Committed | TxnState::Completed => Exit::Ok,
             TxnState::Aborted | TxnState::Aborting | TxnState::Compensated => Exit::Aborted,
             TxnState::Stuck => Exit::Stuck,
+            TxnState::Rejected => Exit::Invalid,
             _ => Exit::GaveUp,
         }
     }

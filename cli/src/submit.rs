@@ -198,7 +198,11 @@ async fn connect(a: &Args<'_>, started: Instant) -> Result<Client, Error> {
 
 /// Warns when the stored transaction of this id has another spec; returns whether it does.
 fn warn_if_differs(stored: Option<&TxnRecord>, spec: &TxnSpec) -> bool {
-    let differs = stored.and_then(|r| r.spec.as_ref()).is_some_and(|s| s != spec);
+    // A rejected record keeps only the id of the spec it refused.
+    let differs = stored
+        .filter(|r| r.state != redtx_common::record::TxnState::Rejected)
+        .and_then(|r| r.spec.as_ref())
+        .is_some_and(|s| s != spec);
     if differs {
         eprintln!(
             "warning: transaction {} already exists with a different spec; this is the outcome of the first one",

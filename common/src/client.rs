@@ -144,7 +144,8 @@ impl Client {
     }
 
     /// Waits until `id` is settled ([`TxnState::is_settled`](crate::record::TxnState::is_settled):
-    /// committed, aborted or aborting, completed, compensated, or stuck) and returns its record.
+    /// committed, aborted or aborting, completed, compensated, stuck, or rejected: the
+    /// coordinator refused the submit, the record's reason says why) and returns its record.
     /// "Committed" and "completed" mean every participant has applied the change. A lost
     /// connection is retried until `timeout`; then it gives up with [`Error::WaitTimeout`]
     /// (the transaction goes on).

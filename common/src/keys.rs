@@ -85,6 +85,13 @@ pub fn coordinators() -> String {
     "rtx:coordinators".to_string()
 }
 
+/// The protocol version the coordinators speak (a string holding
+/// [`PROTOCOL_VERSION`](crate::protocol::PROTOCOL_VERSION)), set by every coordinator when it
+/// starts: a producer in another language reads it to learn which version to send.
+pub fn protocol() -> String {
+    "rtx:protocol".to_string()
+}
+
 /// Participant side: the per-branch barrier (hash) of transaction `txn` at participant `name`.
 pub fn barrier(name: &str, txn: &str) -> String {
     format!("rtx:bar:{name}:{txn}")

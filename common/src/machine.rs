@@ -52,6 +52,11 @@
 //! gets none. The participant's barrier makes a compensation of an action that never ran a
 //! recorded no-op, and refuses that action if it arrives later.
 //!
+//! A submit the coordinator refuses (it does not decode, its spec is invalid, it came to the
+//! wrong partition) and whose id has no record yet becomes [`Txn::rejected`]: state `rejected`
+//! with the reason, announced and finished at once, nothing sent, so the producer waiting on
+//! that id learns why. A submit of an id that has a record never changes it.
+//!
 //! A vote, ack or result for a transaction with no record at all is answered by [`orphan`]:
 //! no record means no decision was ever made, so a `yes` vote gets an `abort`.
 
@@ -284,6 +289,36 @@ impl Txn {
             }
             Mode::Saga => txn.start_ready(t, &mut out),
         }
+        (txn, out)
+    }
+
+    /// A refused submit of `id`: terminal at once (`rejected`, with `reason`), announced,
+    /// nothing sent. Its spec keeps only the id and the mode (`mode` if it could be read, else
+    /// 2PC): the refused one may be invalid or unreadable.
+    pub fn rejected(id: &str, mode: Option<Mode>, reason: String, t: Timing) -> (Txn, Output) {
+        let spec = TxnSpec {
+            id: id.to_string(),
+            mode: mode.unwrap_or_default(),
+            timeout_ms: 0,
+            branches: Vec::new(),
+            retry: Default::default(),
+        };
+        let mut txn = Txn {
+            spec,
+            progress: Progress {
+                state: TxnState::Rejected,
+                created_ms: t.now_ms,
+                deadline_ms: t.now_ms,
+                decided_ms: Some(t.now_ms),
+                finished_ms: None,
+                reason: Some(reason),
+                failed_step: None,
+                resend_at_ms: None,
+                branches: Vec::new(),
+            },
+        };
+        let mut out = Output::default();
+        txn.finish(TxnState::Rejected, t, &mut out);
         (txn, out)
     }
 

@@ -19,8 +19,10 @@
 //!
 //! Payloads are opaque bytes to everyone but their participant.
 
-use crate::spec::TxnSpec;
+use crate::spec::{Mode, TxnSpec};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_path_to_error::Segment;
+use std::collections::HashMap;
 
 /// Version written in every envelope; a reader refuses versions it does not know. Bumped when a
 /// message changes in a way an older reader would misread. Version 2: opaque payloads,
@@ -291,15 +293,17 @@ impl Message {
         [("t", self.kind().as_bytes().to_vec()), ("m", self.encode())]
     }
 
-    /// Decodes the `t` and `m` fields of a stream entry.
+    /// Decodes the `t` and `m` fields of a stream entry. An error names the field at fault and
+    /// what was expected (`field `spec.timeout_ms`: expected a MessagePack integer, got a
+    /// string`): the producer may be written in any language.
     pub fn decode(kind: &[u8], payload: &[u8]) -> Result<Message, DecodeError> {
         fn dec<T: DeserializeOwned>(kind: &'static str, payload: &[u8]) -> Result<T, DecodeError> {
-            let bad = |e: rmp_serde::decode::Error| DecodeError::Payload { kind, detail: e.to_string() };
-            let v: VersionOnly = rmp_serde::from_slice(payload).map_err(bad)?;
+            let bad = |detail: String| DecodeError::Payload { kind, detail };
+            let v: VersionOnly = from_msgpack(payload).map_err(bad)?;
             if v.v != PROTOCOL_VERSION {
                 return Err(DecodeError::Version(v.v));
             }
-            rmp_serde::from_slice(payload).map_err(bad)
+            from_msgpack(payload).map_err(bad)
         }
         Ok(match kind {
             b"submit" => Message::Submit(dec("submit", payload)?),
@@ -316,13 +320,183 @@ impl Message {
     }
 
     /// Decodes a stream entry given as its field map (as returned by `XREADGROUP`).
-    pub fn from_entry(map: &std::collections::HashMap<String, redis::Value>) -> Result<Message, DecodeError> {
-        let field = |name: &'static str| match map.get(name) {
-            Some(redis::Value::BulkString(b)) => Ok(b.as_slice()),
-            Some(redis::Value::SimpleString(s)) => Ok(s.as_bytes()),
-            _ => Err(DecodeError::MissingField(name)),
-        };
-        Message::decode(field("t")?, field("m")?)
+    pub fn from_entry(map: &HashMap<String, redis::Value>) -> Result<Message, DecodeError> {
+        Message::decode(entry_field(map, "t")?, entry_field(map, "m")?)
+    }
+}
+
+fn entry_field<'a>(map: &'a HashMap<String, redis::Value>, name: &'static str) -> Result<&'a [u8], DecodeError> {
+    match map.get(name) {
+        Some(redis::Value::BulkString(b)) => Ok(b.as_slice()),
+        Some(redis::Value::SimpleString(s)) => Ok(s.as_bytes()),
+        _ => Err(DecodeError::MissingField(name)),
+    }
+}
+
+/// What can still be read of a `submit` entry that does not decode: `spec.id` (and `spec.mode`
+/// when it is valid). The coordinator records the refusal under that id, so that the producer
+/// waiting on it learns why; an entry without a readable id can only be dead-lettered.
+pub fn submit_head(map: &HashMap<String, redis::Value>) -> Option<(String, Option<Mode>)> {
+    #[derive(Deserialize)]
+    struct Head<S> {
+        spec: S,
+    }
+    #[derive(Deserialize)]
+    struct IdMode {
+        id: String,
+        #[serde(default)]
+        mode: Option<Mode>,
+    }
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    if entry_field(map, "t").ok()? != b"submit" {
+        return None;
+    }
+    let m = entry_field(map, "m").ok()?;
+    // A bad `mode` must not hide the id: read the id alone then.
+    match rmp_serde::from_slice::<Head<IdMode>>(m) {
+        Ok(h) => Some((h.spec.id, h.spec.mode)),
+        Err(_) => rmp_serde::from_slice::<Head<IdOnly>>(m).ok().map(|h| (h.spec.id, None)),
+    }
+}
+
+/// Decodes MessagePack; the error names the field at fault by its path, and says what was
+/// expected and what was found in MessagePack's terms.
+fn from_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let mut de = rmp_serde::Deserializer::new(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path: Vec<String> = e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Map { key } => Some(key.clone()),
+                Segment::Seq { index } => Some(format!("[{index}]")),
+                Segment::Enum { .. } | Segment::Unknown => None,
+            })
+            .collect();
+        explain(&path, e.into_inner())
+    })
+}
+
+/// `field `<path>`: <what is wrong>`; the root (`m` itself) when the path is empty.
+fn explain(path: &[String], e: rmp_serde::decode::Error) -> String {
+    use rmp_serde::decode::Error as E;
+    let join = |path: &[String]| {
+        let mut s = String::new();
+        for p in path {
+            if !s.is_empty() && !p.starts_with('[') {
+                s.push('.');
+            }
+            s.push_str(p);
+        }
+        if s.is_empty() {
+            "m".to_string()
+        } else {
+            s
+        }
+    };
+    let expected = expected_type(path);
+    let what = match &e {
+        E::TypeMismatch(marker) => format!("expected {expected}, got {}", marker_kind(marker)),
+        E::Syntax(msg) => {
+            if let Some(field) = msg.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+                let mut full = path.to_vec();
+                full.push(field.to_string());
+                return format!("field `{}`: missing (it is required)", join(&full));
+            }
+            match (msg.strip_prefix("invalid type: "), msg.strip_prefix("invalid value: ")) {
+                (Some(rest), _) => format!("expected {expected}, got {}", found(rest)),
+                (_, Some(rest)) => {
+                    let range = match rest.rsplit(", expected ").next() {
+                        Some("u32") => "an unsigned integer below 2^32",
+                        Some("u64") => "an unsigned integer below 2^64",
+                        _ => expected,
+                    };
+                    format!("expected {range}, got {}", found(rest))
+                }
+                _ => msg.clone(),
+            }
+        }
+        // A struct sent as an array (rmp accepts that form) with the wrong number of elements.
+        E::LengthMismatch(_) => format!("expected {expected}, got an array"),
+        E::Utf8Error(_) => "not valid UTF-8 (every string must be UTF-8)".to_string(),
+        E::InvalidMarkerRead(_) | E::InvalidDataRead(_) => "the MessagePack data ends early".to_string(),
+        other => other.to_string(),
+    };
+    format!("field `{}`: {what}", join(path))
+}
+
+/// The MessagePack type of the field at `path` (the last name in it, or an array's element).
+fn expected_type(path: &[String]) -> &'static str {
+    let Some(last) = path.last() else { return "a MessagePack map" };
+    let (name, element) = match last.strip_prefix('[') {
+        Some(_) => (path.iter().rev().find(|p| !p.starts_with('[')).map_or("", String::as_str), true),
+        None => (last.as_str(), false),
+    };
+    match (name, element) {
+        ("after", true) => "a MessagePack integer",
+        ("branches", true) => "a MessagePack map",
+        ("after", false) => "a MessagePack array of integers",
+        ("branches", false) => "a MessagePack array of maps",
+        ("spec" | "retry", false) => "a MessagePack map",
+        ("payload" | "compensation", false) => "MessagePack binary (or a string)",
+        ("yes", false) => "a MessagePack boolean",
+        (
+            "v" | "submitted_ms" | "timeout_ms" | "limit" | "backoff_ms" | "step_timeout_ms" | "branch" | "deadline_ms"
+            | "attempt",
+            false,
+        ) => "a MessagePack integer",
+        ("id" | "mode" | "participant" | "txn" | "reason" | "outcome" | "step" | "status", false) => {
+            "a MessagePack string"
+        }
+        _ => "another type",
+    }
+}
+
+/// A MessagePack marker (from rmp's `Debug` name, e.g. `FixStr(1)`) as a type name.
+fn marker_kind(marker: &impl std::fmt::Debug) -> &'static str {
+    let name = format!("{marker:?}");
+    let kinds: [(&[&str], &str); 9] = [
+        (&["FixPos", "FixNeg", "U8", "U16", "U32", "U64", "I8", "I16", "I32", "I64"], "an integer"),
+        (&["F32", "F64"], "a float"),
+        (&["FixStr", "Str"], "a string"),
+        (&["Bin"], "binary"),
+        (&["FixArray", "Array"], "an array"),
+        (&["FixMap", "Map"], "a map"),
+        (&["Null"], "nil"),
+        (&["True", "False"], "a boolean"),
+        (&["FixExt", "Ext"], "an extension"),
+    ];
+    kinds
+        .iter()
+        .find(|(prefixes, _)| prefixes.iter().any(|p| name.starts_with(p)))
+        .map_or("the reserved byte 0xc1", |(_, kind)| kind)
+}
+
+/// serde's "unexpected" (`string "2", expected u32`) as a MessagePack type name.
+fn found(msg: &str) -> String {
+    let got = msg.split(", expected").next().unwrap_or(msg);
+    let word = [
+        ("string", "a string"),
+        ("integer", "an integer"),
+        ("floating point", "a float"),
+        ("unit value", "nil"),
+        ("boolean", "a boolean"),
+        ("byte array", "binary"),
+        ("sequence", "an array"),
+        ("map", "a map"),
+    ]
+    .iter()
+    .find(|(prefix, _)| got.starts_with(prefix));
+    match word {
+        // Numbers are worth showing; strings may be long.
+        Some((prefix, name)) if matches!(*prefix, "integer" | "floating point") => {
+            format!("{name} {}", got[prefix.len()..].trim())
+        }
+        Some((_, name)) => name.to_string(),
+        None => got.to_string(),
     }
 }
 
@@ -421,6 +595,104 @@ mod tests {
                                 payload in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Message::decode(kind.as_bytes(), &payload);
         }
+    }
+
+    /// A valid submit as a producer in another language would write it, as JSON to edit.
+    fn submit_json() -> serde_json::Value {
+        serde_json::json!({"v": 2, "submitted_ms": 1, "spec": {"id": "x", "mode": "saga", "timeout_ms": 1000,
+            "branches": [{"participant": "a", "payload": "p", "compensation": "c"}]}})
+    }
+
+    fn decode_json(v: &serde_json::Value) -> Result<Message, DecodeError> {
+        Message::decode(b"submit", &rmp_serde::to_vec_named(v).unwrap())
+    }
+
+    fn detail(v: &serde_json::Value) -> String {
+        match decode_json(v) {
+            Err(DecodeError::Payload { kind: "submit", detail }) => detail,
+            other => panic!("expected a payload error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decode_errors_name_the_field_and_what_was_expected() {
+        let mut m = submit_json();
+        m["v"] = "2".into();
+        assert_eq!(detail(&m), "field `v`: expected a MessagePack integer, got a string");
+        assert_eq!(
+            decode_json(&m).unwrap_err().to_string(),
+            "bad submit payload: field `v`: expected a MessagePack integer, got a string"
+        );
+        let mut m = submit_json();
+        m["spec"]["timeout_ms"] = "5s".into();
+        assert_eq!(detail(&m), "field `spec.timeout_ms`: expected a MessagePack integer, got a string");
+        let mut m = submit_json();
+        m["spec"]["branches"][0]["participant"] = 5.into();
+        assert_eq!(
+            detail(&m),
+            "field `spec.branches[0].participant`: expected a MessagePack string, got an integer `5`"
+        );
+        let mut m = submit_json();
+        m["spec"]["branches"][0]["after"] = serde_json::json!([-1]);
+        assert_eq!(
+            detail(&m),
+            "field `spec.branches[0].after[0]`: expected an unsigned integer below 2^32, got an integer `-1`"
+        );
+        let mut m = submit_json();
+        m["spec"]["branches"][0]["payload"] = serde_json::json!({"a": 1});
+        assert_eq!(
+            detail(&m),
+            "field `spec.branches[0].payload`: expected MessagePack binary (or a string), got a map"
+        );
+        let mut m = submit_json();
+        m.as_object_mut().unwrap().remove("submitted_ms");
+        assert_eq!(detail(&m), "field `submitted_ms`: missing (it is required)");
+        let mut m = submit_json();
+        m["spec"].as_object_mut().unwrap().remove("id");
+        assert_eq!(detail(&m), "field `spec.id`: missing (it is required)");
+        let mut m = submit_json();
+        m["spec"]["mode"] = "3pc".into();
+        assert!(detail(&m).starts_with("field `spec.mode`: unknown variant `3pc`"), "{}", detail(&m));
+        assert_eq!(detail(&serde_json::json!("hello")), "field `m`: expected a MessagePack map, got a string");
+        // Strings must be UTF-8.
+        let mut bytes = rmp_serde::to_vec_named(&submit_json()).unwrap();
+        let at = bytes.windows(2).position(|w| w == [0xa1, b'x']).unwrap();
+        bytes[at + 1] = 0xff;
+        assert!(matches!(Message::decode(b"submit", &bytes),
+            Err(DecodeError::Payload { detail, .. }) if detail == "field `spec.id`: not valid UTF-8 (every string must be UTF-8)"));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_optional_ones_may_be_nil() {
+        let mut m = submit_json();
+        m["colour"] = "red".into();
+        m["spec"]["colour"] = "red".into();
+        m["spec"]["branches"][0]["colour"] = "red".into();
+        m["spec"]["retry"] = serde_json::json!({"limit": 3, "colour": "red"});
+        let Message::Submit(s) = decode_json(&m).unwrap() else { panic!() };
+        assert_eq!(s.spec.retry, Retry { limit: 3, ..Retry::default() }, "omitted retry fields take their defaults");
+        m["spec"]["retry"] = serde_json::Value::Null;
+        m["spec"]["branches"][0]["after"] = serde_json::Value::Null;
+        let Message::Submit(s) = decode_json(&m).unwrap() else { panic!() };
+        assert_eq!((s.spec.retry, s.spec.branches[0].after.clone()), (Retry::default(), None));
+    }
+
+    #[test]
+    fn the_id_of_a_submit_that_does_not_decode_can_still_be_read() {
+        let entry = |t: &str, m: &serde_json::Value| {
+            HashMap::from([
+                ("t".to_string(), redis::Value::BulkString(t.as_bytes().to_vec())),
+                ("m".to_string(), redis::Value::BulkString(rmp_serde::to_vec_named(m).unwrap())),
+            ])
+        };
+        let mut m = submit_json();
+        m["v"] = "2".into();
+        assert_eq!(submit_head(&entry("submit", &m)), Some(("x".to_string(), Some(Mode::Saga))));
+        m["spec"]["mode"] = "3pc".into();
+        assert_eq!(submit_head(&entry("submit", &m)), Some(("x".to_string(), None)));
+        m["spec"]["id"] = 7.into();
+        assert_eq!(submit_head(&entry("submit", &m)), None);
+        assert_eq!(submit_head(&entry("vote", &submit_json())), None);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!
 //! Hash fields: `v` (record version, `2`), `mode`, `state`, `reason` (why it aborted or
 //! compensated), `created`, `deadline`, `finished` (ms since the epoch), `spec` (MessagePack
-//! [`TxnSpec`], as submitted first, written once) and `st` (MessagePack
-//! [`Progress`](crate::machine::Progress): every branch's phase, attempts and reasons).
+//! [`TxnSpec`], as submitted first, written once; for a `rejected` submit only its id and mode)
+//! and `st` (MessagePack [`Progress`](crate::machine::Progress): every branch's phase, attempts
+//! and reasons).
 
 use crate::machine::{Phase, Progress, Txn};
 use crate::spec::TxnSpec;
@@ -43,11 +44,14 @@ pub enum TxnState {
     /// Saga: a compensation keeps failing past its retry limit. It is still retried (slowly),
     /// never dropped; it moves on to `compensated` once it succeeds.
     Stuck,
+    /// Terminal: the coordinator refused the submit (it does not decode, its spec is invalid,
+    /// or it came to the wrong partition); `reason` says why. Nothing was sent to anyone.
+    Rejected,
 }
 
 impl TxnState {
     /// Every state.
-    pub const ALL: [TxnState; 10] = [
+    pub const ALL: [TxnState; 11] = [
         TxnState::Preparing,
         TxnState::Committing,
         TxnState::Aborting,
@@ -58,6 +62,7 @@ impl TxnState {
         TxnState::Completed,
         TxnState::Compensated,
         TxnState::Stuck,
+        TxnState::Rejected,
     ];
 
     /// Name stored in the record.
@@ -73,6 +78,7 @@ impl TxnState {
             TxnState::Completed => "completed",
             TxnState::Compensated => "compensated",
             TxnState::Stuck => "stuck",
+            TxnState::Rejected => "rejected",
         }
     }
 
@@ -81,9 +87,13 @@ impl TxnState {
         TxnState::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
-    /// `committed`, `aborted`, `completed`, `compensated`: nothing will change any more.
+    /// `committed`, `aborted`, `completed`, `compensated`, `rejected`: nothing will change any
+    /// more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TxnState::Committed | TxnState::Aborted | TxnState::Completed | TxnState::Compensated)
+        matches!(
+            self,
+            TxnState::Committed | TxnState::Aborted | TxnState::Completed | TxnState::Compensated | TxnState::Rejected
+        )
     }
 
     /// A producer's answer is known: terminal, or `aborting` (decided: nothing is applied

@@ -132,8 +132,9 @@ impl Branch {
 }
 
 /// How a saga retries a step that failed for a transient reason (an error, or no answer in
-/// time).
+/// time). On the wire each field may be omitted (its default applies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Retry {
     /// Attempts of an action before the saga compensates; attempts of a compensation before it
     /// is marked `stuck` (it is still retried, slowly).
@@ -162,9 +163,14 @@ pub struct TxnSpec {
     pub timeout_ms: u64,
     /// One branch (2PC) or step (saga) per participant.
     pub branches: Vec<Branch>,
-    /// Saga retries (ignored by 2PC).
-    #[serde(default)]
+    /// Saga retries (ignored by 2PC). Omitted or nil on the wire: the defaults.
+    #[serde(default, deserialize_with = "nil_is_default")]
     pub retry: Retry,
+}
+
+/// A field that may be nil on the wire, meaning the same as omitted.
+fn nil_is_default<'de, D: serde::Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The JSON form of a spec (`timeout` as a humantime string, `id` and `mode` optional).

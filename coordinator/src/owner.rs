@@ -25,10 +25,11 @@ use redis::AsyncCommands;
 use redtx_common::conn::RedisUrl;
 use redtx_common::consumer::{dead_letter_fields, ensure_group, trim_stream};
 use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
-use redtx_common::protocol::Message;
+use redtx_common::protocol::{submit_head, Message, PROTOCOL_VERSION};
 use redtx_common::record::{create_fields, progress_fields, txn_from_hash};
 use redtx_common::scripts::{self, LuaScript};
 use redtx_common::shutdown::Shutdown;
+use redtx_common::spec::{check_id, Mode};
 use redtx_common::{failpoint, keys, now_ms, Error, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -176,6 +177,7 @@ impl Owner {
         for s in [&FENCED, &lease::ACQUIRE, &lease::RENEW, &lease::RELEASE] {
             s.load(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
         }
+        publish_version(&mut conn, &url).await?;
         Ok(Owner {
             me: redtx_common::consumer::unique_consumer_name(),
             cfg,
@@ -239,7 +241,8 @@ impl Owner {
     async fn reconnect(&mut self) -> Result<()> {
         self.read_conn = self.url.connect_with(self.cfg.block + Duration::from_secs(10)).await?;
         self.conn = self.url.connect().await?;
-        Ok(())
+        // A Redis that restarted without persistence lost it.
+        publish_version(&mut self.conn, &self.url).await
     }
 
     /// One pass of the loop (see the module doc).
@@ -473,8 +476,11 @@ impl Owner {
             let mut msgs = Vec::with_capacity(entries.len());
             for e in entries {
                 match Message::from_entry(&e.map) {
-                    Ok(m) => msgs.push((e, m)),
-                    Err(err) => batch.dead.push((e, err.to_string())),
+                    Ok(m) => msgs.push((e, Incoming::Msg(m))),
+                    Err(err) => match submit_head(&e.map).filter(|(id, _)| check_id("id", id).is_ok()) {
+                        Some((id, mode)) => msgs.push((e, Incoming::BadSubmit { id, mode, reason: err.to_string() })),
+                        None => batch.dead.push((e, err.to_string())),
+                    },
                 }
             }
             let part = &self.parts[&p];
@@ -784,19 +790,61 @@ fn collect(id: &str, out: Output, batch: &mut Batch) {
     }
 }
 
+/// A decoded entry of a coordinator stream.
+enum Incoming {
+    /// A message.
+    Msg(Message),
+    /// A `submit` that does not decode but names a valid id (and maybe its mode): refused.
+    BadSubmit { id: String, mode: Option<Mode>, reason: String },
+}
+
+impl Incoming {
+    fn txn(&self) -> &str {
+        match self {
+            Incoming::Msg(m) => m.txn(),
+            Incoming::BadSubmit { id, .. } => id,
+        }
+    }
+}
+
+/// Refuses a submit of `id`, which has no record: a `rejected` record and outcome tell the
+/// producer waiting on it why; the entry itself is dead-lettered for operators.
+fn reject(id: &str, mode: Option<Mode>, entry: StreamId, reason: String, t: Timing, batch: &mut Batch) {
+    let (txn, out) = Txn::rejected(id, mode, reason.clone(), t);
+    batch.created.insert(id.to_string());
+    collect(id, out, batch);
+    batch.detached.insert(id.to_string(), txn);
+    batch.dead.push((entry, reason));
+}
+
 /// Steps every entry of one partition's batch (records of transactions not in memory were read
 /// beforehand into `records`).
 fn step_entries(
     part: &mut Part,
     p: u32,
     partitions: u32,
-    msgs: Vec<(StreamId, Message)>,
+    msgs: Vec<(StreamId, Incoming)>,
     records: &HashMap<(u32, String), std::result::Result<Option<Txn>, String>>,
     t: Timing,
     batch: &mut Batch,
 ) {
-    for (entry, msg) in msgs {
-        let id = msg.txn().to_string();
+    for (entry, incoming) in msgs {
+        let id = incoming.txn().to_string();
+        let msg = match incoming {
+            Incoming::Msg(m) => m,
+            Incoming::BadSubmit { mode, reason, .. } => {
+                // An id that has a record keeps it: only a submit of a new id is rejected.
+                let known = part.txns.contains_key(&id)
+                    || batch.detached.contains_key(&id)
+                    || !matches!(records.get(&(p, id.clone())), Some(Ok(None)) | None);
+                if known {
+                    batch.dead.push((entry, reason));
+                } else {
+                    reject(&id, mode, entry, reason, t, batch);
+                }
+                continue;
+            }
+        };
         let event = match msg {
             Message::Submit(s) => {
                 if !part.txns.contains_key(&id) {
@@ -814,19 +862,19 @@ fn step_entries(
                             }
                         }
                         Some(Ok(None)) | None => {
+                            let mode = Some(s.spec.mode);
                             if let Err(e) = s.spec.validate() {
-                                batch.dead.push((entry, format!("invalid spec: {e}")));
+                                reject(&id, mode, entry, format!("invalid spec: {e}"), t, batch);
                                 continue;
                             }
+                            // Recorded here, where that producer (with its --partitions) waits.
                             let home = keys::partition(&id, partitions);
                             if home != p {
-                                batch.dead.push((
-                                    entry,
-                                    format!(
-                                        "txn {id} belongs to partition {home} of {partitions}, not {p}: \
-                                         the producer's --partitions differs from the coordinators'"
-                                    ),
-                                ));
+                                let reason = format!(
+                                    "txn {id} belongs to partition {home} of {partitions}, not {p}: \
+                                     the producer's --partitions differs from the coordinators'"
+                                );
+                                reject(&id, mode, entry, reason, t, batch);
                                 continue;
                             }
                             let (txn, out) = Txn::create(s.spec, t);
@@ -904,4 +952,9 @@ fn step_entries(
             }
         }
     }
+}
+
+/// Publishes the protocol version this coordinator speaks (`rtx:protocol`), for producers.
+async fn publish_version(conn: &mut MultiplexedConnection, url: &RedisUrl) -> Result<()> {
+    conn.set(keys::protocol(), PROTOCOL_VERSION).await.map_err(|e| Error::redis(url, e))
 }

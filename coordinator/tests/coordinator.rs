@@ -4,12 +4,13 @@
 
 mod common;
 
-use common::{transfer, Env};
+use common::{transfer, Env, PARTITIONS};
 use redis::AsyncCommands;
 use redtx_common::keys;
 use redtx_common::machine::Phase;
 use redtx_common::protocol::{Message, Outcome, StepKind, StepStatus};
 use redtx_common::record::TxnState;
+use redtx_common::spec::{Branch, Op, TxnSpec};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -417,7 +418,10 @@ async fn invalid_and_garbage_entries_are_dead_lettered() {
     let rec = env.record("t8").await.unwrap();
     assert_eq!(rec.reason.as_deref(), Some("a voted no"));
     assert_eq!(rec.branches[1].phase, Phase::Pending);
-    assert!(env.record(&bad_id).await.is_none());
+    // The refused submit is visible to its producer too.
+    let bad = env.record(&bad_id).await.unwrap();
+    assert_eq!(bad.state, TxnState::Rejected);
+    assert!(bad.reason.unwrap().starts_with("invalid spec: timeout"));
     // Everything was acked: nothing stays pending (checked after a later event went through).
     env.ack("t8", 0, "a", Outcome::Aborted).await;
     env.ack("t8", 1, "b", Outcome::Aborted).await;
@@ -425,6 +429,106 @@ async fn invalid_and_garbage_entries_are_dead_lettered() {
     let mut c = env.conn.clone();
     let pending: redis::streams::StreamPendingReply = c.xpending(&coord, keys::COORD_GROUP).await.unwrap();
     assert_eq!(pending.count(), 0);
+    env.stop().await;
+}
+
+/// The fields of a valid saga submit of `id` whose MessagePack bytes `from` are replaced by
+/// `to`: a producer in another language that got one field wrong.
+fn spoiled_submit(id: &str, from: &[u8], to: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let step = Branch::kv_step("a", vec![Op::incrby("k", 1)], vec![Op::incrby("k", -1)]);
+    let spec = TxnSpec::saga(vec![step]).with_id(id);
+    let m = Message::Submit(redtx_common::protocol::Submit { spec, submitted_ms: 1 }).encode();
+    let at = m.windows(from.len()).position(|w| w == from).expect("the bytes to spoil");
+    let spoiled = [&m[..at], to, &m[at + from.len()..]].concat();
+    vec![("t", b"submit".to_vec()), ("m", spoiled)]
+}
+
+/// `v: 2` and `v: "2"` in MessagePack.
+const V_INT: &[u8] = b"\xa1v\x02";
+const V_STR: &[u8] = b"\xa1v\xa12";
+
+#[tokio::test]
+async fn a_refused_submit_is_recorded_rejected_and_announced_to_its_producer() {
+    let mut env = Env::start().await;
+    env.spawn(env.config());
+    let mut c = env.conn.clone();
+    let version: String = env.until("rtx:protocol", || async { c.clone().get(keys::protocol()).await.ok() }).await;
+    assert_eq!(version, "2");
+
+    // `v` as a string: the record says which field is wrong and what was expected.
+    let p = env.part("r1");
+    env.xadd(&keys::coord_stream(p), &spoiled_submit("r1", V_INT, V_STR)).await;
+    let rec = env.client.wait("r1", Duration::from_secs(10)).await.unwrap();
+    assert_eq!(rec.state, TxnState::Rejected);
+    assert_eq!(rec.mode, "saga");
+    assert_eq!(
+        rec.reason.as_deref(),
+        Some("bad submit payload: field `v`: expected a MessagePack integer, got a string")
+    );
+    assert!(rec.finished_ms.is_some() && rec.branches.is_empty());
+    let outcomes = env.entries(&keys::outcomes_stream(p)).await;
+    assert!(outcomes.iter().any(|o| o["id"] == "r1" && o["state"] == "rejected"), "{outcomes:?}");
+    let ttl: i64 = c.pttl(keys::txn_record(p, "r1")).await.unwrap();
+    assert!(ttl > 23 * 3600 * 1000, "a rejected record expires after the retention, got {ttl}");
+    let live: usize = c.zcard(keys::live(p)).await.unwrap();
+    assert_eq!(live, 0);
+    let dead = env.entries(&keys::dead_letter_stream(p)).await;
+    assert!(dead.iter().any(|d| d["reason"].contains("field `v`")), "operators still see it: {dead:?}");
+
+    // The id stays rejected: a valid resubmit hears the same answer and creates nothing.
+    env.client.submit(&transfer("r1")).await.unwrap();
+    env.until("the rejection announced again", || async {
+        let o = env.entries(&keys::outcomes_stream(p)).await;
+        (o.iter().filter(|o| o["id"] == "r1" && o["state"] == "rejected").count() == 2).then_some(())
+    })
+    .await;
+    assert!(env.inbox_kinds("a", "r1").await.is_empty());
+    assert_eq!(env.record("r1").await.unwrap().state, TxnState::Rejected);
+
+    // An invalid spec, and a submit that reached the wrong partition (another --partitions).
+    let mut invalid = transfer("r2");
+    invalid.branches.clear();
+    env.send(Message::Submit(redtx_common::protocol::Submit { spec: invalid, submitted_ms: 0 })).await;
+    let rec = env.client.wait("r2", Duration::from_secs(10)).await.unwrap();
+    assert_eq!(rec.state, TxnState::Rejected);
+    assert!(rec.reason.unwrap().starts_with("invalid spec: branches"));
+    let other = redtx_common::Client::connect(&env.server.url()).await.unwrap().with_partitions(7);
+    // Sent to a partition the coordinators have, but not its own.
+    let stray = (0..)
+        .map(|i| format!("r3-{i}"))
+        .find(|id| other.partition(id) < PARTITIONS && other.partition(id) != env.part(id))
+        .unwrap();
+    other.submit(&transfer(&stray)).await.unwrap();
+    let rec = other.wait(&stray, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(rec.state, TxnState::Rejected);
+    assert!(rec.reason.unwrap().contains(&format!("of {PARTITIONS}, not {}", other.partition(&stray))));
+
+    // A spoiled submit of an id that exists leaves its transaction alone.
+    env.client.submit(&transfer("r4")).await.unwrap();
+    env.until_inbox("a", "r4", &["prepare"]).await;
+    let before = env.record("r4").await.unwrap();
+    let p4 = env.part("r4");
+    // timeout_ms 30000 (uint16) sent as the string "5s".
+    let spoiled = spoiled_submit("r4", b"timeout_ms\xcd\x75\x30", b"timeout_ms\xa25s");
+    env.xadd(&keys::coord_stream(p4), &spoiled).await;
+    env.until("the spoiled resubmit dead-lettered", || async {
+        let d = env.entries(&keys::dead_letter_stream(p4)).await;
+        d.iter().any(|d| d["reason"].contains("field `spec.timeout_ms`")).then_some(())
+    })
+    .await;
+    assert_eq!(env.record("r4").await.unwrap(), before);
+
+    // An id that is not one cannot get a record: dead-lettered only.
+    let bad_id = "not an id!";
+    let pb = env.part(bad_id);
+    env.xadd(&keys::coord_stream(pb), &spoiled_submit(bad_id, V_INT, V_STR)).await;
+    env.until("the submit without a valid id dead-lettered", || async {
+        let d = env.entries(&keys::dead_letter_stream(pb)).await;
+        d.iter().any(|d| d["reason"].contains("field `v`") && d["orig.m"].contains(bad_id)).then_some(())
+    })
+    .await;
+    let n: usize = c.exists(keys::txn_record(pb, bad_id)).await.unwrap();
+    assert_eq!(n, 0);
     env.stop().await;
 }
 

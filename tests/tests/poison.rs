@@ -141,9 +141,10 @@ fn garbage_is_dead_lettered_per_partition_counted_acked_and_work_goes_on() {
 }
 
 #[test]
-fn a_submit_with_an_invalid_spec_is_dead_lettered_and_bad_ops_are_refused_by_the_participant() {
+fn a_submit_with_an_invalid_spec_is_rejected_and_bad_ops_are_refused_by_the_participant() {
     // A producer in another language skipped validation. What the coordinator can check (the
-    // spec's shape) makes it dead-letter the submit; a branch's ops are opaque to it, so a
+    // spec's shape) makes it reject the submit (a `rejected` record, and a dead letter for
+    // operators); a branch's ops are opaque to it, so a
     // reserved key is refused by the participant (a no vote naming the field), and the
     // transaction aborts without locking anything.
     let bank = Bank::start();
@@ -156,7 +157,11 @@ fn a_submit_with_an_invalid_spec_is_dead_lettered_and_bad_ops_are_refused_by_the
     let dead = poll("invalid submit dead-lettered", LONG, || by_source(&bank).remove(&(coord.clone(), id.clone())));
     assert!(dead.get("reason").contains("branches"), "{dead:?}");
     assert_eq!(dead.dead_stream, keys::dead_letter_stream(partition("t-invalid")));
-    assert_eq!(bank.record("t-invalid"), None, "an invalid spec must not become a transaction");
+    // It never becomes a transaction, but its producer learns why.
+    let rec = bank.wait("t-invalid");
+    assert_eq!(rec.state, TxnState::Rejected, "{rec:?}");
+    assert!(rec.reason.as_deref().is_some_and(|r| r.starts_with("invalid spec: branches")), "{rec:?}");
+    assert!(bank.sent_to("bank-a", "t-invalid").is_empty() && bank.sent_to("bank-b", "t-invalid").is_empty());
 
     let mut reserved = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1).with_id("t-reserved");
     reserved.branches[0] = Branch::kv("bank-a", vec![Op::incrby("rtx:lock:acct:alice", 1)]);

@@ -126,6 +126,23 @@ fn acks_before_the_decision_and_strangers_are_refused() {
 }
 
 #[test]
+fn a_rejected_submit_is_terminal_at_once_announced_and_sends_nothing() {
+    let (mut txn, out) = Txn::rejected("t9", Some(Mode::Saga), "invalid spec: steps: empty".into(), t(T0));
+    assert_eq!(txn.state(), TxnState::Rejected);
+    assert!(txn.state().is_terminal() && txn.state().is_settled() && !txn.state().is_success());
+    assert_eq!(out.effects, vec![Effect::Announce(TxnState::Rejected), Effect::Finish]);
+    assert!(out.changed && out.reject.is_none());
+    assert_eq!((txn.spec.id.as_str(), txn.spec.mode), ("t9", Mode::Saga));
+    assert_eq!(txn.progress.reason.as_deref(), Some("invalid spec: steps: empty"));
+    assert_eq!(txn.progress.finished_ms, Some(T0));
+    assert_eq!(txn.wake_ms(), None);
+    // Nothing moves it any more.
+    let out = txn.step(Event::Submit, t(T0 + 1));
+    assert!(out.effects.is_empty() && !out.changed);
+    assert_eq!(txn.step(Event::Tick, t(T0 + 2)), Output::default());
+}
+
+#[test]
 fn orphans_get_an_abort_for_a_yes() {
     assert_eq!(sent(&orphan(&vote(1, true))), vec![("abort", 1)]);
     assert!(orphan(&vote(1, false)).effects.is_empty());
