@@ -49,7 +49,7 @@ pub fn redact(url: &str) -> Result<String> {
 pub async fn deployment(redis: &RedisUrl) -> Result<String> {
     let mut conn = redis.connect().await?;
     let fresh = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let (_, id): ((), String) = redis::pipe()
+    let (id,): (String,) = redis::pipe()
         .cmd("SET")
         .arg(keys::deployment())
         .arg(&fresh)

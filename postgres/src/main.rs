@@ -26,12 +26,14 @@ struct Args {
     /// Number of partitions of the deployment (the same for every process)
     #[arg(long, env = "REDTX_PARTITIONS", default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=redtx_common::keys::MAX_PARTITIONS as i64))]
     partitions: u32,
-    /// Most entries read at once
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    /// Most entries read at once (they are applied one after the other: a smaller batch answers
+    /// its first entries sooner)
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     batch: u64,
     /// A row locked longer than this refuses a prepare (vote no), or makes a saga step answer
-    /// `error` (retried)
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    /// `error` (retried). Short: a row held by another transaction's prepared branch stays
+    /// held until that transaction's decision, so waiting rarely helps
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     lock_timeout: Duration,
     /// Take over entries left pending this long by a dead worker
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
