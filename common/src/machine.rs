@@ -162,7 +162,7 @@ pub struct Progress {
     /// When it became terminal (ms).
     #[serde(default)]
     pub finished_ms: Option<u64>,
-    /// Why it aborted or compensated.
+    /// Why it aborted, compensated or was rejected.
     #[serde(default)]
     pub reason: Option<String>,
     /// Saga: the step whose failure started the compensation.

@@ -4,8 +4,8 @@
 //! and writes the record whenever one changes, in the same atomic call as the messages the
 //! change causes. The record is what a new owner reloads and what `redtx status` reads.
 //!
-//! Hash fields: `v` (record version, `2`), `mode`, `state`, `reason` (why it aborted or
-//! compensated), `created`, `deadline`, `finished` (ms since the epoch), `spec` (MessagePack
+//! Hash fields: `v` (record version, `2`), `mode`, `state`, `reason` (why it aborted,
+//! compensated or was rejected), `created`, `deadline`, `finished` (ms since the epoch), `spec` (MessagePack
 //! [`TxnSpec`], as submitted first, written once; for a `rejected` submit only its id and mode)
 //! and `st` (MessagePack [`Progress`](crate::machine::Progress): every branch's phase, attempts
 //! and reasons).
@@ -138,7 +138,7 @@ pub struct TxnRecord {
     pub mode: String,
     /// Current state.
     pub state: TxnState,
-    /// Why it aborted or compensated.
+    /// Why it aborted, compensated or was rejected.
     pub reason: Option<String>,
     /// Saga: the step whose failure started the compensation.
     pub failed_step: Option<u32>,
