@@ -134,6 +134,14 @@ impl Cluster {
         }
     }
 
+    /// Runs one more worker in this process, stopped with the others.
+    pub fn spawn_worker<F>(&mut self, worker: impl FnOnce(Shutdown) -> F)
+    where
+        F: std::future::Future<Output = redtx_common::Result<()>> + Send + 'static,
+    {
+        self.workers.spawn(worker(self.shutdown.clone()));
+    }
+
     /// Stops the workers; they finish what they hold. On a shared `--redis`, the run's own
     /// participant streams and barriers are deleted then (nobody else reads them).
     pub async fn stop_workers(&mut self) {

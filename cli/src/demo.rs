@@ -57,6 +57,12 @@ pub struct DemoArgs {
     /// saga: how many users place orders.
     #[arg(long, default_value_t = 50)]
     pub users: usize,
+    /// 2pc: transfers between a Redis bank and a PostgreSQL ledger instead: one transaction
+    /// changes a Redis key and a PostgreSQL row. Without a URL, a private PostgreSQL server is
+    /// started (it needs PostgreSQL installed); with one, the demo uses that database (it
+    /// needs max_prepared_transactions > 0, and creates the table redtx_demo_accounts).
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    pub postgres: Option<String>,
 }
 
 /// Sorted latencies; nearest-rank percentiles.
@@ -87,7 +93,7 @@ pub fn progress_bar(n: usize, unit: &str) -> ProgressBar {
 }
 
 #[derive(Default)]
-struct Tally {
+pub struct Tally {
     committed: AtomicUsize,
     insufficient: AtomicUsize,
     conflict: AtomicUsize,
@@ -101,6 +107,7 @@ struct Tally {
 
 pub async fn run(args: DemoArgs) -> Exit {
     let r = match args.mode {
+        Mode::TwoPhase if args.postgres.is_some() => crate::pg_demo::run(args).await,
         Mode::TwoPhase => demo(args).await,
         Mode::Saga => crate::saga_demo::run(args).await,
     };

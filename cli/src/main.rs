@@ -9,6 +9,7 @@
 //! - [`bench`]: throughput and latency of transactions (2PC or saga), as ratios against raw
 //!   Redis calls.
 //! - [`saga_demo`]: the order flow of `redtx demo --mode saga` and its checks.
+//! - [`pg_demo`]: `redtx demo --postgres`: transfers between a Redis bank and a PostgreSQL ledger.
 //! - [`cluster`]: the servers, participants and in-process workers shared by `demo` and `bench`.
 //! - [`output`]: how records and outcomes are printed (text and JSON).
 //!
@@ -23,6 +24,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod output;
+mod pg_demo;
 mod saga_demo;
 mod status;
 mod submit;
