@@ -81,7 +81,7 @@ pub async fn run(args: DemoArgs) -> Result<Exit, Error> {
     let mut cfg = redtx_participant::ParticipantConfig::new(cluster.stream_url.clone(), ledger.clone());
     cfg.partitions = args.partitions;
     let url = pg_url.clone();
-    cluster.spawn_worker(move |stop| redtx_postgres::run(cfg, url, Duration::from_millis(20), stop));
+    cluster.spawn_worker(move |stop| redtx_postgres::run(cfg, redtx_postgres::PgSettings::new(url), stop));
 
     let example = transfer(&bank, &ledger, &book[0][0], &rows[0], 25, true);
     println!(

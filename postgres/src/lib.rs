@@ -62,11 +62,33 @@ pub async fn deployment(redis: &RedisUrl) -> Result<String> {
     Ok(id)
 }
 
-/// Runs participant `cfg.name` on the PostgreSQL at `postgres` until `shutdown`. Unreachable
-/// servers are waited for (with warnings); a bad URL or name is an error at once.
-pub async fn run(cfg: ParticipantConfig, postgres: String, lock_timeout: Duration, shutdown: Shutdown) -> Result<()> {
+/// How the PostgreSQL participant uses its database.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// The PostgreSQL URL; never logged.
+    pub postgres: String,
+    /// See [`PgOptions::lock_timeout`].
+    pub lock_timeout: Duration,
+    /// See [`PgOptions::orphan_after`].
+    pub orphan_after: Duration,
+}
+
+impl PgSettings {
+    /// Defaults: a lock timeout of 20 ms; orphans after the longest timeout plus the skew margin.
+    pub fn new(postgres: impl Into<String>) -> Self {
+        PgSettings {
+            postgres: postgres.into(),
+            lock_timeout: Duration::from_millis(20),
+            orphan_after: redtx_common::spec::MAX_TIMEOUT + redtx_participant::barrier::SKEW,
+        }
+    }
+}
+
+/// Runs participant `cfg.name` on PostgreSQL until `shutdown`. Unreachable servers are waited
+/// for (with warnings); a bad URL or name is an error at once.
+pub async fn run(cfg: ParticipantConfig, pg: PgSettings, shutdown: Shutdown) -> Result<()> {
     redtx_common::spec::check_participant("name", &cfg.name)?;
-    let shown = redact(&postgres)?;
+    let shown = redact(&pg.postgres)?;
     let stream = RedisUrl::parse(&cfg.redis)?;
     let mut backoff = Backoff::default();
     let deployment = loop {
@@ -79,9 +101,16 @@ pub async fn run(cfg: ParticipantConfig, postgres: String, lock_timeout: Duratio
             }
         }
     };
-    let opts =
-        PgOptions { url: postgres, participant: cfg.name.clone(), deployment, lock_timeout, retention: cfg.retention };
-    let mut resource = PgResource::new(opts);
+    let opts = PgOptions {
+        url: pg.postgres,
+        participant: cfg.name.clone(),
+        deployment,
+        lock_timeout: pg.lock_timeout,
+        retention: cfg.retention,
+        records: Some((stream.clone(), cfg.partitions)),
+        orphan_after: pg.orphan_after,
+    };
+    let mut resource = PgResource::new(opts.clone());
     backoff.reset();
     loop {
         match resource.connect().await {
@@ -99,5 +128,19 @@ pub async fn run(cfg: ParticipantConfig, postgres: String, lock_timeout: Duratio
             }
         }
     }
-    redtx_participant::run_with(cfg, resource, shutdown).await
+    // The sweep of prepared transactions whose decision cannot arrive any more, on its own
+    // connection, whether or not messages come.
+    let mut sweeper = PgResource::new(opts);
+    let stop = shutdown.clone();
+    let sweeping = tokio::spawn(async move {
+        loop {
+            if let Err(e) = sweeper.sweep().await {
+                tracing::warn!(error = %e, "could not check prepared transactions against their records");
+            }
+            tokio::select! { _ = tokio::time::sleep(sweeper.sweep_every()) => {}, _ = stop.wait() => return }
+        }
+    });
+    let r = redtx_participant::run_with(cfg, resource, shutdown).await;
+    sweeping.abort();
+    r
 }

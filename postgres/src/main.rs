@@ -35,6 +35,10 @@ struct Args {
     /// held until that transaction's decision, so waiting rarely helps
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     lock_timeout: Duration,
+    /// Roll back a prepared transaction of this participant this old whose transaction has no
+    /// record (its decision can never come) [default: the longest timeout + 1m]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    orphan_after: Option<Duration>,
     /// Take over entries left pending this long by a dead worker
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     claim_idle: Duration,
@@ -69,7 +73,12 @@ async fn main() -> ExitCode {
         retention: args.retention,
         keep_history: args.keep_history,
     };
-    match redtx_postgres::run(cfg, args.postgres, args.lock_timeout, Shutdown::on_signals()).await {
+    let mut pg = redtx_postgres::PgSettings::new(args.postgres);
+    pg.lock_timeout = args.lock_timeout;
+    if let Some(after) = args.orphan_after {
+        pg.orphan_after = after;
+    }
+    match redtx_postgres::run(cfg, pg, Shutdown::on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -28,7 +28,9 @@
 //! SQL text (PostgreSQL takes no parameter there); everything else is a bound parameter.
 
 use crate::payload::{self, bind, Statement};
-use redtx_common::Error;
+use redtx_common::conn::RedisUrl;
+use redtx_common::record::TxnState;
+use redtx_common::{keys, Error};
 use redtx_participant::{Applied, Barrier, BarrierState, Request, Resource, Transition, Work};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -53,6 +55,9 @@ const MAX_GID: usize = 199;
 /// How often finished barriers older than the retention are deleted.
 const CLEANUP_EVERY: Duration = Duration::from_secs(600);
 
+/// How often this participant's prepared transactions are checked against their records.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 /// How a [`PgResource`] connects and behaves.
 #[derive(Clone)]
 pub struct PgOptions {
@@ -67,6 +72,12 @@ pub struct PgOptions {
     pub lock_timeout: Duration,
     /// Finished barriers are kept this long (a repeat within it is recognised).
     pub retention: Duration,
+    /// Where transaction records live (the stream Redis) and how many partitions the deployment
+    /// has, for the sweep of prepared transactions left behind (`None`: no sweep).
+    pub records: Option<(RedisUrl, u32)>,
+    /// A prepared transaction this old whose transaction has no record is rolled back by the
+    /// sweep: no coordinator can commit it any more (its deadline is long past).
+    pub orphan_after: Duration,
 }
 
 /// A failure that is not the business's: the request stays pending and is retried.
@@ -108,6 +119,11 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         }
         None => format!("PostgreSQL connection: {e}"),
     }
+}
+
+/// `s` as a literal `LIKE` pattern.
+fn like_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
 }
 
 /// Whether `e` is the business's (a SQL error with a state) rather than the connection's or
@@ -180,7 +196,7 @@ impl PgResource {
 
     /// The gids of this participant's prepared transactions in this database.
     async fn prepared(&mut self) -> Result<Vec<String>, Fault> {
-        let like = format!("{}%", self.gid_prefix().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let like = format!("{}%", like_escape(&self.gid_prefix()));
         let rows = self
             .client()
             .await?
@@ -517,6 +533,84 @@ impl PgResource {
         } else {
             self.moved(req.txn()).await
         }
+    }
+
+    /// Finishes this participant's prepared transactions whose decision is known from their
+    /// record (`committing`/`committed`: commit; `aborting`/`aborted`: roll back), and rolls
+    /// back those older than `orphan_after` whose transaction has no record at all. Normally
+    /// the decision messages finish them; this covers decisions that can no longer arrive (a
+    /// stream Redis that lost its data). Returns how many it finished. [`sweep_every`] says how
+    /// often to run it.
+    pub async fn sweep(&mut self) -> redtx_common::Result<usize> {
+        let what = self.what();
+        self.sweep_inner().await.map_err(|Fault(detail)| Error::Resource { resource: what, detail })
+    }
+
+    /// How often [`PgResource::sweep`] should run: every 30 s, or sooner when `orphan_after`
+    /// is shorter.
+    pub fn sweep_every(&self) -> Duration {
+        SWEEP_EVERY.min(self.opts.orphan_after.max(Duration::from_millis(100)))
+    }
+
+    async fn sweep_inner(&mut self) -> Result<usize, Fault> {
+        let Some((url, partitions)) = self.opts.records.clone() else { return Ok(0) };
+        let like = format!("{}%", like_escape(&self.gid_prefix()));
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts \
+                 WHERE gid LIKE $1 AND database = current_database()",
+                &[&like],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut redis = url.connect().await.map_err(|e| Fault(e.to_string()))?;
+        let prefix = self.gid_prefix();
+        let mut finished = 0;
+        for row in rows {
+            let (gid, age): (String, f64) = (row.get(0), row.get(1));
+            let Some(txn) = gid.strip_prefix(&prefix).map(str::to_string) else { continue };
+            // A hashed gid (a very long id) does not name its transaction: left to the messages.
+            if self.gid(&txn) != gid {
+                continue;
+            }
+            let key = keys::txn_record(keys::partition(&txn, partitions), &txn);
+            let state: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("state")
+                .query_async(&mut redis)
+                .await
+                .map_err(|e| Fault(format!("{url}: {e}")))?;
+            let commit = match state.as_deref().and_then(TxnState::parse) {
+                Some(TxnState::Committing | TxnState::Committed) => true,
+                Some(TxnState::Aborting | TxnState::Aborted) => false,
+                None if age >= self.opts.orphan_after.as_secs_f64() => false,
+                _ => continue,
+            };
+            if self.finish_prepared(&txn, commit).await? {
+                let now = redtx_common::now_ms();
+                let req = Request::Abort(redtx_common::protocol::Resolve {
+                    txn: txn.clone(),
+                    branch: 0,
+                    participant: self.opts.participant.clone(),
+                });
+                if commit {
+                    self.record(&req, Some(BarrierState::Prepared), BarrierState::Committed, None, now).await?;
+                } else {
+                    self.record(&req, None, BarrierState::Aborted, None, now).await?;
+                }
+                finished += 1;
+                tracing::warn!(
+                    participant = %self.opts.participant, txn = %txn, record = state.as_deref().unwrap_or("none"),
+                    age_s = age as u64, "finished a prepared transaction whose decision message had not arrived: {}",
+                    if commit { "committed" } else { "rolled back" }
+                );
+            }
+        }
+        Ok(finished)
     }
 
     /// Deletes this participant's barriers older than the retention, now and then.

@@ -54,6 +54,8 @@ fn resource(pg: &PgServer) -> PgResource {
         deployment: "test".into(),
         lock_timeout: Duration::from_millis(200),
         retention: Duration::from_secs(3600),
+        records: None,
+        orphan_after: Duration::from_secs(3600),
     })
 }
 

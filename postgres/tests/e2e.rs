@@ -82,8 +82,13 @@ impl Mixed {
 
 /// Starts instance `n` of the `ledger` participant (`redtx-postgres`) and waits until it works.
 fn spawn_ledger(c: &Cluster, pg: &PgServer, n: usize, failpoint: Option<&str>) -> Proc {
+    spawn_ledger_with(c, pg, n, failpoint, &[])
+}
+
+fn spawn_ledger_with(c: &Cluster, pg: &PgServer, n: usize, failpoint: Option<&str>, extra: &[&str]) -> Proc {
     let mut args: Vec<String> =
         ["--redis", &c.url(), "--name", "ledger", "--postgres", &pg.url()].iter().map(|s| s.to_string()).collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(partitions_args());
     args.extend(FAST_PART.iter().map(|s| s.to_string()));
     let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT_ENV, f)]).unwrap_or_default();
@@ -341,4 +346,37 @@ fn a_saga_compensates_its_postgres_step() {
     let rows = m.c.rt.block_on(m.sql.query("SELECT state FROM redtx_barrier ORDER BY at_ms", &[])).unwrap();
     let states: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(states, ["done", "compensated"]);
+}
+
+#[test]
+fn prepared_transactions_whose_decision_cannot_arrive_are_finished_from_their_records() {
+    let mut m = Mixed::start(None);
+    let dep: String = redis::cmd("GET").arg("rtx:deployment").query(&mut m.c.stream_conn()).unwrap();
+    m.ledger[0].kill9();
+    // Three transactions PostgreSQL holds prepared, with no decision message to come: one whose
+    // record says committing, one with no record at all, and one of another deployment.
+    m.exec(&format!(
+        "BEGIN; INSERT INTO accounts VALUES ('dave', 7); PREPARE TRANSACTION 'redtx:{dep}:ledger:decided-1'"
+    ));
+    m.exec(&format!("BEGIN; UPDATE accounts SET balance = balance + 500 WHERE id = 'carol'; PREPARE TRANSACTION 'redtx:{dep}:ledger:orphan-1'"));
+    m.exec("BEGIN; INSERT INTO accounts VALUES ('erin', 9); PREPARE TRANSACTION 'redtx:elsewhere:ledger:orphan-2'");
+    redis::cmd("HSET")
+        .arg(record_key("decided-1"))
+        .arg("state")
+        .arg("committing")
+        .query::<()>(&mut m.c.stream_conn())
+        .unwrap();
+    let p = spawn_ledger_with(&m.c, &m.pg, 2, None, &["--orphan-after", "1s"]);
+    m.ledger.push(p);
+    poll("the sweep finishes this deployment's two", LONG, || {
+        (m.prepared() == ["redtx:elsewhere:ledger:orphan-2"]).then_some(())
+    });
+    let dave = m.c.rt.block_on(m.sql.query_opt("SELECT balance FROM accounts WHERE id = 'dave'", &[])).unwrap();
+    assert_eq!(dave.map(|r| r.get::<_, i64>(0)), Some(7), "the decided one committed");
+    assert_eq!(m.carol(), 1000, "the orphan rolled back");
+    let rows = m.c.rt.block_on(m.sql.query("SELECT txn, state FROM redtx_barrier ORDER BY txn", &[])).unwrap();
+    let rows: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, [("orphan-1".to_string(), "aborted".to_string())], "a tombstone for the orphan");
+    assert!(m.ledger[1].printed("finished a prepared transaction whose decision message had not arrived"));
+    m.exec("ROLLBACK PREPARED 'redtx:elsewhere:ledger:orphan-2'");
 }
