@@ -16,7 +16,7 @@ pub mod payload;
 pub mod resource;
 
 pub use payload::Statement;
-pub use resource::{PgOptions, PgResource};
+pub use resource::{Lane, PgOptions, PgResource};
 
 use redtx_common::conn::RedisUrl;
 use redtx_common::consumer::Backoff;
@@ -67,6 +67,8 @@ pub async fn deployment(redis: &RedisUrl) -> Result<String> {
 pub struct PgSettings {
     /// The PostgreSQL URL; never logged.
     pub postgres: String,
+    /// See [`PgOptions::connections`].
+    pub connections: usize,
     /// See [`PgOptions::lock_timeout`].
     pub lock_timeout: Duration,
     /// See [`PgOptions::orphan_after`].
@@ -74,10 +76,11 @@ pub struct PgSettings {
 }
 
 impl PgSettings {
-    /// Defaults: a lock timeout of 20 ms; orphans after the longest timeout plus the skew margin.
+    /// Defaults: 4 connections, a lock timeout of 20 ms; orphans after the longest timeout plus the skew margin.
     pub fn new(postgres: impl Into<String>) -> Self {
         PgSettings {
             postgres: postgres.into(),
+            connections: 4,
             lock_timeout: Duration::from_millis(20),
             orphan_after: redtx_common::spec::MAX_TIMEOUT + redtx_participant::barrier::SKEW,
         }
@@ -105,6 +108,7 @@ pub async fn run(cfg: ParticipantConfig, pg: PgSettings, shutdown: Shutdown) -> 
         url: pg.postgres,
         participant: cfg.name.clone(),
         deployment,
+        connections: pg.connections,
         lock_timeout: pg.lock_timeout,
         retention: cfg.retention,
         records: Some((stream.clone(), cfg.partitions)),
@@ -130,7 +134,7 @@ pub async fn run(cfg: ParticipantConfig, pg: PgSettings, shutdown: Shutdown) -> 
     }
     // The sweep of prepared transactions whose decision cannot arrive any more, on its own
     // connection, whether or not messages come.
-    let mut sweeper = PgResource::new(opts);
+    let mut sweeper = Lane::new(opts);
     let stop = shutdown.clone();
     let sweeping = tokio::spawn(async move {
         loop {

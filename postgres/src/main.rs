@@ -35,6 +35,9 @@ struct Args {
     /// held until that transaction's decision, so waiting rarely helps
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     lock_timeout: Duration,
+    /// Connections to PostgreSQL: a batch's branches are applied over them concurrently
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    connections: u64,
     /// Roll back a prepared transaction of this participant this old whose transaction has no
     /// record (its decision can never come) [default: the longest timeout + 1m]
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -75,6 +78,7 @@ async fn main() -> ExitCode {
     };
     let mut pg = redtx_postgres::PgSettings::new(args.postgres);
     pg.lock_timeout = args.lock_timeout;
+    pg.connections = args.connections as usize;
     if let Some(after) = args.orphan_after {
         pg.orphan_after = after;
     }

@@ -49,6 +49,9 @@ pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS redtx_barrier (
     at_ms bigint NOT NULL,
     PRIMARY KEY (participant, txn))";
 
+/// Most prepared statements kept per connection.
+const MAX_STATEMENTS: usize = 1024;
+
 /// Longest gid PostgreSQL takes (its `GIDSIZE` less the terminating byte).
 const MAX_GID: usize = 199;
 
@@ -67,6 +70,8 @@ pub struct PgOptions {
     pub participant: String,
     /// The deployment id (see the module doc).
     pub deployment: String,
+    /// Connections, each carrying out its share of a batch concurrently with the others.
+    pub connections: usize,
     /// `lock_timeout` of every statement: a row held longer (e.g. by another transaction's
     /// prepared branch) refuses the prepare, or makes a saga step answer `error` (retried).
     pub lock_timeout: Duration,
@@ -99,8 +104,9 @@ enum Ran {
     Contended(String),
 }
 
-/// The PostgreSQL resource. Connects lazily and reconnects after a lost connection.
-pub struct PgResource {
+/// One connection of a [`PgResource`] and what it carries out. Connects lazily and reconnects
+/// after a lost connection.
+pub struct Lane {
     opts: PgOptions,
     client: Option<Client>,
     statements: HashMap<String, tokio_postgres::Statement>,
@@ -136,10 +142,10 @@ fn is_contention(e: &tokio_postgres::Error) -> bool {
     matches!(e.code(), Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE)
 }
 
-impl PgResource {
-    /// A resource with `opts`; nothing is connected yet.
+impl Lane {
+    /// A lane with `opts`; nothing is connected yet.
     pub fn new(opts: PgOptions) -> Self {
-        PgResource { opts, client: None, statements: HashMap::new(), cleaned_at: None }
+        Lane { opts, client: None, statements: HashMap::new(), cleaned_at: None }
     }
 
     /// The prefix of every gid of this participant in this deployment.
@@ -212,14 +218,10 @@ impl PgResource {
             return Ok(Some(Barrier::new(BarrierState::Prepared)));
         }
         let name = self.opts.participant.clone();
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT state, reason, deadline_ms FROM redtx_barrier WHERE participant = $1 AND txn = $2",
-                &[&name, &txn],
-            )
+        let st = self
+            .stmt("SELECT state, reason, deadline_ms FROM redtx_barrier WHERE participant = $1 AND txn = $2")
             .await?;
+        let row = self.client().await?.query_opt(&st, &[&name, &txn]).await?;
         let Some(row) = row else { return Ok(None) };
         let state: String = row.get(0);
         let state = match state.as_str() {
@@ -234,12 +236,20 @@ impl PgResource {
     /// Whether PostgreSQL holds `txn`'s branch prepared.
     async fn is_prepared(&mut self, txn: &str) -> Result<bool, Fault> {
         let gid = self.gid(txn);
-        let row = self
-            .client()
-            .await?
-            .query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()", &[&gid])
-            .await?;
+        let st = self.stmt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()").await?;
+        let row = self.client().await?.query_opt(&st, &[&gid]).await?;
         Ok(row.is_some())
+    }
+
+    /// The prepared statement of `sql` on this connection (prepared once, then cached: one round
+    /// trip per use instead of two).
+    async fn stmt(&mut self, sql: &str) -> Result<tokio_postgres::Statement, Fault> {
+        if let Some(st) = self.statements.get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self.client().await?.prepare(sql).await?;
+        self.statements.insert(sql.to_string(), st.clone());
+        Ok(st)
     }
 
     async fn moved(&mut self, txn: &str) -> Result<Applied, Fault> {
@@ -253,6 +263,10 @@ impl PgResource {
                 Some(p) => p.clone(),
                 None => match self.client().await?.prepare(&s.sql).await {
                     Ok(p) => {
+                        // User SQL is cached too, up to a bound (a payload may carry any SQL).
+                        if self.statements.len() >= MAX_STATEMENTS {
+                            self.statements.clear();
+                        }
                         self.statements.insert(s.sql.clone(), p.clone());
                         p
                     }
@@ -311,14 +325,15 @@ impl PgResource {
             _ => None,
         };
         let (name, txn, branch) = (self.opts.participant.clone(), req.txn().to_string(), req.branch() as i32);
+        let (state, now) = (state.as_str(), now_ms as i64);
+        let params: [&(dyn ToSql + Sync); 6] = [&name, &txn, &branch, &state, &deadline, &now];
+        let st = self
+            .stmt("INSERT INTO redtx_barrier (participant, txn, branch, state, deadline_ms, at_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+            .await?;
         let c = self.client().await?;
-        c.batch_execute("BEGIN").await?;
-        let insert = c
-            .execute(
-                "INSERT INTO redtx_barrier (participant, txn, branch, state, deadline_ms, at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&name, &txn, &branch, &state.as_str(), &deadline, &(now_ms as i64)],
-            )
-            .await;
+        // One round trip: both are sent before the first reply is read.
+        let (begun, insert) = tokio::join!(c.batch_execute("BEGIN"), c.execute(&st, &params));
+        begun?;
         match insert {
             Ok(_) => Ok(true),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) || is_contention(&e) => {
@@ -352,21 +367,16 @@ impl PgResource {
         if expect.is_none() && self.is_prepared(&txn).await? {
             return Ok(false);
         }
-        let c = self.client().await?;
         let n = match expect {
             None => {
-                c.execute(
-                    "INSERT INTO redtx_barrier (participant, txn, branch, state, reason, deadline_ms, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                    &[&name, &txn, &branch, &state.as_str(), &reason, &deadline, &(now_ms as i64)],
-                )
-                .await
+                let st = self.stmt("INSERT INTO redtx_barrier (participant, txn, branch, state, reason, deadline_ms, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING").await?;
+                let c = self.client().await?;
+                c.execute(&st, &[&name, &txn, &branch, &state.as_str(), &reason, &deadline, &(now_ms as i64)]).await
             }
             Some(from) => {
-                c.execute(
-                    "UPDATE redtx_barrier SET state = $3, reason = $4, at_ms = $5 WHERE participant = $1 AND txn = $2 AND state = $6",
-                    &[&name, &txn, &state.as_str(), &reason, &(now_ms as i64), &from.as_str()],
-                )
-                .await
+                let st = self.stmt("UPDATE redtx_barrier SET state = $3, reason = $4, at_ms = $5 WHERE participant = $1 AND txn = $2 AND state = $6").await?;
+                let c = self.client().await?;
+                c.execute(&st, &[&name, &txn, &state.as_str(), &reason, &(now_ms as i64), &from.as_str()]).await
             }
         };
         match n {
@@ -386,6 +396,45 @@ impl PgResource {
         match self.client().await?.batch_execute(&sql).await {
             Ok(()) => Ok(true),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Confirm or Cancel of a prepared branch, in one round trip: `COMMIT PREPARED` then the
+    /// row says `committed`, or `ROLLBACK PREPARED` then a tombstone. The second statement is
+    /// harmless when the first finds nothing to finish: the update matches only a committed
+    /// branch's `prepared` row, the tombstone only a barrier that is not there (which an abort
+    /// would leave anyway). `Ok(false)`: PostgreSQL held no such prepared transaction.
+    async fn resolve(&mut self, req: &Request, commit: bool, now_ms: u64) -> Result<bool, Fault> {
+        let (name, txn, branch) = (self.opts.participant.clone(), req.txn().to_string(), req.branch() as i32);
+        let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+        // The gid is made of checked names only (see the module doc); quotes are doubled anyway.
+        let finish = format!("{verb} PREPARED '{}'", self.gid(&txn).replace('\'', "''"));
+        let now = now_ms as i64;
+        let (record, params): (&str, Vec<&(dyn ToSql + Sync)>) = if commit {
+            (
+                "UPDATE redtx_barrier SET state = 'committed', at_ms = $3 WHERE participant = $1 AND txn = $2 AND state = 'prepared'",
+                vec![&name, &txn, &now],
+            )
+        } else {
+            (
+                "INSERT INTO redtx_barrier (participant, txn, branch, state, at_ms) VALUES ($1, $2, $4, 'aborted', $3) ON CONFLICT DO NOTHING",
+                vec![&name, &txn, &now, &branch],
+            )
+        };
+        let st = self.stmt(record).await?;
+        let c = self.client().await?;
+        let (finished, recorded) = tokio::join!(c.batch_execute(&finish), c.execute(&st, &params));
+        match finished {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        match recorded {
+            Ok(_) => Ok(true),
+            // Finished; the row catches up on a repeat (a `prepared` row without its prepared
+            // transaction reads as committed; no row after a rollback reads as no barrier).
+            Err(e) if is_contention(&e) => Ok(true),
             Err(e) => Err(e.into()),
         }
     }
@@ -411,10 +460,8 @@ impl PgResource {
                     Ok(s) => s,
                     Err(why) => return self.refuse(req, refused, prefix(why), now).await,
                 };
-                // A branch prepared before a crash: its row is invisible, its gid is not.
-                if t.work == Work::Try && self.is_prepared(txn).await? {
-                    return self.moved(txn).await;
-                }
+                // A branch prepared before a crash holds its (invisible) row: the insert below
+                // waits for it until the lock timeout, and the barrier reads as prepared.
                 if !self.begin_with_row(req, ok, now).await? {
                     return self.moved(txn).await;
                 }
@@ -458,15 +505,10 @@ impl PgResource {
             }
             Work::Confirm | Work::Cancel => {
                 let commit = t.work == Work::Confirm;
-                if t.expect != Some(BarrierState::Prepared) || !self.finish_prepared(txn, commit).await? {
+                if t.expect != Some(BarrierState::Prepared) || !self.resolve(req, commit, now).await? {
                     return self.moved(txn).await;
                 }
                 let state = if commit { BarrierState::Committed } else { BarrierState::Aborted };
-                if commit {
-                    self.record(req, Some(BarrierState::Prepared), state, None, now).await?;
-                } else {
-                    self.record(req, None, state, None, now).await?;
-                }
                 Ok(Applied::Done { state, reason: None })
             }
             Work::Compensation => {
@@ -477,15 +519,12 @@ impl PgResource {
                     Ok(s) => s,
                     Err(why) => return Ok(Applied::Done { state: BarrierState::Done, reason: Some(prefix(why)) }),
                 };
-                let (name, txn_s) = (self.opts.participant.clone(), txn.to_string());
+                let (name, txn_s, at) = (self.opts.participant.clone(), txn.to_string(), now as i64);
+                let st = self.stmt("UPDATE redtx_barrier SET state = 'compensated', reason = NULL, at_ms = $3 WHERE participant = $1 AND txn = $2 AND state = 'done'").await?;
                 let c = self.client().await?;
-                c.batch_execute("BEGIN").await?;
-                let n = c
-                    .execute(
-                        "UPDATE redtx_barrier SET state = 'compensated', reason = NULL, at_ms = $3 WHERE participant = $1 AND txn = $2 AND state = 'done'",
-                        &[&name, &txn_s, &(now as i64)],
-                    )
-                    .await;
+                let params: [&(dyn ToSql + Sync); 3] = [&name, &txn_s, &at];
+                let (begun, n) = tokio::join!(c.batch_execute("BEGIN"), c.execute(&st, &params));
+                begun?;
                 match n {
                     Ok(1) => {}
                     Ok(_) => {
@@ -546,7 +585,7 @@ impl PgResource {
         self.sweep_inner().await.map_err(|Fault(detail)| Error::Resource { resource: what, detail })
     }
 
-    /// How often [`PgResource::sweep`] should run: every 30 s, or sooner when `orphan_after`
+    /// How often [`Lane::sweep`] should run: every 30 s, or sooner when `orphan_after`
     /// is shorter.
     pub fn sweep_every(&self) -> Duration {
         SWEEP_EVERY.min(self.opts.orphan_after.max(Duration::from_millis(100)))
@@ -633,24 +672,70 @@ impl PgResource {
     }
 }
 
-impl Resource for PgResource {
-    async fn apply(&mut self, batch: &[Transition<'_>]) -> redtx_common::Result<Vec<Result<Applied, String>>> {
+/// The PostgreSQL resource: [`PgOptions::connections`] lanes, each a connection. A batch's
+/// transitions (each on its own barrier: the runtime never puts two of one barrier in a batch)
+/// are dealt to the lanes and carried out concurrently, one after the other within a lane.
+pub struct PgResource {
+    lanes: Vec<Lane>,
+}
+
+impl PgResource {
+    /// A resource with `opts`; nothing is connected yet.
+    pub fn new(opts: PgOptions) -> Self {
+        let n = opts.connections.max(1);
+        PgResource { lanes: (0..n).map(|_| Lane::new(opts.clone())).collect() }
+    }
+
+    /// The first lane (connecting, sweeping, naming gids).
+    pub fn lane(&mut self) -> &mut Lane {
+        &mut self.lanes[0]
+    }
+
+    /// See [`Lane::connect`]: connects every lane.
+    pub async fn connect(&mut self) -> redtx_common::Result<Vec<String>> {
+        for lane in &mut self.lanes[1..] {
+            lane.connect().await?;
+        }
+        self.lanes[0].connect().await
+    }
+}
+
+impl Lane {
+    async fn apply_all(&mut self, batch: &[(usize, &Transition<'_>)]) -> Vec<(usize, Result<Applied, String>)> {
         let mut out = Vec::with_capacity(batch.len());
-        for t in batch {
+        for (i, t) in batch {
             if t.request.participant() != self.opts.participant {
-                out.push(Err(format!("request for {:?} given to {}", t.request.participant(), self.what())));
+                out.push((*i, Err(format!("request for {:?} given to {}", t.request.participant(), self.what()))));
                 continue;
             }
-            out.push(self.one(t).await.map_err(|Fault(why)| {
+            let r = self.one(t).await.map_err(|Fault(why)| {
                 // The connection may be gone with an open transaction: start afresh (PostgreSQL
                 // rolls back what the closed session had open).
                 self.client = None;
                 why
-            }));
+            });
+            out.push((*i, r));
         }
-        if let Err(Fault(why)) = self.cleanup().await {
-            tracing::warn!(participant = %self.opts.participant, error = %why, "could not delete old barriers");
+        out
+    }
+}
+
+impl Resource for PgResource {
+    async fn apply(&mut self, batch: &[Transition<'_>]) -> redtx_common::Result<Vec<Result<Applied, String>>> {
+        let n = self.lanes.len();
+        let mut dealt: Vec<Vec<(usize, &Transition<'_>)>> = vec![Vec::new(); n];
+        for (i, t) in batch.iter().enumerate() {
+            dealt[i % n].push((i, t));
         }
-        Ok(out)
+        let runs = self.lanes.iter_mut().zip(&dealt).map(|(lane, part)| lane.apply_all(part));
+        let mut out: Vec<Option<Result<Applied, String>>> = vec![None; batch.len()];
+        for (i, r) in futures::future::join_all(runs).await.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+        let lane = &mut self.lanes[0];
+        if let Err(Fault(why)) = lane.cleanup().await {
+            tracing::warn!(participant = %lane.opts.participant, error = %why, "could not delete old barriers");
+        }
+        Ok(out.into_iter().map(|r| r.expect("every transition dealt")).collect())
     }
 }

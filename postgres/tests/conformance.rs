@@ -52,6 +52,7 @@ fn resource(pg: &PgServer) -> PgResource {
         url: pg.url(),
         participant: NAME.into(),
         deployment: "test".into(),
+        connections: 3,
         lock_timeout: Duration::from_millis(200),
         retention: Duration::from_secs(3600),
         records: None,
