@@ -77,6 +77,9 @@ use std::time::Duration;
 /// `lua/service/save.lua`: the image's compare-and-set.
 pub static SAVE: LuaScript = LuaScript::new("save", include_str!("../../lua/service/save.lua"));
 
+/// MessagePack `nil`: the compensation payload of a step given none (`null` in JSON).
+const NIL: &[u8] = &[0xc0];
+
 /// How many times one batch is run again on a freshly loaded image when another instance saved
 /// meanwhile; after that the batch stays pending and comes back later.
 const SAVE_ATTEMPTS: usize = 3;
@@ -100,7 +103,7 @@ pub struct Ctx<'a> {
 /// makes the reservation final (Confirm), [`abort`](Service::abort) releases it (Cancel); commit
 /// and abort get the payload the prepare got. A saga step is [`execute`](Service::execute),
 /// undone by [`compensate`](Service::compensate), which gets the step's compensation payload, or
-/// the action's when the step has none. Implement the methods of the modes you take part in:
+/// the action's when the step has none (`compensation_payload` omitted or `null`). Implement the methods of the modes you take part in:
 /// the others refuse.
 ///
 /// A method that returns `Err` must leave `self` as it found it; the runtime makes sure of it by
@@ -220,7 +223,9 @@ impl<S: Service> Image<S> {
                 Called::Refused(why) => (BarrierState::Failed, Some(prefixed(why)), Vec::new()),
             },
             Work::Compensation => {
-                let undo = if req.payload().is_empty() { &kept_payload[..] } else { req.payload() };
+                // No compensation payload (none, or a JSON `null`): undo with the action's.
+                let none = req.payload().is_empty() || req.payload() == NIL;
+                let undo = if none { &kept_payload[..] } else { req.payload() };
                 match self.call(undo, |s, p| s.compensate(&ctx, p))? {
                     Called::Ok => (BarrierState::Compensated, None, Vec::new()),
                     // Nothing recorded: the action stays applied and the compensation is retried.
@@ -356,7 +361,9 @@ impl<S: Service> Local<S> {
     /// conflict (someone else saved). `Ok(Some(v))`: the version now saved.
     async fn save(&mut self, version: u64, image: Option<&Image<S>>) -> Result<Option<u64>> {
         let blob = match image {
-            Some(i) => rmp_serde::to_vec(i).map_err(|e| Error::Resource {
+            // Named fields: a state type that gains a field (with a serde default) still reads
+            // an image saved before.
+            Some(i) => rmp_serde::to_vec_named(i).map_err(|e| Error::Resource {
                 resource: self.name.clone(),
                 detail: format!("the image does not serialize: {e}"),
             })?,

@@ -60,6 +60,15 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Statement>, String> {
     Ok(statements)
 }
 
+/// Reads a compensation's payload. A step given none (`compensation_payload` omitted or `null`)
+/// is refused rather than taken as "nothing to undo": that must be said, with an empty list.
+pub fn decode_compensation(payload: &[u8]) -> Result<Vec<Statement>, String> {
+    if payload.is_empty() || payload == [0xc0] {
+        return Err("this step was given no compensation; give `compensation_payload` (an empty list [] if there is nothing to undo)".into());
+    }
+    decode(payload)
+}
+
 /// A parameter value of the type PostgreSQL expects.
 #[derive(Debug)]
 pub enum Param {
@@ -165,6 +174,8 @@ mod tests {
         let empty = rmp_serde::to_vec_named(&json!([{"sql": " "}])).unwrap();
         assert_eq!(decode(&empty).unwrap_err(), "statement 0: `sql` is empty");
         assert!(decode(b"\x01").unwrap_err().contains("not a list of statements"));
+        assert!(decode_compensation(&[0xc0]).unwrap_err().contains("no compensation"));
+        assert_eq!(decode_compensation(&encode(&[])).unwrap(), vec![]);
     }
 
     #[test]

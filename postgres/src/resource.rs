@@ -515,7 +515,7 @@ impl Lane {
                 if t.expect != Some(BarrierState::Done) {
                     return self.moved(txn).await;
                 }
-                let statements = match payload::decode(req.payload()) {
+                let statements = match payload::decode_compensation(req.payload()) {
                     Ok(s) => s,
                     Err(why) => return Ok(Applied::Done { state: BarrierState::Done, reason: Some(prefix(why)) }),
                 };

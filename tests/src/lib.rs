@@ -3,7 +3,7 @@
 //! The one harness shared by every test in `tests/tests/`.
 //!
 //! # Layout
-//! - [`bin`]: path of a workspace binary of the running test's profile (`cargo build --bins`
+//! - [`bin`], [`example`]: path of a workspace binary or example of the running test's profile (`cargo build --bins --examples`
 //!   once per test process, so the binaries are never stale).
 //! - [`Proc`]: a spawned binary whose output is kept line by line (`wait_for_line`), with
 //!   `kill9`/`term`/`stop`/`cont`/`wait_exit`; killed on drop, its output printed if the test
@@ -96,7 +96,7 @@ pub fn bin(name: &str) -> PathBuf {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root()).args(["build", "--bins"]);
+        cmd.current_dir(workspace_root()).args(["build", "--bins", "--examples"]);
         // The variables `cargo test` sets for this package would make some build scripts
         // (`rerun-if-env-changed`) rebuild their crates: build as a plain `cargo build` would.
         for (k, _) in std::env::vars_os() {
@@ -126,6 +126,16 @@ pub fn bin(name: &str) -> PathBuf {
         panic!("binary {name} could not be built: {e}");
     }
     assert!(path.exists(), "binary {} is missing even after cargo build --bins", path.display());
+    path
+}
+
+/// Path of the workspace example `name` (e.g. `inventory`, the SDK's example participant),
+/// built like [`bin`].
+pub fn example(name: &str) -> PathBuf {
+    // `bin` builds the examples too.
+    let dir = bin("redtx").parent().expect("profile dir").join("examples");
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.exists(), "example {} is missing even after cargo build --examples", path.display());
     path
 }
 
