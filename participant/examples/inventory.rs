@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! cargo run -p redtx-participant --example inventory -- --redis redis://127.0.0.1:6379
-//! redtx submit --wait '{"branches":[{"participant":"inventory","payload":{"sku":"apple","qty":2}},
-//!                                   {"participant":"bank-a","ops":[{"op":"incrby","key":"acct:alice","by":-4,"min":0}]}]}'
+//! echo '{"branches":[{"participant":"inventory","payload":{"sku":"apple","qty":2}},
+//!   {"participant":"bank-a","ops":[{"op":"incrby","key":"acct:alice","by":-4,"min":0}]}]}' | redtx submit --wait -
 //! ```
 //! In 2PC, prepare reserves stock, commit sells it, abort puts it back. In a saga, the action
 //! sells at once and the compensation puts it back.

@@ -38,11 +38,16 @@
 //!
 //! # What the runtime does for you
 //! Streams, the consumer group, batching, taking over the entries of a dead worker, shutdown,
-//! dead letters, and every barrier rule ([`crate::barrier`]): a method is called at most once
-//! per branch and verb, never for a repeat or a late message (`abort` only after a `prepare`
-//! that succeeded, `compensate` only after an `execute` that succeeded, nothing after a
-//! null compensation), and a payload that does not decode as [`Service::Payload`] is refused
+//! dead letters, and every barrier rule ([`crate::barrier`]): a method's effect on the state
+//! counts once per branch and verb, never for a repeat or a late message (`abort` only after a
+//! `prepare` that succeeded, `compensate` only after an `execute` that succeeded, nothing after
+//! a null compensation), and a payload that does not decode as [`Service::Payload`] is refused
 //! with the reason before your code sees it.
+//!
+//! The *call* may repeat, though: a batch runs again when another instance saved first, and a
+//! request comes back after a crash before the save. So a method changes only `self`. A side
+//! effect outside it (an HTTP call, an email) is at least once: give it an idempotency key made
+//! of [`Ctx::txn`] and [`Ctx::branch`], which stay the same on every repeat.
 //!
 //! # Why it is exactly-once
 //! Delivery is at least once, so the same request can arrive twice, or again after a crash. The
