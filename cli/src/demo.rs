@@ -106,6 +106,10 @@ pub struct Tally {
 }
 
 pub async fn run(args: DemoArgs) -> Exit {
+    if args.postgres.is_some() && args.mode == Mode::Saga {
+        eprintln!("error: --postgres runs the 2pc demo (transfers between Redis and PostgreSQL); drop --mode saga");
+        return Exit::Invalid;
+    }
     let r = match args.mode {
         Mode::TwoPhase if args.postgres.is_some() => crate::pg_demo::run(args).await,
         Mode::TwoPhase => demo(args).await,

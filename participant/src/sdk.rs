@@ -60,8 +60,9 @@
 //!
 //! # Limits
 //! The whole image is cloned and saved once per batch: this store suits states up to a few
-//! megabytes. Several instances of one service are safe (the compare-and-set makes one of two
-//! concurrent batches reload and run again), but they contend: run one, and a standby. For a
+//! megabytes. Several instances of one service are correct (the compare-and-set makes one of
+//! two concurrent batches reload and run again), but they contend on the image: one instance is
+//! the efficient setup, and a second one started after a crash takes over. For a
 //! database of your own, implement [`Resource`] instead (see the PostgreSQL participant), with
 //! the barrier in the same local transaction as the business change.
 
@@ -296,9 +297,11 @@ impl<S: Service> Image<S> {
     }
 
     /// Forgets finished barriers older than `retention` (a prepared one holds a reservation and
-    /// is never forgotten).
+    /// is never forgotten). Never sooner than the longest timeout plus the skew margin: a
+    /// tombstone must outlive any prepare it has to refuse.
     fn prune(&mut self, now_ms: u64, retention: Duration) {
-        let horizon = now_ms.saturating_sub(retention.as_millis() as u64);
+        let keep = retention.max(redtx_common::spec::MAX_TIMEOUT + crate::barrier::SKEW);
+        let horizon = now_ms.saturating_sub(keep.as_millis() as u64);
         self.barriers.retain(|_, k| k.state == BarrierState::Prepared.as_str() || k.at_ms >= horizon);
     }
 }

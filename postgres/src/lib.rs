@@ -59,6 +59,15 @@ pub async fn deployment(redis: &RedisUrl) -> Result<String> {
         .query_async(&mut conn)
         .await
         .map_err(|e| Error::redis(redis, e))?;
+    // It goes into gids, the one value written into SQL text: letters, digits, - and _ only.
+    if id.is_empty() || id.len() > 32 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(Error::Resource {
+            resource: keys::deployment(),
+            detail: format!(
+                "{id:?} is not a deployment id (1 to 32 letters, digits, - or _); delete the key to get a new one"
+            ),
+        });
+    }
     Ok(id)
 }
 
@@ -97,6 +106,7 @@ pub async fn run(cfg: ParticipantConfig, pg: PgSettings, shutdown: Shutdown) -> 
     let deployment = loop {
         match deployment(&stream).await {
             Ok(d) => break d,
+            Err(e @ Error::Resource { .. }) => return Err(e),
             Err(e) => {
                 let pause = backoff.next();
                 tracing::warn!(redis = %stream, error = %e, retry_in = ?pause, "cannot reach the stream Redis; retrying");

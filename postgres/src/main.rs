@@ -26,8 +26,8 @@ struct Args {
     /// Number of partitions of the deployment (the same for every process)
     #[arg(long, env = "REDTX_PARTITIONS", default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=redtx_common::keys::MAX_PARTITIONS as i64))]
     partitions: u32,
-    /// Most entries read at once (they are applied one after the other: a smaller batch answers
-    /// its first entries sooner)
+    /// Most entries read at once (dealt over the connections; each connection applies its share
+    /// one after the other, and the batch is answered when all are done)
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     batch: u64,
     /// A row locked longer than this refuses a prepare (vote no), or makes a saga step answer
@@ -39,7 +39,8 @@ struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     connections: u64,
     /// Roll back a prepared transaction of this participant this old whose transaction has no
-    /// record (its decision can never come) [default: the longest timeout + 1m]
+    /// record (its decision can never come) [default: the longest timeout + 1m]. Transactions
+    /// whose id is too long for a readable gid are left to their messages
     #[arg(long, value_parser = humantime::parse_duration)]
     orphan_after: Option<Duration>,
     /// Take over entries left pending this long by a dead worker

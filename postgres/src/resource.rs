@@ -188,7 +188,8 @@ impl Lane {
                 }
             });
             let ms = self.opts.lock_timeout.as_millis().max(1);
-            client.batch_execute(&format!("SET lock_timeout = {ms}")).await?;
+            // Notices (e.g. "relation already exists, skipping") are not worth a log line.
+            client.batch_execute(&format!("SET lock_timeout = {ms}; SET client_min_messages = warning")).await?;
             // Two processes creating the table at once: one of them loses the race once.
             if let Err(e) = client.batch_execute(CREATE_TABLE).await {
                 tracing::debug!(error = %describe(&e), "creating redtx_barrier again");
@@ -631,6 +632,7 @@ impl Lane {
             };
             if self.finish_prepared(&txn, commit).await? {
                 let now = redtx_common::now_ms();
+                // The gid does not carry the branch index: the row says 0 (informational only).
                 let req = Request::Abort(redtx_common::protocol::Resolve {
                     txn: txn.clone(),
                     branch: 0,
@@ -658,7 +660,10 @@ impl Lane {
             return Ok(());
         }
         self.cleaned_at = Some(std::time::Instant::now());
-        let horizon = redtx_common::now_ms().saturating_sub(self.opts.retention.as_millis() as u64) as i64;
+        // Never sooner than the longest timeout plus the skew margin: a tombstone must outlive
+        // any prepare it has to refuse.
+        let keep = self.opts.retention.max(redtx_common::spec::MAX_TIMEOUT + redtx_participant::barrier::SKEW);
+        let horizon = redtx_common::now_ms().saturating_sub(keep.as_millis() as u64) as i64;
         let name = self.opts.participant.clone();
         let n = self
             .client()
