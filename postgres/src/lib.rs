@@ -85,12 +85,12 @@ pub struct PgSettings {
 }
 
 impl PgSettings {
-    /// Defaults: 4 connections, a lock timeout of 20 ms; orphans after the longest timeout plus the skew margin.
+    /// Defaults: 4 connections, a lock timeout of 5 ms; orphans after the longest timeout plus the skew margin.
     pub fn new(postgres: impl Into<String>) -> Self {
         PgSettings {
             postgres: postgres.into(),
             connections: 4,
-            lock_timeout: Duration::from_millis(20),
+            lock_timeout: Duration::from_millis(5),
             orphan_after: redtx_common::spec::MAX_TIMEOUT + redtx_participant::barrier::SKEW,
         }
     }

@@ -33,7 +33,7 @@ struct Args {
     /// A row locked longer than this refuses a prepare (vote no), or makes a saga step answer
     /// `error` (retried). Short: a row held by another transaction's prepared branch stays
     /// held until that transaction's decision, so waiting rarely helps
-    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
     lock_timeout: Duration,
     /// Connections to PostgreSQL: a batch's branches are applied over them concurrently
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
