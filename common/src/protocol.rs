@@ -298,6 +298,13 @@ impl Message {
     /// string`): the producer may be written in any language.
     pub fn decode(kind: &[u8], payload: &[u8]) -> Result<Message, DecodeError> {
         fn dec<T: DeserializeOwned>(kind: &'static str, payload: &[u8]) -> Result<T, DecodeError> {
+            // The common case, a well-formed message of this version, takes the plain decoder;
+            // only a message that fails it is decoded again to name the field at fault.
+            if let Ok(VersionOnly { v: PROTOCOL_VERSION }) = rmp_serde::from_slice::<VersionOnly>(payload) {
+                if let Ok(m) = rmp_serde::from_slice::<T>(payload) {
+                    return Ok(m);
+                }
+            }
             let bad = |detail: String| DecodeError::Payload { kind, detail };
             let v: VersionOnly = from_msgpack(payload).map_err(bad)?;
             if v.v != PROTOCOL_VERSION {
