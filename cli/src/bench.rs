@@ -1,7 +1,11 @@
-//! `redtx bench`: how fast is a transaction, compared with the Redis work underneath it.
+//! `redtx bench`: how fast is a transaction, compared with the Redis work underneath it, and
+//! what it costs each process.
 //!
 //! Sets up like the demo (private `redis-server`s with AOF off, one per participant, or
-//! everything on `--redis`; a coordinator and the participants in this process), then runs:
+//! everything on `--redis`). The coordinator and the participants run as child processes of the
+//! real binaries (`redtx-coordinator`, `redtx-participant`, next to `redtx`) with the settings
+//! the demo's in-process workers use, so the CPU of each role can be told apart; `--inline` runs
+//! them in this process as the demo does. Then it runs:
 //!
 //! 1. **Baseline**, on the stream Redis, before the workers start: `EVALSHA` of a trivial script
 //!    (`INCRBY`) from `--concurrency` tasks over one multiplexed connection (as `Client` uses),
@@ -9,28 +13,40 @@
 //!    Concurrent awaited calls on one multiplexed connection still share its socket writes, so
 //!    (a) is not one network round trip per call; (b) adds explicit batching on top.
 //! 2. **Closed loop**: `--concurrency` producers, each `submit_and_wait`ing transfers of a
-//!    random amount for `--duration`. `--mode 2pc`: two-branch transfers between `bank-a` and
-//!    `bank-b`. `--mode saga`: three-step sagas over `bank-a`, `bank-b` and `bank-c` (take
-//!    `2x` from one, give `x` to each of the others; each step's compensation gives it back).
+//!    random amount for `--duration`, over `--participants` banks (`bank-a`, `bank-b`, ...; 2 by
+//!    default for `--mode 2pc`, 3 for `--mode saga`), each on its own private Redis: bank-a pays
+//!    `(N - 1) x` per op and every other bank receives `x` per op, `--ops` ops (distinct
+//!    accounts) per branch or step; a saga step's compensation is its opposite.
 //! 3. **Half load**: an open loop submitting on a fixed schedule at half the closed-loop
 //!    throughput, for `--duration`; each latency is measured from the transaction's scheduled
 //!    submit time, so a schedule that falls behind counts against it.
 //!
-//! Transfers have no guard that can fail (no `min`), and cannot conflict (2PC locks): in the closed loop each
-//! producer draws its accounts from its own stripe (`i % concurrency == producer`); in the open
-//! loop transaction `n` uses account `n % accounts`, which conflicts only if more than
-//! `--accounts` transactions are in flight. So the figures measure the protocol, not lock
-//! contention, and `aborted` (or `compensated`) must be 0.
+//! Transfers have no guard that can fail (no `min`), and do not conflict (2PC locks): in the
+//! closed loop each producer draws its accounts from its own stripe (`i % concurrency ==
+//! producer`); in the open loop transaction `n` uses accounts `n * ops ..`, which conflict only
+//! if more than `--accounts / --ops` transactions are in flight. So by default the figures
+//! measure the protocol, not lock contention, and `aborted` must be 0. `--contention F` (2PC)
+//! makes a share `F` of the transactions also touch one hot account at every bank: those
+//! conflict on its lock and some abort; the aborts are counted, not an error.
 //!
 //! Throughput and latency are reported with ratios against the baseline of the same run, and
-//! the Redis commands per committed (or completed) transaction: the `INFO commandstats` delta of
-//! every server over the closed loop. Redis counts the commands a Lua script runs like any other,
-//! so the split into commands sent over the network and commands run inside scripts comes from
-//! a short `MONITOR` sample after the closed loop (MONITOR tags a script's commands `[lua]`),
-//! applied per command to the delta. At the end the total money must be unchanged and no lock
-//! left behind (exit 5 otherwise).
+//! the Redis commands per committed (or completed) transaction, in total and per server: the
+//! `INFO commandstats` delta of each server over the closed loop. Redis counts the commands a
+//! Lua script runs like any other, so the split into commands sent over the network and commands
+//! run inside scripts comes from a short `MONITOR` sample after the closed loop (MONITOR tags a
+//! script's commands `[lua]`), applied per server and command to the delta.
+//!
+//! CPU per committed transaction of each process over the closed loop (`utime + stime` of
+//! `/proc/<pid>/stat`): every private `redis-server`, the coordinator, each participant and this
+//! process (the load; with `--inline` also the workers), with each one's share of a core and the
+//! total against the machine's cores. It shows what bounds the throughput: a `redis-server` runs
+//! its commands on one thread, so one near 100 % of a core is the limit; on a shared `--redis` only
+//! the processes this run started are measured.
+//!
+//! At the end the total money must be unchanged, every decided abort applied and no lock left
+//! behind (exit 5 otherwise).
 
-use crate::cluster::{Book, Cluster};
+use crate::cluster::{Book, Cluster, Processes};
 use crate::demo::Latencies;
 use crate::{Exit, Mode};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -43,7 +59,7 @@ use redtx_common::{Client, Error};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -53,7 +69,8 @@ pub struct BenchArgs {
     /// deployment on the same Redis. ($REDTX_REDIS_URL is deliberately not used here.)
     #[arg(long)]
     redis: Option<String>,
-    /// 2pc: two-branch transfers; saga: three-step sagas over three participants.
+    /// 2pc: transfers in one 2PC transaction over --participants banks; saga: sagas of
+    /// --participants steps.
     #[arg(long, value_enum, default_value = "2pc")]
     mode: Mode,
     /// Number of partitions (with --redis: the deployment's).
@@ -65,9 +82,25 @@ pub struct BenchArgs {
     /// How many producers submit at once in the closed loop (and tasks in the baseline).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Accounts per bank (at least --concurrency).
+    /// Accounts per bank (at least --concurrency x --ops).
     #[arg(long, default_value_t = 10000)]
     accounts: usize,
+    /// Banks per transaction (bank-a, bank-b, ...), each on its own private Redis: 2pc branches,
+    /// saga steps, 2 to 26 [default: 2 for 2pc, 3 for saga]
+    #[arg(long, value_name = "N")]
+    participants: Option<usize>,
+    /// Ops per branch or step, on distinct accounts of the producer's own.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    ops: usize,
+    /// Share of transactions (0 to 1) that also touch one hot account at every bank, so they
+    /// conflict on its 2PC lock and some abort (2pc only).
+    #[arg(long, value_name = "F", default_value_t = 0.0, allow_negative_numbers = true)]
+    contention: f64,
+    /// Run the coordinator and the participants in this process, as the demo does, instead of
+    /// as redtx-coordinator and redtx-participant child processes (CPU is then reported for the
+    /// Redis servers and this process only).
+    #[arg(long)]
+    inline: bool,
     /// How long each of the two baseline measurements runs [default: --duration, at most 3s]
     #[arg(long, value_parser = humantime::parse_duration)]
     baseline: Option<Duration>,
@@ -84,6 +117,8 @@ const PIPELINE: usize = 64;
 const BALANCE: i64 = 1000;
 /// How long a producer waits for an outcome before counting the transaction as given up.
 const WAIT: Duration = Duration::from_secs(30);
+/// Most banks: `bank-a` to `bank-z`.
+const MAX_PARTICIPANTS: usize = 26;
 
 pub async fn run(args: BenchArgs) -> Exit {
     match bench(args).await {
@@ -97,12 +132,9 @@ fn latency_json(l: &Latencies) -> serde_json::Value {
     json!({"p50_ms": l.ms(0.50), "p90_ms": l.ms(0.90), "p99_ms": l.ms(0.99), "max_ms": l.ms(1.0)})
 }
 
-/// The participants of a mode.
-fn participants(mode: Mode) -> &'static [&'static str] {
-    match mode {
-        Mode::TwoPhase => &["bank-a", "bank-b"],
-        Mode::Saga => &["bank-a", "bank-b", "bank-c"],
-    }
+/// The banks of a run: `bank-a`, `bank-b`, ...
+fn bank_names(n: usize) -> Vec<String> {
+    (0..n).map(|m| format!("bank-{}", (b'a' + m as u8) as char)).collect()
 }
 
 /// One baseline measurement.
@@ -141,18 +173,60 @@ impl Phase {
     }
 }
 
+/// The first problem with the arguments, if any.
+fn check(args: &BenchArgs, participants: usize) -> Option<String> {
+    if args.concurrency == 0 || args.duration.is_zero() {
+        return Some("--concurrency must be at least 1, --duration above 0".into());
+    }
+    if !(2..=MAX_PARTICIPANTS).contains(&participants) {
+        return Some(format!("--participants must be from 2 to {MAX_PARTICIPANTS} (bank-a to bank-z)"));
+    }
+    if args.ops == 0 {
+        return Some("--ops must be at least 1".into());
+    }
+    if !matches!(args.concurrency.checked_mul(args.ops), Some(n) if args.accounts >= n) {
+        return Some(format!(
+            "--accounts must be at least --concurrency x --ops ({} x {}): each producer draws the accounts of a \
+             transaction from its own share",
+            args.concurrency, args.ops
+        ));
+    }
+    if !(0.0..=1.0).contains(&args.contention) {
+        return Some("--contention must be a share from 0 to 1".into());
+    }
+    if args.contention > 0.0 && args.mode == Mode::Saga {
+        return Some("--contention is for --mode 2pc: saga steps take no locks, so nothing would conflict".into());
+    }
+    None
+}
+
 async fn bench(args: BenchArgs) -> Result<Exit, Error> {
-    if args.concurrency == 0 || args.accounts < args.concurrency || args.duration.is_zero() {
-        eprintln!("error: --concurrency must be at least 1, --accounts at least --concurrency, --duration above 0");
+    let participants = args.participants.unwrap_or(match args.mode {
+        Mode::TwoPhase => 2,
+        Mode::Saga => 3,
+    });
+    if let Some(problem) = check(&args, participants) {
+        eprintln!("error: {problem}");
         return Ok(Exit::Invalid);
     }
+    if !args.inline {
+        // Before anything starts: a missing binary is a build step away.
+        crate::cluster::worker_binaries()?;
+    }
     let baseline_for = args.baseline.unwrap_or(args.duration.min(Duration::from_secs(3)));
-    let names = participants(args.mode);
-    let mut cluster = Cluster::start(args.redis.as_deref(), "bench", names, args.partitions)?;
+    let names = bank_names(participants);
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start(args.redis.as_deref(), "bench", &name_refs, args.partitions)?;
+    let shared = cluster.shared();
     let banks = &cluster.members;
     let on: Vec<String> = banks.iter().skip(1).map(|b| format!("{} on {}", b.name, b.url)).collect();
+    let (branch_word, ok_word, ko_word) = match args.mode {
+        Mode::TwoPhase => ("branches", "committed", "aborted"),
+        Mode::Saga => ("steps", "completed", "compensated"),
+    };
     let header = format!(
-        "redtx bench ({}): streams and {} on {}, {}; {} accounts per bank, {} producers, {} per phase, {} partitions",
+        "redtx bench ({}): streams and {} on {}, {}; {} accounts per bank, {} producers, {} per phase, {} partitions; \
+         {participants} {branch_word} of {} op{}, contention {}; workers {}",
         mode_name(args.mode),
         banks[0].name,
         banks[0].url,
@@ -160,7 +234,11 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         args.accounts,
         args.concurrency,
         humantime::format_duration(args.duration),
-        args.partitions
+        args.partitions,
+        args.ops,
+        if args.ops == 1 { "" } else { "s" },
+        args.contention,
+        if args.inline { "in this process" } else { "as processes" },
     );
     if !args.json {
         println!("{header}");
@@ -172,25 +250,55 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
     let awaited = baseline(&stream, &prefix, args.concurrency, baseline_for, false).await?;
     let pipelined = baseline(&stream, &prefix, args.concurrency, baseline_for, true).await?;
 
-    // Workers and accounts.
-    cluster.start_workers();
-    let keys: Arc<Book> = Arc::new(cluster.book(names.len(), args.accounts));
+    // Workers and accounts. Dropping `workers` (an error on the way) kills the processes.
+    let mut workers = None;
+    if args.inline {
+        cluster.start_workers();
+    } else {
+        let mut procs = cluster.spawn_processes()?;
+        procs.wait_ready(&cluster).await?;
+        workers = Some(procs);
+    }
+    let mut book = cluster.book(participants, args.accounts);
+    if args.contention > 0.0 {
+        // The hot account of each bank, after the striped ones: index `args.accounts`.
+        for (m, keys) in book.keys.iter_mut().enumerate() {
+            keys.push(cluster.members[m].key(&format!("acct:{}hot", (b'a' + m as u8) as char)));
+        }
+    }
+    let keys: Arc<Book> = Arc::new(book);
     let mut conns = cluster.connect_all().await?;
     cluster.open_accounts(&mut conns, &keys, BALANCE).await?;
     let before = cluster.total(&mut conns, &keys).await?;
     let client = Client::connect(&cluster.stream_url).await?.with_partitions(args.partitions);
-    let load = Load { client: client.clone(), keys: keys.clone(), mode: args.mode };
+    let load = Load {
+        client: client.clone(),
+        keys: keys.clone(),
+        mode: args.mode,
+        accounts: args.accounts,
+        ops: args.ops,
+        contention: args.contention,
+        aborting: Arc::default(),
+    };
     // Warm up: scripts loaded, outcome reader running.
-    client.submit_and_wait(&load.transfer(0, true, 1), WAIT).await?;
+    let first: Vec<usize> = (0..args.ops).collect();
+    client.submit_and_wait(&load.transfer(&first, false, true, 1), WAIT).await?;
 
-    // 2. Closed loop, with the commands it cost, then a short sample of which of them ran
-    // inside Lua scripts.
-    let servers = distinct_servers(&cluster)?;
-    let stats_before = commandstats(&servers).await?;
+    // 2. Closed loop, with the commands and the CPU it cost, then a short sample of which of
+    // the commands ran inside Lua scripts.
+    let servers = servers(&cluster, &names)?;
+    let urls: Vec<RedisUrl> = servers.iter().map(|s| s.url.clone()).collect();
+    let procs = processes(&servers, workers.as_ref());
+    let stats_before = commandstats(&urls).await?;
+    let cpu_before = CpuSample::take(&procs);
     let closed = closed_loop(&load, "closed loop", args.concurrency, args.duration).await?;
-    let stats_after = commandstats(&servers).await?;
+    let cpu = CpuSample::take(&procs).since(&cpu_before, &procs, closed.committed);
+    let stats_after = commandstats(&urls).await?;
+    if let Some(w) = workers.as_mut() {
+        w.check_running()?;
+    }
     let sample_for = (args.duration / 5).clamp(Duration::from_millis(200), Duration::from_secs(1));
-    let split = match lua_share(&servers, &load, args.concurrency, sample_for).await {
+    let split = match lua_share(&urls, &load, args.concurrency, sample_for).await {
         Ok(s) => Some(s),
         Err(e) => {
             eprintln!("warning: no network/Lua split of the Redis commands (MONITOR sample failed: {e})");
@@ -203,28 +311,50 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
     let target = closed.rate() / 2.0;
     let half = open_loop(&load, target, args.duration).await?;
 
+    // A decided abort is answered before every bank released its locks: let them finish.
+    let aborting = std::mem::take(&mut *load.aborting.lock().expect("aborting"));
+    let settled = crate::cluster::settle(&client, &aborting, WAIT).await?;
+    let unsettled = settled.iter().filter(|r| !r.as_ref().is_some_and(|r| r.state.is_terminal())).count();
+    if let Some(w) = workers.as_mut() {
+        w.stop().await;
+    }
     cluster.stop_workers().await;
     let after = cluster.total(&mut conns, &keys).await?;
     let locks = cluster.locks_left(&mut conns).await?;
-    if cluster.shared() {
+    if shared {
         for (m, k) in keys.keys.iter().enumerate() {
             cluster.delete(&mut conns, m, k).await?;
         }
     }
+    drop(workers);
     drop(cluster);
 
     let gave_up = closed.gave_up + half.gave_up;
-    let ok = before == after && locks == 0 && gave_up == 0;
+    let aborted = closed.aborted + half.aborted;
+    // Without contention nothing can conflict: an abort means the measurement is not what it
+    // claims to be.
+    let aborts_ok = args.contention > 0.0 || aborted == 0;
+    let ok = before == after && locks == 0 && gave_up == 0 && unsettled == 0 && aborts_ok;
     let ratio_awaited = closed.rate() / awaited.rate();
     let ratio_pipelined = closed.rate() / pipelined.rate();
     let latency_ratio = closed.lat.ms(0.5) / awaited.lat.ms(0.5);
     if args.json {
         let by_command: BTreeMap<&str, f64> = per_txn.by_command.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let by_server: Vec<serde_json::Value> = servers
+            .iter()
+            .zip(&per_txn.servers)
+            .map(|(s, c)| {
+                let by_command: BTreeMap<&str, f64> = c.by_command.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                json!({"server": s.role, "total": c.total, "network": c.network, "in_lua": c.in_lua, "by_command": by_command})
+            })
+            .collect();
         let out = json!({
             "config": {
                 "duration_s": args.duration.as_secs_f64(), "baseline_s": baseline_for.as_secs_f64(),
                 "concurrency": args.concurrency, "accounts": args.accounts, "private_servers": servers.len() > 1,
                 "mode": mode_name(args.mode), "partitions": args.partitions, "participants": names,
+                "ops": args.ops, "contention": args.contention,
+                "workers": if args.inline { "inline" } else { "processes" },
             },
             "baseline": {
                 "evalsha_awaited_per_s": awaited.rate(), "evalsha_awaited_latency": latency_json(&awaited.lat),
@@ -240,10 +370,13 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
             "redis_commands_per_txn": {
                 "total": per_txn.total, "network": per_txn.network, "in_lua": per_txn.in_lua, "by_command": by_command,
                 "split_sample_s": split.as_ref().map(|_| sample_for.as_secs_f64()),
+                "by_server": by_server,
             },
+            "cpu": cpu.as_ref().map(Cpu::json),
             "money": { "before": before, "after": after, "conserved": before == after },
             "locks_left": locks,
-            "aborted": closed.aborted + half.aborted,
+            "aborted": aborted,
+            "aborts_unsettled": unsettled,
             "gave_up": gave_up,
             "broken": !ok,
         });
@@ -261,16 +394,21 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         row("closed loop", format!("{:.0} tx/s", closed.rate()), Some(&closed.lat));
         row(&format!("half load (open, target {target:.0}/s)"), format!("{:.0} tx/s", half.rate()), Some(&half.lat));
         println!();
-        let (ok_word, ko_word) = match args.mode {
-            Mode::TwoPhase => ("committed", "aborted"),
-            Mode::Saga => ("completed", "compensated"),
-        };
         println!(
             "  closed loop: {} {ok_word}, {} {ko_word}; half load: {} {ok_word}, {} {ko_word}",
             closed.committed, closed.aborted, half.committed, half.aborted
         );
-        if gave_up > 0 {
-            println!("  gave up waiting: {gave_up}");
+        if args.contention > 0.0 {
+            let share = |p: &Phase| 100.0 * p.aborted as f64 / (p.committed + p.aborted).max(1) as f64;
+            println!(
+                "  contention {}: {:.1} % of the closed loop and {:.1} % of the half load aborted",
+                args.contention,
+                share(&closed),
+                share(&half)
+            );
+        }
+        if gave_up > 0 || unsettled > 0 {
+            println!("  gave up waiting: {gave_up}; aborts not applied everywhere: {unsettled}");
         }
         println!("  closed-loop tx/s ÷ EVALSHA/s awaited:    {ratio_awaited:.4}");
         println!("  closed-loop tx/s ÷ EVALSHA/s pipelined:  {ratio_pipelined:.4}");
@@ -286,9 +424,27 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         top.sort_by(|a, b| b.1.total_cmp(a.1));
         let list: Vec<String> = top.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
         println!("    {}", list.join(", "));
+        if servers.len() > 1 {
+            let width = servers.iter().map(|s| s.role.len()).max().unwrap_or(0);
+            for (s, c) in servers.iter().zip(&per_txn.servers) {
+                match (c.network, c.in_lua) {
+                    (Some(net), Some(lua)) => println!(
+                        "    {:<width$}  {:>6.1} ({net:.1} over the network, {lua:.1} inside Lua)",
+                        s.role, c.total
+                    ),
+                    _ => println!("    {:<width$}  {:>6.1}", s.role, c.total),
+                }
+            }
+        }
+        match &cpu {
+            Some(cpu) => cpu.print(ok_word, shared),
+            None => println!("  CPU: not measured (no /proc/<pid>/stat here)"),
+        }
         println!("  money: {before} before, {after} after; locks left: {locks}");
         if ok {
             println!("OK: money conserved, no lock left");
+        } else if !aborts_ok {
+            println!("FAILED: {aborted} aborted with no contention (nothing should conflict)");
         } else {
             println!("FAILED: money not conserved, locks left behind, or transactions unfinished");
         }
@@ -399,31 +555,43 @@ struct Load {
     client: Client,
     keys: Arc<Book>,
     mode: Mode,
+    /// Striped accounts per bank; the hot one (with `--contention`) is at this index.
+    accounts: usize,
+    ops: usize,
+    contention: f64,
+    /// Transactions whose abort was decided but maybe not applied everywhere yet: settled
+    /// before the end-of-run checks.
+    aborting: Arc<Mutex<Vec<String>>>,
 }
 
 impl Load {
-    /// A transfer of `amount` at account `i` of every bank, one way or the other. 2PC: from
-    /// bank-a to bank-b (or back). Saga: `2 * amount` from bank-a, `amount` to bank-b and to
-    /// bank-c (or back), each step compensated by its opposite.
-    fn transfer(&self, i: usize, forward: bool, amount: i64) -> TxnSpec {
+    /// A transfer of `amount` per op at accounts `idx` (and the hot account if `hot`) of every
+    /// bank, one way or the other: bank-a pays `(N - 1) * amount` per op, each of the N - 1
+    /// others receives `amount` per op (or back). 2PC: one branch per bank. Saga: one step per
+    /// bank, compensated by its opposite.
+    fn transfer(&self, idx: &[usize], hot: bool, forward: bool, amount: i64) -> TxnSpec {
         let (keys, sign) = (&self.keys, if forward { 1 } else { -1 });
+        let n = keys.names.len();
+        let by = |m: usize| if m == 0 { -(n as i64 - 1) * amount * sign } else { amount * sign };
+        let ops = |m: usize, by: i64| -> Vec<Op> {
+            idx.iter()
+                .copied()
+                .chain(hot.then_some(self.accounts))
+                .map(|i| Op::incrby(keys[m][i].clone(), by))
+                .collect()
+        };
         match self.mode {
-            Mode::TwoPhase => TxnSpec::new(vec![
-                Branch::kv(keys.names[0].clone(), vec![Op::incrby(keys[0][i].clone(), -amount * sign)]),
-                Branch::kv(keys.names[1].clone(), vec![Op::incrby(keys[1][i].clone(), amount * sign)]),
-            ])
-            .with_timeout(Duration::from_secs(5)),
-            Mode::Saga => {
-                let step = |m: usize, by: i64| {
-                    Branch::kv_step(
-                        keys.names[m].clone(),
-                        vec![Op::incrby(keys[m][i].clone(), by)],
-                        vec![Op::incrby(keys[m][i].clone(), -by)],
-                    )
-                };
-                TxnSpec::saga(vec![step(0, -2 * amount * sign), step(1, amount * sign), step(2, amount * sign)])
-            }
+            Mode::TwoPhase => TxnSpec::new((0..n).map(|m| Branch::kv(keys.names[m].clone(), ops(m, by(m)))).collect())
+                .with_timeout(Duration::from_secs(5)),
+            Mode::Saga => TxnSpec::saga(
+                (0..n).map(|m| Branch::kv_step(keys.names[m].clone(), ops(m, by(m)), ops(m, -by(m)))).collect(),
+            ),
         }
+    }
+
+    /// Whether the next transaction also touches the hot accounts.
+    fn hot(&self, rng: &mut impl Rng) -> bool {
+        self.contention > 0.0 && rng.random_bool(self.contention)
     }
 }
 
@@ -437,11 +605,21 @@ struct Counts {
 
 impl Counts {
     /// Records a `submit_and_wait` result; true if it produced an outcome (for its latency).
-    /// Committed and completed count as committed; every other outcome as aborted.
-    fn record(&self, r: Result<redtx_common::record::TxnRecord, Error>) -> Result<bool, Error> {
+    /// Committed and completed count as committed; every other outcome as aborted, and the
+    /// ones not yet applied everywhere go to `aborting`.
+    fn record(
+        &self,
+        r: Result<redtx_common::record::TxnRecord, Error>,
+        aborting: &Mutex<Vec<String>>,
+    ) -> Result<bool, Error> {
         match r {
             Ok(rec) if rec.state.is_success() => self.committed.fetch_add(1, Ordering::Relaxed),
-            Ok(_) => self.aborted.fetch_add(1, Ordering::Relaxed),
+            Ok(rec) => {
+                if !rec.state.is_terminal() {
+                    aborting.lock().expect("aborting").push(rec.id);
+                }
+                self.aborted.fetch_add(1, Ordering::Relaxed)
+            }
             Err(Error::WaitTimeout { .. }) => {
                 self.gave_up.fetch_add(1, Ordering::Relaxed);
                 return Ok(false);
@@ -473,16 +651,24 @@ async fn closed_loop(load: &Load, name: &str, concurrency: usize, length: Durati
     for p in 0..concurrency {
         let (load, counts, done) = (load.clone(), counts.clone(), done.clone());
         producers.spawn(async move {
-            // This producer's own accounts: no other producer touches them.
-            let stripe = (load.keys[0].len() - p).div_ceil(concurrency);
+            // This producer's own accounts: no other producer touches them. A transaction takes
+            // `ops` consecutive ones of the stripe (it holds at least `ops`: accounts >=
+            // concurrency x ops), so they are distinct.
+            let stripe = (load.accounts - p).div_ceil(concurrency);
             let mut lat = Vec::new();
+            let mut idx = vec![0; load.ops];
             while Instant::now() < end {
-                let (i, a_to_b, amount) = {
+                let (hot, a_to_b, amount) = {
                     let mut rng = rand::rng();
-                    (p + concurrency * rng.random_range(0..stripe), rng.random_bool(0.5), rng.random_range(1..=100))
+                    let k = rng.random_range(0..stripe);
+                    for (j, i) in idx.iter_mut().enumerate() {
+                        *i = p + concurrency * ((k + j) % stripe);
+                    }
+                    (load.hot(&mut rng), rng.random_bool(0.5), rng.random_range(1..=100))
                 };
                 let t0 = Instant::now();
-                if counts.record(load.client.submit_and_wait(&load.transfer(i, a_to_b, amount), WAIT).await)? {
+                let r = load.client.submit_and_wait(&load.transfer(&idx, hot, a_to_b, amount), WAIT).await;
+                if counts.record(r, &load.aborting)? {
                     lat.push(t0.elapsed());
                 }
                 done.fetch_add(1, Ordering::Relaxed);
@@ -511,16 +697,16 @@ async fn open_loop(load: &Load, rate: f64, length: Duration) -> Result<Phase, Er
             }
             tokio::time::sleep_until(at.into()).await;
             let (load, counts, done) = (load.clone(), counts.clone(), done.clone());
-            let (a_to_b, amount) = {
+            let (hot, a_to_b, amount) = {
                 let mut rng = rand::rng();
-                (rng.random_bool(0.5), rng.random_range(1..=100))
+                (load.hot(&mut rng), rng.random_bool(0.5), rng.random_range(1..=100))
             };
-            let i = n as usize % load.keys[0].len();
+            let idx: Vec<usize> = (0..load.ops).map(|j| (n as usize * load.ops + j) % load.accounts).collect();
             tasks.spawn(async move {
-                let r = load.client.submit_and_wait(&load.transfer(i, a_to_b, amount), WAIT).await;
+                let r = load.client.submit_and_wait(&load.transfer(&idx, hot, a_to_b, amount), WAIT).await;
                 let took = at.elapsed();
                 done.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, Error>(counts.record(r)?.then_some(took))
+                Ok::<_, Error>(counts.record(r, &load.aborting)?.then_some(took))
             });
         }
     }
@@ -546,15 +732,211 @@ where
     failure.map_or(Ok(lat), Err)
 }
 
-/// Every Redis involved, once each.
-fn distinct_servers(cluster: &Cluster) -> Result<Vec<RedisUrl>, Error> {
-    let mut urls: Vec<String> = vec![cluster.stream_url.clone()];
-    for m in &cluster.members {
-        if !urls.iter().any(|u| u == m.url.expose()) {
-            urls.push(m.url.expose().to_string());
+/// A Redis of the run.
+struct Server {
+    url: RedisUrl,
+    /// What it holds: `streams+bank-a`, `bank-b`, ...
+    role: String,
+    /// Its process, when this run started it.
+    pid: Option<u32>,
+}
+
+/// Every Redis involved, once each, the stream Redis first.
+fn servers(cluster: &Cluster, names: &[String]) -> Result<Vec<Server>, Error> {
+    let mut out: Vec<(String, Vec<&str>, Option<u32>)> = vec![(cluster.stream_url.clone(), vec!["streams"], None)];
+    for (m, member) in cluster.members.iter().enumerate() {
+        let pid = cluster.server_pid(m);
+        match out.iter_mut().find(|(u, _, _)| u == member.url.expose()) {
+            Some((_, roles, p)) => {
+                roles.push(&names[m]);
+                *p = p.or(pid);
+            }
+            None => out.push((member.url.expose().to_string(), vec![&names[m]], pid)),
         }
     }
-    urls.iter().map(|u| RedisUrl::parse(u)).collect()
+    out.into_iter()
+        .map(|(u, roles, pid)| Ok(Server { url: RedisUrl::parse(&u)?, role: roles.join("+"), pid }))
+        .collect()
+}
+
+/// The processes whose CPU is measured: the servers this run started, the worker processes and
+/// this one.
+fn processes(servers: &[Server], workers: Option<&Processes>) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> =
+        servers.iter().filter_map(|s| Some((format!("redis {}", s.role), s.pid?))).collect();
+    let this = match workers {
+        Some(w) => {
+            out.extend(w.children.iter().map(|c| (c.role.clone(), c.pid())));
+            "redtx bench (load)"
+        }
+        None => "redtx bench (load + workers)",
+    };
+    out.push((this.to_string(), std::process::id()));
+    out
+}
+
+/// CPU time used so far by each process, in clock ticks (`None`: unreadable), by the whole
+/// machine (busy and all ticks, summed over its cores), and when.
+struct CpuSample {
+    ticks: Vec<Option<u64>>,
+    machine: Option<(u64, u64)>,
+    at: Instant,
+}
+
+impl CpuSample {
+    fn take(procs: &[(String, u32)]) -> Self {
+        CpuSample {
+            ticks: procs.iter().map(|(_, pid)| cpu_ticks(*pid)).collect(),
+            machine: machine_ticks(),
+            at: Instant::now(),
+        }
+    }
+
+    /// What each process used since `before`, per `txns` transactions; `None` when no process
+    /// could be read (no `/proc`).
+    fn since(&self, before: &CpuSample, procs: &[(String, u32)], txns: u64) -> Option<Cpu> {
+        let hz = clock_ticks();
+        let used: Vec<(String, u32, f64)> = procs
+            .iter()
+            .zip(before.ticks.iter().zip(&self.ticks))
+            .filter_map(|((name, pid), (b, a))| Some((name.clone(), *pid, (*a)?.saturating_sub((*b)?) as f64 / hz)))
+            .collect();
+        if used.is_empty() {
+            return None;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = match (before.machine, self.machine) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64),
+            _ => None,
+        };
+        Some(Cpu { used, wall: self.at - before.at, txns: txns.max(1), cores, hz, busy })
+    }
+}
+
+/// `utime + stime` of process `pid` (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: the name may hold spaces and parentheses, so count fields
+    // from the last `)`; utime and stime are fields 14 and 15, the 12th and 13th after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Busy and all clock ticks of every core so far, from the `cpu` line of `/proc/stat`: what
+/// tells how much of the machine other processes took during the run.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let t: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    // user nice system idle iowait irq softirq steal (guest time is within user already).
+    let idle = t.get(3)? + t.get(4).copied().unwrap_or(0);
+    let busy: u64 = t.iter().take(8).sum::<u64>() - idle;
+    Some((busy, busy + idle))
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`; 100 where that fails).
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// CPU used over the closed loop.
+struct Cpu {
+    /// Process, pid, CPU seconds.
+    used: Vec<(String, u32, f64)>,
+    wall: Duration,
+    txns: u64,
+    cores: usize,
+    hz: f64,
+    /// Share of the machine's cores busy over the closed loop, whoever used them.
+    busy: Option<f64>,
+}
+
+/// A `redis-server` at this share of a core or more is saturated: it runs commands on one thread.
+const SATURATED: f64 = 0.9;
+
+impl Cpu {
+    /// CPU milliseconds per 1,000 transactions of `seconds` used.
+    fn per_1000(&self, seconds: f64) -> f64 {
+        seconds * 1e6 / self.txns as f64
+    }
+
+    fn share(&self, seconds: f64) -> f64 {
+        seconds / self.wall.as_secs_f64()
+    }
+
+    fn total(&self) -> f64 {
+        self.used.iter().map(|u| u.2).sum()
+    }
+
+    fn busiest(&self) -> &(String, u32, f64) {
+        self.used.iter().max_by(|a, b| a.2.total_cmp(&b.2)).expect("at least one process")
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let processes: Vec<serde_json::Value> = self
+            .used
+            .iter()
+            .map(|(name, pid, s)| {
+                json!({"process": name, "pid": pid, "cpu_s": s, "ms_per_1000_tx": self.per_1000(*s), "core_share": self.share(*s)})
+            })
+            .collect();
+        let total = self.total();
+        json!({
+            "seconds": self.wall.as_secs_f64(), "transactions": self.txns, "clock_ticks_per_s": self.hz, "cores": self.cores,
+            "processes": processes,
+            "total": {"cpu_s": total, "ms_per_1000_tx": self.per_1000(total), "core_share": self.share(total),
+                      "machine_share": self.share(total) / self.cores as f64},
+            "machine_busy_share": self.busy,
+            "busiest": self.busiest().0,
+        })
+    }
+
+    fn print(&self, ok_word: &str, shared: bool) {
+        let whose = if shared { " (the processes this run started; not the --redis server)" } else { "" };
+        println!("  CPU ms per 1,000 {ok_word} tx, closed loop ({:.1} s){whose}:", self.wall.as_secs_f64());
+        let width = self.used.iter().map(|u| u.0.len()).max().unwrap_or(0).max(5);
+        for (name, _, s) in &self.used {
+            println!("    {name:<width$}  {:>8.1}  {:>4.0} % of a core", self.per_1000(*s), 100.0 * self.share(*s));
+        }
+        let total = self.total();
+        let machine = self.share(total) / self.cores as f64;
+        println!(
+            "    {:<width$}  {:>8.1}  {:>4.0} % of a core, {:.0} % of the machine's {} cores",
+            "total",
+            self.per_1000(total),
+            100.0 * self.share(total),
+            100.0 * machine,
+            self.cores
+        );
+        // Other processes on the machine take cores from the run: say so, they skew it.
+        let busy = self.busy.unwrap_or(machine).max(machine);
+        if busy - machine >= 0.05 {
+            println!(
+                "    the machine was {:.0} % busy: {:.0} % of it by processes not listed here",
+                100.0 * busy,
+                100.0 * (busy - machine)
+            );
+        }
+        let (name, _, s) = self.busiest();
+        let share = 100.0 * self.share(*s);
+        if name.starts_with("redis ") && self.share(*s) >= SATURATED {
+            println!("  bound: {name} at {share:.0} % of a core");
+        } else if busy >= SATURATED {
+            println!(
+                "  bound: the machine's {} cores, {:.0} % busy; busiest: {name} at {share:.0} % of a core",
+                self.cores,
+                100.0 * busy
+            );
+        } else {
+            println!("  busiest: {name} at {share:.0} % of a core (neither a Redis server nor the machine saturated)");
+        }
+    }
 }
 
 /// `INFO commandstats` of each server: calls per command (`INFO` itself left out).
@@ -662,6 +1044,8 @@ struct CommandCount {
     network: Option<f64>,
     in_lua: Option<f64>,
     by_command: HashMap<String, f64>,
+    /// The same for each server, in the order of the stats.
+    servers: Vec<CommandCount>,
 }
 
 impl CommandCount {
@@ -671,23 +1055,50 @@ impl CommandCount {
         txns: u64,
         split: Option<&LuaShare>,
     ) -> Self {
+        let servers: Vec<CommandCount> = before
+            .iter()
+            .zip(after)
+            .enumerate()
+            .map(|(server, (b, a))| Self::of_server(b, a, txns, split.map(|s| &s[server])))
+            .collect();
         let mut by_command: HashMap<String, f64> = HashMap::new();
-        let mut in_lua = 0.0;
-        for (server, (b, a)) in before.iter().zip(after).enumerate() {
-            for (name, calls) in a {
-                let d = calls.saturating_sub(b.get(name).copied().unwrap_or(0)) as f64 / txns.max(1) as f64;
-                *by_command.entry(name.clone()).or_default() += d;
-                // `xinfo|groups` is `XINFO` to MONITOR.
-                let base = name.split('|').next().unwrap_or(name);
-                in_lua += d * split.and_then(|s| s[server].get(base)).copied().unwrap_or(0.0);
+        for s in &servers {
+            for (name, n) in &s.by_command {
+                *by_command.entry(name.clone()).or_default() += n;
             }
         }
-        by_command.retain(|_, v| *v > 0.0);
+        let sum = |f: fn(&CommandCount) -> Option<f64>| servers.iter().map(f).sum::<Option<f64>>();
+        CommandCount {
+            total: servers.iter().map(|s| s.total).sum(),
+            network: sum(|s| s.network),
+            in_lua: sum(|s| s.in_lua),
+            by_command,
+            servers,
+        }
+    }
+
+    fn of_server(
+        before: &HashMap<String, u64>,
+        after: &HashMap<String, u64>,
+        txns: u64,
+        split: Option<&HashMap<String, f64>>,
+    ) -> Self {
+        let mut by_command: HashMap<String, f64> = HashMap::new();
+        let mut in_lua = 0.0;
+        for (name, calls) in after {
+            let d = calls.saturating_sub(before.get(name).copied().unwrap_or(0)) as f64 / txns.max(1) as f64;
+            if d > 0.0 {
+                by_command.insert(name.clone(), d);
+            }
+            // `xinfo|groups` is `XINFO` to MONITOR.
+            let base = name.split('|').next().unwrap_or(name);
+            in_lua += d * split.and_then(|s| s.get(base)).copied().unwrap_or(0.0);
+        }
         let total: f64 = by_command.values().sum();
         let (network, in_lua) = match split {
             Some(_) => (Some(total - in_lua), Some(in_lua)),
             None => (None, None),
         };
-        CommandCount { total, network, in_lua, by_command }
+        CommandCount { total, network, in_lua, by_command, servers: Vec::new() }
     }
 }

@@ -4,12 +4,17 @@
 //! left behind).
 //!
 //! Dropping the [`Cluster`] kills the servers it started.
+//!
+//! `bench` may run the workers as processes of their own instead ([`Cluster::spawn_processes`]):
+//! the real `redtx-coordinator` and `redtx-participant` binaries with the settings of
+//! [`Cluster::start_workers`], so the CPU each role uses can be read from `/proc`.
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
+use redtx_common::conn::{RedisUrl, URL_ENV};
 use redtx_common::server::{RedisServer, ServerOptions};
 use redtx_common::shutdown::Shutdown;
-use redtx_common::{conn::RedisUrl, keys, Error};
+use redtx_common::{keys, Error};
 
 /// A participant of the run and where it keeps its data.
 pub struct Member {
@@ -116,6 +121,11 @@ impl Cluster {
         })
     }
 
+    /// The process id of member `m`'s private server (`None` on a shared `--redis`).
+    pub fn server_pid(&self, m: usize) -> Option<u32> {
+        self.servers.get(m).and_then(RedisServer::pid)
+    }
+
     /// True when the streams and every participant are on one Redis (`--redis`).
     pub fn shared(&self) -> bool {
         self.servers.is_empty()
@@ -132,6 +142,36 @@ impl Cluster {
             cfg.partitions = self.partitions;
             self.workers.spawn(redtx_participant::run(cfg, self.shutdown.clone()));
         }
+    }
+
+    /// Starts a coordinator and every participant as child processes: the `redtx-coordinator`
+    /// and `redtx-participant` binaries next to this one, with the partitions and settings of
+    /// [`Cluster::start_workers`] (the binaries' defaults are the configs' defaults). Their log
+    /// level is `error` unless `RUST_LOG` says otherwise. Wait for them with
+    /// [`Processes::wait_ready`]; dropping the [`Processes`] kills them.
+    pub fn spawn_processes(&self) -> Result<Processes, Error> {
+        let (coordinator_bin, participant_bin) = worker_binaries()?;
+        let mut procs = Processes { children: Vec::new() };
+        // URLs go in the environment, or as the default `--data` (the stream Redis), never on
+        // the command line, where `ps` would show a password.
+        let mut coordinator = std::process::Command::new(coordinator_bin);
+        coordinator.env(URL_ENV, &self.stream_url).arg("--partitions").arg(self.partitions.to_string());
+        procs.spawn("coordinator".into(), None, coordinator)?;
+        for m in &self.members {
+            let mut participant = std::process::Command::new(&participant_bin);
+            participant
+                .env(URL_ENV, &self.stream_url)
+                .arg("--name")
+                .arg(&m.name)
+                .arg("--partitions")
+                .arg(self.partitions.to_string());
+            if m.url.expose() != self.stream_url {
+                // A private server: no password.
+                participant.arg("--data").arg(m.url.expose());
+            }
+            procs.spawn(format!("participant {}", m.name), Some(m.name.clone()), participant)?;
+        }
+        Ok(procs)
     }
 
     /// Runs one more worker in this process, stopped with the others.
@@ -272,6 +312,179 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// The `redtx-coordinator` and `redtx-participant` binaries next to the running executable, or
+/// an error saying how to build them.
+pub fn worker_binaries() -> Result<(std::path::PathBuf, std::path::PathBuf), Error> {
+    Ok((worker_binary("redtx-coordinator")?, worker_binary("redtx-participant")?))
+}
+
+fn worker_binary(name: &str) -> Result<std::path::PathBuf, Error> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(Error::Io(std::io::Error::other(format!(
+        "{} not found (it runs next to {}): build the workspace with `cargo build --release` (or pass --inline \
+         to run the workers in this process)",
+        path.display(),
+        exe.display()
+    ))))
+}
+
+/// A worker running as a child process.
+pub struct WorkerProcess {
+    /// `coordinator` or `participant <name>`.
+    pub role: String,
+    /// The participant's name (its consumer group); `None` for the coordinator.
+    participant: Option<String>,
+    child: std::process::Child,
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The workers started by [`Cluster::spawn_processes`]; killed (`SIGKILL`) when dropped, stopped
+/// gracefully by [`Processes::stop`].
+pub struct Processes {
+    pub children: Vec<WorkerProcess>,
+}
+
+/// How long the workers get to come up, and to stop before they are killed.
+const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+impl Processes {
+    fn spawn(
+        &mut self,
+        role: String,
+        participant: Option<String>,
+        mut cmd: std::process::Command,
+    ) -> Result<(), Error> {
+        if std::env::var_os("RUST_LOG").is_none() {
+            // Like the in-process workers under `demo` and `bench`: only errors.
+            cmd.env("RUST_LOG", "error");
+        }
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Io(std::io::Error::other(format!("{role}: {:?}: {e}", cmd.get_program()))))?;
+        self.children.push(WorkerProcess { role, participant, child });
+        Ok(())
+    }
+
+    /// An error if a worker has exited.
+    pub fn check_running(&mut self) -> Result<(), Error> {
+        for w in &mut self.children {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                return Err(Error::Io(std::io::Error::other(format!("{} exited ({status})", w.role))));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every worker works: each participant has its consumer group on every
+    /// partition stream of its own, and every partition is leased, on private servers by this
+    /// coordinator (on a shared `--redis` a deployment's coordinators may hold some).
+    pub async fn wait_ready(&mut self, cluster: &Cluster) -> Result<(), Error> {
+        let url = RedisUrl::parse(&cluster.stream_url)?;
+        let mut conn = url.connect().await?;
+        let end = std::time::Instant::now() + PROCESS_WAIT;
+        loop {
+            self.check_running()?;
+            let mut waiting = None;
+            for w in &self.children {
+                if !self.is_ready(w, cluster, &mut conn).await {
+                    waiting = Some(w.role.clone());
+                    break;
+                }
+            }
+            let Some(role) = waiting else { return Ok(()) };
+            if std::time::Instant::now() >= end {
+                return Err(Error::Io(std::io::Error::other(format!(
+                    "{role} not ready after {}s",
+                    PROCESS_WAIT.as_secs()
+                ))));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn is_ready(&self, w: &WorkerProcess, cluster: &Cluster, conn: &mut MultiplexedConnection) -> bool {
+        let pid = w.pid();
+        for p in 0..cluster.partitions {
+            let ready = match &w.participant {
+                Some(name) => {
+                    // The participant creates its group on each stream before it reads, and a
+                    // group keeps what arrives until it is read: enough to submit. (A consumer
+                    // shows in `XINFO CONSUMERS` only once something was delivered to it.)
+                    let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
+                        redis::cmd("XINFO")
+                            .arg("GROUPS")
+                            .arg(keys::participant_stream(name, p))
+                            .query_async(conn)
+                            .await;
+                    groups.is_ok_and(|gs| {
+                        gs.iter()
+                            .any(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == name.as_bytes()))
+                    })
+                }
+                None => {
+                    let lease: redis::RedisResult<Option<String>> = conn.get(keys::lease(p)).await;
+                    match lease {
+                        Ok(Some(v)) => cluster.shared() || v.split_once(':').is_some_and(|(_, o)| of_process(o, pid)),
+                        _ => false,
+                    }
+                }
+            };
+            if !ready {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Stops every worker with `SIGTERM` (they finish what they hold, a coordinator gives its
+    /// leases up), waiting for each a while before killing it.
+    pub async fn stop(&mut self) {
+        for w in &self.children {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(w.pid().to_string())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        let end = std::time::Instant::now() + PROCESS_WAIT;
+        for w in &mut self.children {
+            while matches!(w.child.try_wait(), Ok(None)) && std::time::Instant::now() < end {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        for w in &mut self.children {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a coordinator id (`<host>-<pid>-<random>`, see
+/// `redtx_common::consumer::unique_consumer_name`) belongs to process `pid`.
+fn of_process(id: &str, pid: u32) -> bool {
+    id.rsplit_once('-').and_then(|(rest, _)| rest.rsplit_once('-')).is_some_and(|(_, p)| p == pid.to_string())
 }
 
 async fn count_locks(c: &mut MultiplexedConnection, m: &Member) -> Result<usize, Error> {

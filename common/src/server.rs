@@ -147,6 +147,11 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id while it runs (for the CPU it uses, read from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port
