@@ -7,10 +7,12 @@
 //! - [`demo`]: self-contained runs on private Redis servers: money transfers between two banks
 //!   (2PC), or an order flow over three participants (saga).
 //! - [`bench`]: throughput and latency of transactions (2PC or saga), as ratios against raw
-//!   Redis calls.
+//!   Redis calls, with Redis commands per server and CPU per process (the workers run as child
+//!   processes of the real binaries).
 //! - [`saga_demo`]: the order flow of `redtx demo --mode saga` and its checks.
 //! - [`pg_demo`]: `redtx demo --postgres`: transfers between a Redis bank and a PostgreSQL ledger.
-//! - [`cluster`]: the servers, participants and in-process workers shared by `demo` and `bench`.
+//! - [`cluster`]: the servers and workers (in-process, or child processes) shared by `demo` and
+//!   `bench`.
 //! - [`output`]: how records and outcomes are printed (text and JSON).
 //!
 //! Exit codes: 0 committed / completed (or done), 1 aborted, aborting (abort decided) or
@@ -90,7 +92,8 @@ enum Command {
     /// private Redis servers, and check that nothing is created, lost or half-done.
     Demo(demo::DemoArgs),
     /// Measure transactions per second and latency against a baseline of raw Redis script calls
-    /// on the same Redis, in the same run.
+    /// on the same Redis, in the same run, with Redis commands and CPU per transaction of each
+    /// process.
     Bench(bench::BenchArgs),
 }
 
