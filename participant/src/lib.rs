@@ -24,6 +24,7 @@
 //! - [`kv`]: [`KvResource`], the built-in key-value resource: one Lua script per work in `lua/`,
 //!   how calls are built and replies read.
 //! - [`conformance`]: the suite that checks every barrier rule against any resource.
+//! - [`args`]: [`WorkerArgs`], the command-line flags every participant process shares.
 //! - [`sdk`]: participants of your own: a [`Service`](sdk::Service) with business logic only
 //!   (try/confirm/cancel, action/compensation) on a state of its own, run by [`sdk::serve`].
 //!
@@ -35,6 +36,7 @@
 //! # }
 //! ```
 
+pub mod args;
 pub mod barrier;
 pub mod conformance;
 pub mod kv;
@@ -42,6 +44,7 @@ pub mod resource;
 pub mod sdk;
 pub mod worker;
 
+pub use args::WorkerArgs;
 pub use barrier::{Answer, Barrier, BarrierState, Decision, Request, Work};
 pub use kv::KvResource;
 pub use resource::{Applied, Resource, Transition};
