@@ -380,3 +380,36 @@ fn prepared_transactions_whose_decision_cannot_arrive_are_finished_from_their_re
     assert!(m.ledger[1].printed("finished a prepared transaction whose decision message had not arrived"));
     m.exec("ROLLBACK PREPARED 'redtx:elsewhere:ledger:orphan-2'");
 }
+
+#[test]
+fn a_postgres_step_without_a_compensation_is_stuck_visibly_not_silently_kept() {
+    let m = Mixed::start(None);
+    let debit = vec![Statement::new(
+        "UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1",
+        vec![json!(100), json!(CAROL)],
+    )
+    .rows(1)];
+    // The PostgreSQL step has no compensation (a JSON `null`); the Redis step then fails.
+    let mut saga = TxnSpec::saga(vec![
+        Branch {
+            participant: "ledger".into(),
+            payload: payload::encode(&debit),
+            compensation: Some(vec![0xc0]),
+            after: None,
+        },
+        Branch::kv_step("bank-a", vec![incrby(ALICE, 100, None, Some(10))], vec![incrby(ALICE, -100, None, None)]),
+    ]);
+    saga.retry.limit = 2;
+    saga.retry.backoff_ms = 10;
+    let id = m.c.submit(&saga);
+    let rec = m.c.wait_state(&id, &[TxnState::Stuck], LONG);
+    // The saga says which step failed; the stuck step says why it cannot be undone.
+    assert!(rec.reason.as_deref().unwrap_or("").contains("above max 10"), "{rec:?}");
+    let why = rec.branches[0].reason.clone().unwrap_or_default();
+    assert!(why.starts_with("ledger: this step was given no compensation"), "{rec:?}");
+    // The debit stays applied, and says so; nothing pretends it was undone.
+    assert_eq!(m.carol(), 900);
+    let state: String =
+        m.c.rt.block_on(m.sql.query_one("SELECT state FROM redtx_barrier WHERE txn = $1", &[&id])).unwrap().get(0);
+    assert_eq!(state, "done");
+}
