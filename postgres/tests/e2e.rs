@@ -368,16 +368,20 @@ fn prepared_transactions_whose_decision_cannot_arrive_are_finished_from_their_re
         .unwrap();
     let p = spawn_ledger_with(&m.c, &m.pg, 2, None, &["--orphan-after", "1s"]);
     m.ledger.push(p);
+    // The rollback and its tombstone are two statements: wait for both.
+    let tombstone = || {
+        let rows = m.c.rt.block_on(m.sql.query("SELECT txn, state FROM redtx_barrier ORDER BY txn", &[])).unwrap();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect::<Vec<(String, String)>>()
+    };
     poll("the sweep finishes this deployment's two", LONG, || {
-        (m.prepared() == ["redtx:elsewhere:ledger:orphan-2"]).then_some(())
+        (m.prepared() == ["redtx:elsewhere:ledger:orphan-2"] && !tombstone().is_empty()).then_some(())
     });
     let dave = m.c.rt.block_on(m.sql.query_opt("SELECT balance FROM accounts WHERE id = 'dave'", &[])).unwrap();
     assert_eq!(dave.map(|r| r.get::<_, i64>(0)), Some(7), "the decided one committed");
     assert_eq!(m.carol(), 1000, "the orphan rolled back");
-    let rows = m.c.rt.block_on(m.sql.query("SELECT txn, state FROM redtx_barrier ORDER BY txn", &[])).unwrap();
-    let rows: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(rows, [("orphan-1".to_string(), "aborted".to_string())], "a tombstone for the orphan");
-    assert!(m.ledger[1].printed("finished a prepared transaction whose decision message had not arrived"));
+    assert_eq!(tombstone(), [("orphan-1".to_string(), "aborted".to_string())], "a tombstone for the orphan");
+    // Logged once each is done (just after its tombstone).
+    m.ledger[1].wait_for_line("finished a prepared transaction whose decision message had not arrived", LONG);
     m.exec("ROLLBACK PREPARED 'redtx:elsewhere:ledger:orphan-2'");
 }
 
