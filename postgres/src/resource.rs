@@ -387,20 +387,6 @@ impl Lane {
         }
     }
 
-    /// `COMMIT PREPARED` or `ROLLBACK PREPARED` of `txn`. `Ok(false)`: PostgreSQL holds no such
-    /// prepared transaction (it was finished already).
-    async fn finish_prepared(&mut self, txn: &str, commit: bool) -> Result<bool, Fault> {
-        let gid = self.gid(txn);
-        let verb = if commit { "COMMIT" } else { "ROLLBACK" };
-        // The gid is made of checked names only (see the module doc); quotes are doubled anyway.
-        let sql = format!("{verb} PREPARED '{}'", gid.replace('\'', "''"));
-        match self.client().await?.batch_execute(&sql).await {
-            Ok(()) => Ok(true),
-            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Confirm or Cancel of a prepared branch, in one round trip: `COMMIT PREPARED` then the
     /// row says `committed`, or `ROLLBACK PREPARED` then a tombstone. The second statement is
     /// harmless when the first finds nothing to finish: the update matches only a committed
@@ -630,19 +616,13 @@ impl Lane {
                 None if age >= self.opts.orphan_after.as_secs_f64() => false,
                 _ => continue,
             };
-            if self.finish_prepared(&txn, commit).await? {
-                let now = redtx_common::now_ms();
-                // The gid does not carry the branch index: the row says 0 (informational only).
-                let req = Request::Abort(redtx_common::protocol::Resolve {
-                    txn: txn.clone(),
-                    branch: 0,
-                    participant: self.opts.participant.clone(),
-                });
-                if commit {
-                    self.record(&req, Some(BarrierState::Prepared), BarrierState::Committed, None, now).await?;
-                } else {
-                    self.record(&req, None, BarrierState::Aborted, None, now).await?;
-                }
+            // The gid does not carry the branch index: the row says 0 (informational only).
+            let req = Request::Abort(redtx_common::protocol::Resolve {
+                txn: txn.clone(),
+                branch: 0,
+                participant: self.opts.participant.clone(),
+            });
+            if self.resolve(&req, commit, redtx_common::now_ms()).await? {
                 finished += 1;
                 tracing::warn!(
                     participant = %self.opts.participant, txn = %txn, record = state.as_deref().unwrap_or("none"),
