@@ -180,3 +180,30 @@ async fn a_restarted_service_finds_its_image() {
     assert!(matches!(out[0], Ok(Answer::Step { .. })));
     assert_eq!(b.state().unwrap().items["n"], 7);
 }
+
+#[tokio::test]
+async fn a_redis_restart_between_batches_loses_nothing() {
+    let mut s = server();
+    let mut a = local(&s);
+    settle(&mut a, &[execute("x1", payload("n", 2))], redtx_common::now_ms()).await.unwrap();
+    s.restart().unwrap();
+    // The first batch on the dead connection fails as a whole (nothing known, all pending);
+    // the next one reconnects, reloads the saved image and applies the step once.
+    let batch = [execute("x2", payload("n", 3))];
+    let mut tries = 0;
+    let out = loop {
+        tries += 1;
+        match settle(&mut a, &batch, redtx_common::now_ms()).await {
+            Ok(out) => break out,
+            Err(e) if tries < 5 => tracing::debug!(error = %e, "retrying"),
+            Err(e) => panic!("still failing after a restart: {e}"),
+        }
+    };
+    assert!(matches!(out[0], Ok(Answer::Step { .. })), "{out:?}");
+    let state: Counters = saved_state(&mut conn(&s).await, NAME).await.unwrap().unwrap();
+    assert_eq!(state.items["n"], 5);
+    // A repeat of the first step is still recognised.
+    settle(&mut a, &[execute("x1", payload("n", 2))], redtx_common::now_ms()).await.unwrap();
+    let state: Counters = saved_state(&mut conn(&s).await, NAME).await.unwrap().unwrap();
+    assert_eq!(state.items["n"], 5);
+}

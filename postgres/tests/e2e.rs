@@ -417,3 +417,21 @@ fn a_postgres_step_without_a_compensation_is_stuck_visibly_not_silently_kept() {
         m.c.rt.block_on(m.sql.query_one("SELECT state FROM redtx_barrier WHERE txn = $1", &[&id])).unwrap().get(0);
     assert_eq!(state, "done");
 }
+
+#[test]
+fn a_postgres_restart_under_a_running_participant_loses_nothing() {
+    let mut m = Mixed::start(None);
+    let rec = m.finish(&m.c.submit(&to_carol(10)));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    // PostgreSQL crashes and comes back while the participant runs: its connections are dead,
+    // the next requests fail, stay pending, and are applied once it has reconnected.
+    m.pg.kill();
+    m.ledger[0].wait_for_line("PostgreSQL connection closed", LONG);
+    let id = m.c.submit(&to_carol(20));
+    m.pg.restart().unwrap();
+    m.reconnect();
+    let rec = m.finish(&id);
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert_eq!((m.alice(), m.carol()), (970, 1030), "each applied once");
+    assert!(m.ledger[0].is_running());
+}
