@@ -14,7 +14,7 @@
 //! affected entries stay pending and are claimed again.
 
 use crate::conn::RedisUrl;
-use crate::protocol::Message;
+use crate::protocol::{is_batch_entry, items_of_entry, Message};
 use crate::shutdown::Shutdown;
 use crate::{keys, Error, Result};
 use redis::aio::MultiplexedConnection;
@@ -290,48 +290,83 @@ impl Consumer {
         }
     }
 
+    /// Expands each entry into its messages (a [`BATCH`](crate::protocol::BATCH) entry carries
+    /// several), hands them to the handler, and writes the results, dead letters and acks. An
+    /// entry is acked once every message in it is done or dead-lettered; one message left to
+    /// retry keeps its whole entry pending, and the others are answered again when it comes
+    /// back (handlers are idempotent). A message that does not decode is dead-lettered alone,
+    /// as an entry of its own fields, under its entry's id.
     async fn process<H: Handler>(&mut self, handler: &mut H, entries: Vec<(usize, StreamId)>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut batch = Vec::with_capacity(entries.len());
-        // The decoded entries as read, so that a refused one is dead-lettered with its original
-        // fields (`orig.t`, `orig.m`), like an undecodable one.
-        let mut originals: Vec<(usize, StreamId)> = Vec::with_capacity(entries.len());
+        // Per delivery: its entry (index in `entries`), and its own fields when it is one
+        // message of a batch entry (for its dead letter).
+        let mut origin: Vec<(usize, Option<HashMap<String, redis::Value>>)> = Vec::with_capacity(entries.len());
         let mut dead: Vec<(usize, StreamId, String)> = Vec::new();
-        for (i, e) in entries {
-            match Message::from_entry(&e.map) {
-                Ok(msg) => {
-                    let stream = self.cfg.streams[i].clone();
-                    batch.push(Delivery { partition: partition_of(&stream), stream, id: e.id.clone(), msg });
-                    originals.push((i, e));
+        // Per entry: whether something in it stays pending.
+        let mut keep = vec![false; entries.len()];
+        for (n, (i, e)) in entries.iter().enumerate() {
+            let items = match items_of_entry(&e.map) {
+                Ok(items) => items,
+                Err(err) => {
+                    dead.push((*i, e.clone(), err.to_string()));
+                    continue;
                 }
-                Err(err) => dead.push((i, e, err.to_string())),
+            };
+            let single = items.len() == 1 && !is_batch_entry(&e.map);
+            let stream = &self.cfg.streams[*i];
+            for (k, item) in items.into_iter().enumerate() {
+                let own = (!single).then(|| item.fields());
+                match item.msg {
+                    Ok(msg) => {
+                        batch.push(Delivery { partition: partition_of(stream), stream: stream.clone(), id: e.id.clone(), msg });
+                        origin.push((n, own));
+                    }
+                    Err(err) => match own {
+                        None => dead.push((*i, e.clone(), err.to_string())),
+                        Some(map) => {
+                            let alone = StreamId { id: e.id.clone(), map, ..Default::default() };
+                            dead.push((*i, alone, format!("batch message {k}: {err}")))
+                        }
+                    },
+                }
             }
         }
-        let mut ack: Vec<(usize, String)> = Vec::with_capacity(batch.len());
         let mut writes = Vec::new();
         if !batch.is_empty() {
             let handled = match handler.handle(batch).await {
                 Ok(h) => h,
                 Err(e) => {
                     // Dead letters found above are still written: they do not depend on the batch.
-                    self.commit(Vec::new(), dead, Vec::new()).await?;
+                    self.commit(Vec::new(), dead, Vec::new(), &Default::default()).await?;
                     return Err(e);
                 }
             };
             let dispositions = handled.dispositions;
-            assert_eq!(dispositions.len(), originals.len(), "handler must return one disposition per delivery");
-            for ((i, entry), d) in originals.into_iter().zip(dispositions) {
+            assert_eq!(dispositions.len(), origin.len(), "handler must return one disposition per delivery");
+            for ((n, own), d) in origin.into_iter().zip(dispositions) {
+                let (i, entry) = &entries[n];
                 match d {
-                    Disposition::Ack => ack.push((i, entry.id)),
-                    Disposition::DeadLetter(reason) => dead.push((i, entry, reason)),
-                    Disposition::Retry => {}
+                    Disposition::Ack => {}
+                    Disposition::DeadLetter(reason) => match own {
+                        None => dead.push((*i, entry.clone(), reason)),
+                        Some(map) => dead.push((*i, StreamId { id: entry.id.clone(), map, ..Default::default() }, reason)),
+                    },
+                    Disposition::Retry => keep[n] = true,
                 }
             }
             writes = handled.writes;
         }
-        self.commit(writes, dead, ack).await
+        // Every entry not kept is acked (with its dead letters, if any). A kept entry's
+        // dead-lettered messages are written now and again when it comes back; its id must not
+        // be acked with them.
+        let ack: Vec<(usize, String)> =
+            entries.iter().zip(&keep).filter(|(_, kept)| !**kept).map(|((i, e), _)| (*i, e.id.clone())).collect();
+        let kept: std::collections::HashSet<(usize, String)> =
+            entries.iter().zip(&keep).filter(|(_, k)| **k).map(|((i, e), _)| (*i, e.id.clone())).collect();
+        self.commit(writes, dead, ack, &kept).await
     }
 
     /// Writes the batch's results, its dead letters (copied with the reason, counted, in the
@@ -344,6 +379,7 @@ impl Consumer {
         writes: Vec<redis::Cmd>,
         dead: Vec<(usize, StreamId, String)>,
         mut ack: Vec<(usize, String)>,
+        kept: &std::collections::HashSet<(usize, String)>,
     ) -> Result<()> {
         if writes.is_empty() && dead.is_empty() && ack.is_empty() {
             return Ok(());
@@ -362,7 +398,9 @@ impl Consumer {
             p.xadd(keys::dead_letter_stream(partition), "*", &fields).ignore();
             p.hincr(keys::dead_letter_counts(partition), stream, 1).ignore();
         }
-        ack.extend(dead.iter().map(|(i, e, _)| (*i, e.id.clone())));
+        ack.extend(dead.iter().map(|(i, e, _)| (*i, e.id.clone())).filter(|k| !kept.contains(k)));
+        ack.sort();
+        ack.dedup();
         // One XACK per stream.
         let mut by_stream: HashMap<usize, Vec<String>> = HashMap::new();
         for (i, id) in ack {
@@ -375,6 +413,7 @@ impl Consumer {
         Ok(())
     }
 }
+
 
 /// The fields of a dead letter (`XADD rtx:dead:{P} * <fields>`): where the entry came from
 /// (`stream`, `group`, `id`), why (`reason`), when (`at`, ms), and its original fields as

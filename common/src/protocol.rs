@@ -340,6 +340,74 @@ fn entry_field<'a>(map: &'a HashMap<String, redis::Value>, name: &'static str) -
     }
 }
 
+/// The `t` of an entry that carries several messages (a *batch entry*): its `m` is a
+/// MessagePack array of `[t, m]` pairs, each the two fields a single entry would carry (`t` a
+/// string, `m` binary). Coordinators and participants write one batch entry per destination
+/// stream per batch, so that a stream entry (one `XADD`, one delivery, one `XACK`) is paid
+/// per batch rather than per message; both read single and batch entries alike.
+pub const BATCH: &str = "batch";
+
+/// One message of a stream entry, as read: its `t` and `m` bytes, and what they decode to.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The message type, as written.
+    pub kind: Vec<u8>,
+    /// The MessagePack envelope, as written.
+    pub bytes: Vec<u8>,
+    /// The decoded message, or why it does not decode.
+    pub msg: Result<Message, DecodeError>,
+}
+
+impl Item {
+    /// The fields of a single entry carrying this item alone (for its dead letter).
+    pub fn fields(&self) -> HashMap<String, redis::Value> {
+        HashMap::from([
+            ("t".to_string(), redis::Value::BulkString(self.kind.clone())),
+            ("m".to_string(), redis::Value::BulkString(self.bytes.clone())),
+        ])
+    }
+}
+
+/// The fields of ONE entry carrying `msgs` (at least one): a single entry for one message, a
+/// [`BATCH`] entry for more.
+pub fn entry_fields(msgs: &[&Message]) -> [(&'static str, Vec<u8>); 2] {
+    match msgs {
+        [one] => one.fields(),
+        _ => {
+            let items: Vec<(&str, serde_bytes::ByteBuf)> =
+                msgs.iter().map(|m| (m.kind(), serde_bytes::ByteBuf::from(m.encode()))).collect();
+            let m = rmp_serde::to_vec(&items).expect("a batch always serializes");
+            [("t", BATCH.as_bytes().to_vec()), ("m", m)]
+        }
+    }
+}
+
+/// Whether an entry is a [`BATCH`] entry.
+pub fn is_batch_entry(map: &HashMap<String, redis::Value>) -> bool {
+    entry_field(map, "t").is_ok_and(|t| t == BATCH.as_bytes())
+}
+
+/// The messages of a stream entry, single or [`BATCH`]: `Err` when the entry as a whole cannot
+/// be read (no `t`/`m`, or a batch whose `m` is not an array of `[t, m]` pairs); otherwise one
+/// [`Item`] per message, each decoded on its own, so one bad message never hides the others.
+pub fn items_of_entry(map: &HashMap<String, redis::Value>) -> Result<Vec<Item>, DecodeError> {
+    let kind = entry_field(map, "t")?;
+    let bytes = entry_field(map, "m")?;
+    if kind != BATCH.as_bytes() {
+        let msg = Message::decode(kind, bytes);
+        return Ok(vec![Item { kind: kind.to_vec(), bytes: bytes.to_vec(), msg }]);
+    }
+    let pairs: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> = rmp_serde::from_slice(bytes)
+        .map_err(|e| DecodeError::Payload { kind: BATCH, detail: format!("expected an array of [t, m] pairs: {e}") })?;
+    Ok(pairs
+        .into_iter()
+        .map(|(k, m)| {
+            let msg = Message::decode(&k, &m);
+            Item { kind: k.into_vec(), bytes: m.into_vec(), msg }
+        })
+        .collect())
+}
+
 /// What can still be read of a `submit` entry that does not decode: `spec.id` (and `spec.mode`
 /// when it is valid). The coordinator records the refusal under that id, so that the producer
 /// waiting on it learns why; an entry without a readable id can only be dead-lettered.
@@ -598,10 +666,59 @@ mod tests {
         }
 
         #[test]
+        fn batch_entries_round_trip(ms in proptest::collection::vec(message(), 1..6)) {
+            let refs: Vec<&Message> = ms.iter().collect();
+            let [(_, t), (_, m)] = entry_fields(&refs);
+            prop_assert_eq!(t == BATCH.as_bytes(), ms.len() > 1);
+            let map = HashMap::from([
+                ("t".to_string(), redis::Value::BulkString(t)),
+                ("m".to_string(), redis::Value::BulkString(m)),
+            ]);
+            let items = items_of_entry(&map).unwrap();
+            let back: Vec<Message> = items.into_iter().map(|i| i.msg.unwrap()).collect();
+            prop_assert_eq!(back, ms);
+        }
+
+        #[test]
+        fn garbage_batches_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let map = HashMap::from([
+                ("t".to_string(), redis::Value::BulkString(BATCH.as_bytes().to_vec())),
+                ("m".to_string(), redis::Value::BulkString(payload)),
+            ]);
+            let _ = items_of_entry(&map);
+        }
+
+        #[test]
         fn garbage_never_panics(kind in prop_oneof![Just("submit".to_string()), Just("prepare".to_string()), Just("vote".to_string()), Just("ack".to_string()), Just("result".to_string()), ".*"],
                                 payload in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Message::decode(kind.as_bytes(), &payload);
         }
+    }
+
+    #[test]
+    fn a_bad_message_in_a_batch_spoils_only_itself() {
+        let vote = Message::Vote(Vote { txn: "a".into(), branch: 0, participant: "p".into(), yes: true, reason: None });
+        let pairs: Vec<(&str, serde_bytes::ByteBuf)> = vec![
+            ("vote", serde_bytes::ByteBuf::from(vote.encode())),
+            ("vote", serde_bytes::ByteBuf::from(vec![0xc1])),
+            ("frobnicate", serde_bytes::ByteBuf::from(vote.encode())),
+        ];
+        let map = HashMap::from([
+            ("t".to_string(), redis::Value::BulkString(b"batch".to_vec())),
+            ("m".to_string(), redis::Value::BulkString(rmp_serde::to_vec(&pairs).unwrap())),
+        ]);
+        let items = items_of_entry(&map).unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].msg.as_ref().unwrap(), &vote);
+        assert!(matches!(items[1].msg, Err(DecodeError::Payload { kind: "vote", .. })));
+        assert_eq!(items[2].msg, Err(DecodeError::UnknownType("frobnicate".into())));
+        assert_eq!(items[1].fields()["m"], redis::Value::BulkString(vec![0xc1]));
+        let not_pairs = HashMap::from([
+            ("t".to_string(), redis::Value::BulkString(b"batch".to_vec())),
+            ("m".to_string(), redis::Value::BulkString(rmp_serde::to_vec(&[1, 2]).unwrap())),
+        ]);
+        let e = items_of_entry(&not_pairs).unwrap_err().to_string();
+        assert!(e.contains("batch") && e.contains("[t, m] pairs"), "{e}");
     }
 
     /// A valid submit as a producer in another language would write it, as JSON to edit.

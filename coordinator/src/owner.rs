@@ -25,7 +25,7 @@ use redis::AsyncCommands;
 use redtx_common::conn::RedisUrl;
 use redtx_common::consumer::{dead_letter_fields, ensure_group, trim_stream};
 use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
-use redtx_common::protocol::{submit_head, Message, PROTOCOL_VERSION};
+use redtx_common::protocol::{entry_fields, is_batch_entry, items_of_entry, submit_head, Message, PROTOCOL_VERSION};
 use redtx_common::record::{create_fields, progress_fields, txn_from_hash};
 use redtx_common::scripts::{self, LuaScript};
 use redtx_common::shutdown::Shutdown;
@@ -74,6 +74,9 @@ struct Part {
     /// Per transaction, entries whose effect is in memory but not yet in the record: acked
     /// with the transaction's next write.
     held: HashMap<String, BTreeSet<String>>,
+    /// Per entry in `held`, how many transactions hold it: a batch entry carries messages of
+    /// many transactions, and is acked once the last of them is written.
+    holders: HashMap<String, usize>,
 }
 
 impl Part {
@@ -85,6 +88,27 @@ impl Part {
             claim_from: "0-0".into(),
             stale: true,
             held: HashMap::new(),
+            holders: HashMap::new(),
+        }
+    }
+
+    /// Transaction `txn` holds entry `entry` (see `held`).
+    fn hold(&mut self, txn: &str, entry: String) {
+        if self.held.entry(txn.to_string()).or_default().insert(entry.clone()) {
+            *self.holders.entry(entry).or_default() += 1;
+        }
+    }
+
+    /// Transaction `txn` is written: the entries it held that no other transaction holds.
+    fn release(&mut self, txn: &str, out: &mut Vec<String>) {
+        for e in self.held.remove(txn).unwrap_or_default() {
+            match self.holders.get_mut(&e) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    self.holders.remove(&e);
+                    out.push(e);
+                }
+            }
         }
     }
 
@@ -344,6 +368,7 @@ impl Owner {
         let n = txns.len();
         part.txns = txns;
         part.held.clear();
+        part.holders.clear();
         part.stale = false;
         part.claim_from = "0-0".into();
         tracing::info!(partition = p, live = n, took = ?started.elapsed(), "partition loaded");
@@ -373,9 +398,10 @@ impl Owner {
                 .map_err(|e| Error::redis(&self.url, e))?;
             // Entries held on purpose (their effect is in memory, recorded with the
             // transaction's next write) need no second look.
-            let held: HashSet<&String> =
-                self.parts.get(&p).map(|x| x.held.values().flatten().collect()).unwrap_or_default();
-            let claimed: Vec<StreamId> = reply.claimed.into_iter().filter(|e| !held.contains(&e.id)).collect();
+            let claimed: Vec<StreamId> = match self.parts.get(&p) {
+                Some(part) => reply.claimed.into_iter().filter(|e| !part.holders.contains_key(&e.id)).collect(),
+                None => Vec::new(),
+            };
             if !claimed.is_empty() {
                 tracing::info!(partition = p, claimed = claimed.len(), "took over pending entries");
                 self.handle(vec![(p, claimed)]).await?;
@@ -475,12 +501,33 @@ impl Owner {
             let mut batch = Batch::default();
             let mut msgs = Vec::with_capacity(entries.len());
             for e in entries {
-                match Message::from_entry(&e.map) {
-                    Ok(m) => msgs.push((e, Incoming::Msg(m))),
-                    Err(err) => match submit_head(&e.map).filter(|(id, _)| check_id("id", id).is_ok()) {
-                        Some((id, mode)) => msgs.push((e, Incoming::BadSubmit { id, mode, reason: err.to_string() })),
-                        None => batch.dead.push((e, err.to_string())),
-                    },
+                let items = match items_of_entry(&e.map) {
+                    Ok(items) => items,
+                    Err(err) => {
+                        batch.dead.push((e, err.to_string()));
+                        continue;
+                    }
+                };
+                // A batch entry's messages are handled (and dead-lettered) one by one, each as
+                // an entry of its own fields under the batch entry's id.
+                let single = items.len() == 1 && !is_batch_entry(&e.map);
+                let mut whole = Some(e);
+                let id = whole.as_ref().map(|e| e.id.clone()).unwrap_or_default();
+                for (k, item) in items.into_iter().enumerate() {
+                    let src = match whole.take().filter(|_| single) {
+                        Some(e) => e,
+                        None => StreamId { id: id.clone(), map: item.fields(), ..Default::default() },
+                    };
+                    let what = if single { String::new() } else { format!("batch message {k}: ") };
+                    match item.msg {
+                        Ok(m) => msgs.push((src, Incoming::Msg(m))),
+                        Err(err) => match submit_head(&src.map).filter(|(id, _)| check_id("id", id).is_ok()) {
+                            Some((id, mode)) => {
+                                msgs.push((src, Incoming::BadSubmit { id, mode, reason: err.to_string() }))
+                            }
+                            None => batch.dead.push((src, format!("{what}{err}"))),
+                        },
+                    }
                 }
             }
             let part = &self.parts[&p];
@@ -655,14 +702,20 @@ impl Owner {
             }
         }
         let mut skipped = 0;
+        // One entry per participant stream: a batch entry when it carries several messages.
+        let mut to: BTreeMap<&str, Vec<&Message>> = BTreeMap::new();
         for (msg, resend) in &batch.sends {
             let Some(name) = msg.participant() else { continue };
             if *resend && !self.consuming(name, p).await {
                 skipped += 1;
                 continue;
             }
+            to.entry(name).or_default().push(msg);
+        }
+        for (name, msgs) in to {
             let stream = keys::participant_stream(name, p);
-            w.push(&stream, vec![b("XADD"), b(&stream), b("*"), b("t"), b(msg.kind()), b("m"), msg.encode()]);
+            let [(t, kind), (m, bytes)] = entry_fields(&msgs);
+            w.push(&stream, vec![b("XADD"), b(&stream), b("*"), b(t), kind, b(m), bytes]);
         }
         if skipped > 0 {
             tracing::debug!(partition = p, skipped, "re-sends skipped: their participant is not reading its stream");
@@ -698,18 +751,26 @@ impl Owner {
             let counts = keys::dead_letter_counts(p);
             w.push(&counts, vec![b("HINCRBY"), b(&counts), b(&stream), b("1")]);
         }
-        // Entries held for the transactions written now are recorded by this write.
-        let mut held = Vec::new();
+        // Entries held for the transactions written now are recorded by this write; an entry
+        // still held by another transaction (a batch entry) waits for that one's write.
+        let mut released = Vec::new();
+        let mut acks: Vec<&str> = Vec::new();
         if let Some(part) = self.parts.get_mut(&p) {
             for id in batch.created.iter().chain(&batch.dirty).chain(&batch.finished) {
-                if let Some(ids) = part.held.remove(id) {
-                    held.extend(ids);
-                }
+                part.release(id, &mut released);
             }
+            acks.extend(
+                batch
+                    .acks
+                    .iter()
+                    .chain(batch.dead.iter().map(|(e, _)| &e.id))
+                    .filter(|e| !part.holders.contains_key(*e))
+                    .map(String::as_str),
+            );
         }
-        let mut acks: Vec<&str> = batch.acks.iter().map(String::as_str).collect();
-        acks.extend(held.iter().map(String::as_str));
-        acks.extend(batch.dead.iter().map(|(e, _)| e.id.as_str()));
+        acks.extend(released.iter().map(String::as_str));
+        acks.sort_unstable();
+        acks.dedup();
         // In chunks: Lua's `unpack` in fenced.lua takes a few thousand arguments at most.
         for chunk in acks.chunks(MAX_ACKS_PER_COMMAND) {
             let mut args = vec![b("XACK"), b(&stream), b(keys::COORD_GROUP)];
@@ -759,7 +820,7 @@ fn step_live_entry(
     match entry {
         Some(e) if !write && (out.changed || part.held.contains_key(id)) => {
             // Memory is (or was already) ahead of the record for this transaction.
-            part.held.entry(id.to_string()).or_default().insert(e);
+            part.hold(id, e);
         }
         Some(e) => batch.acks.push(e),
         None => {}

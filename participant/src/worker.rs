@@ -6,9 +6,9 @@
 use crate::barrier::{answer_after, decide, Answer, BarrierState, Decision, Request, Work};
 use crate::resource::{Applied, Resource, Transition};
 use redtx_common::consumer::{Delivery, Disposition, Handled, Handler};
-use redtx_common::protocol::{Ack, Message, StepKind, StepResult, StepStatus, Vote};
+use redtx_common::protocol::{entry_fields, Ack, Message, StepKind, StepResult, StepStatus, Vote};
 use redtx_common::{failpoint, keys, spec, Error, Result};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 /// Fail point: the prepares of a batch ran, its votes are not sent yet.
 pub const AFTER_PREPARE: &str = "participant-after-prepare";
@@ -178,20 +178,27 @@ impl<R: Resource> Handler for Participant<R> {
         if requests.iter().any(|r| matches!(r, Request::Execute(_) | Request::Compensate(_))) {
             failpoint::hit(AFTER_EXECUTE).await;
         }
-        let mut writes = Vec::with_capacity(requests.len());
+        // The replies of each partition go in one entry of its coordinator stream.
+        let mut replies: BTreeMap<u32, Vec<Message>> = BTreeMap::new();
         for ((i, req), answer) in at.into_iter().zip(&requests).zip(answers) {
             log(&self.name, req, &answer);
             out[i] = Some(match answer {
                 Ok(Answer::Violation(reason)) => Disposition::DeadLetter(reason),
                 Ok(a) => {
                     let msg = reply(req, &a).expect("only violations have no reply");
-                    let stream = keys::coord_stream(partitions[i]);
-                    writes.push(redis::cmd("XADD").arg(&stream).arg("*").arg(&msg.fields()[..]).clone());
+                    replies.entry(partitions[i]).or_default().push(msg);
                     Disposition::Ack
                 }
                 Err(_) => Disposition::Retry,
             });
         }
+        let writes = replies
+            .into_iter()
+            .map(|(p, msgs)| {
+                let msgs: Vec<&Message> = msgs.iter().collect();
+                redis::cmd("XADD").arg(keys::coord_stream(p)).arg("*").arg(&entry_fields(&msgs)[..]).clone()
+            })
+            .collect();
         Ok(Handled { dispositions: out.into_iter().map(|d| d.expect("every entry decided")).collect(), writes })
     }
 }

@@ -624,12 +624,16 @@ pub fn dead_letters(conn: &mut redis::Connection) -> Vec<DeadLetter> {
     out
 }
 
-/// The messages of `stream` about transaction `id`, in stream order (undecodable entries are
-/// skipped).
+/// The messages of `stream` about transaction `id`, in stream order, batch entries expanded
+/// (undecodable messages are skipped).
 pub fn messages_of(conn: &mut redis::Connection, stream: &str, id: &str) -> Vec<Message> {
     xrange(conn, stream)
         .into_iter()
-        .filter_map(|(_, f)| Message::decode(f.get("t")?, f.get("m")?).ok())
+        .flat_map(|(_, f)| {
+            let map = f.into_iter().map(|(k, v)| (k, redis::Value::BulkString(v))).collect();
+            redtx_common::protocol::items_of_entry(&map).unwrap_or_default()
+        })
+        .filter_map(|item| item.msg.ok())
         .filter(|m| m.txn() == id)
         .collect()
 }

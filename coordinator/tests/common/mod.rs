@@ -4,7 +4,7 @@
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
-use redtx_common::protocol::{Ack, Message, Outcome, StepKind, StepResult, StepStatus, Vote};
+use redtx_common::protocol::{items_of_entry, Ack, Message, Outcome, StepKind, StepResult, StepStatus, Vote};
 use redtx_common::record::TxnRecord;
 use redtx_common::server::RedisServer;
 use redtx_common::shutdown::Shutdown;
@@ -150,7 +150,7 @@ impl Env {
         let mut read = Vec::new();
         for k in r.map(|r| r.keys).unwrap_or_default() {
             for e in k.ids {
-                read.push(Message::from_entry(&e.map).unwrap());
+                read.extend(items_of_entry(&e.map).unwrap().into_iter().map(|item| item.msg.unwrap()));
                 let _: u64 = c.xack(&k.key, name, &[&e.id]).await.unwrap();
             }
         }

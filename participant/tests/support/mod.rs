@@ -78,7 +78,11 @@ pub async fn send(c: &mut MultiplexedConnection, msg: &Message) {
 /// Every message on the coordinator stream of partition `p` so far.
 pub async fn coord_messages_of(c: &mut MultiplexedConnection, p: u32) -> Vec<Message> {
     let r: redis::streams::StreamRangeReply = c.xrange_all(redtx_common::keys::coord_stream(p)).await.unwrap();
-    r.ids.iter().map(|e| Message::from_entry(&e.map).unwrap()).collect()
+    r.ids
+        .iter()
+        .flat_map(|e| redtx_common::protocol::items_of_entry(&e.map).unwrap())
+        .map(|item| item.msg.unwrap())
+        .collect()
 }
 
 /// Every message on the coordinator stream of partition 0 so far.
