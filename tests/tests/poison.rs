@@ -4,7 +4,7 @@
 //! still commits.
 
 use redis::Commands;
-use redtx_common::protocol::{Ack, Message, Outcome, Prepare, Submit, Vote};
+use redtx_common::protocol::{Ack, Message, Outcome, Prepare, Resolve, Submit, Vote};
 use redtx_common::record::TxnState;
 use redtx_common::spec::{Branch, Op};
 use redtx_tests::*;
@@ -177,4 +177,77 @@ fn a_submit_with_an_invalid_spec_is_rejected_and_bad_ops_are_refused_by_the_part
     bank.assert_clean();
     let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 0));
     assert!(rec.state.is_terminal());
+}
+
+/// A batch entry (`t` = `batch`) carries several messages: a bad one among them is dead-lettered
+/// alone, with its own fields and a reason naming its place, and the others are answered.
+#[test]
+fn a_bad_message_in_a_batch_entry_is_dead_lettered_alone_and_the_rest_answered() {
+    let bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1));
+    assert_eq!(rec.state, TxnState::Committed);
+    let mut s = bank.stream_conn();
+    let batch = |items: Vec<(&str, Vec<u8>)>| {
+        let m = rmp_serde::to_vec(&items).unwrap();
+        vec![("t", b"batch".to_vec()), ("m", m)]
+    };
+    let resolve = |txn: &str, participant: &str| Resolve { txn: txn.into(), branch: 0, participant: participant.into() };
+
+    // Participant side: an abort before any prepare (answered: a tombstone and an ack), a
+    // message that does not decode, and a prepare for another participant (refused).
+    let p = partition("t-batch-abort");
+    let part = keys::participant_stream("bank-a", p);
+    let for_b = Message::Commit(resolve("t-batch-other", "bank-b")).encode();
+    let fields = batch(vec![
+        ("abort", Message::Abort(resolve("t-batch-abort", "bank-a")).encode()),
+        ("vote", NEVER_USED.to_vec()),
+        ("commit", for_b),
+    ]);
+    let part_id: String = s.xadd(&part, "*", &fields).unwrap();
+    // Coordinator side: a vote for a transaction without a record (answered with an abort) and
+    // a message of an unknown type.
+    let c = partition("t-batch-orphan");
+    let coord = keys::coord_stream(c);
+    let vote =
+        Message::Vote(Vote { txn: "t-batch-orphan".into(), branch: 0, participant: "bank-a".into(), yes: true, reason: None });
+    let fields = batch(vec![("vote", vote.encode()), ("bogus", vote.encode())]);
+    let coord_id: String = s.xadd(&coord, "*", &fields).unwrap();
+
+    let dead = poll("the bad messages dead-lettered", LONG, || {
+        let d: Vec<DeadLetter> = bank.dead_letters();
+        (d.len() >= 3).then_some(d)
+    });
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    let find = |stream: &str, t: &str| {
+        dead.iter().find(|d| d.get("stream") == stream && d.get("orig.t") == t).unwrap_or_else(|| panic!("{dead:?}"))
+    };
+    let d = find(&part, "vote");
+    assert_eq!(d.get("id"), part_id);
+    assert!(d.get("reason").starts_with("batch message 1:"), "{d:?}");
+    let d = find(&part, "commit");
+    assert_eq!(d.get("id"), part_id);
+    assert!(d.get("reason").contains("bank-b"), "{d:?}");
+    let d = find(&coord, "bogus");
+    assert_eq!(d.get("id"), coord_id);
+    assert!(d.get("reason").starts_with("batch message 1:") && d.get("reason").contains("bogus"), "{d:?}");
+
+    // The good messages were answered: bank-a recorded the abort (a tombstone) and acked it;
+    // the orphan vote got an abort.
+    poll("the abort recorded at bank-a", LONG, || bank.side_barrier(Side::A, "t-batch-abort").filter(|s| s == "aborted"));
+    let acks = poll("bank-a's ack of the abort", LONG, || {
+        let m = messages_of(&mut s, &keys::coord_stream(p), "t-batch-abort");
+        (!m.is_empty()).then_some(m)
+    });
+    assert!(matches!(&acks[0], Message::Ack(a) if a.outcome == Outcome::Aborted), "{acks:?}");
+    let aborts = poll("the orphan vote answered with an abort", LONG, || {
+        let m = messages_of(&mut s, &keys::participant_stream("bank-a", c), "t-batch-orphan");
+        (!m.is_empty()).then_some(m)
+    });
+    assert!(matches!(&aborts[0], Message::Abort(_)), "{aborts:?}");
+    for stream in [&part, &coord] {
+        poll(&format!("{stream} drained"), LONG, || drained(&mut s, stream).then_some(()));
+    }
+    let mut bank = bank;
+    bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1"]);
 }
