@@ -4,29 +4,33 @@ still as expected: releases the branch's locks (those it still owns), drops the 
 marks the barrier aborted and lets it expire after the retention. (An abort before any prepare,
 or of a refused branch, changes only the barrier: mark.lua.)
 
-Input:
+Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th key the branch was prepared with (the barrier's `keys`, in order)
   KEYS[2i+1]    its lock, rtx:lock:<key>
   ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is 'prepared'
 
-Output:
+Output (of each transition, in the batch's reply array):
   {1, 'aborted', reason}              aborted
   {2, state, reason, deadline}        MOVED: the barrier is not in the expected state, or KEYS
                                       are not the branch's keys; nothing changed
 ]]
 -- rcall, bar, name, moved, same_keys, unlock, expire: lua/lib/barrier.lua (prepended)
 
-local m = moved()
-if m then
-  return m
+local function one()
+  local m = moved()
+  if m then
+    return m
+  end
+  if not same_keys() then
+    return moved_anyway()
+  end
+  local reason = name .. ': transaction was aborted'
+  rcall('HSET', bar, 'state', 'aborted', 'reason', reason, 'done', ARGV[4])
+  rcall('HDEL', bar, 'ops')
+  unlock()
+  expire(rcall('HGET', bar, 'deadline'))
+  return {1, 'aborted', reason}
 end
-if not same_keys() then
-  return moved_anyway()
-end
-local reason = name .. ': transaction was aborted'
-rcall('HSET', bar, 'state', 'aborted', 'reason', reason, 'done', ARGV[4])
-rcall('HDEL', bar, 'ops')
-unlock()
-expire(rcall('HGET', bar, 'deadline'))
-return {1, 'aborted', reason}
+
+return batch(one)

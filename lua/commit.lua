@@ -10,13 +10,13 @@ past the 64-bit range), the script fails with nothing changed (the commit stays 
 and logged, until an operator repairs the key). The guards (min, max, expect) are not checked
 again: they held at prepare, and the locks keep other redtx transactions away.
 
-Input:
+Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th key the branch was prepared with (the barrier's `keys`, in order)
   KEYS[2i+1]    its lock, rtx:lock:<key>
   ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is 'prepared'
 
-Output:
+Output (of each transition, in the batch's reply array):
   {1, 'committed', ''}                applied
   {2, state, reason, deadline}        MOVED: the barrier is not in the expected state, or KEYS
                                       are not the branch's keys; nothing changed
@@ -25,26 +25,30 @@ Output:
 -- rcall, bar, moved, same_keys, unlock, expire: lua/lib/barrier.lua; simulate, apply:
 -- lua/lib/ops.lua (all prepended)
 
-local m = moved()
-if m then
-  return m
-end
-if not same_keys() then
-  return moved_anyway()
-end
-local staged = cmsgpack.unpack(rcall('HGET', bar, 'ops'))
-local ops = {}
-for k, w in ipairs(staged) do
-  ops[k] = {w[1], w[2], w[3], w[4], '', ''}
-end
-local _, why = simulate(ops)
-if why then
-  return redis.error_reply('commit: the staged writes no longer apply (was a locked key written outside redtx?): ' .. why)
+local function one()
+  local m = moved()
+  if m then
+    return m
+  end
+  if not same_keys() then
+    return moved_anyway()
+  end
+  local staged = cmsgpack.unpack(rcall('HGET', bar, 'ops'))
+  local ops = {}
+  for k, w in ipairs(staged) do
+    ops[k] = {w[1], w[2], w[3], w[4], '', ''}
+  end
+  local _, why = simulate(ops)
+  if why then
+    return redis.error_reply('commit: the staged writes no longer apply (was a locked key written outside redtx?): ' .. why)
+  end
+
+  rcall('HSET', bar, 'state', 'committed', 'done', ARGV[4])
+  rcall('HDEL', bar, 'ops')
+  apply(staged)
+  unlock()
+  expire(rcall('HGET', bar, 'deadline'))
+  return {1, 'committed', ''}
 end
 
-rcall('HSET', bar, 'state', 'committed', 'done', ARGV[4])
-rcall('HDEL', bar, 'ops')
-apply(staged)
-unlock()
-expire(rcall('HGET', bar, 'deadline'))
-return {1, 'committed', ''}
+return batch(one)

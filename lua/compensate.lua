@@ -5,7 +5,7 @@ and records the barrier `compensated`. A compensation whose guard fails changes 
 leaves the barrier `done` (the coordinator retries it). A key held by a 2PC branch's lock makes
 it BUSY (nothing written). The barrier expires after the retention.
 
-Input:
+Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th distinct user key of the compensation (i = 1..n), in first-use order
   KEYS[2i+1]    its lock, rtx:lock:<key> (only read)
@@ -14,7 +14,7 @@ Input:
                 not decode); then there are no ops and no key pairs
   ARGV[9..]     the compensation's ops, six slots each (lua/lib/ops.lua)
 
-Output:
+Output (of each transition, in the batch's reply array):
   {1, 'compensated', ''}              undone
   {1, 'done', reason}                 a guard failed, or ARGV[8]; nothing changed (still done)
   {2, state, reason, deadline}        MOVED: the barrier is not in the expected state
@@ -23,26 +23,30 @@ Output:
 -- rcall, bar, moved, busy, expire: lua/lib/barrier.lua; read_ops, simulate, apply:
 -- lua/lib/ops.lua (all prepended)
 
-local m = moved()
-if m then
-  return m
+local function one()
+  local m = moved()
+  if m then
+    return m
+  end
+  local ops, bad = read_ops(9)
+  if not ops then
+    return redis.error_reply('compensate: ' .. bad)
+  end
+  if ARGV[8] ~= '' then
+    return {1, 'done', ARGV[8]}
+  end
+  local b = busy()
+  if b then
+    return b
+  end
+  local writes, why = simulate(ops)
+  if not writes then
+    return {1, 'done', why}
+  end
+  rcall('HSET', bar, 'state', 'compensated', 'at', ARGV[4])
+  apply(writes)
+  expire(nil)
+  return {1, 'compensated', ''}
 end
-local ops, bad = read_ops(9)
-if not ops then
-  return redis.error_reply('compensate: ' .. bad)
-end
-if ARGV[8] ~= '' then
-  return {1, 'done', ARGV[8]}
-end
-local b = busy()
-if b then
-  return b
-end
-local writes, why = simulate(ops)
-if not writes then
-  return {1, 'done', why}
-end
-rcall('HSET', bar, 'state', 'compensated', 'at', ARGV[4])
-apply(writes)
-expire(nil)
-return {1, 'compensated', ''}
+
+return batch(one)

@@ -5,7 +5,7 @@ and records the barrier `done`, or records it `failed` with the reason (nothing 
 held by a 2PC branch's lock makes the step BUSY (nothing written; the coordinator retries).
 The barrier expires after the retention.
 
-Input:
+Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th distinct user key of the action (i = 1..n), in first-use order
   KEYS[2i+1]    its lock, rtx:lock:<key> (only read)
@@ -14,7 +14,7 @@ Input:
                 not decode); then there are no ops and no key pairs
   ARGV[9..]     the ops, six slots each (lua/lib/ops.lua)
 
-Output:
+Output (of each transition, in the batch's reply array):
   {1, 'done', ''}                     applied
   {1, 'failed', reason}               a guard failed, or ARGV[8]; nothing applied; recorded
   {2, state, reason, deadline}        MOVED: the barrier is not in the expected state
@@ -23,28 +23,32 @@ Output:
 -- rcall, bar, moved, busy, expire: lua/lib/barrier.lua; read_ops, simulate, apply:
 -- lua/lib/ops.lua (all prepended)
 
-local m = moved()
-if m then
-  return m
-end
-local ops, bad = read_ops(9)
-if not ops then
-  return redis.error_reply('execute: ' .. bad)
-end
-local writes, why = nil, (ARGV[8] ~= '' and ARGV[8] or nil)
-if not why then
-  local b = busy()
-  if b then
-    return b
+local function one()
+  local m = moved()
+  if m then
+    return m
   end
-  writes, why = simulate(ops)
-end
-if why then
-  rcall('HSET', bar, 'state', 'failed', 'reason', why, 'at', ARGV[4])
+  local ops, bad = read_ops(9)
+  if not ops then
+    return redis.error_reply('execute: ' .. bad)
+  end
+  local writes, why = nil, (ARGV[8] ~= '' and ARGV[8] or nil)
+  if not why then
+    local b = busy()
+    if b then
+      return b
+    end
+    writes, why = simulate(ops)
+  end
+  if why then
+    rcall('HSET', bar, 'state', 'failed', 'reason', why, 'at', ARGV[4])
+    expire(nil)
+    return {1, 'failed', why}
+  end
+  rcall('HSET', bar, 'state', 'done', 'at', ARGV[4])
+  apply(writes)
   expire(nil)
-  return {1, 'failed', why}
+  return {1, 'done', ''}
 end
-rcall('HSET', bar, 'state', 'done', 'at', ARGV[4])
-apply(writes)
-expire(nil)
-return {1, 'done', ''}
+
+return batch(one)

@@ -6,7 +6,7 @@ keys), and only then writes: either the barrier `prepared` with the staged write
 (no-wait: a key another branch holds refuses at once), or the barrier `refused` with the reason.
 Plain readers see nothing change: writes are staged in the barrier until `commit`.
 
-Input:
+Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th distinct user key of the branch (i = 1..n), in first-use order
   KEYS[2i+1]    its lock, rtx:lock:<key>
@@ -16,7 +16,7 @@ Input:
                 not decode); then there are no ops and no key pairs
   ARGV[10..]    the ops, six slots each (lua/lib/ops.lua)
 
-Output:
+Output (of each transition, in the batch's reply array):
   {1, 'prepared', ''}                 locked, checked, staged (vote yes)
   {1, 'refused', reason}              a lock is held, a guard failed, or ARGV[9]; recorded (vote no)
   {2, state, reason, deadline}        MOVED: the barrier is not in the expected state
@@ -24,31 +24,35 @@ Output:
 -- rcall, bar, owner, name, moved, expire, lock_conflict, ...: lua/lib/barrier.lua
 -- parse_int, add, ...: lua/lib/i64.lua; read_ops, simulate: lua/lib/ops.lua (all prepended)
 
-local m = moved()
-if m then
-  return m
-end
-local ops, bad = read_ops(10)
-if not ops then
-  return redis.error_reply('prepare: ' .. bad)
-end
-local deadline = ARGV[8]
+local function one()
+  local m = moved()
+  if m then
+    return m
+  end
+  local ops, bad = read_ops(10)
+  if not ops then
+    return redis.error_reply('prepare: ' .. bad)
+  end
+  local deadline = ARGV[8]
 
-local why = ARGV[9] ~= '' and ARGV[9] or lock_conflict()
-local staged
-if not why then
-  staged, why = simulate(ops)
-end
-if why then
-  rcall('HSET', bar, 'state', 'refused', 'reason', why, 'deadline', deadline, 'at', ARGV[4])
-  expire(deadline)
-  return {1, 'refused', why}
+  local why = ARGV[9] ~= '' and ARGV[9] or lock_conflict()
+  local staged
+  if not why then
+    staged, why = simulate(ops)
+  end
+  if why then
+    rcall('HSET', bar, 'state', 'refused', 'reason', why, 'deadline', deadline, 'at', ARGV[4])
+    expire(deadline)
+    return {1, 'refused', why}
+  end
+
+  -- Every check passed: now, and only now, write (the barrier first).
+  rcall('HSET', bar, 'state', 'prepared', 'ops', cmsgpack.pack(staged), 'keys', cmsgpack.pack(user_keys()),
+    'deadline', deadline, 'at', ARGV[4])
+  for i = 1, nkeys do
+    rcall('SET', KEYS[2 * i + 1], owner)
+  end
+  return {1, 'prepared', ''}
 end
 
--- Every check passed: now, and only now, write (the barrier first).
-rcall('HSET', bar, 'state', 'prepared', 'ops', cmsgpack.pack(staged), 'keys', cmsgpack.pack(user_keys()),
-  'deadline', deadline, 'at', ARGV[4])
-for i = 1, nkeys do
-  rcall('SET', KEYS[2 * i + 1], owner)
-end
-return {1, 'prepared', ''}
+return batch(one)

@@ -321,7 +321,12 @@ impl Consumer {
                 let own = (!single).then(|| item.fields());
                 match item.msg {
                     Ok(msg) => {
-                        batch.push(Delivery { partition: partition_of(stream), stream: stream.clone(), id: e.id.clone(), msg });
+                        batch.push(Delivery {
+                            partition: partition_of(stream),
+                            stream: stream.clone(),
+                            id: e.id.clone(),
+                            msg,
+                        });
                         origin.push((n, own));
                     }
                     Err(err) => match own {
@@ -352,7 +357,9 @@ impl Consumer {
                     Disposition::Ack => {}
                     Disposition::DeadLetter(reason) => match own {
                         None => dead.push((*i, entry.clone(), reason)),
-                        Some(map) => dead.push((*i, StreamId { id: entry.id.clone(), map, ..Default::default() }, reason)),
+                        Some(map) => {
+                            dead.push((*i, StreamId { id: entry.id.clone(), map, ..Default::default() }, reason))
+                        }
                     },
                     Disposition::Retry => keep[n] = true,
                 }
@@ -413,7 +420,6 @@ impl Consumer {
         Ok(())
     }
 }
-
 
 /// The fields of a dead letter (`XADD rtx:dead:{P} * <fields>`): where the entry came from
 /// (`stream`, `group`, `id`), why (`reason`), when (`at`, ms), and its original fields as

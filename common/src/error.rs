@@ -27,6 +27,9 @@ pub enum Error {
     /// A Lua script answered something the caller does not understand (a bug or a version skew).
     #[error("unexpected reply from script {script}: {detail}")]
     ScriptReply { script: &'static str, detail: String },
+    /// A Lua script refused one transition of a batch (nothing of it was written).
+    #[error("script {script} failed: {detail}")]
+    ScriptFailed { script: &'static str, detail: String },
     /// Waiting for an outcome gave up; the transaction goes on and its outcome is still unknown.
     #[error("gave up waiting for transaction {id} after {:.1}s; it goes on, `redtx status {id}` tells its outcome later", waited.as_secs_f64())]
     WaitTimeout { id: String, waited: std::time::Duration },

@@ -69,6 +69,26 @@ impl Call {
         self.script
     }
 
+    /// One call of this script carrying every call of `calls` (all of this script), laid out
+    /// as `lua/lib/batch.lua` reads a batch: KEYS concatenated; ARGV = the count, each call's
+    /// KEYS and ARGV sizes, then every call's ARGV.
+    pub fn batch(calls: &[&Call]) -> Call {
+        let script = calls.first().expect("a batch holds at least one call").script;
+        assert!(calls.iter().all(|c| std::ptr::eq(c.script, script)), "a batch runs one script");
+        let mut keys = Vec::with_capacity(calls.iter().map(|c| c.keys.len()).sum());
+        let mut args = Vec::with_capacity(1 + 2 * calls.len() + calls.iter().map(|c| c.args.len()).sum::<usize>());
+        args.push(calls.len().to_string().into_bytes());
+        for c in calls {
+            args.push(c.keys.len().to_string().into_bytes());
+            args.push(c.args.len().to_string().into_bytes());
+        }
+        for c in calls {
+            keys.extend(c.keys.iter().cloned());
+            args.extend(c.args.iter().cloned());
+        }
+        Call { script, keys, args }
+    }
+
     fn evalsha(&self) -> redis::Cmd {
         let mut c = redis::cmd("EVALSHA");
         c.arg(self.script.sha()).arg(self.keys.len()).arg(&self.keys).arg(&self.args);

@@ -9,7 +9,8 @@ first: on a Redis at its memory limit that first write is refused, so nothing ch
 script fails (the request stays pending and is retried); once a script has written, Redis does
 not refuse its later writes. Writes use redis.call (never pcall): an error aborts the script.
 
-Common input:
+Common input (of each transition; a call carries a batch of them, laid out as lib/batch.lua
+says):
   KEYS[1]      barrier, rtx:bar:<participant>:<txn> (hash: state, reason, deadline, keys,
                ops while prepared, at, done)
   KEYS[2i]     i-th distinct user key of the branch (i = 1..n), in first-use order
@@ -31,16 +32,24 @@ Common output (participant/src/kv.rs: ScriptCode):
                                  changed
 ]]
 local rcall = redis.call
-local bar = KEYS[1]
-local owner = ARGV[1]
-local name = ARGV[2]
-local expected = ARGV[3]
-local now = tonumber(ARGV[4])
+-- The call's KEYS and ARGV hold a batch of transitions (lib/batch.lua). KEYS and ARGV below
+-- are the current transition's, and every helper reads them and the names bound from them;
+-- `bind` points them at the next transition.
+local BATCH_KEYS, BATCH_ARGV = KEYS, ARGV
+local KEYS, ARGV = {}, {}
+local bar, owner, name, expected, now, nkeys
 
-if #KEYS % 2 ~= 1 then
-  return redis.error_reply('KEYS must be the barrier then (key, lock) pairs')
+-- Makes transition (keys, argv) the current one; returns an error text if its KEYS are not the
+-- barrier then (key, lock) pairs.
+local function bind(keys, argv)
+  KEYS, ARGV = keys, argv
+  bar, owner, name, expected, now = keys[1], argv[1], argv[2], argv[3], tonumber(argv[4])
+  if #keys % 2 ~= 1 then
+    return 'KEYS must be the barrier then (key, lock) pairs'
+  end
+  nkeys = (#keys - 1) / 2
+  return nil
 end
-local nkeys = (#KEYS - 1) / 2
 
 -- The MOVED reply, unconditionally (the barrier as it is).
 local function moved_anyway()

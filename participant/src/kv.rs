@@ -1,11 +1,15 @@
-//! The built-in key-value resource: each [`Transition`] is one Lua call on the participant's
-//! data Redis, a batch is one pipeline.
+//! The built-in key-value resource: each [`Transition`] is carried out by a Lua script on the
+//! participant's data Redis; a batch is one call per script (`lua/lib/batch.lua`), all in one
+//! pipeline.
 //!
 //! One script per work (`lua/`): `prepare` (Try), `commit` (Confirm), `abort` (Cancel),
-//! `execute` (Action), `compensate` (Compensation), `mark` (Mark). Each opens with its KEYS, ARGV
-//! and replies; the layout they share and its helpers are in `lua/lib/barrier.lua`, the
-//! simulated checks of the ops in `lua/lib/ops.lua`, the exact 64-bit arithmetic in
-//! `lua/lib/i64.lua` (prepended at compile time). Replies are read through [`ScriptCode`].
+//! `execute` (Action), `compensate` (Compensation), `mark` (Mark). Each opens with the KEYS, ARGV
+//! and reply of one transition; the layout they share and its helpers are in
+//! `lua/lib/barrier.lua`, the simulated checks of the ops in `lua/lib/ops.lua`, the exact 64-bit
+//! arithmetic in `lua/lib/i64.lua`, the batch loop in `lua/lib/batch.lua` (prepended at compile
+//! time). Replies are read through [`ScriptCode`]. A batch call that fails as a whole (a
+//! transition raised an error) is run again one transition per call, so that one bad
+//! transition fails alone.
 //!
 //! The barrier is the hash `rtx:bar:<participant>:<txn>` (`state`, `reason`, `deadline`,
 //! `keys`, `ops` while prepared, `at`, `done`); a key's lock is `rtx:lock:<key>`, holding
@@ -30,20 +34,22 @@ macro_rules! lua {
 
 /// `lua/prepare.lua`: Try.
 pub static PREPARE: LuaScript =
-    LuaScript::new("prepare", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "prepare.lua"));
+    LuaScript::new("prepare", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "lib/batch.lua", "prepare.lua"));
 /// `lua/commit.lua`: Confirm.
 pub static COMMIT: LuaScript =
-    LuaScript::new("commit", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "commit.lua"));
+    LuaScript::new("commit", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "lib/batch.lua", "commit.lua"));
 /// `lua/abort.lua`: Cancel.
-pub static ABORT: LuaScript = LuaScript::new("abort", lua!("lib/barrier.lua", "abort.lua"));
+pub static ABORT: LuaScript = LuaScript::new("abort", lua!("lib/barrier.lua", "lib/batch.lua", "abort.lua"));
 /// `lua/execute.lua`: Action.
 pub static EXECUTE: LuaScript =
-    LuaScript::new("execute", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "execute.lua"));
+    LuaScript::new("execute", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "lib/batch.lua", "execute.lua"));
 /// `lua/compensate.lua`: Compensation.
-pub static COMPENSATE: LuaScript =
-    LuaScript::new("compensate", lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "compensate.lua"));
+pub static COMPENSATE: LuaScript = LuaScript::new(
+    "compensate",
+    lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "lib/batch.lua", "compensate.lua"),
+);
 /// `lua/mark.lua`: Mark.
-pub static MARK: LuaScript = LuaScript::new("mark", lua!("lib/barrier.lua", "mark.lua"));
+pub static MARK: LuaScript = LuaScript::new("mark", lua!("lib/barrier.lua", "lib/batch.lua", "mark.lua"));
 
 /// Every script, for loading them up front.
 pub static SCRIPTS: [&LuaScript; 6] = [&PREPARE, &COMMIT, &ABORT, &EXECUTE, &COMPENSATE, &MARK];
@@ -56,6 +62,9 @@ const KEY_CACHE_MAX: usize = 65_536;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i64)]
 pub enum ScriptCode {
+    /// `{0, message}`: this transition failed (the verb returned an error); nothing of it was
+    /// written. It stays pending and is retried.
+    Failed = 0,
     /// `{1, state, reason}`: the transition happened; the barrier is now `state`.
     Done = 1,
     /// `{2, state, reason, deadline}`: the barrier was not in the expected state (`state` ""
@@ -68,7 +77,7 @@ pub enum ScriptCode {
 impl ScriptCode {
     /// The code `n`, if it is one.
     pub fn from_i64(n: i64) -> Option<ScriptCode> {
-        [ScriptCode::Done, ScriptCode::Moved, ScriptCode::Busy].into_iter().find(|c| *c as i64 == n)
+        [ScriptCode::Failed, ScriptCode::Done, ScriptCode::Moved, ScriptCode::Busy].into_iter().find(|c| *c as i64 == n)
     }
 }
 
@@ -191,6 +200,9 @@ pub fn read_reply(script: &'static str, reply: &Value) -> Result<Applied> {
             })),
         },
         ScriptCode::Busy => Applied::Busy(text(1).ok_or_else(bad)?),
+        ScriptCode::Failed => {
+            return Err(Error::ScriptFailed { script, detail: text(1).unwrap_or_else(|| "no message".into()) })
+        }
     })
 }
 
@@ -242,6 +254,61 @@ impl KvResource {
         Ok(raw.into_iter().map(|r| r.and_then(|b| rmp_serde::from_slice(&b).ok()).unwrap_or_default()).collect())
     }
 
+    /// Runs `calls` (one per transition) as one call per script, and returns one reply per
+    /// call, in order. A batch call that failed as a whole is run again one call per
+    /// transition, so each failure is that transition's own.
+    async fn run_batched(&mut self, calls: &[Call]) -> Result<Vec<redis::RedisResult<Value>>> {
+        let mut groups: Vec<(&'static str, Vec<usize>)> = Vec::new();
+        for (i, c) in calls.iter().enumerate() {
+            match groups.iter_mut().find(|(n, _)| *n == c.script().name) {
+                Some((_, at)) => at.push(i),
+                None => groups.push((c.script().name, vec![i])),
+            }
+        }
+        let batched: Vec<Call> =
+            groups.iter().map(|(_, at)| Call::batch(&at.iter().map(|&i| &calls[i]).collect::<Vec<_>>())).collect();
+        let replies = self.run(&batched).await?;
+        let mut out: Vec<Option<redis::RedisResult<Value>>> = vec![None; calls.len()];
+        let mut alone = Vec::new();
+        for ((_, at), reply) in groups.iter().zip(replies) {
+            match reply {
+                Ok(Value::Array(items)) if items.len() == at.len() => {
+                    for (&i, v) in at.iter().zip(items) {
+                        out[i] = Some(Ok(v));
+                    }
+                }
+                Ok(other) => {
+                    let detail = format!("a batch of {} answered {other:?}", at.len());
+                    for &i in at {
+                        out[i] = Some(Err(redis::RedisError::from((
+                            redis::ErrorKind::Client,
+                            "bad batch reply",
+                            detail.clone(),
+                        ))));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, transitions = at.len(), "a batch call failed; running its transitions one by one");
+                    alone.extend(at.iter().copied());
+                }
+            }
+        }
+        if !alone.is_empty() {
+            let singles: Vec<Call> = alone.iter().map(|&i| Call::batch(&[&calls[i]])).collect();
+            for (i, reply) in alone.into_iter().zip(self.run(&singles).await?) {
+                out[i] = Some(reply.and_then(|v| match v {
+                    Value::Array(mut items) if items.len() == 1 => Ok(items.remove(0)),
+                    other => Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "bad batch reply",
+                        format!("{other:?}"),
+                    ))),
+                }));
+            }
+        }
+        Ok(out.into_iter().map(|r| r.expect("every call answered")).collect())
+    }
+
     async fn run(&mut self, calls: &[Call]) -> Result<Vec<redis::RedisResult<Value>>> {
         let url = self.url.clone();
         match scripts::run(self.conn().await?, &url, calls).await {
@@ -290,7 +357,7 @@ impl Resource for KvResource {
             at.push((i, keys));
         }
         if !calls.is_empty() {
-            let replies = self.run(&calls).await?;
+            let replies = self.run_batched(&calls).await?;
             for ((i, keys), (call, reply)) in at.into_iter().zip(calls.iter().zip(replies)) {
                 let t = &batch[i];
                 let applied = match reply {
@@ -339,10 +406,10 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for c in [ScriptCode::Done, ScriptCode::Moved, ScriptCode::Busy] {
+        for c in [ScriptCode::Failed, ScriptCode::Done, ScriptCode::Moved, ScriptCode::Busy] {
             assert_eq!(ScriptCode::from_i64(c as i64), Some(c));
         }
-        assert_eq!(ScriptCode::from_i64(0), None);
+        assert_eq!(ScriptCode::from_i64(4), None);
     }
 
     #[test]
@@ -393,6 +460,8 @@ mod tests {
         assert_eq!(read_reply("execute", &v(&["3", "locked"])).unwrap(), Applied::Busy("locked".into()));
         assert!(read_reply("execute", &v(&["1", "nonsense", ""])).is_err());
         assert!(read_reply("execute", &v(&["9", "done", ""])).is_err());
+        let e = read_reply("commit", &v(&["0", "commit: the staged writes no longer apply"])).unwrap_err();
+        assert!(matches!(e, Error::ScriptFailed { script: "commit", .. }), "{e}");
         assert!(read_reply("execute", &Value::Int(1)).is_err());
         assert!(read_reply("commit", &v(&["2", "prepared", "", "soon"])).is_err());
     }

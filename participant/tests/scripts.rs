@@ -524,3 +524,65 @@ async fn barriers_outlive_the_deadline_whatever_the_retention() {
     let t = pttl(&c, "e5").await;
     assert!(t > 0 && t <= 100, "{t}");
 }
+
+#[tokio::test]
+async fn a_batch_applies_each_transition_on_its_own() {
+    // One call per verb carries the whole batch (lua/lib/batch.lua). A transition that fails
+    // (here a commit whose staged write no longer applies) fails alone and changes nothing; the
+    // others in the same call go through, each exactly once.
+    let s = server();
+    let mut c = conn(&s).await;
+    let mut r = kv(&s);
+    let ids: Vec<String> = (0..6).map(|i| format!("b{i}")).collect();
+    let prepares: Vec<Request> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Request::Prepare(prepare(id, vec![incrby(&format!("k{i}"), 5, None, None)])))
+        .collect();
+    let answers = redtx_participant::worker::settle(&mut r, &prepares, redtx_common::now_ms()).await.unwrap();
+    assert!(answers.iter().all(|a| a.as_ref() == Ok(&yes())), "{answers:?}");
+    let _: () = c.hset("k2", "f", "v").await.unwrap();
+    let commits: Vec<Request> = ids.iter().map(|id| Request::Commit(resolve(id))).collect();
+    let answers = redtx_participant::worker::settle(&mut r, &commits, redtx_common::now_ms()).await.unwrap();
+    for (i, a) in answers.iter().enumerate() {
+        if i == 2 {
+            let e = a.as_ref().unwrap_err();
+            assert!(e.contains("no longer apply") && e.contains("k2 is a hash"), "{e}");
+        } else {
+            assert_eq!(a.as_ref(), Ok(&acked(Outcome::Committed)), "transition {i}");
+            assert_eq!(get(&mut c, &format!("k{i}")).await.as_deref(), Some("5"), "k{i} applied once");
+        }
+    }
+    assert_eq!(hget(&mut c, &keys::barrier(NAME, "b2"), "state").await.as_deref(), Some("prepared"));
+    // The same batch again: the committed ones answer from their barrier, nothing twice.
+    let answers = redtx_participant::worker::settle(&mut r, &commits, redtx_common::now_ms()).await.unwrap();
+    assert!(answers[2].is_err());
+    for i in [0, 1, 3, 4, 5] {
+        assert_eq!(answers[i].as_ref(), Ok(&acked(Outcome::Committed)));
+        assert_eq!(get(&mut c, &format!("k{i}")).await.as_deref(), Some("5"));
+    }
+    // Repaired, the last one commits.
+    let _: () = c.del("k2").await.unwrap();
+    assert_eq!(ask(&mut r, Request::Commit(resolve("b2"))).await.unwrap(), acked(Outcome::Committed));
+    assert_eq!(get(&mut c, "k2").await.as_deref(), Some("5"));
+}
+
+#[tokio::test]
+async fn a_batch_call_that_fails_as_a_whole_is_run_one_transition_per_call() {
+    // A Redis at its memory limit refuses the batch call's first write: nothing is written, and
+    // the runtime runs each transition alone, where each meets the same refusal, visibly.
+    let s = server();
+    let mut c = conn(&s).await;
+    let mut r = kv(&s);
+    let reqs: Vec<Request> = (0..4)
+        .map(|i| Request::Prepare(prepare(&format!("m{i}"), vec![incrby(&format!("q{i}"), 1, None, None)])))
+        .collect();
+    maxmemory(&mut c, 1).await;
+    let answers = redtx_participant::worker::settle(&mut r, &reqs, redtx_common::now_ms()).await.unwrap();
+    assert!(answers.iter().all(|a| a.as_ref().is_err_and(|e| e.contains("OOM"))), "{answers:?}");
+    let locks: Vec<String> = c.keys("rtx:*").await.unwrap();
+    assert!(locks.is_empty(), "a refused batch wrote {locks:?}");
+    maxmemory(&mut c, 0).await;
+    let answers = redtx_participant::worker::settle(&mut r, &reqs, redtx_common::now_ms()).await.unwrap();
+    assert!(answers.iter().all(|a| a.as_ref() == Ok(&yes())), "{answers:?}");
+}

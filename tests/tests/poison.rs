@@ -192,7 +192,8 @@ fn a_bad_message_in_a_batch_entry_is_dead_lettered_alone_and_the_rest_answered()
         let m = rmp_serde::to_vec(&items).unwrap();
         vec![("t", b"batch".to_vec()), ("m", m)]
     };
-    let resolve = |txn: &str, participant: &str| Resolve { txn: txn.into(), branch: 0, participant: participant.into() };
+    let resolve =
+        |txn: &str, participant: &str| Resolve { txn: txn.into(), branch: 0, participant: participant.into() };
 
     // Participant side: an abort before any prepare (answered: a tombstone and an ack), a
     // message that does not decode, and a prepare for another participant (refused).
@@ -209,8 +210,13 @@ fn a_bad_message_in_a_batch_entry_is_dead_lettered_alone_and_the_rest_answered()
     // a message of an unknown type.
     let c = partition("t-batch-orphan");
     let coord = keys::coord_stream(c);
-    let vote =
-        Message::Vote(Vote { txn: "t-batch-orphan".into(), branch: 0, participant: "bank-a".into(), yes: true, reason: None });
+    let vote = Message::Vote(Vote {
+        txn: "t-batch-orphan".into(),
+        branch: 0,
+        participant: "bank-a".into(),
+        yes: true,
+        reason: None,
+    });
     let fields = batch(vec![("vote", vote.encode()), ("bogus", vote.encode())]);
     let coord_id: String = s.xadd(&coord, "*", &fields).unwrap();
 
@@ -234,7 +240,9 @@ fn a_bad_message_in_a_batch_entry_is_dead_lettered_alone_and_the_rest_answered()
 
     // The good messages were answered: bank-a recorded the abort (a tombstone) and acked it;
     // the orphan vote got an abort.
-    poll("the abort recorded at bank-a", LONG, || bank.side_barrier(Side::A, "t-batch-abort").filter(|s| s == "aborted"));
+    poll("the abort recorded at bank-a", LONG, || {
+        bank.side_barrier(Side::A, "t-batch-abort").filter(|s| s == "aborted")
+    });
     let acks = poll("bank-a's ack of the abort", LONG, || {
         let m = messages_of(&mut s, &keys::coord_stream(p), "t-batch-abort");
         (!m.is_empty()).then_some(m)

@@ -1,0 +1,53 @@
+--[[
+lib/batch.lua: runs one verb on a batch of transitions in one call (appended to each verb
+script; see participant/src/kv.rs). One call per verb per batch instead of one per transition
+saves the per-call cost (command dispatch, KEYS/ARGV tables, the helpers' closures) that used to
+dominate a participant's Redis time.
+
+Input (the whole call):
+  KEYS          every transition's KEYS, one after the other
+  ARGV[1]       n, the number of transitions
+  ARGV[2j]      number of KEYS of transition j (j = 1..n)
+  ARGV[2j+1]    number of ARGV of transition j
+  ARGV[2n+2..]  every transition's ARGV, one after the other
+
+Output:
+  an array of n replies, in order: each the verb's own reply for that transition, or
+  {0, message} when that transition failed (its KEYS were malformed, or the verb returned an
+  error); nothing of a failed transition was written
+
+A transition that raises an error (a Redis command refusing, e.g. at the memory limit, which
+only the call's first write can meet) fails the whole call; the runtime then runs the
+transitions one per call, so one bad transition never holds the others back. Transitions are
+independent: each does all its checks before its first write, as if it were alone.
+]]
+local function batch(one)
+  local n = tonumber(BATCH_ARGV[1])
+  if not n or #BATCH_ARGV < 2 * n + 1 then
+    return redis.error_reply('batch: ARGV[1] must be the number of transitions, then their sizes')
+  end
+  local out = {}
+  local k, a = 1, 2 * n + 2
+  for j = 1, n do
+    local nk, na = tonumber(BATCH_ARGV[2 * j]), tonumber(BATCH_ARGV[2 * j + 1])
+    local keys, argv = {}, {}
+    for i = 1, nk do
+      keys[i] = BATCH_KEYS[k + i - 1]
+    end
+    for i = 1, na do
+      argv[i] = BATCH_ARGV[a + i - 1]
+    end
+    k, a = k + nk, a + na
+    local bad = bind(keys, argv)
+    if bad then
+      out[j] = {0, bad}
+    else
+      local r = one()
+      if type(r) == 'table' and r.err then
+        r = {0, r.err}
+      end
+      out[j] = r
+    end
+  end
+  return out
+end
