@@ -52,6 +52,8 @@ use tokio::sync::{oneshot, OnceCell};
 pub struct Client {
     target: RedisTarget,
     partitions: u32,
+    /// How often a waiter reads the record again in case its outcome was missed.
+    recheck: Duration,
     /// Reconnects by itself (a connection manager, or a cluster connection), so a long-lived
     /// producer survives a Redis restart or a failover.
     conn: RedisConn,
@@ -108,12 +110,26 @@ impl Client {
                 return Err(Error::IsACluster { url: target.redacted().to_string() });
             }
         }
-        Ok(Client { target, partitions: keys::DEFAULT_PARTITIONS, conn, waiters: Arc::default() })
+        Ok(Client {
+            target,
+            partitions: keys::DEFAULT_PARTITIONS,
+            recheck: Duration::from_secs(1),
+            conn,
+            waiters: Arc::default(),
+        })
     }
 
     /// Uses `partitions` (the deployment's `--partitions`) instead of the default.
     pub fn with_partitions(mut self, partitions: u32) -> Self {
         self.partitions = partitions.clamp(1, keys::MAX_PARTITIONS);
+        self
+    }
+
+    /// How often a waiter reads the record again although no outcome woke it (default 1 s): the
+    /// safety net for an outcome the reader missed (trimmed, a lost connection, a failover that
+    /// lost the last entries). Tests make it long to see the reader alone at work.
+    pub fn with_recheck(mut self, every: Duration) -> Self {
+        self.recheck = every.max(Duration::from_millis(10));
         self
     }
 
@@ -215,7 +231,7 @@ impl Client {
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = async {
                 if let Some(rx) = woken.take() {
-                    let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), rx).await;
+                    let _ = tokio::time::timeout(left.min(self.recheck), rx).await;
                 }
                 self.start_reader().await?;
                 let rx = self.register(id);
@@ -225,7 +241,7 @@ impl Client {
                     }
                 }
                 // The periodic re-check covers a reader that lost its connection.
-                let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), rx).await;
+                let _ = tokio::time::timeout(left.min(self.recheck), rx).await;
                 Ok::<_, Error>(None)
             };
             match attempt.await {
