@@ -104,10 +104,18 @@ impl Client {
     pub async fn connect_target(target: RedisTarget) -> Result<Self> {
         let mut conn = target.connect_managed(Duration::from_secs(10)).await?;
         if !target.is_cluster() {
-            let info: String =
-                redis::cmd("INFO").arg("cluster").query_async(&mut conn).await.map_err(|e| Error::redis(&target, e))?;
-            if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
-                return Err(Error::IsACluster { url: target.redacted().to_string() });
+            // Also the check that the server answers; a user not allowed `INFO` gets a `PING`.
+            let info: redis::RedisResult<String> = redis::cmd("INFO").arg("cluster").query_async(&mut conn).await;
+            match info {
+                Ok(info) if info.lines().any(|l| l.trim() == "cluster_enabled:1") => {
+                    return Err(Error::IsACluster { url: target.redacted().to_string() })
+                }
+                Ok(_) => {}
+                Err(e) if e.code() == Some("NOPERM") => {
+                    let _: () =
+                        redis::cmd("PING").query_async(&mut conn).await.map_err(|e| Error::redis(&target, e))?;
+                }
+                Err(e) => return Err(Error::redis(&target, e)),
             }
         }
         Ok(Client {

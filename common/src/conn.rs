@@ -143,9 +143,12 @@ impl RedisTarget {
     /// comma-separated list of seed nodes of one cluster (one is enough: the others are found
     /// from it). Seeds must share the user, password, database and TLS mode, and cannot be
     /// Unix sockets (a cluster announces its nodes by address).
+    ///
+    /// A comma inside a seed's password must be written `%2C`.
     pub fn parse(raw: &str, cluster: bool) -> Result<Self> {
         if !cluster {
-            if raw.contains(',') && !raw.contains('?') {
+            let parts: Vec<&str> = raw.split(',').collect();
+            if parts.len() > 1 && parts.iter().all(|p| p.contains("://")) {
                 return Err(Error::BadUrl {
                     url: redact_list(raw),
                     reason: "a comma-separated list of seed nodes needs --cluster".into(),
