@@ -564,7 +564,11 @@ impl PartitionReader {
                     }
                 }
                 Err(e) => {
-                    let redirect = e.redirect_node().map(|(h, p)| (h.to_string(), p));
+                    // `MOVED <slot> <host>:<port>` / `ASK ...`: the node (the slot is ours).
+                    let redirect = e.redirect_node().and_then(|(node, _slot)| {
+                        let (host, port) = node.rsplit_once(':')?;
+                        Some((host.trim_start_matches('[').trim_end_matches(']').to_string(), port.parse().ok()?))
+                    });
                     match (e.code(), redirect) {
                         (Some("MOVED"), Some(to)) => {
                             self.slots.moved(self.slot, to.clone()).await;

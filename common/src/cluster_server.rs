@@ -9,7 +9,8 @@
 //!
 //! - [`move_slot`](RedisCluster::move_slot) moves a slot the way `redis-cli --cluster reshard`
 //!   does: `SETSLOT IMPORTING` on the target, `SETSLOT MIGRATING` on the source, `MIGRATE` of the
-//!   slot's keys in batches, then `SETSLOT NODE` on the target, the source and every other master;
+//!   slot's keys in batches, then `SETSLOT NODE` on the target, the source and every other master
+//!   ([`begin_move`](RedisCluster::begin_move) stops half-way, for `ASK` tests);
 //! - [`failover`](RedisCluster::failover) runs `CLUSTER FAILOVER` on a replica of a master (a
 //!   coordinated switch: no acknowledged write is lost);
 //! - [`kill`](RedisCluster::kill) and [`restart`](RedisCluster::restart) a node (same port,
@@ -239,48 +240,28 @@ impl RedisCluster {
 
     /// Moves `slot` (and its keys) to master `to`, while clients go on using it: they get `ASK`
     /// for keys already moved, and `MOVED` once it is done. Returns the number of keys moved.
-    /// Moving a slot to the master that has it does nothing.
+    /// Moving a slot to the master that has it does nothing. The same as
+    /// [`begin_move`](Self::begin_move), then [`SlotMove::finish`].
     pub fn move_slot(&self, slot: u16, to: usize) -> Result<usize> {
+        match self.begin_move(slot, to)? {
+            Some(m) => m.finish(self),
+            None => Ok(0),
+        }
+    }
+
+    /// Starts moving `slot` to master `to` (`SETSLOT IMPORTING` on it, `SETSLOT MIGRATING` on
+    /// the slot's master) and leaves the slot half-way, its keys still on the source, until
+    /// [`SlotMove::finish`]: meanwhile the source answers `ASK` for keys it does not have, and
+    /// [`SlotMove::migrate`] moves chosen keys. `None` if `to` serves the slot already.
+    pub fn begin_move(&self, slot: u16, to: usize) -> Result<Option<SlotMove>> {
         let from = self.master_of_slot(slot)?;
         if from == to {
-            return Ok(0);
+            return Ok(None);
         }
-        let (from_id, to_id) = (self.node_id(from).to_string(), self.node_id(to).to_string());
-        let setslot = |node: usize, how: &str, id: &str| -> Result<()> {
-            self.query(node, redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(how).arg(id))
-        };
-        setslot(to, "IMPORTING", &from_id)?;
-        setslot(from, "MIGRATING", &to_id)?;
-        let mut moved = 0;
-        loop {
-            let batch: Vec<Vec<u8>> =
-                self.query(from, redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(MIGRATE_BATCH))?;
-            if batch.is_empty() {
-                break;
-            }
-            let mut migrate = redis::cmd("MIGRATE");
-            migrate.arg("127.0.0.1").arg(self.port(to)).arg("").arg(0).arg(5000);
-            if let Some(p) = &self.opts.password {
-                migrate.arg("AUTH").arg(p);
-            }
-            migrate.arg("KEYS").arg(&batch);
-            let _: Value = self.query(from, &migrate)?;
-            moved += batch.len();
-        }
-        // The target first (it starts answering for the slot), then the source (it stops
-        // asking), then the other masters; gossip spreads the rest.
-        setslot(to, "NODE", &to_id)?;
-        setslot(from, "NODE", &to_id)?;
-        for m in self.masters()? {
-            if m != to && m != from {
-                setslot(m, "NODE", &to_id)?;
-            }
-        }
-        self.wait_until(&format!("slot {slot} served by node {to} everywhere"), |c| {
-            Ok((c.master_of_slot(slot)? != to).then(|| format!("slot {slot} not yet on node {to}")))
-        })?;
-        self.wait_settled()?;
-        Ok(moved)
+        let m = SlotMove { slot, from, to, moved: 0 };
+        m.setslot(self, to, "IMPORTING", from)?;
+        m.setslot(self, from, "MIGRATING", to)?;
+        Ok(Some(m))
     }
 
     /// Fails `master` over to one of its replicas with `CLUSTER FAILOVER` (coordinated: the
@@ -440,6 +421,73 @@ impl RedisCluster {
         let mut con = client.get_connection_with_timeout(Duration::from_secs(2)).map_err(on)?;
         con.set_read_timeout(Some(Duration::from_secs(10))).map_err(on)?;
         cmd.query(&mut con).map_err(on)
+    }
+}
+
+/// A slot being moved ([`RedisCluster::begin_move`]).
+#[derive(Debug)]
+pub struct SlotMove {
+    slot: u16,
+    from: usize,
+    to: usize,
+    moved: usize,
+}
+
+impl SlotMove {
+    /// The source master.
+    pub fn from(&self) -> usize {
+        self.from
+    }
+
+    /// `MIGRATE`s `keys` (of the slot) from the source to the target now.
+    pub fn migrate(&mut self, cluster: &RedisCluster, keys: &[Vec<u8>]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut migrate = redis::cmd("MIGRATE");
+        migrate.arg("127.0.0.1").arg(cluster.port(self.to)).arg("").arg(0).arg(5000);
+        if let Some(p) = &cluster.opts.password {
+            migrate.arg("AUTH").arg(p);
+        }
+        migrate.arg("KEYS").arg(keys);
+        let _: Value = cluster.query(self.from, &migrate)?;
+        self.moved += keys.len();
+        Ok(())
+    }
+
+    /// Moves the slot's remaining keys in batches, gives the slot to the target
+    /// (`SETSLOT NODE` on the target, the source, then every other master) and waits until the
+    /// cluster is settled. Returns the number of keys moved in all.
+    pub fn finish(mut self, cluster: &RedisCluster) -> Result<usize> {
+        let (slot, from, to) = (self.slot, self.from, self.to);
+        loop {
+            let batch: Vec<Vec<u8>> =
+                cluster.query(from, redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(MIGRATE_BATCH))?;
+            if batch.is_empty() {
+                break;
+            }
+            self.migrate(cluster, &batch)?;
+        }
+        // The target first (it starts answering for the slot), then the source (it stops
+        // asking), then the other masters; gossip spreads the rest.
+        self.setslot(cluster, to, "NODE", to)?;
+        self.setslot(cluster, from, "NODE", to)?;
+        for m in cluster.masters()? {
+            if m != to && m != from {
+                self.setslot(cluster, m, "NODE", to)?;
+            }
+        }
+        cluster.wait_until(&format!("slot {slot} served by node {to} everywhere"), |c| {
+            Ok((c.master_of_slot(slot)? != to).then(|| format!("slot {slot} not yet on node {to}")))
+        })?;
+        cluster.wait_settled()?;
+        Ok(self.moved)
+    }
+
+    /// `CLUSTER SETSLOT <slot> <how> <id of node named>` on `node`.
+    fn setslot(&self, cluster: &RedisCluster, node: usize, how: &str, named: usize) -> Result<()> {
+        let id = cluster.node_id(named).to_string();
+        cluster.query(node, redis::cmd("CLUSTER").arg("SETSLOT").arg(self.slot).arg(how).arg(id))
     }
 }
 

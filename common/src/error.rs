@@ -64,8 +64,10 @@ pub enum Error {
 
 impl Error {
     /// A failure that may go away by itself: a lost or refused connection, a timeout, Redis
-    /// loading its data (`LOADING`), a failover (`TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, ...),
-    /// or a busy script. Worth retrying (with the same transaction id).
+    /// loading its data (`LOADING`), a failover (`TRYAGAIN`, `CLUSTERDOWN`, `READONLY`,
+    /// `UNBLOCKED`, ...), a cluster slot on the move (`MOVED`, `ASK` still answered after the
+    /// cluster connection's own retries), or a busy script. Worth retrying (with the same
+    /// transaction id).
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Redis { source, .. } => {
@@ -90,6 +92,8 @@ impl Error {
                                 | "OOM"
                                 | "MOVED"
                                 | "ASK"
+                                // A blocking read cut short by a failover.
+                                | "UNBLOCKED"
                         )
                     )
             }

@@ -2,7 +2,8 @@
 //! submits land in their partition's slot on the master serving it, a hand-written outcome
 //! (what the coordinator writes: the record, then `XADD rtx:outcomes:{P} id <id> state <state>`)
 //! wakes a waiter on every partition, hence every master, status reads work, and all of it
-//! still does after a partition's slot moved and another's master failed over. Waiters re-read
+//! still does after a partition's slot moved and another's master failed over, and while a
+//! slot is half-way to another master (`ASK`). Waiters re-read
 //! records only every two minutes here, so every wake-up seen comes from the outcome readers.
 
 use redis::AsyncCommands;
@@ -56,10 +57,10 @@ async fn commit_by_hand(conn: &mut RedisConn, id: &str) {
         .unwrap();
 }
 
-/// One transaction per partition: submitted, checked in its slot's stream on the master
+/// One transaction per partition of `parts`: submitted, checked in its slot's stream on the master
 /// serving it, waited for, committed by hand, and read back.
-async fn round(client: &Client, conn: &mut RedisConn, cluster: &Arc<Mutex<RedisCluster>>, prefix: &str) {
-    let ids: Vec<String> = (0..PARTITIONS).map(|p| id_in(p, prefix)).collect();
+async fn round(client: &Client, conn: &mut RedisConn, cluster: &Arc<Mutex<RedisCluster>>, prefix: &str, parts: &[u32]) {
+    let ids: Vec<String> = parts.iter().map(|&p| id_in(p, prefix)).collect();
     for id in &ids {
         assert_eq!(client.submit(&spec(id)).await.unwrap(), *id);
     }
@@ -148,8 +149,9 @@ async fn a_cluster_client_submits_waits_and_reads_through_a_slot_move_and_a_fail
     masters.dedup();
     assert_eq!(masters.len(), 3, "{owners:?}");
 
+    let all: Vec<u32> = (0..PARTITIONS).collect();
     let t = Instant::now();
-    round(&client, &mut conn, &cluster, "before").await;
+    round(&client, &mut conn, &cluster, "before", &all).await;
     eprintln!("round before: {:?}", t.elapsed());
 
     // Partition 0's slot moves to another master; partition 1's master fails over.
@@ -164,8 +166,29 @@ async fn a_cluster_client_submits_waits_and_reads_through_a_slot_move_and_a_fail
     })
     .await;
     let t = Instant::now();
-    round(&client, &mut conn, &cluster, "after").await;
+    round(&client, &mut conn, &cluster, "after", &all).await;
     eprintln!("round after: {:?}", t.elapsed());
+
+    // Partition 2's slot half-way to another master, its outcomes stream moved already (its
+    // coordinator stream not): the source answers ASK, and the reader follows it.
+    let c = cluster.clone();
+    let half = blocking(move || {
+        let c = c.lock().unwrap();
+        let slot = keys::partition_slot(2);
+        let from = c.master_of_slot(slot).unwrap();
+        let to = c.masters().unwrap().into_iter().find(|&m| m != from).unwrap();
+        let mut m = c.begin_move(slot, to).unwrap().expect("another master");
+        m.migrate(&c, &[keys::outcomes_stream(2).into_bytes()]).unwrap();
+        m
+    })
+    .await;
+    let t = Instant::now();
+    round(&client, &mut conn, &cluster, "asking", &[2]).await;
+    eprintln!("round asking: {:?}", t.elapsed());
+    let c = cluster.clone();
+    let moved = blocking(move || half.finish(&c.lock().unwrap()).unwrap()).await;
+    assert!(moved >= 2, "the records and the coordinator stream moved too: {moved}");
+    round(&client, &mut conn, &cluster, "moved", &[2]).await;
 
     // A client created now, with the old seeds (one of them a replica now), works as well.
     let again = Client::connect_cluster(&seeds.iter().map(String::as_str).collect::<Vec<_>>())
