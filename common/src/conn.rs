@@ -34,8 +34,10 @@
 //!   connection of the cluster connection: a second blocking read to the same node waits for
 //!   the first, and so do the other commands to that node. Blocking reads need connections of
 //!   their own, one per partition read at a time ([`crate::client`] does that for outcomes).
-//!   A client blocked on a slot that moves or fails over gets `MOVED` (or `CLUSTERDOWN`)
-//!   within about a second, or at the end of its block.
+//!   A client blocked on a node that turns replica (a failover) gets `UNBLOCKED` at once; one
+//!   blocked on a slot that moved away gets `MOVED` (Redis looks at blocked clients about once a
+//!   second), at the latest when its block ends. While a slot migrates, a read blocked on the
+//!   source is not told when its key leaves: its next read gets `ASK`.
 //! - Commands without keys (`PING`, `INFO`, `SCRIPT LOAD`, `CLUSTER ...`) go to a random node
 //!   or to every node, as the crate's routing table says; keys without a hash tag
 //!   (`rtx:coordinators`, `rtx:protocol`, `rtx:deployment`) live in their own slots.
