@@ -51,8 +51,22 @@ pub struct ClusterOptions {
     pub node_timeout: Duration,
     /// How long [`RedisCluster::start`] and the helpers wait for the cluster to settle.
     pub settle: Duration,
+    /// TLS: every node also listens with TLS on a port of its own ([`RedisCluster::tls_url`]),
+    /// and the nodes talk to each other over TLS (`tls-cluster`, `tls-replication`). The plain
+    /// port stays, for the harness (and clients on it see the plain ports).
+    pub tls: Option<ClusterTls>,
     /// Extra `--name value` arguments for every node.
     pub extra: Vec<(String, String)>,
+}
+
+/// The certificate files of a TLS cluster (PEM): one server certificate for every node (valid for
+/// 127.0.0.1, the address nodes announce) and the CA that signed it. Clients are not asked for
+/// certificates.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
 }
 
 impl Default for ClusterOptions {
@@ -62,6 +76,7 @@ impl Default for ClusterOptions {
             password: None,
             node_timeout: Duration::from_secs(5),
             settle: Duration::from_secs(30),
+            tls: None,
             extra: Vec::new(),
         }
     }
@@ -71,6 +86,8 @@ struct Node {
     server: RedisServer,
     /// The cluster node id (`CLUSTER MYID`), kept across restarts by `nodes.conf`.
     id: String,
+    /// The TLS port, in a TLS cluster.
+    tls_port: Option<u16>,
 }
 
 /// A running private Redis Cluster.
@@ -117,8 +134,31 @@ impl RedisCluster {
         server_opts.extra.extend(opts.extra.iter().cloned());
         let mut nodes = Vec::with_capacity(total);
         for _ in 0..total {
-            let server = RedisServer::start_picking(server_opts.clone(), port_with_free_bus)?;
-            nodes.push(Node { server, id: String::new() });
+            let mut node_opts = server_opts.clone();
+            // The cluster bus is on the client port + 10000; with `tls-cluster`, on the TLS
+            // port's. That one is chosen with a free bus port.
+            let tls_port = match &opts.tls {
+                None => None,
+                Some(tls) => {
+                    let port = port_with_free_bus()?;
+                    let path = |p: &std::path::Path| p.display().to_string();
+                    node_opts.extra.extend([
+                        ("tls-port".to_string(), port.to_string()),
+                        ("tls-cert-file".into(), path(&tls.cert)),
+                        ("tls-key-file".into(), path(&tls.key)),
+                        ("tls-ca-cert-file".into(), path(&tls.ca)),
+                        ("tls-auth-clients".into(), "no".into()),
+                        ("tls-cluster".into(), "yes".into()),
+                        ("tls-replication".into(), "yes".into()),
+                    ]);
+                    Some(port)
+                }
+            };
+            let server = match tls_port {
+                None => RedisServer::start_picking(node_opts, port_with_free_bus)?,
+                Some(_) => RedisServer::start_picking(node_opts, free_port)?,
+            };
+            nodes.push(Node { server, id: String::new(), tls_port });
         }
         let mut cluster = RedisCluster { nodes, opts };
         for i in 0..total {
@@ -131,8 +171,8 @@ impl RedisCluster {
             let _: () = cluster.query(m, redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(first).arg(last))?;
         }
         for i in 1..total {
-            let port = cluster.port(i);
-            let _: () = cluster.query(0, redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(port))?;
+            let (port, bus) = (cluster.port(i), cluster.bus_port(i));
+            let _: () = cluster.query(0, redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(port).arg(bus))?;
         }
         // A replica can only replicate a master it knows.
         cluster.wait_until("every node knows every other", |c| {
@@ -168,9 +208,29 @@ impl RedisCluster {
         self.nodes[node].server.port()
     }
 
-    /// `redis://[:password@]127.0.0.1:<port>` of node `node`.
+    /// `redis://[:password@]127.0.0.1:<port>` of node `node` (its plain port).
     pub fn url(&self, node: usize) -> String {
         self.nodes[node].server.url()
+    }
+
+    /// `rediss://[:password@]127.0.0.1:<TLS port>` of node `node`, in a TLS cluster.
+    pub fn tls_url(&self, node: usize) -> Option<String> {
+        let port = self.nodes[node].tls_port?;
+        Some(match &self.opts.password {
+            Some(p) => format!("rediss://:{p}@127.0.0.1:{port}"),
+            None => format!("rediss://127.0.0.1:{port}"),
+        })
+    }
+
+    /// The TLS port of `node`, or its plain port: where `MIGRATE` reaches it (Redis migrates
+    /// over TLS when the cluster bus is TLS).
+    fn migrate_port(&self, node: usize) -> u16 {
+        self.nodes[node].tls_port.unwrap_or_else(|| self.port(node))
+    }
+
+    /// The cluster bus port of `node`.
+    fn bus_port(&self, node: usize) -> u16 {
+        self.migrate_port(node) + BUS_OFFSET
     }
 
     /// The cluster node id of `node`.
@@ -186,6 +246,11 @@ impl RedisCluster {
     /// The URLs of every node not killed: seeds for a cluster client.
     pub fn seed_urls(&self) -> Vec<String> {
         (0..self.len()).filter(|&i| self.started(i)).map(|i| self.url(i)).collect()
+    }
+
+    /// The TLS URLs of every node not killed, in a TLS cluster (empty otherwise).
+    pub fn tls_seed_urls(&self) -> Vec<String> {
+        (0..self.len()).filter(|&i| self.started(i)).filter_map(|i| self.tls_url(i)).collect()
     }
 
     /// [`seed_urls`](Self::seed_urls) joined by commas, as `--cluster --redis` takes them.
@@ -225,7 +290,9 @@ impl RedisCluster {
             .find(|(first, last, ..)| (*first..=*last).contains(&slot))
             .map(|r| r.2)
             .ok_or_else(|| setup(format!("no node serves slot {slot}")))?;
-        (0..self.len()).find(|&i| self.port(i) == port).ok_or_else(|| setup(format!("port {port} is not ours")))
+        (0..self.len())
+            .find(|&i| self.port(i) == port || self.nodes[i].tls_port == Some(port))
+            .ok_or_else(|| setup(format!("port {port} is not ours")))
     }
 
     /// The URL of the node serving `slot`.
@@ -445,7 +512,7 @@ impl SlotMove {
             return Ok(());
         }
         let mut migrate = redis::cmd("MIGRATE");
-        migrate.arg("127.0.0.1").arg(cluster.port(self.to)).arg("").arg(0).arg(5000);
+        migrate.arg("127.0.0.1").arg(cluster.migrate_port(self.to)).arg("").arg(0).arg(5000);
         if let Some(p) = &cluster.opts.password {
             migrate.arg("AUTH").arg(p);
         }

@@ -3,15 +3,17 @@
 //! `submit --wait` is woken by the outcome (written by hand, as the coordinator writes it: the
 //! coordinator is not cluster-aware yet), and the mix-ups (a plain server as a cluster seed, a
 //! cluster node without `--cluster`, a list without it) are refused with exit 2 and a clear
-//! message. No password is ever printed.
+//! message. The same over TLS (`rediss://` seeds, the nodes talking TLS among themselves). No
+//! password is ever printed.
 
 use redis::Commands;
-use redtx_common::cluster_server::{ClusterOptions, RedisCluster};
+use redtx_common::cluster_server::{ClusterOptions, ClusterTls, RedisCluster};
 use redtx_common::machine::{Timing, Txn};
 use redtx_common::record::{create_fields, TxnState};
 use redtx_common::server::{RedisServer, ServerOptions};
 use redtx_common::spec::TxnSpec;
 use redtx_tests::*;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const PW: &str = "cli-Pw-5c0e";
@@ -88,4 +90,49 @@ fn submit_and_status_with_cluster() {
     );
     assert_eq!(out.code, Some(4), "{}", out.all());
     assert!(!out.all().contains(PW), "{}", out.all());
+}
+
+#[test]
+fn submit_wait_and_status_on_a_tls_cluster() {
+    let certs = tempfile::tempdir().unwrap();
+    make_tls_certs(certs.path());
+    let file = |f: &str| certs.path().join(f);
+    let tls = ClusterTls { cert: file("server.pem"), key: file("server.key"), ca: file("ca.pem") };
+    let opts = ClusterOptions { password: Some(PW.into()), tls: Some(tls), ..Default::default() };
+    let cluster = RedisCluster::start_with(3, 0, opts).unwrap();
+    let seeds = cluster.tls_seed_urls().join(",");
+    assert!(seeds.starts_with("rediss://"), "{seeds}");
+    let mut con = redis::cluster::ClusterClient::new(cluster.seed_urls()).unwrap().get_connection().unwrap();
+    let ca = file("ca.pem").display().to_string();
+    let run = |args: &[&str], stdin: &str| {
+        let mut cmd = Command::new(bin("redtx"));
+        cmd.args(args)
+            .args(partitions_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("REDTX_REDIS_URL")
+            .env_remove("REDTX_PARTITIONS")
+            .env("SSL_CERT_FILE", &ca);
+        let mut child = cmd.spawn().expect("spawn redtx");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        child
+    };
+
+    // submit --wait over TLS; every partition reader connects over TLS to its node.
+    let spec = transfer_json(Some("tls-1"), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 5);
+    let waiting = run(&["submit", "--cluster", "--redis", &seeds, "--wait", "--timeout", "30s", "-"], &spec);
+    let p = keys::partition("tls-1", PARTITIONS);
+    poll("the TLS submit", LONG, || (con.xlen::<_, usize>(keys::coord_stream(p)).unwrap() > 0).then_some(()));
+    commit_by_hand(&mut con, &TxnSpec::from_json(spec.as_bytes()).unwrap());
+    let out = waiting.wait_with_output().unwrap();
+    let printed = format!("{}\n{}", lossy(&out.stdout), lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{printed}");
+    assert!(printed.contains("tls-1 committed"), "{printed}");
+
+    let out = run(&["status", "--cluster", "--redis", &seeds, "--json", "tls-1"], "").wait_with_output().unwrap();
+    let printed = format!("{}\n{}", lossy(&out.stdout), lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{printed}");
+    assert!(printed.contains("\"committed\""), "{printed}");
+    assert!(!printed.contains(PW), "{printed}");
 }
