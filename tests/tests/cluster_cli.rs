@@ -68,6 +68,29 @@ fn submit_and_status_with_cluster() {
     assert!(out.stderr.contains("(cluster)"), "names the cluster it looked in: {}", out.all());
     assert!(!out.all().contains(PW), "{}", out.all());
 
+    // An ACL user (made on every node) works as well.
+    const APP_PW: &str = "app-Pw-77b1";
+    for i in 0..cluster.len() {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("app")
+            .arg("on")
+            .arg(format!(">{APP_PW}"))
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .query(&mut redis_conn(&cluster.url(i)))
+            .unwrap();
+    }
+    let app_seeds: Vec<String> =
+        (0..cluster.len()).map(|i| format!("redis://app:{APP_PW}@127.0.0.1:{}", cluster.port(i))).collect();
+    let out = redtx("status", &app_seeds.join(","), &["--cluster", "--json", "cli-2"], None);
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert_eq!(out.json()["state"], "committed", "{}", out.all());
+    let out = redtx("status", &app_seeds[0], &["--cluster", "cli-none"], None);
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.stderr.contains("app:***@") && !out.all().contains(APP_PW), "{}", out.all());
+
     // Mix-ups: exit 2, said plainly, no password printed.
     let plain =
         RedisServer::start_with(ServerOptions { aof: false, password: Some(PW.into()), ..Default::default() }).unwrap();
