@@ -53,9 +53,13 @@ struct Cli {
 enum Command {
     /// Enqueue a transaction spec (JSON, from FILE or `-` for stdin) and print its id.
     Submit {
-        /// Redis holding the streams [default: $REDTX_REDIS_URL, then redis://127.0.0.1:6379]
+        /// Redis holding the streams; with --cluster, one or more nodes of the Redis Cluster,
+        /// comma-separated [default: $REDTX_REDIS_URL, then redis://127.0.0.1:6379]
         #[arg(long)]
         redis: Option<String>,
+        /// The streams are on a Redis Cluster: --redis lists seed nodes (one is enough).
+        #[arg(long, env = "REDTX_CLUSTER")]
+        cluster: bool,
         /// Number of partitions of the deployment (as given to the coordinators and participants).
         #[arg(long, env = "REDTX_PARTITIONS", default_value_t = keys::DEFAULT_PARTITIONS, value_parser = partitions)]
         partitions: u32,
@@ -76,9 +80,13 @@ enum Command {
     /// Show a transaction: state, reason, failed step, each branch's or step's phase, attempts
     /// and reason, timestamps.
     Status {
-        /// Redis holding the streams [default: $REDTX_REDIS_URL, then redis://127.0.0.1:6379]
+        /// Redis holding the streams; with --cluster, one or more nodes of the Redis Cluster,
+        /// comma-separated [default: $REDTX_REDIS_URL, then redis://127.0.0.1:6379]
         #[arg(long)]
         redis: Option<String>,
+        /// The streams are on a Redis Cluster: --redis lists seed nodes (one is enough).
+        #[arg(long, env = "REDTX_CLUSTER")]
+        cluster: bool,
         /// Number of partitions of the deployment (as given to the coordinators and participants).
         #[arg(long, env = "REDTX_PARTITIONS", default_value_t = keys::DEFAULT_PARTITIONS, value_parser = partitions)]
         partitions: u32,
@@ -131,7 +139,9 @@ impl Exit {
     /// The exit code an error deserves.
     pub fn of(e: &Error) -> Exit {
         match e {
-            Error::Spec(_) | Error::BadUrl { .. } => Exit::Invalid,
+            Error::Spec(_) | Error::BadUrl { .. } | Error::NotACluster { .. } | Error::IsACluster { .. } => {
+                Exit::Invalid
+            }
             Error::WaitTimeout { .. } => Exit::GaveUp,
             _ => Exit::Failed,
         }
@@ -156,12 +166,12 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let code = rt.block_on(async {
         match cli.command {
-            Command::Submit { redis, partitions, wait, timeout, json, file } => {
+            Command::Submit { redis, cluster, partitions, wait, timeout, json, file } => {
                 let url = redtx_common::conn::default_url(redis.as_deref());
-                submit::run(submit::Args { url: &url, partitions, wait, timeout, json, file: &file }).await
+                submit::run(submit::Args { url: &url, cluster, partitions, wait, timeout, json, file: &file }).await
             }
-            Command::Status { redis, partitions, json, id } => {
-                status::run(&redtx_common::conn::default_url(redis.as_deref()), partitions, json, &id).await
+            Command::Status { redis, cluster, partitions, json, id } => {
+                status::run(&redtx_common::conn::default_url(redis.as_deref()), cluster, partitions, json, &id).await
             }
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,

@@ -6,6 +6,7 @@
 
 use crate::output::{self, Outcome};
 use crate::{fail, Exit};
+use redtx_common::conn::RedisTarget;
 use redtx_common::consumer::Backoff;
 use redtx_common::record::TxnRecord;
 use redtx_common::spec::{TxnSpec, MAX_SPEC_BYTES};
@@ -15,7 +16,9 @@ use std::time::{Duration, Instant};
 
 /// What `redtx submit` was asked.
 pub struct Args<'a> {
+    /// `--redis`: one URL, or with `cluster` a comma-separated list of seed nodes.
     pub url: &'a str,
+    pub cluster: bool,
     pub partitions: u32,
     pub wait: bool,
     pub timeout: Duration,
@@ -90,7 +93,7 @@ pub async fn run(a: Args<'_>) -> Exit {
                  the same --partitions), this transaction {then} until {p} answers",
                 client.partition(id),
                 client.partitions(),
-                client.url(),
+                client.target(),
             );
         }
     }
@@ -184,9 +187,10 @@ fn record_outcome(r: &TxnRecord, enqueued: bool) -> Outcome<'_> {
 /// Connects; with `--wait`, retries a transient failure (refused, dropped, `LOADING`) until the
 /// timeout.
 async fn connect(a: &Args<'_>, started: Instant) -> Result<Client, Error> {
+    let target = RedisTarget::parse(a.url, a.cluster)?;
     let mut backoff = Backoff::default();
     loop {
-        match Client::connect(a.url).await {
+        match Client::connect_target(target.clone()).await {
             Err(e) if a.wait && e.is_transient() && started.elapsed() < a.timeout => {
                 tracing::debug!(error = %e, "connect: Redis unavailable; retrying");
                 tokio::time::sleep(backoff.next().min(a.timeout.saturating_sub(started.elapsed()))).await;

@@ -21,13 +21,25 @@
 //! that settles. The record is checked after registering, so an outcome that came before the
 //! wait is not missed. A lost connection, a Redis restart or `LOADING` are waited out until
 //! the caller's time limit: submitting the same id again is safe.
+//!
+//! # On a Redis Cluster
+//!
+//! [`Client::connect_cluster`] (or [`Client::connect_target`] with a cluster
+//! [`RedisTarget`]): submits, status reads and the participant check go through one cluster
+//! connection (each touches one partition, hence one slot). One `XREAD` cannot name streams of
+//! several slots (`CROSSSLOT`, even on one node), and a blocking read holds its connection, so
+//! the waiter runs one reader per partition, each blocking on its own connection to the node
+//! serving that partition: a `Client` costs `partitions` reader connections plus one per node,
+//! however many transactions it waits for, and still never polls. A reader follows `MOVED`
+//! (a slot moved, a failover) and `ASK` (a slot migrating) and, when its node goes away, asks
+//! the cluster where the slot is now; meanwhile the waiters' periodic record check covers it.
 
-use crate::conn::RedisUrl;
+use crate::conn::{RedisConn, RedisTarget, RedisUrl};
 use crate::protocol::{Message, Submit};
 use crate::record::TxnRecord;
 use crate::spec::TxnSpec;
 use crate::{keys, Error, Result};
-use redis::aio::ConnectionManager;
+use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use std::collections::HashMap;
@@ -38,39 +50,94 @@ use tokio::sync::{oneshot, OnceCell};
 /// A producer's handle on redtx. Cheap to clone; clones share one connection and one waiter.
 #[derive(Clone)]
 pub struct Client {
-    url: RedisUrl,
+    target: RedisTarget,
     partitions: u32,
-    /// Reconnects by itself, so a long-lived producer survives a Redis restart.
-    conn: ConnectionManager,
+    /// How often a waiter reads the record again in case its outcome was missed.
+    recheck: Duration,
+    /// Reconnects by itself (a connection manager, or a cluster connection), so a long-lived
+    /// producer survives a Redis restart or a failover.
+    conn: RedisConn,
     waiters: Arc<Waiters>,
 }
 
 #[derive(Default)]
 struct Waiters {
     by_txn: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
-    reader: OnceCell<tokio::task::AbortHandle>,
+    readers: OnceCell<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Drop for Waiters {
     fn drop(&mut self) {
-        if let Some(h) = self.reader.get() {
+        for h in self.readers.get().into_iter().flatten() {
             h.abort();
         }
     }
 }
 
+impl Waiters {
+    /// Wakes the waiters of the transaction an outcome entry names.
+    fn wake(&self, entry: &redis::streams::StreamId) {
+        if let Some(redis::Value::BulkString(id)) = entry.map.get("id") {
+            let senders = self.by_txn.lock().unwrap().remove(String::from_utf8_lossy(id).as_ref());
+            for s in senders.into_iter().flatten() {
+                let _ = s.send(());
+            }
+        }
+    }
+}
+
 impl Client {
-    /// Connects to the Redis holding the streams. Errors carry the URL without its password.
+    /// Connects to the Redis holding the streams (one server). Errors carry the URL without its
+    /// password.
     pub async fn connect(url: &str) -> Result<Self> {
-        let url = RedisUrl::parse(url)?;
-        let mut conn = url.connect_managed(Duration::from_secs(10)).await?;
-        let _: () = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
-        Ok(Client { url, partitions: keys::DEFAULT_PARTITIONS, conn, waiters: Arc::default() })
+        Self::connect_target(RedisTarget::single(RedisUrl::parse(url)?)).await
+    }
+
+    /// Connects to a Redis Cluster holding the streams, known by one or more of its nodes.
+    pub async fn connect_cluster(seeds: &[&str]) -> Result<Self> {
+        let seeds = seeds.iter().map(|s| RedisUrl::parse(s)).collect::<Result<Vec<_>>>()?;
+        Self::connect_target(RedisTarget::cluster(seeds)?).await
+    }
+
+    /// Connects to `target`: one server, or a cluster. A single server that turns out to be a
+    /// cluster node is refused ([`Error::IsACluster`]): most of its keys would be elsewhere.
+    pub async fn connect_target(target: RedisTarget) -> Result<Self> {
+        let mut conn = target.connect_managed(Duration::from_secs(10)).await?;
+        if !target.is_cluster() {
+            // Also the check that the server answers; a user not allowed `INFO` gets a `PING`.
+            let info: redis::RedisResult<String> = redis::cmd("INFO").arg("cluster").query_async(&mut conn).await;
+            match info {
+                Ok(info) if info.lines().any(|l| l.trim() == "cluster_enabled:1") => {
+                    return Err(Error::IsACluster { url: target.redacted().to_string() })
+                }
+                Ok(_) => {}
+                Err(e) if e.code() == Some("NOPERM") => {
+                    let _: () =
+                        redis::cmd("PING").query_async(&mut conn).await.map_err(|e| Error::redis(&target, e))?;
+                }
+                Err(e) => return Err(Error::redis(&target, e)),
+            }
+        }
+        Ok(Client {
+            target,
+            partitions: keys::DEFAULT_PARTITIONS,
+            recheck: Duration::from_secs(1),
+            conn,
+            waiters: Arc::default(),
+        })
     }
 
     /// Uses `partitions` (the deployment's `--partitions`) instead of the default.
     pub fn with_partitions(mut self, partitions: u32) -> Self {
         self.partitions = partitions.clamp(1, keys::MAX_PARTITIONS);
+        self
+    }
+
+    /// How often a waiter reads the record again although no outcome woke it (default 1 s): the
+    /// safety net for an outcome the reader missed (trimmed, a lost connection, a failover that
+    /// lost the last entries). Tests make it long to see the reader alone at work.
+    pub fn with_recheck(mut self, every: Duration) -> Self {
+        self.recheck = every.max(Duration::from_millis(10));
         self
     }
 
@@ -84,9 +151,14 @@ impl Client {
         keys::partition(id, self.partitions)
     }
 
-    /// The URL this client talks to.
+    /// Where this client talks to: one server or a cluster (`Display` hides passwords).
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
+    }
+
+    /// The URL this client talks to (a cluster's first seed).
     pub fn url(&self) -> &RedisUrl {
-        &self.url
+        self.target.url()
     }
 
     /// Validates `spec` and enqueues it; returns its id. Nothing is enqueued if it is invalid.
@@ -102,7 +174,7 @@ impl Client {
         for attempt in 1.. {
             let mut conn = self.conn.clone();
             let r: redis::RedisResult<String> = conn.xadd(&stream, "*", &fields).await;
-            match r.map_err(|e| Error::redis(&self.url, e)) {
+            match r.map_err(|e| Error::redis(&self.target, e)) {
                 Ok(_) => break,
                 Err(e) if e.is_transient() && attempt < 4 => tokio::time::sleep(backoff.next()).await,
                 Err(e) => return Err(e),
@@ -122,7 +194,7 @@ impl Client {
         }
         let mut conn = self.conn.clone();
         let replies: Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>> =
-            p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.url, e))?;
+            p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
         let mut missing = Vec::new();
         for (b, r) in spec.branches.iter().zip(replies) {
             // No stream ("no such key") or no group of that name: nobody ever read it.
@@ -139,7 +211,7 @@ impl Client {
     pub async fn status(&self, id: &str) -> Result<Option<TxnRecord>> {
         let mut conn = self.conn.clone();
         let h: HashMap<String, Vec<u8>> =
-            conn.hgetall(keys::txn_record(self.partition(id), id)).await.map_err(|e| Error::redis(&self.url, e))?;
+            conn.hgetall(keys::txn_record(self.partition(id), id)).await.map_err(|e| Error::redis(&self.target, e))?;
         TxnRecord::from_hash(id, &h).map_err(|detail| Error::ScriptReply { script: "record", detail })
     }
 
@@ -167,7 +239,7 @@ impl Client {
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = async {
                 if let Some(rx) = woken.take() {
-                    let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), rx).await;
+                    let _ = tokio::time::timeout(left.min(self.recheck), rx).await;
                 }
                 self.start_reader().await?;
                 let rx = self.register(id);
@@ -177,7 +249,7 @@ impl Client {
                     }
                 }
                 // The periodic re-check covers a reader that lost its connection.
-                let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), rx).await;
+                let _ = tokio::time::timeout(left.min(self.recheck), rx).await;
                 Ok::<_, Error>(None)
             };
             match attempt.await {
@@ -249,53 +321,80 @@ impl Client {
 
     async fn start_reader(&self) -> Result<()> {
         self.waiters
-            .reader
+            .readers
             .get_or_try_init(|| async {
-                let mut conn = self.url.connect_managed(Duration::from_secs(15)).await?;
                 // Start after the newest outcome now present in each partition: older ones are
                 // visible in records.
-                let streams: Vec<String> = (0..self.partitions).map(keys::outcomes_stream).collect();
-                let mut p = redis::pipe();
-                for s in &streams {
-                    p.cmd("XREVRANGE").arg(s).arg("+").arg("-").arg("COUNT").arg(1);
-                }
-                let lasts: Vec<Vec<(String, HashMap<String, redis::Value>)>> =
-                    p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.url, e))?;
-                let from = lasts
-                    .into_iter()
-                    .map(|l| l.into_iter().next().map(|(id, _)| id).unwrap_or_else(|| "0-0".into()))
-                    .collect();
-                let task = tokio::spawn(read_outcomes(conn, Arc::downgrade(&self.waiters), streams, from));
-                Ok::<_, Error>(task.abort_handle())
+                let from = self.last_outcomes().await?;
+                let waiters = Arc::downgrade(&self.waiters);
+                let tasks = if self.target.is_cluster() {
+                    let slots = Arc::new(SlotOwners::new(self.target.clone(), self.conn.clone()));
+                    from.into_iter()
+                        .enumerate()
+                        .map(|(p, from)| {
+                            let reader = PartitionReader::new(p as u32, from, slots.clone());
+                            tokio::spawn(reader.run(waiters.clone())).abort_handle()
+                        })
+                        .collect()
+                } else {
+                    let conn = self.target.connect_managed(Duration::from_secs(15)).await?;
+                    let streams: Vec<String> = (0..self.partitions).map(keys::outcomes_stream).collect();
+                    vec![tokio::spawn(read_outcomes(conn, waiters, streams, from)).abort_handle()]
+                };
+                Ok::<_, Error>(tasks)
             })
             .await?;
         Ok(())
     }
+
+    /// The id of the newest entry of every partition's outcomes stream (`0-0`: none): one
+    /// pipeline on one server; on a cluster one command per partition (each is its own slot),
+    /// sent together.
+    async fn last_outcomes(&self) -> Result<Vec<String>> {
+        type Entries = Vec<(String, HashMap<String, redis::Value>)>;
+        let first = |l: Entries| l.into_iter().next().map(|(id, _)| id).unwrap_or_else(|| "0-0".into());
+        let xrevrange = |p: u32| {
+            let mut c = redis::cmd("XREVRANGE");
+            c.arg(keys::outcomes_stream(p)).arg("+").arg("-").arg("COUNT").arg(1);
+            c
+        };
+        if !self.target.is_cluster() {
+            let mut p = redis::pipe();
+            for part in 0..self.partitions {
+                p.add_command(xrevrange(part));
+            }
+            let mut conn = self.conn.clone();
+            let lasts: Vec<Entries> = p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
+            return Ok(lasts.into_iter().map(first).collect());
+        }
+        let calls: Vec<_> = (0..self.partitions)
+            .map(|part| {
+                let mut conn = self.conn.clone();
+                let cmd = xrevrange(part);
+                tokio::spawn(async move { cmd.query_async::<Entries>(&mut conn).await })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(calls.len());
+        for c in calls {
+            let r = c.await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            out.push(first(r.map_err(|e| Error::redis(&self.target, e))?));
+        }
+        Ok(out)
+    }
 }
 
-async fn read_outcomes(
-    mut conn: ConnectionManager,
-    waiters: Weak<Waiters>,
-    streams: Vec<String>,
-    mut from: Vec<String>,
-) {
+/// One server: every partition's outcomes stream in one blocking `XREAD`.
+async fn read_outcomes(mut conn: RedisConn, waiters: Weak<Waiters>, streams: Vec<String>, mut from: Vec<String>) {
     let opts = StreamReadOptions::default().count(1024).block(5000);
     loop {
         let r: redis::RedisResult<Option<StreamReadReply>> = conn.xread_options(&streams, &from, &opts).await;
         let Some(waiters) = waiters.upgrade() else { return };
         match r {
             Ok(Some(reply)) => {
-                let mut m = waiters.by_txn.lock().unwrap();
                 for k in reply.keys {
                     let Some(i) = streams.iter().position(|s| *s == k.key) else { continue };
                     for e in k.ids {
-                        if let Some(redis::Value::BulkString(id)) = e.map.get("id") {
-                            if let Some(senders) = m.remove(String::from_utf8_lossy(id).as_ref()) {
-                                for s in senders {
-                                    let _ = s.send(());
-                                }
-                            }
-                        }
+                        waiters.wake(&e);
                         from[i] = e.id;
                     }
                 }
@@ -305,6 +404,188 @@ async fn read_outcomes(
                 tracing::debug!(error = %e, "outcome reader: retrying");
                 drop(waiters);
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Where each slot is served, as last learnt (`host:port` of its master), shared by a
+/// cluster client's partition readers: from `CLUSTER SLOTS` (through the cluster connection,
+/// which itself follows the cluster) and from `MOVED` answers.
+struct SlotOwners {
+    target: RedisTarget,
+    conn: RedisConn,
+    map: tokio::sync::Mutex<SlotMap>,
+}
+
+#[derive(Default)]
+struct SlotMap {
+    /// `CLUSTER SLOTS`: `(first, last, node)`.
+    ranges: Vec<(u16, u16, Node)>,
+    /// Learnt from `MOVED` since.
+    moved: HashMap<u16, Node>,
+}
+
+/// A node's `(host, port)`.
+type Node = (String, u16);
+
+impl SlotOwners {
+    fn new(target: RedisTarget, conn: RedisConn) -> Self {
+        SlotOwners { target, conn, map: tokio::sync::Mutex::default() }
+    }
+
+    /// The node serving `slot`; `refresh` asks the cluster again first.
+    async fn owner(&self, slot: u16, refresh: bool) -> Result<Node> {
+        let mut map = self.map.lock().await;
+        let find = |m: &SlotMap| {
+            m.moved
+                .get(&slot)
+                .or_else(|| m.ranges.iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).map(|r| &r.2))
+                .cloned()
+        };
+        if !refresh {
+            if let Some(found) = find(&map) {
+                return Ok(found);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::redis(&self.target, e))?;
+        map.ranges = reply
+            .into_iter()
+            .filter_map(|r| redis::from_redis_value::<(u16, u16, Node)>(first_three(r)?).ok())
+            .collect();
+        map.moved.clear();
+        find(&map).ok_or_else(|| Error::Redis {
+            url: self.target.redacted().to_string(),
+            source: redis::RedisError::from((redis::ErrorKind::ClusterConnectionNotFound, "no node serves the slot")),
+        })
+    }
+
+    /// Records that `slot` is now served by `node` (a `MOVED` answer).
+    async fn moved(&self, slot: u16, node: Node) {
+        self.map.lock().await.moved.insert(slot, node);
+    }
+
+    /// A connection of its own to `node`, with the seeds' credentials and TLS mode.
+    async fn connect(&self, node: &Node, response_timeout: Duration) -> Result<MultiplexedConnection> {
+        let bad = |reason: String| Error::BadUrl { url: format!("{}:{}", node.0, node.1), reason };
+        let mut url = url::Url::parse(self.target.url().expose()).map_err(|e| bad(e.to_string()))?;
+        let host = if node.0.contains(':') { format!("[{}]", node.0) } else { node.0.clone() };
+        url.set_host(Some(&host)).map_err(|e| bad(e.to_string()))?;
+        url.set_port(Some(node.1)).map_err(|()| bad("not a node address".into()))?;
+        RedisUrl::parse(url.as_str())?.connect_with(response_timeout).await
+    }
+}
+
+/// The first three items of a `CLUSTER SLOTS` range (first slot, last slot, master), the master
+/// cut to its address and port.
+fn first_three(range: redis::Value) -> Option<redis::Value> {
+    let redis::Value::Array(mut items) = range else { return None };
+    items.truncate(3);
+    if let Some(redis::Value::Array(master)) = items.get_mut(2) {
+        master.truncate(2);
+    }
+    Some(redis::Value::Array(items))
+}
+
+/// A cluster: the blocking reader of one partition's outcomes stream, on a connection of its
+/// own to the node serving the partition's slot.
+struct PartitionReader {
+    stream: String,
+    slot: u16,
+    from: String,
+    slots: Arc<SlotOwners>,
+}
+
+/// How long one blocking read waits, and how long a reply may take beyond that.
+const READ_BLOCK: Duration = Duration::from_secs(5);
+const READ_SLACK: Duration = Duration::from_secs(10);
+
+impl PartitionReader {
+    fn new(partition: u32, from: String, slots: Arc<SlotOwners>) -> Self {
+        PartitionReader { stream: keys::outcomes_stream(partition), slot: keys::partition_slot(partition), from, slots }
+    }
+
+    async fn run(mut self, waiters: Weak<Waiters>) {
+        let opts = StreamReadOptions::default().count(1024).block(READ_BLOCK.as_millis() as usize);
+        // The node read from and its connection; `ask`: the next read goes to a node importing
+        // the slot, after `ASKING`.
+        let mut node: Option<(Node, MultiplexedConnection)> = None;
+        let mut next: Option<(Node, bool)> = None;
+        let mut refresh = false;
+        loop {
+            if waiters.strong_count() == 0 {
+                return;
+            }
+            let (addr, ask) = match next.take() {
+                Some(n) => n,
+                None => match self.slots.owner(self.slot, std::mem::take(&mut refresh)).await {
+                    Ok(addr) => (addr, false),
+                    Err(e) => {
+                        tracing::debug!(error = %e, stream = %self.stream, "outcome reader: no node for the slot; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        refresh = true;
+                        continue;
+                    }
+                },
+            };
+            if node.as_ref().is_none_or(|(a, _)| *a != addr) {
+                node = None;
+                match self.slots.connect(&addr, READ_BLOCK + READ_SLACK).await {
+                    Ok(c) => node = Some((addr, c)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, stream = %self.stream, "outcome reader: cannot connect; retrying");
+                        refresh = true;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some((_, conn)) = node.as_mut() else { continue };
+            let mut read = redis::cmd("XREAD");
+            read.arg(&opts).arg("STREAMS").arg(&self.stream).arg(&self.from);
+            let r: redis::RedisResult<Option<StreamReadReply>> = if ask {
+                let mut p = redis::pipe();
+                p.cmd("ASKING").ignore().add_command(read);
+                p.query_async::<(Option<StreamReadReply>,)>(conn).await.map(|(r,)| r)
+            } else {
+                read.query_async(conn).await
+            };
+            let Some(waiters) = waiters.upgrade() else { return };
+            match r {
+                Ok(reply) => {
+                    for e in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                        waiters.wake(&e);
+                        self.from = e.id;
+                    }
+                }
+                Err(e) => {
+                    // `MOVED <slot> <host>:<port>` / `ASK ...`: the node (the slot is ours).
+                    let redirect = e.redirect_node().and_then(|(node, _slot)| {
+                        let (host, port) = node.rsplit_once(':')?;
+                        Some((host.trim_start_matches('[').trim_end_matches(']').to_string(), port.parse().ok()?))
+                    });
+                    match (e.code(), redirect) {
+                        (Some("MOVED"), Some(to)) => {
+                            self.slots.moved(self.slot, to.clone()).await;
+                            next = Some((to, false));
+                        }
+                        (Some("ASK"), Some(to)) => next = Some((to, true)),
+                        _ => {
+                            tracing::debug!(error = %e, stream = %self.stream, "outcome reader: retrying");
+                            // A node gone, failed over or unsure of the slot: ask again where
+                            // the slot is, on a fresh connection.
+                            node = None;
+                            refresh = true;
+                            drop(waiters);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
             }
         }
     }

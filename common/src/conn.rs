@@ -1,12 +1,59 @@
-//! Redis URLs and connections.
+//! Redis URLs and connections, to one server or to a Redis Cluster.
 //!
 //! [`RedisUrl`] keeps the URL as given (with its secrets, to connect) and shows only a redacted
 //! form: `Display` and `Debug` never print the password. `redis://`, `rediss://` (TLS),
 //! `redis://user:pass@host` (ACL users) and `?protocol=resp3` work as in the `redis` crate.
+//!
+//! [`RedisTarget`] is where the stream Redis is: one URL, or (`--cluster`) a list of seed nodes
+//! of a Redis Cluster (`--redis a,b,c`; one seed is enough). [`RedisConn`] is a connection to
+//! either, usable wherever a [`MultiplexedConnection`] is: it implements
+//! [`redis::aio::ConnectionLike`] and `Clone`, so `AsyncCommands`, pipelines and scripts work on
+//! both.
+//!
+//! # What a cluster connection does (redis 1.8), and the limits the workers must respect
+//!
+//! - A command is sent to the master of its key's slot (the first key; `XREAD`/`XREADGROUP`:
+//!   the first stream). `MOVED` and `ASK` are followed (with `ASKING`), `TRYAGAIN` and
+//!   `CLUSTERDOWN` retried with backoff, and the slot map refreshed, a few times before the
+//!   error reaches the caller. A multi-key command whose keys are in different slots is refused
+//!   by Redis (`CROSSSLOT`), **even when one node serves all of them**: one `XREAD` or
+//!   `XREADGROUP` can only name streams of one partition.
+//! - A **pipeline** (and a `MULTI`/`EXEC`) is sent whole to one node: the one of the first
+//!   command that has a key. A pipeline whose keyed commands are in different slots is refused
+//!   before anything is sent (a `CrossSlot` error from the client); keyless commands in it go
+//!   along. It is not split per node. So: one pipeline (one `MULTI`) per partition. A redirect
+//!   answered to any command of the pipeline re-sends the whole pipeline to the new node, so
+//!   while a slot migrates (keys partly moved) a pipeline of several keys may fail after the
+//!   retries (`ASK` applies to the next command only, except inside `MULTI`) or get
+//!   `TRYAGAIN`: treat it like any transient error and retry.
+//! - **Scripts** (`EVALSHA`, `redis::Script`, [`crate::scripts`]) go to the slot of their first
+//!   key; every key of one call must be in that slot (Redis refuses other keys inside the
+//!   script). `SCRIPT LOAD` goes to every node, so `NOSCRIPT` is answered by loading it
+//!   everywhere, and a new master after a failover has it too.
+//! - **Blocking reads** (`XREAD BLOCK`, `XREADGROUP BLOCK`) hold the node's shared multiplexed
+//!   connection of the cluster connection: a second blocking read to the same node waits for
+//!   the first, and so do the other commands to that node. Blocking reads need connections of
+//!   their own, one per partition read at a time ([`crate::client`] does that for outcomes).
+//!   A client blocked on a node that turns replica (a failover) gets `UNBLOCKED` at once; one
+//!   blocked on a slot that moved away gets `MOVED` (Redis looks at blocked clients about once a
+//!   second), at the latest when its block ends. While a slot migrates, a read blocked on the
+//!   source is not told when its key leaves: its next read gets `ASK`.
+//! - Commands without keys (`PING`, `INFO`, `SCRIPT LOAD`, `CLUSTER ...`) go to a random node
+//!   or to every node, as the crate's routing table says; keys without a hash tag
+//!   (`rtx:coordinators`, `rtx:protocol`, `rtx:deployment`) live in their own slots.
+//!
+//! For the coordinator and the participant runtime on a cluster, that means: one `XREADGROUP`
+//! per partition (each on a connection of its own when blocking), or non-blocking reads sent
+//! concurrently (one command per partition: the multiplexed connections pipeline them); one
+//! fenced script call per partition per round (it is one slot already); the participant's
+//! replies and `XACK`s in one `MULTI`/`EXEC` per partition; a takeover's reload pipelined per
+//! partition; and every error of a redirect that survived the crate's retries (`MOVED`, `ASK`,
+//! `TRYAGAIN`, `CLUSTERDOWN`) handled as transient ([`Error::is_transient`]).
 
 use crate::{Error, Result};
-use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Value};
 use std::time::Duration;
 
 /// The URL used when neither `--redis` nor `$REDTX_REDIS_URL` is given.
@@ -82,6 +129,209 @@ impl std::fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RedisUrl({})", self.redacted)
     }
+}
+
+/// Where the stream Redis is: one server (a [`RedisUrl`]) or a Redis Cluster (its seed nodes).
+/// `Display` and `Debug` show the URLs redacted, like [`RedisUrl`].
+#[derive(Clone)]
+pub struct RedisTarget {
+    seeds: Vec<RedisUrl>,
+    cluster: bool,
+    redacted: String,
+}
+
+impl RedisTarget {
+    /// Parses `--redis` (with `--cluster` or not). Without `cluster`, one URL; with it, a
+    /// comma-separated list of seed nodes of one cluster (one is enough: the others are found
+    /// from it). Seeds must share the user, password, database and TLS mode, and cannot be
+    /// Unix sockets (a cluster announces its nodes by address).
+    ///
+    /// A comma inside a seed's password must be written `%2C`.
+    pub fn parse(raw: &str, cluster: bool) -> Result<Self> {
+        if !cluster {
+            let parts: Vec<&str> = raw.split(',').collect();
+            if parts.len() > 1 && parts.iter().all(|p| p.contains("://")) {
+                return Err(Error::BadUrl {
+                    url: redact_list(raw),
+                    reason: "a comma-separated list of seed nodes needs --cluster".into(),
+                });
+            }
+            return Ok(Self::single(RedisUrl::parse(raw)?));
+        }
+        let seeds = raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(RedisUrl::parse);
+        Self::cluster(seeds.collect::<Result<Vec<_>>>()?)
+    }
+
+    /// One server.
+    pub fn single(url: RedisUrl) -> Self {
+        RedisTarget { redacted: url.redacted().to_string(), seeds: vec![url], cluster: false }
+    }
+
+    /// A Redis Cluster known by `seeds` (checked as [`parse`](Self::parse) says; no connection
+    /// yet).
+    pub fn cluster(seeds: Vec<RedisUrl>) -> Result<Self> {
+        let shown = seeds.iter().map(RedisUrl::redacted).collect::<Vec<_>>().join(",");
+        let redacted = format!("{shown} (cluster)");
+        if seeds.is_empty() {
+            return Err(Error::BadUrl { url: redacted, reason: "--cluster needs at least one seed node".into() });
+        }
+        let target = RedisTarget { seeds, cluster: true, redacted };
+        // The crate's own checks: same credentials, TLS mode and database; no Unix socket.
+        target.cluster_client(Duration::from_secs(1))?;
+        Ok(target)
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The seed nodes (the one URL of a single server).
+    pub fn seeds(&self) -> &[RedisUrl] {
+        &self.seeds
+    }
+
+    /// The first seed (the URL of a single server).
+    pub fn url(&self) -> &RedisUrl {
+        &self.seeds[0]
+    }
+
+    /// The URLs with any password replaced by `***`, comma-separated, and ` (cluster)` after a
+    /// cluster's.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+
+    /// The raw `--redis` value, secrets included (comma-separated seeds). Only for handing to a
+    /// child process, with `--cluster` when [`is_cluster`](Self::is_cluster).
+    pub fn expose(&self) -> String {
+        self.seeds.iter().map(RedisUrl::expose).collect::<Vec<_>>().join(",")
+    }
+
+    /// Opens a connection: multiplexed to one server, or a cluster connection (which reconnects
+    /// to nodes by itself and follows the slot map). Replies may take up to `response_timeout`.
+    pub async fn connect_with(&self, response_timeout: Duration) -> Result<RedisConn> {
+        match self.cluster {
+            false => Ok(RedisConn::Single(self.url().connect_with(response_timeout).await?)),
+            true => self.connect_cluster(response_timeout).await,
+        }
+    }
+
+    /// [`connect_with`](Self::connect_with) with a 10 s response timeout.
+    pub async fn connect(&self) -> Result<RedisConn> {
+        self.connect_with(Duration::from_secs(10)).await
+    }
+
+    /// A connection that reconnects by itself: a `ConnectionManager` to one server, or a
+    /// cluster connection.
+    pub async fn connect_managed(&self, response_timeout: Duration) -> Result<RedisConn> {
+        match self.cluster {
+            false => Ok(RedisConn::Managed(self.url().connect_managed(response_timeout).await?)),
+            true => self.connect_cluster(response_timeout).await,
+        }
+    }
+
+    fn cluster_client(&self, response_timeout: Duration) -> Result<redis::cluster::ClusterClient> {
+        redis::cluster::ClusterClient::builder(self.seeds.iter().map(|u| u.expose().to_string()))
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(response_timeout)
+            // Redirects and retries within one call may take longer than one reply.
+            .overall_response_timeout(Some(response_timeout + Duration::from_secs(10)))
+            .build()
+            .map_err(|e| Error::BadUrl { url: self.redacted.clone(), reason: e.to_string() })
+    }
+
+    async fn connect_cluster(&self, response_timeout: Duration) -> Result<RedisConn> {
+        let client = self.cluster_client(response_timeout)?;
+        match client.get_async_connection().await {
+            Ok(c) => Ok(RedisConn::Cluster(c)),
+            Err(e) => Err(self.explain_cluster_failure(e).await),
+        }
+    }
+
+    /// The cluster connection failed: say which seed is not a cluster node, if one is.
+    async fn explain_cluster_failure(&self, e: redis::RedisError) -> Error {
+        for seed in &self.seeds {
+            let Ok(mut c) = seed.connect_with(Duration::from_secs(5)).await else { continue };
+            let info: redis::RedisResult<String> = redis::cmd("INFO").arg("cluster").query_async(&mut c).await;
+            if let Ok(info) = info {
+                if info.lines().any(|l| l.trim() == "cluster_enabled:0") {
+                    return Error::NotACluster { seed: seed.redacted().to_string() };
+                }
+            }
+        }
+        Error::redis(self, e)
+    }
+}
+
+impl std::fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisTarget({})", self.redacted)
+    }
+}
+
+/// A connection to the stream Redis: one server or a Redis Cluster. A drop-in for
+/// [`MultiplexedConnection`] (`ConnectionLike + Clone + Send + Sync`); clones share the
+/// underlying connections. See the [module doc](self) for what a cluster connection does with
+/// pipelines, scripts and blocking reads.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// One server, one multiplexed connection: a command fails once it is lost; open another.
+    Single(MultiplexedConnection),
+    /// One server, reconnecting by itself (the failed command still fails; the next reconnects).
+    Managed(ConnectionManager),
+    /// A Redis Cluster: one multiplexed connection per node, routed by slot, reconnecting and
+    /// following the slot map by itself.
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Whether this is a cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Managed(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Managed(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// [`redact`] of each comma-separated part.
+fn redact_list(raw: &str) -> String {
+    raw.split(',').map(|s| redact(s.trim())).collect::<Vec<_>>().join(",")
 }
 
 /// The URL to use: the explicit one, else `$REDTX_REDIS_URL`, else [`DEFAULT_URL`].

@@ -456,8 +456,8 @@ pub fn dead_letter_fields(
 /// and nothing younger than `keep`. Approximate (`MINID ~`), so Redis frees whole nodes.
 /// Returns the `MINID` used, if any. Shared by participants and coordinators.
 pub async fn trim_stream(
-    conn: &mut MultiplexedConnection,
-    url: &RedisUrl,
+    conn: &mut (impl redis::aio::ConnectionLike + Send + Sync),
+    url: &(impl std::fmt::Display + Sync),
     stream: &str,
     keep: Duration,
 ) -> Result<Option<String>> {
@@ -498,7 +498,12 @@ fn parse_id(id: &str) -> Option<(u64, u64)> {
 }
 
 /// `XGROUP CREATE stream group 0 MKSTREAM`, tolerating an existing group.
-pub async fn ensure_group(conn: &mut MultiplexedConnection, url: &RedisUrl, stream: &str, group: &str) -> Result<()> {
+pub async fn ensure_group(
+    conn: &mut (impl redis::aio::ConnectionLike + Send + Sync),
+    url: &(impl std::fmt::Display + Sync),
+    stream: &str,
+    group: &str,
+) -> Result<()> {
     let r: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "0").await;
     match r {
         Ok(()) => Ok(()),

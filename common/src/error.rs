@@ -21,6 +21,13 @@ pub enum Error {
         #[source]
         source: redis::RedisError,
     },
+    /// `--cluster` was given, but a seed is a Redis server with cluster support disabled.
+    #[error("{seed} is not a Redis Cluster node (cluster support is disabled there); without --cluster it is used as a single server")]
+    NotACluster { seed: String },
+    /// A single server was given, but it is a Redis Cluster node: its keys are spread over
+    /// several nodes.
+    #[error("{url} is a Redis Cluster node: pass --cluster (with one or more of its nodes as --redis)")]
+    IsACluster { url: String },
     /// A stream entry or record could not be decoded.
     #[error("undecodable message: {0}")]
     Decode(#[from] crate::protocol::DecodeError),
@@ -39,6 +46,9 @@ pub enum Error {
     /// A private `redis-server` could not be started.
     #[error("could not start redis-server: {0}")]
     ServerStart(String),
+    /// A private Redis Cluster (the test harness) did not reach the state it was asked for.
+    #[error("Redis Cluster harness: {0}")]
+    ClusterSetup(String),
     /// PostgreSQL (`initdb` and `postgres`) is not installed (needed by the tests that start a
     /// private PostgreSQL server).
     #[error("PostgreSQL is not installed: {binary} was not found; install it, e.g. `apt-get install postgresql`, `dnf install postgresql-server` or `brew install postgresql`, or set REDTX_PG_BIN to the directory holding initdb and postgres")]
@@ -57,13 +67,19 @@ pub enum Error {
 
 impl Error {
     /// A failure that may go away by itself: a lost or refused connection, a timeout, Redis
-    /// loading its data (`LOADING`), a failover (`TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, ...),
-    /// or a busy script. Worth retrying (with the same transaction id).
+    /// loading its data (`LOADING`), a failover (`TRYAGAIN`, `CLUSTERDOWN`, `READONLY`,
+    /// `UNBLOCKED`, ...), a cluster slot on the move (`MOVED`, `ASK` still answered after the
+    /// cluster connection's own retries), or a busy script. Worth retrying (with the same
+    /// transaction id).
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Redis { source, .. } => {
                 source.is_io_error()
                     || source.is_connection_dropped()
+                    // A cluster connection with no connection to the slot's node (yet), or a
+                    // redirect still answered after the crate's retries (a slot migrating).
+                    || source.kind() == redis::ErrorKind::ClusterConnectionNotFound
+                    || source.redirect_node().is_some()
                     || source.is_connection_refusal()
                     || source.is_timeout()
                     || matches!(
@@ -77,6 +93,10 @@ impl Error {
                                 | "MASTERDOWN"
                                 | "BUSY"
                                 | "OOM"
+                                | "MOVED"
+                                | "ASK"
+                                // A blocking read cut short by a failover.
+                                | "UNBLOCKED"
                         )
                     )
             }
@@ -84,8 +104,9 @@ impl Error {
         }
     }
 
-    /// Wraps a Redis error with the (redacted) URL of the server it came from.
-    pub fn redis(url: &crate::conn::RedisUrl, source: redis::RedisError) -> Self {
-        Error::Redis { url: url.redacted().to_string(), source }
+    /// Wraps a Redis error with where it came from, redacted: a [`RedisUrl`](crate::conn::RedisUrl)
+    /// or a [`RedisTarget`](crate::conn::RedisTarget) (whose `Display` hide passwords).
+    pub fn redis(at: &(impl std::fmt::Display + ?Sized), source: redis::RedisError) -> Self {
+        Error::Redis { url: at.to_string(), source }
     }
 }

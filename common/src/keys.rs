@@ -115,6 +115,33 @@ pub fn deployment() -> String {
     "rtx:deployment".to_string()
 }
 
+/// The Redis Cluster slot of `key`: CRC-16/XMODEM of its hash tag (the text between the first
+/// `{` and the next `}`, when not empty) or of the whole key, modulo 16384. Every key of
+/// partition `P` is in the slot of `{P}`.
+pub fn slot(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let hashed = match b.iter().position(|&c| c == b'{') {
+        Some(open) => match b[open + 1..].iter().position(|&c| c == b'}') {
+            Some(len) if len > 0 => &b[open + 1..open + 1 + len],
+            _ => b,
+        },
+        None => b,
+    };
+    let mut crc: u16 = 0;
+    for &byte in hashed {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+/// The Redis Cluster slot of partition `p` (of every key carrying `{p}`).
+pub fn partition_slot(p: u32) -> u16 {
+    slot(&format!("{{{p}}}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +158,16 @@ mod tests {
         assert_eq!(partition_of_stream(&participant_stream("bank-a", 7)), Some(7));
         assert_eq!(partition_of_stream(&coord_stream(12)), Some(12));
         assert_eq!(partition_of_stream("nope"), None);
+    }
+
+    #[test]
+    fn slots_follow_redis_cluster() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot("123456789"), 0x31C3);
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
+        assert_eq!(slot(&outcomes_stream(3)), partition_slot(3));
+        assert_eq!(slot(&txn_record(3, "x{y}")), partition_slot(3));
     }
 }

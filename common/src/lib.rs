@@ -16,8 +16,11 @@
 //!   `XREADGROUP`, `XAUTOCLAIM` take-over, dead-lettering, graceful shutdown).
 //! - [`client`]: the producer library (`Client`): submit a transaction, read its status, wait for
 //!   its outcome.
-//! - [`conn`]: Redis URLs (with secrets redacted for display) and connections.
+//! - [`conn`]: Redis URLs (with secrets redacted for display) and connections, to one server or
+//!   to a Redis Cluster ([`conn::RedisTarget`], [`conn::RedisConn`]; what a cluster allows).
 //! - [`server`]: starts private `redis-server` processes on free ports (for `redtx demo` and tests).
+//! - [`cluster_server`]: starts a private Redis Cluster (masters, replicas) on free ports, and
+//!   moves slots, fails masters over, kills and restarts nodes under load (for tests).
 //! - [`pg_server`]: starts private PostgreSQL servers on free ports (for tests), 2PC-ready
 //!   (`max_prepared_transactions` set).
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
@@ -25,6 +28,7 @@
 //! - [`error`]: the crate's error enum.
 
 pub mod client;
+pub mod cluster_server;
 pub mod conn;
 pub mod consumer;
 pub mod error;

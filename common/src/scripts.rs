@@ -4,11 +4,15 @@
 //! one pipeline of `EVALSHA`; a call answered `NOSCRIPT` (a restarted or flushed Redis) is
 //! loaded and re-sent. Per-call failures come back per call, so one bad call never hides the
 //! others' replies.
+//!
+//! Any connection works ([`RedisConn`](crate::conn::RedisConn) included). On a Redis Cluster
+//! one [`run`] is one pipeline, sent whole to one node: every call of it must have its keys in
+//! one slot (one partition); `SCRIPT LOAD` after a `NOSCRIPT` goes to every node.
 
-use crate::conn::RedisUrl;
 use crate::{Error, Result};
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 use redis::{RedisResult, ToRedisArgs, Value};
+use std::fmt::Display;
 use std::sync::OnceLock;
 
 /// One Lua script of `lua/`.
@@ -37,7 +41,7 @@ impl LuaScript {
     }
 
     /// `SCRIPT LOAD`s this script.
-    pub async fn load(&self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+    pub async fn load(&self, conn: &mut (impl ConnectionLike + Send + Sync)) -> RedisResult<()> {
         let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(self.source).query_async(conn).await?;
         Ok(())
     }
@@ -96,7 +100,11 @@ impl Call {
     }
 
     /// Runs this one call.
-    pub async fn run(&self, conn: &mut MultiplexedConnection, url: &RedisUrl) -> Result<Value> {
+    pub async fn run(
+        &self,
+        conn: &mut (impl ConnectionLike + Send + Sync),
+        url: &(impl Display + Sync),
+    ) -> Result<Value> {
         let mut out = run(conn, url, std::slice::from_ref(self)).await?;
         out.pop().expect("one reply per call").map_err(|e| Error::redis(url, e))
     }
@@ -104,7 +112,11 @@ impl Call {
 
 /// Runs `calls` as one pipeline and returns one reply per call, in order. The outer error is a
 /// connection-level failure (nothing known about which calls ran); inner errors are per call.
-pub async fn run(conn: &mut MultiplexedConnection, url: &RedisUrl, calls: &[Call]) -> Result<Vec<RedisResult<Value>>> {
+pub async fn run(
+    conn: &mut (impl ConnectionLike + Send + Sync),
+    url: &(impl Display + Sync),
+    calls: &[Call],
+) -> Result<Vec<RedisResult<Value>>> {
     if calls.is_empty() {
         return Ok(Vec::new());
     }
@@ -123,8 +135,8 @@ pub async fn run(conn: &mut MultiplexedConnection, url: &RedisUrl, calls: &[Call
 }
 
 async fn pipeline<'a>(
-    conn: &mut MultiplexedConnection,
-    url: &RedisUrl,
+    conn: &mut (impl ConnectionLike + Send + Sync),
+    url: &(impl Display + Sync),
     calls: impl Iterator<Item = &'a Call>,
 ) -> Result<Vec<RedisResult<Value>>> {
     let mut p = redis::pipe();

@@ -47,10 +47,16 @@ impl RedisServer {
 
     /// Starts a server with `opts` on a free port.
     pub fn start_with(opts: ServerOptions) -> Result<Self> {
+        Self::start_picking(opts, free_port)
+    }
+
+    /// Starts a server with `opts` on a port chosen by `pick` (asked again, up to ten times in
+    /// all, when the server cannot start on the one it gave: a race for the port, say).
+    pub fn start_picking(opts: ServerOptions, mut pick: impl FnMut() -> Result<u16>) -> Result<Self> {
         let mut dir = tempfile::Builder::new().prefix("redtx-redis-").tempdir()?;
         let mut last_err = String::new();
         for _ in 0..10 {
-            let port = free_port()?;
+            let port = pick()?;
             let mut s = RedisServer { child: None, port, dir, opts: opts.clone() };
             match s.spawn() {
                 Ok(()) => return Ok(s),

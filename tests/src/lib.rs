@@ -23,6 +23,8 @@
 //!   ([`Shop::check`]): stock + sold and balance + spent constant, every step applied and
 //!   compensated at most once, no order half-done.
 //!
+//! - [`make_tls_certs`]: a CA and a server certificate (`openssl`) for the TLS tests.
+//!
 //! Every test starts its own servers and processes on free ports, so tests run in parallel.
 //! Synchronisation waits for events (a line printed, a record state, a barrier) with generous
 //! time limits (slow CI), never for a fixed time.
@@ -1433,4 +1435,63 @@ impl Shop {
         );
         sum
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+/// A CA (`ca.pem`) and a server certificate (`server.pem`, key `server.key`) for 127.0.0.1
+/// and localhost, made with `openssl` in `dir`.
+pub fn make_tls_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out =
+            Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is needed for the TLS test");
+        assert!(out.status.success(), "openssl {args:?}: {}", lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=redtx test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
 }

@@ -3,7 +3,6 @@
 
 use redtx_common::server::{free_port, RedisServer, ServerOptions};
 use redtx_tests::*;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -80,65 +79,10 @@ fn an_acl_user_with_a_password_works_and_no_password_is_printed() {
     assert!(!out.all().contains(APP_PW), "{}", out.all());
 }
 
-/// A CA and a server certificate for 127.0.0.1/localhost, made with `openssl`.
-fn make_certs(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out =
-            Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is needed for the TLS test");
-        assert!(out.status.success(), "openssl {args:?}: {}", lossy(&out.stderr));
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=redtx test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-        .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
 #[test]
 fn tls_urls_work() {
     let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path());
+    make_tls_certs(certs.path());
     let tls_port = free_port().unwrap();
     let p = |f: &str| certs.path().join(f).display().to_string();
     let server = RedisServer::start_with(ServerOptions {
