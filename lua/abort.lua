@@ -15,21 +15,19 @@ Output (of each transition, in the batch's reply array):
   {2, state, reason, deadline}        MOVED: the barrier is not in the expected state, or KEYS
                                       are not the branch's keys; nothing changed
 ]]
--- rcall, bar, name, moved, same_keys, unlock, expire: lua/lib/barrier.lua (prepended)
+-- rcall, bar, name, read_prepared, moved_from, same_keys, unlock, expire: lua/lib/barrier.lua
+-- (prepended)
 
 local function one()
-  local m = moved()
-  if m then
-    return m
-  end
-  if not same_keys() then
-    return moved_anyway()
+  local b = read_prepared()
+  if (b[1] or '') ~= expected or not same_keys(b[4]) then
+    return moved_from(b)
   end
   local reason = name .. ': transaction was aborted'
   rcall('HSET', bar, 'state', 'aborted', 'reason', reason, 'done', ARGV[4])
   rcall('HDEL', bar, 'ops')
   unlock()
-  expire(rcall('HGET', bar, 'deadline'))
+  expire(b[3])
   return {1, 'aborted', reason}
 end
 

@@ -22,18 +22,16 @@ Output (of each transition, in the batch's reply array):
                                       are not the branch's keys; nothing changed
   error                               the staged writes no longer apply; nothing changed
 ]]
--- rcall, bar, moved, same_keys, unlock, expire: lua/lib/barrier.lua; simulate, apply:
+-- rcall, bar, read_prepared, moved_from, same_keys, unlock, expire: lua/lib/barrier.lua;
+-- simulate, apply:
 -- lua/lib/ops.lua (all prepended)
 
 local function one()
-  local m = moved()
-  if m then
-    return m
+  local b = read_prepared()
+  if (b[1] or '') ~= expected or not same_keys(b[4]) then
+    return moved_from(b)
   end
-  if not same_keys() then
-    return moved_anyway()
-  end
-  local staged = cmsgpack.unpack(rcall('HGET', bar, 'ops'))
+  local staged = cmsgpack.unpack(b[5])
   local ops = {}
   for k, w in ipairs(staged) do
     ops[k] = {w[1], w[2], w[3], w[4], '', ''}
@@ -47,7 +45,7 @@ local function one()
   rcall('HDEL', bar, 'ops')
   apply(staged)
   unlock()
-  expire(rcall('HGET', bar, 'deadline'))
+  expire(b[3])
   return {1, 'committed', ''}
 end
 

@@ -66,9 +66,19 @@ local function moved()
   return m
 end
 
--- Whether KEYS lists exactly the keys the branch was prepared with.
-local function same_keys()
-  local raw = rcall('HGET', bar, 'keys')
+-- A prepared branch's barrier, read once for its commit or abort: {state, reason, deadline,
+-- keys, ops} (each false when absent).
+local function read_prepared()
+  return rcall('HMGET', bar, 'state', 'reason', 'deadline', 'keys', 'ops')
+end
+
+-- The MOVED reply for barrier fields b (as read_prepared gives them).
+local function moved_from(b)
+  return {2, b[1] or '', b[2] or '', b[3] or ''}
+end
+
+-- Whether KEYS lists exactly the keys the branch was prepared with (raw: the barrier's `keys`).
+local function same_keys(raw)
   if not raw then
     return false
   end
