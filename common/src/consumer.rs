@@ -16,6 +16,7 @@
 use crate::conn::RedisUrl;
 use crate::protocol::Message;
 use crate::shutdown::Shutdown;
+use crate::stats::{ConsumerCounts, Publisher};
 use crate::{keys, Error, Result};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
@@ -137,6 +138,9 @@ pub struct Consumer {
     conn: MultiplexedConnection,
     /// Per stream (index in `cfg.streams`): where the next `XAUTOCLAIM` scan starts.
     claim_from: Vec<String>,
+    /// What this instance handled, published with `stats` and in its last log line.
+    counts: ConsumerCounts,
+    stats: Publisher,
 }
 
 impl Consumer {
@@ -149,7 +153,8 @@ impl Consumer {
             ensure_group(&mut conn, url, stream, &cfg.group).await?;
         }
         let claim_from = vec!["0-0".to_string(); cfg.streams.len()];
-        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, claim_from })
+        let stats = Publisher::participant(&cfg.group, &cfg.consumer);
+        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, claim_from, counts: ConsumerCounts::default(), stats })
     }
 
     /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
@@ -157,12 +162,14 @@ impl Consumer {
         let mut last_tick = Instant::now() - self.cfg.tick_every;
         let mut last_trim = Instant::now();
         let mut backoff = Backoff::default();
-        tracing::info!(streams = ?self.cfg.streams, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "worker started");
+        tracing::info!(streams = ?self.cfg.streams, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "participant started");
         while !shutdown.is_triggered() {
             let step = async {
                 if last_tick.elapsed() >= self.cfg.tick_every {
                     last_tick = Instant::now();
                     self.claim_idle(handler).await?;
+                    // Sent by a task of its own: this loop does not wait for it.
+                    self.stats.publish_if_due(&self.conn, || self.counts.fields());
                 }
                 if self.cfg.trim_every.is_some_and(|every| last_trim.elapsed() >= every) {
                     last_trim = Instant::now();
@@ -187,7 +194,9 @@ impl Consumer {
                 }
             }
         }
-        tracing::info!(group = %self.cfg.group, consumer = %self.cfg.consumer, "worker stopped");
+        self.stats.publish_stopped(&mut self.conn, self.counts.fields()).await;
+        let (handled, dead) = (self.counts.handled, self.counts.dead);
+        tracing::info!(participant = %self.cfg.group, consumer = %self.cfg.consumer, handled, dead, "participant stopped");
         Ok(())
     }
 
@@ -362,6 +371,7 @@ impl Consumer {
             p.xadd(keys::dead_letter_stream(partition), "*", &fields).ignore();
             p.hincr(keys::dead_letter_counts(partition), stream, 1).ignore();
         }
+        let answered = ack.len() as u64;
         ack.extend(dead.iter().map(|(i, e, _)| (*i, e.id.clone())));
         // One XACK per stream.
         let mut by_stream: HashMap<usize, Vec<String>> = HashMap::new();
@@ -372,6 +382,8 @@ impl Consumer {
             p.xack(&self.cfg.streams[*i], &self.cfg.group, ids).ignore();
         }
         p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        self.counts.handled += answered;
+        self.counts.dead += dead.len() as u64;
         Ok(())
     }
 }
