@@ -46,7 +46,8 @@ pub struct CoordinatorCounts {
     /// Transactions created (a record written for a new id; a refused submit's `rejected` one
     /// included).
     pub created: u64,
-    /// Decisions made: a 2PC commit or abort, a saga's compensation or end.
+    /// Decisions made: a 2PC commit or abort, or the start of a saga's compensation (a saga
+    /// that completes is counted in `finished` only).
     pub decided: u64,
     /// Transactions that became terminal here.
     pub finished: u64,
