@@ -265,6 +265,10 @@ pub async fn read_all(conn: &mut MultiplexedConnection) -> redis::RedisResult<Ve
     }
     found.sort();
     found.dedup();
+    if found.is_empty() {
+        // An empty pipeline is an error to the client.
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
     for k in &found {
         pipe.hgetall(k);
