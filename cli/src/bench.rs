@@ -43,6 +43,13 @@
 //! its commands on one thread, so one near 100 % of a core is the limit; on a shared `--redis` only
 //! the processes this run started are measured.
 //!
+//! Scale-out: `--coordinators N` starts N coordinator processes sharing the partitions, and
+//! `--instances M` runs M processes of each participant in its consumer group. Each worker counts
+//! what it handles (`redtx_common::stats`) and writes its final counts when it stops; the bench
+//! reports each process's share of the work over the whole run (a coordinator's entries among
+//! every coordinator's, with the partitions it owned at the end; an instance's requests among its
+//! participant's), next to its CPU line.
+//!
 //! At the end the total money must be unchanged, every decided abort applied and no lock left
 //! behind (exit 5 otherwise).
 
@@ -55,6 +62,7 @@ use redis::aio::MultiplexedConnection;
 use redtx_common::conn::RedisUrl;
 use redtx_common::keys;
 use redtx_common::spec::{Branch, Op, TxnSpec};
+use redtx_common::stats::WorkerStats;
 use redtx_common::{Client, Error};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -101,6 +109,12 @@ pub struct BenchArgs {
     /// Redis servers and this process only).
     #[arg(long)]
     inline: bool,
+    /// Coordinator processes sharing the partitions (at most --partitions; not with --inline)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    coordinators: usize,
+    /// Processes of each participant, sharing its consumer group (not with --inline)
+    #[arg(long, value_name = "M", default_value_t = 1)]
+    instances: usize,
     /// How long each of the two baseline measurements runs [default: --duration, at most 3s]
     #[arg(long, value_parser = humantime::parse_duration)]
     baseline: Option<Duration>,
@@ -197,6 +211,23 @@ fn check(args: &BenchArgs, participants: usize) -> Option<String> {
     if args.contention > 0.0 && args.mode == Mode::Saga {
         return Some("--contention is for --mode 2pc: saga steps take no locks, so nothing would conflict".into());
     }
+    if args.coordinators == 0 || args.instances == 0 {
+        return Some("--coordinators and --instances must be at least 1".into());
+    }
+    if args.inline && (args.coordinators > 1 || args.instances > 1) {
+        return Some(
+            "--coordinators and --instances start more worker processes, but --inline runs one coordinator and one \
+             instance of each participant inside redtx bench: drop --inline, or these"
+                .into(),
+        );
+    }
+    if args.coordinators > args.partitions as usize {
+        return Some(format!(
+            "--coordinators {} is more than --partitions {}: a partition has one owner at a time, so the extra \
+             coordinators would own nothing",
+            args.coordinators, args.partitions
+        ));
+    }
     None
 }
 
@@ -238,7 +269,17 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         args.ops,
         if args.ops == 1 { "" } else { "s" },
         args.contention,
-        if args.inline { "in this process" } else { "as processes" },
+        if args.inline {
+            "in this process".to_string()
+        } else {
+            format!(
+                "as processes ({} coordinator{}, {} instance{} per participant)",
+                args.coordinators,
+                if args.coordinators == 1 { "" } else { "s" },
+                args.instances,
+                if args.instances == 1 { "" } else { "s" }
+            )
+        },
     );
     if !args.json {
         println!("{header}");
@@ -255,7 +296,7 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
     if args.inline {
         cluster.start_workers();
     } else {
-        let mut procs = cluster.spawn_processes()?;
+        let mut procs = cluster.spawn_processes(args.coordinators, args.instances)?;
         procs.wait_ready(&cluster).await?;
         workers = Some(procs);
     }
@@ -315,9 +356,20 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
     let aborting = std::mem::take(&mut *load.aborting.lock().expect("aborting"));
     let settled = crate::cluster::settle(&client, &aborting, WAIT).await?;
     let unsettled = settled.iter().filter(|r| !r.as_ref().is_some_and(|r| r.state.is_terminal())).count();
+    // Who owns which partition, read before the workers stop (a stopping coordinator gives its
+    // partitions up, and another may take them on its way out); what each handled, from the
+    // final counts each writes when it stops.
+    let owners = match &workers {
+        Some(_) => crate::cluster::lease_owners(&mut stream.connect().await?, &stream, args.partitions).await?,
+        None => Vec::new(),
+    };
     if let Some(w) = workers.as_mut() {
         w.stop().await;
     }
+    let work = match &workers {
+        Some(w) => Some(work_shares(&stream, w, &owners).await?),
+        None => None,
+    };
     cluster.stop_workers().await;
     let after = cluster.total(&mut conns, &keys).await?;
     let locks = cluster.locks_left(&mut conns).await?;
@@ -355,6 +407,7 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
                 "mode": mode_name(args.mode), "partitions": args.partitions, "participants": names,
                 "ops": args.ops, "contention": args.contention,
                 "workers": if args.inline { "inline" } else { "processes" },
+                "coordinators": args.coordinators, "instances": args.instances,
             },
             "baseline": {
                 "evalsha_awaited_per_s": awaited.rate(), "evalsha_awaited_latency": latency_json(&awaited.lat),
@@ -373,6 +426,7 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
                 "by_server": by_server,
             },
             "cpu": cpu.as_ref().map(Cpu::json),
+            "work": work.as_ref().map(|w| w.iter().map(Share::json).collect::<Vec<_>>()),
             "money": { "before": before, "after": after, "conserved": before == after },
             "locks_left": locks,
             "aborted": aborted,
@@ -439,6 +493,9 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         match &cpu {
             Some(cpu) => cpu.print(ok_word, shared),
             None => println!("  CPU: not measured (no /proc/<pid>/stat here)"),
+        }
+        if let Some(work) = &work {
+            print_shares(work);
         }
         println!("  money: {before} before, {after} after; locks left: {locks}");
         if ok {
@@ -730,6 +787,97 @@ where
         }
     }
     failure.map_or(Ok(lat), Err)
+}
+
+/// One worker process's part of the run's work.
+struct Share {
+    /// `coordinator #1`, `participant bank-a #2`, ...
+    process: String,
+    pid: u32,
+    /// The participant's name; `None` for a coordinator.
+    participant: Option<String>,
+    /// The partitions a coordinator owned at the end of the run.
+    partitions: Vec<u32>,
+    /// Its final counts (`None`: it wrote none, e.g. it died).
+    stats: Option<WorkerStats>,
+    /// Its entries handled over those of its kind: every coordinator, or every instance of the
+    /// same participant.
+    share: Option<f64>,
+}
+
+impl Share {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "process": self.process, "pid": self.pid,
+            "role": if self.participant.is_some() { "participant" } else { "coordinator" },
+            "participant": self.participant,
+            "partitions": self.participant.is_none().then_some(&self.partitions),
+            "counts": self.stats.as_ref().map(|s| &s.counts),
+            "share": self.share,
+        })
+    }
+}
+
+/// Each worker process's share of the work over the whole run, from the final counts it wrote
+/// when it stopped (`rtx:stats:*`, see `redtx_common::stats`), and the partitions each
+/// coordinator owned (`owners`, read before they stopped).
+async fn work_shares(stream: &RedisUrl, workers: &Processes, owners: &[Option<String>]) -> Result<Vec<Share>, Error> {
+    let mut conn = stream.connect().await?;
+    let stats = redtx_common::stats::read_all(&mut conn).await.map_err(|e| Error::redis(stream, e))?;
+    let mut out: Vec<Share> = workers
+        .children
+        .iter()
+        .map(|w| {
+            let pid = w.pid();
+            let partitions = owners
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o.as_deref().is_some_and(|o| crate::cluster::of_process(o, pid)))
+                .map(|(p, _)| p as u32)
+                .collect();
+            // The latest hash of this process (a pid is not reused within a run).
+            let stats = stats.iter().filter(|s| s.pid == Some(pid)).max_by_key(|s| s.at_ms).cloned();
+            Share { process: w.role.clone(), pid, participant: w.participant.clone(), partitions, stats, share: None }
+        })
+        .collect();
+    let handled = |s: &Share| s.stats.as_ref().map_or(0, WorkerStats::handled);
+    let totals: Vec<u64> =
+        out.iter().map(|s| out.iter().filter(|o| o.participant == s.participant).map(handled).sum()).collect();
+    for (s, total) in out.iter_mut().zip(totals) {
+        if s.stats.is_some() && total > 0 {
+            s.share = Some(handled(s) as f64 / total as f64);
+        }
+    }
+    Ok(out)
+}
+
+fn print_shares(work: &[Share]) {
+    println!("  work per process, whole run (entries each handled, from its final counts):");
+    let width = work.iter().map(|w| w.process.len()).max().unwrap_or(0);
+    for w in work {
+        let Some(stats) = &w.stats else {
+            println!("    {:<width$}  no counts (it wrote none)", w.process);
+            continue;
+        };
+        let share = w.share.map_or("-".to_string(), |s| format!("{:.1} %", 100.0 * s));
+        match &w.participant {
+            None => {
+                let parts: Vec<String> = w.partitions.iter().map(u32::to_string).collect();
+                println!(
+                    "    {:<width$}  {share:>7} of the coordinators' entries ({} handled; created {}, decided {}), \
+                     partitions {}",
+                    w.process,
+                    stats.handled(),
+                    stats.count("created"),
+                    stats.count("decided"),
+                    if parts.is_empty() { "none".to_string() } else { parts.join(",") },
+                )
+            }
+            Some(name) => {
+                println!("    {:<width$}  {share:>7} of {name}'s requests ({} answered)", w.process, stats.handled())
+            }
+        }
+    }
 }
 
 /// A Redis of the run.

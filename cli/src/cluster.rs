@@ -144,32 +144,40 @@ impl Cluster {
         }
     }
 
-    /// Starts a coordinator and every participant as child processes: the `redtx-coordinator`
-    /// and `redtx-participant` binaries next to this one, with the partitions and settings of
-    /// [`Cluster::start_workers`] (the binaries' defaults are the configs' defaults). Their log
-    /// level is `error` unless `RUST_LOG` says otherwise. Wait for them with
-    /// [`Processes::wait_ready`]; dropping the [`Processes`] kills them.
-    pub fn spawn_processes(&self) -> Result<Processes, Error> {
+    /// Starts `coordinators` coordinators and `instances` instances of every participant as
+    /// child processes: the `redtx-coordinator` and `redtx-participant` binaries next to this
+    /// one, with the partitions and settings of [`Cluster::start_workers`] (the binaries'
+    /// defaults are the configs' defaults). Their log level is `error` unless `RUST_LOG` says
+    /// otherwise. Wait for them with [`Processes::wait_ready`]; dropping the [`Processes`] kills
+    /// them. Each is labelled by its role (`coordinator`, `participant bank-a`), numbered (`#1`,
+    /// `#2`, ...) when there are several.
+    pub fn spawn_processes(&self, coordinators: usize, instances: usize) -> Result<Processes, Error> {
         let (coordinator_bin, participant_bin) = worker_binaries()?;
         let mut procs = Processes { children: Vec::new() };
+        let numbered = |role: String, i: usize, of: usize| if of > 1 { format!("{role} #{}", i + 1) } else { role };
         // URLs go in the environment, or as the default `--data` (the stream Redis), never on
         // the command line, where `ps` would show a password.
-        let mut coordinator = std::process::Command::new(coordinator_bin);
-        coordinator.env(URL_ENV, &self.stream_url).arg("--partitions").arg(self.partitions.to_string());
-        procs.spawn("coordinator".into(), None, coordinator)?;
+        for i in 0..coordinators {
+            let mut coordinator = std::process::Command::new(&coordinator_bin);
+            coordinator.env(URL_ENV, &self.stream_url).arg("--partitions").arg(self.partitions.to_string());
+            procs.spawn(numbered("coordinator".into(), i, coordinators), None, coordinator)?;
+        }
         for m in &self.members {
-            let mut participant = std::process::Command::new(&participant_bin);
-            participant
-                .env(URL_ENV, &self.stream_url)
-                .arg("--name")
-                .arg(&m.name)
-                .arg("--partitions")
-                .arg(self.partitions.to_string());
-            if m.url.expose() != self.stream_url {
-                // A private server: no password.
-                participant.arg("--data").arg(m.url.expose());
+            for i in 0..instances {
+                let mut participant = std::process::Command::new(&participant_bin);
+                participant
+                    .env(URL_ENV, &self.stream_url)
+                    .arg("--name")
+                    .arg(&m.name)
+                    .arg("--partitions")
+                    .arg(self.partitions.to_string());
+                if m.url.expose() != self.stream_url {
+                    // A private server: no password.
+                    participant.arg("--data").arg(m.url.expose());
+                }
+                let role = numbered(format!("participant {}", m.name), i, instances);
+                procs.spawn(role, Some(m.name.clone()), participant)?;
             }
-            procs.spawn(format!("participant {}", m.name), Some(m.name.clone()), participant)?;
         }
         Ok(procs)
     }
@@ -336,10 +344,10 @@ fn worker_binary(name: &str) -> Result<std::path::PathBuf, Error> {
 
 /// A worker running as a child process.
 pub struct WorkerProcess {
-    /// `coordinator` or `participant <name>`.
+    /// `coordinator` or `participant <name>` (`coordinator #2`, ... when there are several).
     pub role: String,
-    /// The participant's name (its consumer group); `None` for the coordinator.
-    participant: Option<String>,
+    /// The participant's name (its consumer group); `None` for a coordinator.
+    pub participant: Option<String>,
     child: std::process::Child,
 }
 
@@ -388,8 +396,10 @@ impl Processes {
     }
 
     /// Waits until every worker works: each participant has its consumer group on every
-    /// partition stream of its own, and every partition is leased, on private servers by this
-    /// coordinator (on a shared `--redis` a deployment's coordinators may hold some).
+    /// partition stream of its own, and each participant instance has started its loop (its
+    /// stats hash is written); every partition is leased, on private servers by one of these
+    /// coordinators, each owning some (on a shared `--redis` a deployment's coordinators may
+    /// hold some).
     pub async fn wait_ready(&mut self, cluster: &Cluster) -> Result<(), Error> {
         let url = RedisUrl::parse(&cluster.stream_url)?;
         let mut conn = url.connect().await?;
@@ -397,8 +407,10 @@ impl Processes {
         loop {
             self.check_running()?;
             let mut waiting = None;
+            let owners = lease_owners(&mut conn, &url, cluster.partitions).await?;
+            let stats = redtx_common::stats::read_all(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
             for w in &self.children {
-                if !self.is_ready(w, cluster, &mut conn).await {
+                if !self.is_ready(w, cluster, &mut conn, &owners, &stats).await {
                     waiting = Some(w.role.clone());
                     break;
                 }
@@ -414,8 +426,23 @@ impl Processes {
         }
     }
 
-    async fn is_ready(&self, w: &WorkerProcess, cluster: &Cluster, conn: &mut MultiplexedConnection) -> bool {
+    async fn is_ready(
+        &self,
+        w: &WorkerProcess,
+        cluster: &Cluster,
+        conn: &mut MultiplexedConnection,
+        owners: &[Option<String>],
+        stats: &[redtx_common::stats::WorkerStats],
+    ) -> bool {
         let pid = w.pid();
+        if w.participant.is_some() && !stats.iter().any(|s| s.pid == Some(pid) && s.role == "participant") {
+            return false;
+        }
+        if w.participant.is_none() && !cluster.shared() && !owners.iter().flatten().any(|o| of_process(o, pid)) {
+            // Each coordinator owns some partitions once they are spread.
+            return false;
+        }
+        let ours: Vec<u32> = self.children.iter().filter(|c| c.participant.is_none()).map(WorkerProcess::pid).collect();
         for p in 0..cluster.partitions {
             let ready = match &w.participant {
                 Some(name) => {
@@ -433,13 +460,10 @@ impl Processes {
                             .any(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == name.as_bytes()))
                     })
                 }
-                None => {
-                    let lease: redis::RedisResult<Option<String>> = conn.get(keys::lease(p)).await;
-                    match lease {
-                        Ok(Some(v)) => cluster.shared() || v.split_once(':').is_some_and(|(_, o)| of_process(o, pid)),
-                        _ => false,
-                    }
-                }
+                None => match &owners[p as usize] {
+                    Some(owner) => cluster.shared() || ours.iter().any(|pid| of_process(owner, *pid)),
+                    None => false,
+                },
             };
             if !ready {
                 return false;
@@ -483,8 +507,23 @@ impl Drop for Processes {
 
 /// Whether a coordinator id (`<host>-<pid>-<random>`, see
 /// `redtx_common::consumer::unique_consumer_name`) belongs to process `pid`.
-fn of_process(id: &str, pid: u32) -> bool {
-    id.rsplit_once('-').and_then(|(rest, _)| rest.rsplit_once('-')).is_some_and(|(_, p)| p == pid.to_string())
+pub fn of_process(id: &str, pid: u32) -> bool {
+    redtx_common::stats::pid_of_worker(id) == Some(pid)
+}
+
+/// The owner (coordinator id) of the lease of each partition `0..partitions`, `None` where free.
+pub async fn lease_owners(
+    conn: &mut MultiplexedConnection,
+    url: &RedisUrl,
+    partitions: u32,
+) -> Result<Vec<Option<String>>, Error> {
+    let mut pipe = redis::pipe();
+    for p in 0..partitions {
+        pipe.get(keys::lease(p));
+    }
+    let values: Vec<Option<String>> = pipe.query_async(conn).await.map_err(|e| Error::redis(url, e))?;
+    // `<token>:<owner>`.
+    Ok(values.into_iter().map(|v| v.and_then(|v| v.split_once(':').map(|(_, o)| o.to_string()))).collect())
 }
 
 async fn count_locks(c: &mut MultiplexedConnection, m: &Member) -> Result<usize, Error> {

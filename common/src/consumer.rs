@@ -16,6 +16,7 @@
 use crate::conn::RedisUrl;
 use crate::protocol::{is_batch_entry, items_of_entry, Message};
 use crate::shutdown::Shutdown;
+use crate::stats::{ConsumerCounts, Publisher};
 use crate::{keys, Error, Result};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
@@ -137,6 +138,9 @@ pub struct Consumer {
     conn: MultiplexedConnection,
     /// Per stream (index in `cfg.streams`): where the next `XAUTOCLAIM` scan starts.
     claim_from: Vec<String>,
+    /// What this instance handled, published with `stats` and in its last log line.
+    counts: ConsumerCounts,
+    stats: Publisher,
 }
 
 impl Consumer {
@@ -149,7 +153,8 @@ impl Consumer {
             ensure_group(&mut conn, url, stream, &cfg.group).await?;
         }
         let claim_from = vec!["0-0".to_string(); cfg.streams.len()];
-        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, claim_from })
+        let stats = Publisher::participant(&cfg.group, &cfg.consumer);
+        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, claim_from, counts: ConsumerCounts::default(), stats })
     }
 
     /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
@@ -157,12 +162,14 @@ impl Consumer {
         let mut last_tick = Instant::now() - self.cfg.tick_every;
         let mut last_trim = Instant::now();
         let mut backoff = Backoff::default();
-        tracing::info!(streams = ?self.cfg.streams, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "worker started");
+        tracing::info!(streams = ?self.cfg.streams, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "participant started");
         while !shutdown.is_triggered() {
             let step = async {
                 if last_tick.elapsed() >= self.cfg.tick_every {
                     last_tick = Instant::now();
                     self.claim_idle(handler).await?;
+                    // Sent by a task of its own: this loop does not wait for it.
+                    self.stats.publish_if_due(&self.conn, || self.counts.fields());
                 }
                 if self.cfg.trim_every.is_some_and(|every| last_trim.elapsed() >= every) {
                     last_trim = Instant::now();
@@ -187,7 +194,9 @@ impl Consumer {
                 }
             }
         }
-        tracing::info!(group = %self.cfg.group, consumer = %self.cfg.consumer, "worker stopped");
+        self.stats.publish_stopped(&mut self.conn, self.counts.fields()).await;
+        let (handled, dead) = (self.counts.handled, self.counts.dead);
+        tracing::info!(participant = %self.cfg.group, consumer = %self.cfg.consumer, handled, dead, "participant stopped");
         Ok(())
     }
 
@@ -340,6 +349,8 @@ impl Consumer {
             }
         }
         let mut writes = Vec::new();
+        // Messages answered (counted once their answers are written).
+        let mut answered = 0u64;
         if !batch.is_empty() {
             let handled = match handler.handle(batch).await {
                 Ok(h) => h,
@@ -354,7 +365,7 @@ impl Consumer {
             for ((n, own), d) in origin.into_iter().zip(dispositions) {
                 let (i, entry) = &entries[n];
                 match d {
-                    Disposition::Ack => {}
+                    Disposition::Ack => answered += 1,
                     Disposition::DeadLetter(reason) => match own {
                         None => dead.push((*i, entry.clone(), reason)),
                         Some(map) => {
@@ -373,7 +384,9 @@ impl Consumer {
             entries.iter().zip(&keep).filter(|(_, kept)| !**kept).map(|((i, e), _)| (*i, e.id.clone())).collect();
         let kept: std::collections::HashSet<(usize, String)> =
             entries.iter().zip(&keep).filter(|(_, k)| **k).map(|((i, e), _)| (*i, e.id.clone())).collect();
-        self.commit(writes, dead, ack, &kept).await
+        self.commit(writes, dead, ack, &kept).await?;
+        self.counts.handled += answered;
+        Ok(())
     }
 
     /// Writes the batch's results, its dead letters (copied with the reason, counted, in the
@@ -417,6 +430,7 @@ impl Consumer {
             p.xack(&self.cfg.streams[*i], &self.cfg.group, ids).ignore();
         }
         p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        self.counts.dead += dead.len() as u64;
         Ok(())
     }
 }

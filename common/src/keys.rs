@@ -92,6 +92,20 @@ pub fn protocol() -> String {
     "rtx:protocol".to_string()
 }
 
+/// The work counters of coordinator `id` (a hash with a time to live, rewritten every few
+/// seconds while it runs; see [`crate::stats`]).
+pub fn coordinator_stats(id: &str) -> String {
+    format!("rtx:stats:coordinator:{id}")
+}
+
+/// The work counters of instance `consumer` of participant `name` (see [`crate::stats`]).
+pub fn participant_stats(name: &str, consumer: &str) -> String {
+    format!("rtx:stats:participant:{name}:{consumer}")
+}
+
+/// `SCAN` pattern of every worker's stats hash.
+pub const STATS_PATTERN: &str = "rtx:stats:*";
+
 /// Participant side: the per-branch barrier (hash) of transaction `txn` at participant `name`.
 pub fn barrier(name: &str, txn: &str) -> String {
     format!("rtx:bar:{name}:{txn}")

@@ -24,6 +24,8 @@
 //! - [`pg_server`]: starts private PostgreSQL servers on free ports (for tests), 2PC-ready
 //!   (`max_prepared_transactions` set).
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
+//! - [`stats`]: what each coordinator and participant process handled, counted in its loop,
+//!   logged when it stops and published as a small hash while it runs.
 //! - [`failpoint`]: named freeze points for kill-at-this-step tests.
 //! - [`error`]: the crate's error enum.
 
@@ -43,6 +45,7 @@ pub mod scripts;
 pub mod server;
 pub mod shutdown;
 pub mod spec;
+pub mod stats;
 
 pub use client::Client;
 pub use error::{Error, Result};

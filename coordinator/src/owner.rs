@@ -30,6 +30,7 @@ use redtx_common::record::{create_fields, progress_fields, txn_from_hash};
 use redtx_common::scripts::{self, LuaScript};
 use redtx_common::shutdown::Shutdown;
 use redtx_common::spec::{check_id, Mode};
+use redtx_common::stats::{CoordinatorCounts, Publisher};
 use redtx_common::{failpoint, keys, now_ms, Error, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -173,7 +174,22 @@ struct Batch {
     announce: Vec<(String, &'static str)>,
     acks: Vec<String>,
     dead: Vec<(StreamId, String)>,
-    decided: bool,
+    /// Decisions made by this batch.
+    decisions: u64,
+    /// Messages handled by this batch (a batch entry counts its messages).
+    entries: u64,
+}
+
+impl Batch {
+    /// What this batch adds to the coordinator's counts once it is written.
+    fn counts(&self) -> CoordinatorCounts {
+        CoordinatorCounts {
+            handled: self.entries,
+            created: self.created.len() as u64,
+            decided: self.decisions,
+            finished: self.finished.len() as u64,
+        }
+    }
 }
 
 /// The coordinator process: its connections and partitions.
@@ -191,6 +207,9 @@ pub struct Owner {
     last_trim: Instant,
     last_claim: Instant,
     consuming: HashMap<(String, u32), (bool, Instant)>,
+    /// What this coordinator handled, published with `stats` and in its last log line.
+    counts: CoordinatorCounts,
+    stats: Publisher,
 }
 
 impl Owner {
@@ -202,8 +221,11 @@ impl Owner {
             s.load(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
         }
         publish_version(&mut conn, &url).await?;
+        let me = redtx_common::consumer::unique_consumer_name();
         Ok(Owner {
-            me: redtx_common::consumer::unique_consumer_name(),
+            stats: Publisher::coordinator(&me),
+            counts: CoordinatorCounts::default(),
+            me,
             cfg,
             url,
             read_conn,
@@ -252,13 +274,21 @@ impl Owner {
                 }
             }
         }
+        let owned: Vec<u32> = self.parts.keys().copied().collect();
         for (p, part) in std::mem::take(&mut self.parts) {
             if let Err(e) = lease::release(&mut self.conn, &self.url, p, &part.lease).await {
                 tracing::debug!(partition = p, error = %e, "could not release the lease; it lapses");
             }
         }
         let _ = lease::leave(&mut self.conn, &self.url, &self.me).await;
-        tracing::info!(coordinator = %self.me, "coordinator stopped");
+        // The partitions it owned until now, with the final counts.
+        self.stats.publish_stopped(&mut self.conn, self.counts.fields(owned.iter().copied())).await;
+        let c = self.counts;
+        let partitions = owned.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        tracing::info!(
+            coordinator = %self.me, handled = c.handled, created = c.created, decided = c.decided,
+            finished = c.finished, partitions = %partitions, "coordinator stopped"
+        );
         Ok(())
     }
 
@@ -293,6 +323,8 @@ impl Owner {
                 self.last_trim = Instant::now();
                 self.trim().await?;
             }
+            // Sent by a task of its own: this loop does not wait for it.
+            self.stats.publish_if_due(&self.conn, || self.counts.fields(self.parts.keys().copied()));
         }
         self.ticks().await?;
         self.read_and_handle().await
@@ -444,7 +476,7 @@ impl Owner {
             for id in due {
                 step_live(part, &id, Event::Tick, t, &mut batch);
             }
-            if batch.decided {
+            if batch.decisions > 0 {
                 tracing::info!(partition = p, "deadline passed: deciding");
             }
             batches.push((p, batch));
@@ -530,6 +562,7 @@ impl Owner {
                     }
                 }
             }
+            batch.entries = (msgs.len() + batch.dead.len()) as u64;
             let part = &self.parts[&p];
             let mut seen = HashSet::new();
             for (_, m) in &msgs {
@@ -601,8 +634,11 @@ impl Owner {
         let mut parts = Vec::with_capacity(batches.len());
         let mut all = Writes::default();
         let mut decided = false;
+        // Counted once the write is applied (or there is none).
+        let mut counts = CoordinatorCounts::default();
         for (p, batch) in batches {
-            decided |= batch.decided;
+            decided |= batch.decisions > 0;
+            counts.add(&batch.counts());
             if let Some(w) = self.partition_writes(p, batch).await {
                 parts.push(p);
                 all.cmds.extend(w.cmds);
@@ -610,6 +646,7 @@ impl Owner {
             }
         }
         if parts.is_empty() {
+            self.counts.add(&counts);
             return Ok(());
         }
         let mut call = FENCED.call();
@@ -654,6 +691,7 @@ impl Owner {
                 return Err(e);
             }
         }
+        self.counts.add(&counts);
         if decided {
             failpoint::hit(FP_AFTER_DECISION).await;
         }
@@ -839,7 +877,7 @@ fn step_live_entry(
 
 /// Adds an output's effects to the batch.
 fn collect(id: &str, out: Output, batch: &mut Batch) {
-    batch.decided |= out.decided;
+    batch.decisions += u64::from(out.decided);
     for e in out.effects {
         match e {
             Effect::Send { msg, resend } => batch.sends.push((msg, resend)),

@@ -9,7 +9,8 @@
 //!   `kill9`/`term`/`stop`/`cont`/`wait_exit`; killed on drop, its output printed if the test
 //!   panicked. [`coordinator`] and [`participant`] spawn the workers with `--partitions`.
 //! - [`cli`], [`redtx`]: run the `redtx` CLI to completion with a time limit.
-//! - Partitions: every test deployment uses [`PARTITIONS`] (4, so partitioning is exercised);
+//! - Partitions: a test deployment uses [`PARTITIONS`] (4, so partitioning is exercised) unless
+//!   [`ClusterOptions::partitions`] says otherwise;
 //!   [`record_key`], [`coord_streams`], [`participant_streams`], [`dead_letters`] name the
 //!   per-partition keys.
 //! - [`redis_conn`], [`scan`], [`poll`], [`xrange`], [`drained`]: small synchronous Redis and
@@ -17,7 +18,12 @@
 //! - [`Cluster`]: a stream Redis, data Redis servers, coordinators and named participants, with
 //!   the producer [`Client`], records, barriers and leftovers (locks, prepared barriers).
 //! - [`Bank`]: the 2PC fixture: servers A (streams and `bank-a`'s data) and B (`bank-b`'s data),
-//!   accounts, transfers, balances.
+//!   accounts, transfers, balances; a [`TransferLoad`] of producers moving money until stopped,
+//!   and [`Bank::check_transfers`] (every transfer ended, balances exactly as committed).
+//! - Who does the work: [`Cluster::worker_stats`] (each process's `rtx:stats:*` hash),
+//!   [`Cluster::lease_owners`] and [`Cluster::wait_spread`] (which coordinator process owns
+//!   which partition), [`Cluster::pending_at`], and [`Proc::logged_count`] for the counts of a
+//!   `coordinator stopped` / `participant stopped` line.
 //! - [`Shop`]: the saga fixture: `orders` (on the stream Redis), `stock` and `payment` (each on
 //!   its own Redis); orders as three-step sagas, and the conservation checks
 //!   ([`Shop::check`]): stock + sold and balance + spent constant, every step applied and
@@ -35,11 +41,13 @@ use redtx_common::protocol::Message;
 use redtx_common::record::{TxnRecord, TxnState};
 use redtx_common::server::{RedisServer, ServerOptions};
 use redtx_common::spec::{Branch, ExpectOp, HincrbyOp, IncrbyOp, Op, TxnSpec};
+pub use redtx_common::stats::{pid_of_worker, WorkerStats};
 use redtx_common::Client;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -300,6 +308,20 @@ impl Proc {
         self.lines.lock_lines().iter().any(|l| l.contains(needle))
     }
 
+    /// The value of the log field `field` (`handled=12345` gives `12345`) in the last line
+    /// containing `needle`, if any.
+    pub fn logged(&self, needle: &str, field: &str) -> Option<String> {
+        let lines = self.lines.lock_lines();
+        let line = lines.iter().rev().find(|l| l.contains(needle))?;
+        let at = format!("{field}=");
+        line.split_whitespace().find_map(|w| w.strip_prefix(at.as_str())).map(|v| v.trim_matches('"').to_string())
+    }
+
+    /// [`Proc::logged`] as a number.
+    pub fn logged_count(&self, needle: &str, field: &str) -> Option<u64> {
+        self.logged(needle, field)?.parse().ok()
+    }
+
     /// Waits up to `timeout` for the process to exit; `None` if it still runs.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -338,13 +360,23 @@ impl Drop for Proc {
 
 /// `--partitions <PARTITIONS>`, for a worker or CLI command line.
 pub fn partitions_args() -> Vec<String> {
-    vec!["--partitions".to_string(), PARTITIONS.to_string()]
+    partitions_args_for(PARTITIONS)
+}
+
+/// `--partitions <partitions>`.
+pub fn partitions_args_for(partitions: u32) -> Vec<String> {
+    vec!["--partitions".to_string(), partitions.to_string()]
 }
 
 /// Spawns `redtx-coordinator --redis url --partitions 4 extra...` with `envs`.
 pub fn coordinator(url: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
+    coordinator_over(url, PARTITIONS, extra, envs)
+}
+
+/// Spawns `redtx-coordinator --redis url --partitions <partitions> extra...` with `envs`.
+pub fn coordinator_over(url: &str, partitions: u32, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut args = vec!["--redis".to_string(), url.to_string()];
-    args.extend(partitions_args());
+    args.extend(partitions_args_for(partitions));
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn("coordinator", &bin("redtx-coordinator"), &args, envs)
 }
@@ -352,6 +384,18 @@ pub fn coordinator(url: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
 /// Spawns `redtx-participant --redis url --name name --data data_url --partitions 4 extra...`
 /// with `envs`.
 pub fn participant(url: &str, name: &str, data_url: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
+    participant_over(url, PARTITIONS, name, data_url, extra, envs)
+}
+
+/// [`participant`] over `partitions` partitions.
+pub fn participant_over(
+    url: &str,
+    partitions: u32,
+    name: &str,
+    data_url: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
     let mut args = vec![
         "--redis".to_string(),
         url.to_string(),
@@ -360,7 +404,7 @@ pub fn participant(url: &str, name: &str, data_url: &str, extra: &[&str], envs: 
         "--data".to_string(),
         data_url.to_string(),
     ];
-    args.extend(partitions_args());
+    args.extend(partitions_args_for(partitions));
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn(name, &bin("redtx-participant"), &args, envs)
 }
@@ -509,7 +553,12 @@ pub fn scan(conn: &mut redis::Connection, pattern: &str) -> Vec<String> {
 }
 
 /// Calls `f` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn poll<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_every(what, timeout, Duration::from_millis(20), f)
+}
+
+/// [`poll`] calling `f` every `every` (for a costlier look, such as a `SCAN`).
+pub fn poll_every<T>(what: &str, timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -518,7 +567,7 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
         if Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting for {what}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(every);
     }
 }
 
@@ -615,8 +664,13 @@ impl DeadLetter {
 
 /// Every dead letter of every partition.
 pub fn dead_letters(conn: &mut redis::Connection) -> Vec<DeadLetter> {
+    dead_letters_over(conn, PARTITIONS)
+}
+
+/// Every dead letter of partitions `0..partitions`.
+pub fn dead_letters_over(conn: &mut redis::Connection, partitions: u32) -> Vec<DeadLetter> {
     let mut out = Vec::new();
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         let dead_stream = keys::dead_letter_stream(p);
         for (_, f) in xrange(conn, &dead_stream) {
             let fields = f.into_iter().map(|(k, v)| (k, lossy(&v))).collect();
@@ -664,6 +718,8 @@ pub struct ClusterOptions {
     /// Instances of a participant, by name, where the fixture's default (one) does not fit;
     /// 0: not started.
     pub instances: BTreeMap<String, usize>,
+    /// `--partitions` of every process and of the producer client.
+    pub partitions: u32,
 }
 
 impl Default for ClusterOptions {
@@ -676,6 +732,7 @@ impl Default for ClusterOptions {
             coord_failpoint: None,
             failpoints: BTreeMap::new(),
             instances: BTreeMap::new(),
+            partitions: PARTITIONS,
         }
     }
 }
@@ -696,6 +753,18 @@ impl ClusterOptions {
     /// Starts `n` instances of participant `name`.
     pub fn instances(mut self, name: &str, n: usize) -> Self {
         self.instances.insert(name.to_string(), n);
+        self
+    }
+
+    /// Runs the deployment over `n` partitions (instead of [`PARTITIONS`]).
+    pub fn partitions(mut self, n: u32) -> Self {
+        self.partitions = n;
+        self
+    }
+
+    /// Starts `n` coordinators.
+    pub fn coordinators(mut self, n: usize) -> Self {
+        self.coordinators = n;
         self
     }
 
@@ -788,7 +857,7 @@ impl Cluster {
     pub fn start_coordinator(&mut self, failpoint: Option<&str>) -> &mut Proc {
         let args: Vec<&str> = self.opts.coord_args.iter().map(String::as_str).collect();
         let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
-        let mut p = coordinator(&self.url(), &args, &envs);
+        let mut p = coordinator_over(&self.url(), self.opts.partitions, &args, &envs);
         p.label = format!("coordinator#{}", self.coordinators.len() + 1);
         self.coordinators.push(p);
         self.coordinators.last_mut().unwrap()
@@ -798,7 +867,7 @@ impl Cluster {
     pub fn start_worker(&mut self, name: &str, failpoint: Option<&str>) -> &mut Proc {
         let args: Vec<&str> = self.opts.part_args.iter().map(String::as_str).collect();
         let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
-        let mut p = participant(&self.url(), name, &self.data_url(name), &args, &envs);
+        let mut p = participant_over(&self.url(), self.opts.partitions, name, &self.data_url(name), &args, &envs);
         let list = self.workers.entry(name.to_string()).or_default();
         p.label = format!("{name}#{}", list.len() + 1);
         list.push(p);
@@ -834,9 +903,27 @@ impl Cluster {
         redis_conn(&self.data_url(name))
     }
 
-    /// The producer client (connected on first use, shared).
+    /// The producer client (connected on first use, shared; clone it for tasks of its own).
     pub fn client(&self) -> &Client {
-        self.client.get_or_init(|| self.rt.block_on(connect_client(&self.url())).expect("client connect"))
+        self.client.get_or_init(|| {
+            let client = self.rt.block_on(Client::connect(&self.url())).expect("client connect");
+            client.with_partitions(self.opts.partitions)
+        })
+    }
+
+    /// The deployment's partition count.
+    pub fn partitions(&self) -> u32 {
+        self.opts.partitions
+    }
+
+    /// The record key of transaction `id` in this deployment.
+    pub fn record_key(&self, id: &str) -> String {
+        keys::txn_record(self.partition(id), id)
+    }
+
+    /// The partition of transaction `id` in this deployment.
+    pub fn partition(&self, id: &str) -> u32 {
+        keys::partition(id, self.opts.partitions)
     }
 
     /// Submits through the producer library; returns the id.
@@ -871,13 +958,13 @@ impl Cluster {
 
     /// The raw record hash of `id`.
     pub fn raw_record(&self, id: &str) -> BTreeMap<String, Vec<u8>> {
-        let h: HashMap<String, Vec<u8>> = self.stream_conn().hgetall(record_key(id)).unwrap();
+        let h: HashMap<String, Vec<u8>> = self.stream_conn().hgetall(self.record_key(id)).unwrap();
         h.into_iter().collect()
     }
 
     /// The record's `state` field, if any.
     pub fn state(&self, id: &str) -> Option<String> {
-        self.stream_conn().hget(record_key(id), "state").unwrap()
+        self.stream_conn().hget(self.record_key(id), "state").unwrap()
     }
 
     /// Polls until the record of `id` is in one of `states`; returns the record.
@@ -904,8 +991,8 @@ impl Cluster {
     /// A readable dump of `id`'s record and barriers, for failure messages.
     pub fn dump(&self, id: &str) -> String {
         let mut s = match self.record(id) {
-            Some(r) => format!("record {}: {r:?}", record_key(id)),
-            None => format!("record {}: none", record_key(id)),
+            Some(r) => format!("record {}: {r:?}", self.record_key(id)),
+            None => format!("record {}: none", self.record_key(id)),
         };
         for name in self.participants() {
             s.push_str(&format!("\nbarrier {}: {:?}", keys::barrier(&name, id), self.barrier(&name, id)));
@@ -992,17 +1079,109 @@ impl Cluster {
 
     /// Every dead letter of every partition.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        dead_letters(&mut self.stream_conn())
+        dead_letters_over(&mut self.stream_conn(), self.opts.partitions)
     }
 
     /// The messages about `id` on its partition's coordinator stream, in order.
     pub fn coord_messages(&self, id: &str) -> Vec<Message> {
-        messages_of(&mut self.stream_conn(), &keys::coord_stream(partition(id)), id)
+        messages_of(&mut self.stream_conn(), &keys::coord_stream(self.partition(id)), id)
     }
 
     /// The messages about `id` sent to participant `name`, in order.
     pub fn sent_to(&self, name: &str, id: &str) -> Vec<Message> {
-        messages_of(&mut self.stream_conn(), &keys::participant_stream(name, partition(id)), id)
+        messages_of(&mut self.stream_conn(), &keys::participant_stream(name, self.partition(id)), id)
+    }
+
+    /// Every stream of the deployment: the coordinators' and each participant's, per partition.
+    pub fn streams(&self) -> Vec<String> {
+        let n = self.opts.partitions;
+        let mut out: Vec<String> = (0..n).map(keys::coord_stream).collect();
+        for name in self.participants() {
+            out.extend((0..n).map(|p| keys::participant_stream(&name, p)));
+        }
+        out
+    }
+
+    /// Polls until every stream of the deployment is drained ([`drained`]: read to its end and
+    /// nothing pending, in every group).
+    pub fn wait_drained(&self) {
+        let mut c = self.stream_conn();
+        let streams = self.streams();
+        poll("every stream drained", LONG, || streams.iter().all(|s| drained(&mut c, s)).then_some(()));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Who does the work: stats hashes, leases, pending entries
+
+    /// Every worker's stats hash (`rtx:stats:*`, see `redtx_common::stats`), live or lapsing.
+    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+        let mut c = self.stream_conn();
+        let mut out = Vec::new();
+        for k in scan(&mut c, keys::STATS_PATTERN) {
+            let h: HashMap<String, String> = c.hgetall(&k).unwrap_or_default();
+            out.extend(WorkerStats::from_hash(&h));
+        }
+        out
+    }
+
+    /// The stats hash of the worker process `pid`, once it wrote one.
+    pub fn stats_of(&self, pid: u32) -> Option<WorkerStats> {
+        self.worker_stats().into_iter().find(|s| s.pid == Some(pid))
+    }
+
+    /// Polls until the stats of process `pid` satisfy `ok` (they are rewritten every two
+    /// seconds); returns them.
+    pub fn wait_stats(&self, pid: u32, what: &str, ok: impl Fn(&WorkerStats) -> bool) -> WorkerStats {
+        let what = format!("stats of pid {pid}: {what}");
+        poll_every(&what, LONG, Duration::from_millis(100), || self.stats_of(pid).filter(|s| ok(s)))
+    }
+
+    /// The owner of every leased partition, as the owner's process id.
+    pub fn lease_owners(&self) -> BTreeMap<u32, u32> {
+        let mut c = self.stream_conn();
+        let mut out = BTreeMap::new();
+        for p in 0..self.opts.partitions {
+            let v: Option<String> = c.get(keys::lease(p)).unwrap();
+            if let Some(pid) = v.and_then(|v| v.split_once(':').and_then(|(_, owner)| pid_of_worker(owner))) {
+                out.insert(p, pid);
+            }
+        }
+        out
+    }
+
+    /// The partitions whose lease process `pid` holds now.
+    pub fn partitions_of(&self, pid: u32) -> Vec<u32> {
+        self.lease_owners().into_iter().filter(|(_, o)| *o == pid).map(|(p, _)| p).collect()
+    }
+
+    /// Polls until every partition is leased, each by one of the coordinator processes `pids`,
+    /// and they are spread as the coordinators aim to (each owns at least one and at most
+    /// `ceil(partitions / pids.len())`); returns the partitions of each, in the order of `pids`.
+    pub fn wait_spread(&self, pids: &[u32]) -> Vec<Vec<u32>> {
+        let n = self.opts.partitions as usize;
+        let most = n.div_ceil(pids.len().max(1));
+        let what = format!("the {n} partitions spread over coordinators {pids:?}, at most {most} each");
+        poll_every(&what, LONG, Duration::from_millis(50), || {
+            let owners = self.lease_owners();
+            let each: Vec<Vec<u32>> =
+                pids.iter().map(|pid| owners.iter().filter(|(_, o)| *o == pid).map(|(p, _)| *p).collect()).collect();
+            let all_ours = owners.len() == n && owners.values().all(|o| pids.contains(o));
+            (all_ours && each.iter().all(|e| !e.is_empty() && e.len() <= most)).then_some(each)
+        })
+    }
+
+    /// Entries pending at consumer `consumer` of group `group`, summed over `streams`.
+    pub fn pending_at(&self, streams: &[String], group: &str, consumer: &str) -> u64 {
+        let mut c = self.stream_conn();
+        let mut n = 0;
+        for s in streams {
+            let r: redis::RedisResult<redis::Value> =
+                redis::cmd("XPENDING").arg(s).arg(group).arg("-").arg("+").arg(100_000).arg(consumer).query(&mut c);
+            if let Ok(redis::Value::Array(entries)) = r {
+                n += entries.len() as u64;
+            }
+        }
+        n
     }
 
     /// The last lines of every process, for failure messages.
@@ -1122,6 +1301,134 @@ impl Bank {
     /// The barrier state of `id` at `side`, if any.
     pub fn side_barrier(&self, side: Side, id: &str) -> Option<String> {
         self.barrier_state(side.name(), id)
+    }
+
+    /// Opens `per_bank` accounts at each bank (`acct:0`, `acct:1`, ...) holding `start` each;
+    /// returns them, bank A's first.
+    pub fn open_accounts(&self, per_bank: usize, start: i64) -> Vec<(Side, String)> {
+        let accounts: Vec<(Side, String)> =
+            [Side::A, Side::B].iter().flat_map(|s| (0..per_bank).map(move |i| (*s, format!("acct:{i}")))).collect();
+        for (side, key) in &accounts {
+            self.seed(*side, key, start);
+        }
+        accounts
+    }
+
+    /// Starts `producers` tasks, each moving a random amount (1 to 60, the debit guarded by
+    /// `min 0`) between two random `accounts` and waiting for the outcome, over and over until
+    /// [`TransferLoad::finish`]. Some transfers abort (insufficient funds, or a conflict on an
+    /// account another transfer holds); none may fail to end within a minute.
+    pub fn start_load(&self, accounts: &[(Side, String)], producers: usize) -> TransferLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..producers)
+            .map(|p| {
+                let (client, accounts) = (self.client().clone(), accounts.to_vec());
+                let (stop, ended) = (stop.clone(), ended.clone());
+                self.rt.spawn(async move {
+                    let mut done = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let (from, to) = random_pair(accounts.len());
+                        let amount = rand::Rng::random_range(&mut rand::rng(), 1..=60);
+                        let (from, to) = (accounts[from].clone(), accounts[to].clone());
+                        let spec =
+                            transfer((from.0, &from.1), (to.0, &to.1), amount).with_timeout(Duration::from_secs(10));
+                        let record = client
+                            .submit_and_wait(&spec, Duration::from_secs(60))
+                            .await
+                            .unwrap_or_else(|e| panic!("producer {p}: transfer {}: {e}", spec.id));
+                        done.push(Transfer { from, to, amount, record });
+                        ended.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done
+                })
+            })
+            .collect();
+        TransferLoad { stop, ended, tasks }
+    }
+
+    /// Checks transfers that a load made, starting from every one of `accounts` at `start`:
+    /// those answered `aborting` are waited for until `aborted`; every one ended committed or
+    /// aborted, as its stored record says; every balance is exactly what the committed transfers
+    /// make it (so money is conserved and nothing applied twice or half-way), none below 0.
+    /// Returns (committed, aborted).
+    pub fn check_transfers(&self, accounts: &[(Side, String)], start: i64, done: &mut [Transfer]) -> (usize, usize) {
+        let mut expected: BTreeMap<(Side, String), i64> = accounts.iter().map(|a| (a.clone(), start)).collect();
+        let (mut committed, mut aborted) = (0, 0);
+        for d in done.iter_mut() {
+            if d.record.state == TxnState::Aborting {
+                // Settled: nothing applied anywhere; the acks of the abort follow.
+                d.record = self.wait(&d.record.id);
+            }
+            let stored = self.record(&d.record.id).unwrap_or_else(|| panic!("no record of {}", d.record.id));
+            assert_eq!(stored.state, d.record.state, "{}: the producer saw another outcome", d.record.id);
+            match d.record.state {
+                TxnState::Committed => {
+                    committed += 1;
+                    *expected.get_mut(&d.from).expect("a known account") -= d.amount;
+                    *expected.get_mut(&d.to).expect("a known account") += d.amount;
+                }
+                TxnState::Aborted => {
+                    aborted += 1;
+                    assert!(d.record.reason.is_some(), "abort without a reason: {:?}", d.record);
+                }
+                s => panic!("{} ended {s}: {:?}", d.record.id, d.record),
+            }
+        }
+        let actual = self.balances();
+        assert_eq!(
+            actual.values().sum::<i64>(),
+            start * accounts.len() as i64,
+            "money was created or destroyed: {actual:?}"
+        );
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter(|(k, v)| actual.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k:?}: expected {v}, found {:?}", actual.get(k)))
+            .collect();
+        assert!(wrong.is_empty(), "balances differ from the committed transfers:\n{}", wrong.join("\n"));
+        assert!(actual.values().all(|v| *v >= 0), "a min 0 guard let a balance go negative: {actual:?}");
+        (committed, aborted)
+    }
+}
+
+/// A transfer of a [`TransferLoad`] and how it ended for its producer (`aborting` counts as
+/// ended: the abort is decided).
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    /// The account debited.
+    pub from: (Side, String),
+    /// The account credited.
+    pub to: (Side, String),
+    /// How much.
+    pub amount: i64,
+    /// The record the producer got.
+    pub record: TxnRecord,
+}
+
+/// Producers moving money until told to stop ([`Bank::start_load`]).
+pub struct TransferLoad {
+    stop: Arc<AtomicBool>,
+    ended: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Transfer>>>,
+}
+
+impl TransferLoad {
+    /// Transfers ended so far.
+    pub fn ended(&self) -> usize {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further transfers have ended: the deployment makes progress.
+    pub fn wait_progress(&self, more: usize) {
+        let target = self.ended() + more;
+        poll(&format!("{more} more transfers ending"), LONG, || (self.ended() >= target).then_some(()));
+    }
+
+    /// Stops the producers after the transfer each has in flight; returns every transfer.
+    pub fn finish(self, rt: &tokio::runtime::Runtime) -> Vec<Transfer> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.tasks.into_iter().flat_map(|t| rt.block_on(t).expect("a producer failed")).collect()
     }
 }
 
