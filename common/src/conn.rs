@@ -296,6 +296,27 @@ impl RedisConn {
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisConn::Cluster(_))
     }
+
+    /// Runs each pipeline on its own, all at once (on a cluster, one pipeline per slot: the
+    /// cluster connection sends each whole to its node, and those to one node share its
+    /// connection). One reply per pipeline, in order.
+    pub async fn query_each<T>(&self, pipes: Vec<Pipeline>) -> Vec<redis::RedisResult<T>>
+    where
+        T: redis::FromRedisValue + Send + 'static,
+    {
+        let tasks: Vec<_> = pipes
+            .into_iter()
+            .map(|p| {
+                let mut conn = self.clone();
+                tokio::spawn(async move { p.query_async::<T>(&mut conn).await })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.unwrap_or_else(|e| Err(redis::RedisError::from(std::io::Error::other(e)))));
+        }
+        out
+    }
 }
 
 impl ConnectionLike for RedisConn {
