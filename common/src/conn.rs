@@ -42,13 +42,16 @@
 //!   or to every node, as the crate's routing table says; keys without a hash tag
 //!   (`rtx:coordinators`, `rtx:protocol`, `rtx:deployment`) live in their own slots.
 //!
-//! For the coordinator and the participant runtime on a cluster, that means: one `XREADGROUP`
-//! per partition (each on a connection of its own when blocking), or non-blocking reads sent
-//! concurrently (one command per partition: the multiplexed connections pipeline them); one
-//! fenced script call per partition per round (it is one slot already); the participant's
-//! replies and `XACK`s in one `MULTI`/`EXEC` per partition; a takeover's reload pipelined per
-//! partition; and every error of a redirect that survived the crate's retries (`MOVED`, `ASK`,
-//! `TRYAGAIN`, `CLUSTERDOWN`) handled as transient ([`Error::is_transient`]).
+//! So the coordinator and the participant runtime, on a cluster, do this (and on one server
+//! exactly what they always did): one blocking `XREADGROUP` per partition, each on a cluster
+//! connection of its own ([`crate::consumer::StreamReaders`]); one fenced script call per
+//! partition per round, fenced by that partition's lease only (`coordinator/src/owner.rs`);
+//! lease scripts one call per partition ([`crate::scripts::run_each`]); the participant's
+//! replies, dead letters and `XACK`s in one `MULTI`/`EXEC` per partition
+//! ([`crate::consumer`]); record reads and a takeover's reload pipelined per partition
+//! ([`RedisConn::query_each`]); and every error of a redirect that survived the crate's retries
+//! (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`) handled as transient ([`Error::is_transient`]):
+//! the entries stay pending and are read again.
 
 use crate::{Error, Result};
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
