@@ -435,7 +435,11 @@ impl Consumer {
         // One transaction on one server; on a cluster one per partition (each is one slot).
         let cluster = self.conn.is_cluster();
         let mut pipes: std::collections::BTreeMap<u32, redis::Pipeline> = std::collections::BTreeMap::new();
-        fn pipe_of(pipes: &mut std::collections::BTreeMap<u32, redis::Pipeline>, cluster: bool, partition: u32) -> &mut redis::Pipeline {
+        fn pipe_of(
+            pipes: &mut std::collections::BTreeMap<u32, redis::Pipeline>,
+            cluster: bool,
+            partition: u32,
+        ) -> &mut redis::Pipeline {
             pipes.entry(if cluster { partition } else { 0 }).or_insert_with(|| {
                 let mut p = redis::pipe();
                 p.atomic();
@@ -618,7 +622,15 @@ impl StreamReaders {
                 .group(group, consumer)
                 .count(count)
                 .block(self.block.as_millis().max(1) as usize);
-            let read = read_stream(self.target.clone(), self.block, key, stream.to_string(), opts, asked, self.done_tx.clone());
+            let read = read_stream(
+                self.target.clone(),
+                self.block,
+                key,
+                stream.to_string(),
+                opts,
+                asked,
+                self.done_tx.clone(),
+            );
             StreamReader { ask, busy: false, task: tokio::spawn(read).abort_handle() }
         });
         if !reader.busy && reader.ask.send(()).is_ok() {

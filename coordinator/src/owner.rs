@@ -590,11 +590,8 @@ impl Owner {
         let mut records: HashMap<(u32, String), std::result::Result<Option<Txn>, String>> = HashMap::new();
         if !unknown.is_empty() {
             // `unknown` is in partition order: one pipeline per partition on a cluster.
-            let groups: Vec<&[(u32, String)]> = if self.conn.is_cluster() {
-                unknown.chunk_by(|a, b| a.0 == b.0).collect()
-            } else {
-                vec![&unknown[..]]
-            };
+            let groups: Vec<&[(u32, String)]> =
+                if self.conn.is_cluster() { unknown.chunk_by(|a, b| a.0 == b.0).collect() } else { vec![&unknown[..]] };
             let pipes = groups
                 .iter()
                 .map(|g| {
@@ -720,14 +717,16 @@ impl Owner {
         let mut failed = None;
         let mut refused = false;
         for (parts, reply) in parts_of.iter().zip(replies) {
-            let reply = reply.map_err(|e| Error::redis(&self.url, e)).and_then(|v| scripts::reply_strings(FENCED.name, &v));
+            let reply =
+                reply.map_err(|e| Error::redis(&self.url, e)).and_then(|v| scripts::reply_strings(FENCED.name, &v));
             match reply {
                 Ok(r) if r.first().map(String::as_str) == Some("1") => {}
                 Ok(r) => {
                     // Nothing of this call was written. The partition that lost its lease is
                     // dropped; the others go on after a reload.
                     refused = true;
-                    let lost = r.get(1).and_then(|i| i.parse::<usize>().ok()).and_then(|i| parts.get(i.wrapping_sub(1)));
+                    let lost =
+                        r.get(1).and_then(|i| i.parse::<usize>().ok()).and_then(|i| parts.get(i.wrapping_sub(1)));
                     let holder = r.get(2).cloned().unwrap_or_default();
                     stale(self, parts);
                     if let Some(&p) = lost {
@@ -1110,4 +1109,3 @@ fn step_entries(
 async fn publish_version(conn: &mut RedisConn, url: &RedisTarget) -> Result<()> {
     conn.set(keys::protocol(), PROTOCOL_VERSION).await.map_err(|e| Error::redis(url, e))
 }
-

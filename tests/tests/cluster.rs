@@ -114,7 +114,7 @@ fn seeded(bank: &Bank) -> Vec<(Side, String)> {
 #[test]
 fn concurrent_transfers_on_a_cluster_conserve_money() {
     let started = Instant::now();
-    let bank = Bank::start_on_cluster(cluster(), opts());
+    let mut bank = Bank::start_on_cluster(cluster(), opts());
     let accounts = seeded(&bank);
     let mut done = transfers(&bank, &accounts, 6, 40, || {});
     let (committed, aborted) = check(&bank, &accounts, &mut done);
@@ -161,7 +161,7 @@ fn a_saga_on_a_cluster_completes_or_is_compensated() {
 
 #[test]
 fn moving_a_partitions_slot_during_transfers_loses_nothing() {
-    let bank = Bank::start_on_cluster(cluster(), opts());
+    let mut bank = Bank::start_on_cluster(cluster(), opts());
     let accounts = seeded(&bank);
     let streams = bank.streams.as_ref().unwrap();
     let p = 0;
