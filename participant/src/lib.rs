@@ -122,11 +122,7 @@ impl ParticipantConfig {
 /// (with backoff and warnings); an invalid name or URL is an error at once.
 pub async fn run(cfg: ParticipantConfig, shutdown: Shutdown) -> Result<()> {
     cfg.check()?;
-    let data = match (&cfg.data, cfg.cluster) {
-        (Some(d), _) => parse_data_url(d)?,
-        (None, false) => RedisUrl::parse(&cfg.redis)?,
-        (None, true) => return Err(cluster_needs_data(&cfg.redis)),
-    };
+    let data = check_data(&cfg)?;
     tracing::info!(participant = %cfg.name, data = %data, "applying branches to this data Redis");
     let resource = KvResource::new(data, cfg.name.clone(), cfg.retention);
     run_with(cfg, resource, shutdown).await
@@ -172,6 +168,16 @@ pub fn parse_data_url(raw: &str) -> Result<RedisUrl> {
         });
     }
     RedisUrl::parse(raw)
+}
+
+/// The key-value participant's data Redis: `--data`, else the stream Redis; one server either
+/// way (with `--cluster`, `--data` must be given).
+pub fn check_data(cfg: &ParticipantConfig) -> Result<RedisUrl> {
+    match (&cfg.data, cfg.cluster) {
+        (Some(d), _) => parse_data_url(d),
+        (None, false) => RedisUrl::parse(&cfg.redis),
+        (None, true) => Err(cluster_needs_data(&cfg.redis)),
+    }
 }
 
 /// `--cluster` without `--data`: the data would default to the streams' cluster.

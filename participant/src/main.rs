@@ -39,6 +39,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = redtx_participant::check_data(&cfg) {
+        // A usage error, like a bad URL: refused before anything starts.
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cfg, Shutdown::on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
