@@ -42,13 +42,16 @@
 //!   or to every node, as the crate's routing table says; keys without a hash tag
 //!   (`rtx:coordinators`, `rtx:protocol`, `rtx:deployment`) live in their own slots.
 //!
-//! For the coordinator and the participant runtime on a cluster, that means: one `XREADGROUP`
-//! per partition (each on a connection of its own when blocking), or non-blocking reads sent
-//! concurrently (one command per partition: the multiplexed connections pipeline them); one
-//! fenced script call per partition per round (it is one slot already); the participant's
-//! replies and `XACK`s in one `MULTI`/`EXEC` per partition; a takeover's reload pipelined per
-//! partition; and every error of a redirect that survived the crate's retries (`MOVED`, `ASK`,
-//! `TRYAGAIN`, `CLUSTERDOWN`) handled as transient ([`Error::is_transient`]).
+//! So the coordinator and the participant runtime, on a cluster, do this (and on one server
+//! exactly what they always did): one blocking `XREADGROUP` per partition, each on a cluster
+//! connection of its own ([`crate::consumer::StreamReaders`]); one fenced script call per
+//! partition per round, fenced by that partition's lease only (`coordinator/src/owner.rs`);
+//! lease scripts one call per partition ([`crate::scripts::run_each`]); the participant's
+//! replies, dead letters and `XACK`s in one `MULTI`/`EXEC` per partition
+//! ([`crate::consumer`]); record reads and a takeover's reload pipelined per partition
+//! ([`RedisConn::query_each`]); and every error of a redirect that survived the crate's retries
+//! (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`) handled as transient ([`Error::is_transient`]):
+//! the entries stay pending and are read again.
 
 use crate::{Error, Result};
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
@@ -295,6 +298,27 @@ impl RedisConn {
     /// Whether this is a cluster connection.
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisConn::Cluster(_))
+    }
+
+    /// Runs each pipeline on its own, all at once (on a cluster, one pipeline per slot: the
+    /// cluster connection sends each whole to its node, and those to one node share its
+    /// connection). One reply per pipeline, in order.
+    pub async fn query_each<T>(&self, pipes: Vec<Pipeline>) -> Vec<redis::RedisResult<T>>
+    where
+        T: redis::FromRedisValue + Send + 'static,
+    {
+        let tasks: Vec<_> = pipes
+            .into_iter()
+            .map(|p| {
+                let mut conn = self.clone();
+                tokio::spawn(async move { p.query_async::<T>(&mut conn).await })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.unwrap_or_else(|e| Err(redis::RedisError::from(std::io::Error::other(e)))));
+        }
+        out
     }
 }
 

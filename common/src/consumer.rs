@@ -12,13 +12,20 @@
 //! (`rtx:dead:{P}`, counted in `rtx:dead:count:{P}`) with the reason, and is acked: a worker
 //! never crash-loops on one entry. Redis errors are logged and retried with a backoff; the
 //! affected entries stay pending and are claimed again.
+//!
+//! On a Redis Cluster ([`Consumer::connect_target`] with a cluster [`RedisTarget`]) every
+//! partition is one slot, so: each stream is read by its own blocking `XREADGROUP`
+//! ([`StreamReaders`]), and a batch is committed as one `MULTI`/`EXEC` per partition (the
+//! handler's writes for partition `P`, its dead letters `rtx:dead:{P}` and the `XACK`s of
+//! `rtx:...:{P}`: one slot), the partitions' transactions sent at once. Each is all or nothing
+//! for its partition; a batch that spans partitions may be committed for some and not others
+//! (the rest stays pending and is retried, as after any failure).
 
-use crate::conn::RedisUrl;
+use crate::conn::{RedisConn, RedisTarget, RedisUrl};
 use crate::protocol::{is_batch_entry, items_of_entry, Message};
 use crate::shutdown::Shutdown;
 use crate::stats::{ConsumerCounts, Publisher};
 use crate::{keys, Error, Result};
-use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingReply,
     StreamReadOptions, StreamReadReply,
@@ -110,10 +117,12 @@ pub enum Disposition {
 pub struct Handled {
     /// One per delivery, in order.
     pub dispositions: Vec<Disposition>,
-    /// Commands on the stream Redis that carry the batch's results (replies, effects). The
-    /// runtime runs them together with the `XACK` of the batch in one `MULTI`/`EXEC`: an entry
-    /// is acked exactly when its results are written, in one round trip.
-    pub writes: Vec<redis::Cmd>,
+    /// Commands on the stream Redis that carry the batch's results (replies, effects), each
+    /// with the partition whose keys it touches (a reply to `rtx:coord:{P}`: `P`). The runtime
+    /// runs them together with the `XACK` of the batch in one `MULTI`/`EXEC` (on a cluster, one
+    /// per partition, with that partition's acks): an entry is acked exactly when its results
+    /// are written, in one round trip.
+    pub writes: Vec<(u32, redis::Cmd)>,
 }
 
 /// The role-specific part of a worker.
@@ -131,11 +140,13 @@ fn partition_of(stream: &str) -> u32 {
 
 /// A worker reading a list of streams through one consumer group.
 pub struct Consumer {
-    url: RedisUrl,
+    url: RedisTarget,
     cfg: ConsumerConfig,
-    /// Dedicated to blocking reads, so they never delay other commands.
-    read_conn: MultiplexedConnection,
-    conn: MultiplexedConnection,
+    /// Dedicated to blocking reads, so they never delay other commands (one server).
+    read_conn: RedisConn,
+    /// A cluster: one reader per stream (keyed by its index in `cfg.streams`).
+    readers: Option<StreamReaders>,
+    conn: RedisConn,
     /// Per stream (index in `cfg.streams`): where the next `XAUTOCLAIM` scan starts.
     claim_from: Vec<String>,
     /// What this instance handled, published with `stats` and in its last log line.
@@ -146,6 +157,11 @@ pub struct Consumer {
 impl Consumer {
     /// Connects and creates the group on every stream if needed.
     pub async fn connect(url: &RedisUrl, cfg: ConsumerConfig) -> Result<Self> {
+        Self::connect_target(&RedisTarget::single(url.clone()), cfg).await
+    }
+
+    /// [`connect`](Self::connect) to one server or to a Redis Cluster.
+    pub async fn connect_target(url: &RedisTarget, cfg: ConsumerConfig) -> Result<Self> {
         assert!(!cfg.streams.is_empty(), "a consumer reads at least one stream");
         let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
         let mut conn = url.connect().await?;
@@ -153,8 +169,10 @@ impl Consumer {
             ensure_group(&mut conn, url, stream, &cfg.group).await?;
         }
         let claim_from = vec!["0-0".to_string(); cfg.streams.len()];
+        let readers = url.is_cluster().then(|| StreamReaders::new(url.clone(), cfg.block));
         let stats = Publisher::participant(&cfg.group, &cfg.consumer);
-        Ok(Consumer { url: url.clone(), cfg, read_conn, conn, claim_from, counts: ConsumerCounts::default(), stats })
+        let counts = ConsumerCounts::default();
+        Ok(Consumer { url: url.clone(), cfg, read_conn, readers, conn, claim_from, counts, stats })
     }
 
     /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
@@ -215,6 +233,30 @@ impl Consumer {
 
     /// One `XREADGROUP` over every stream; entries tagged with the stream they came from.
     async fn read(&mut self) -> Result<Vec<(usize, StreamId)>> {
+        if let Some(readers) = self.readers.as_mut() {
+            // A cluster: one read per stream; what arrived within `block` (a reader still
+            // blocked answers in a later call).
+            for (i, stream) in self.cfg.streams.iter().enumerate() {
+                readers.ask(i, stream, &self.cfg.group, &self.cfg.consumer, self.cfg.batch);
+            }
+            let mut out = Vec::new();
+            let mut failed = None;
+            for (i, r) in readers.answers(self.cfg.block + Duration::from_millis(50)).await {
+                match r {
+                    Ok(reply) => out.extend(reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).map(|e| (i, e))),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            return match failed {
+                // Entries read by the others are handled first; the failed stream is read again.
+                Some(e) if out.is_empty() => Err(Error::redis(&self.url, e)),
+                Some(e) => {
+                    tracing::warn!(error = %e, "a stream read failed; retried next round");
+                    Ok(out)
+                }
+                None => Ok(out),
+            };
+        }
         let opts = StreamReadOptions::default()
             .group(&self.cfg.group, &self.cfg.consumer)
             .count(self.cfg.batch)
@@ -396,7 +438,7 @@ impl Consumer {
     /// transaction and the entries stay pending).
     async fn commit(
         &mut self,
-        writes: Vec<redis::Cmd>,
+        writes: Vec<(u32, redis::Cmd)>,
         dead: Vec<(usize, StreamId, String)>,
         mut ack: Vec<(usize, String)>,
         kept: &std::collections::HashSet<(usize, String)>,
@@ -404,10 +446,22 @@ impl Consumer {
         if writes.is_empty() && dead.is_empty() && ack.is_empty() {
             return Ok(());
         }
-        let mut p = redis::pipe();
-        p.atomic();
-        for c in writes {
-            p.add_command(c).ignore();
+        // One transaction on one server; on a cluster one per partition (each is one slot).
+        let cluster = self.conn.is_cluster();
+        let mut pipes: std::collections::BTreeMap<u32, redis::Pipeline> = std::collections::BTreeMap::new();
+        fn pipe_of(
+            pipes: &mut std::collections::BTreeMap<u32, redis::Pipeline>,
+            cluster: bool,
+            partition: u32,
+        ) -> &mut redis::Pipeline {
+            pipes.entry(if cluster { partition } else { 0 }).or_insert_with(|| {
+                let mut p = redis::pipe();
+                p.atomic();
+                p
+            })
+        }
+        for (partition, c) in writes {
+            pipe_of(&mut pipes, cluster, partition).add_command(c).ignore();
         }
         let now = crate::now_ms();
         for (i, entry, reason) in &dead {
@@ -415,6 +469,7 @@ impl Consumer {
             tracing::warn!(%stream, id = %entry.id, %reason, "dead-lettering entry");
             let fields = dead_letter_fields(stream, &self.cfg.group, &entry.id, reason, now, &entry.map);
             let partition = partition_of(stream);
+            let p = pipe_of(&mut pipes, cluster, partition);
             p.xadd(keys::dead_letter_stream(partition), "*", &fields).ignore();
             p.hincr(keys::dead_letter_counts(partition), stream, 1).ignore();
         }
@@ -427,9 +482,17 @@ impl Consumer {
             by_stream.entry(i).or_default().push(id);
         }
         for (i, ids) in &by_stream {
-            p.xack(&self.cfg.streams[*i], &self.cfg.group, ids).ignore();
+            let stream = &self.cfg.streams[*i];
+            pipe_of(&mut pipes, cluster, partition_of(stream)).xack(stream, &self.cfg.group, ids).ignore();
         }
-        p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        if !cluster {
+            let p = pipes.into_values().next().expect("something to write");
+            p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
+        } else {
+            for r in self.conn.query_each::<()>(pipes.into_values().collect()).await {
+                r.map_err(|e| Error::redis(&self.url, e))?;
+            }
+        }
         self.counts.dead += dead.len() as u64;
         Ok(())
     }
@@ -523,6 +586,136 @@ pub async fn ensure_group(
         Ok(()) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         Err(e) => Err(Error::redis(url, e)),
+    }
+}
+
+/// What a stream reader of [`StreamReaders`] answers: the caller's key of the stream, and what
+/// its `XREADGROUP` returned.
+pub type ReadAnswer = (usize, redis::RedisResult<Option<StreamReadReply>>);
+
+/// Blocking reads of several streams on a Redis Cluster, one `XREADGROUP` per stream: one task
+/// per stream, each reading on a cluster connection of its own, once per [`ask`](Self::ask).
+/// The coordinator reads its owned partitions' streams with it, a participant its partitions'.
+///
+/// Why this shape: one `XREADGROUP` cannot name streams of several slots (`CROSSSLOT`), and a
+/// blocking read holds its connection to the node (a second read or any command to that node
+/// would wait behind it), so each stream needs its own read on its own connection. Blocking
+/// reads keep the latency of a new entry at one round trip and cost no CPU while idle;
+/// non-blocking reads of 8 partitions would have to poll, trading latency against CPU. A
+/// stream's reader is asked again only once its answer was taken: at most one read per
+/// stream is in flight, and the caller handles its entries in order, as with one read on one
+/// server. An idle reader costs its connections (one socket per node) and nothing else.
+pub struct StreamReaders {
+    target: RedisTarget,
+    block: Duration,
+    readers: HashMap<usize, StreamReader>,
+    done_tx: tokio::sync::mpsc::UnboundedSender<ReadAnswer>,
+    done_rx: tokio::sync::mpsc::UnboundedReceiver<ReadAnswer>,
+}
+
+struct StreamReader {
+    ask: tokio::sync::mpsc::UnboundedSender<()>,
+    busy: bool,
+    task: tokio::task::AbortHandle,
+}
+
+impl StreamReaders {
+    /// Readers on `target` whose reads block up to `block`.
+    pub fn new(target: RedisTarget, block: Duration) -> Self {
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+        StreamReaders { target, block, readers: HashMap::new(), done_tx, done_rx }
+    }
+
+    /// Has the reader of `stream` (the caller's `key` for it) read up to `count` new entries
+    /// through `group` as `consumer`, unless it is reading already; starts it if needed.
+    pub fn ask(&mut self, key: usize, stream: &str, group: &str, consumer: &str, count: usize) {
+        let reader = self.readers.entry(key).or_insert_with(|| {
+            let (ask, asked) = tokio::sync::mpsc::unbounded_channel();
+            let opts = StreamReadOptions::default()
+                .group(group, consumer)
+                .count(count)
+                .block(self.block.as_millis().max(1) as usize);
+            let read = read_stream(
+                self.target.clone(),
+                self.block,
+                key,
+                stream.to_string(),
+                opts,
+                asked,
+                self.done_tx.clone(),
+            );
+            StreamReader { ask, busy: false, task: tokio::spawn(read).abort_handle() }
+        });
+        if !reader.busy && reader.ask.send(()).is_ok() {
+            reader.busy = true;
+        }
+    }
+
+    /// The answers there are after waiting up to `wait` for the first. A reader still
+    /// blocked goes on; its answer comes with a later call.
+    pub async fn answers(&mut self, wait: Duration) -> Vec<ReadAnswer> {
+        let mut out = Vec::new();
+        if let Ok(Some(a)) = tokio::time::timeout(wait, self.done_rx.recv()).await {
+            out.push(a);
+            while let Ok(a) = self.done_rx.try_recv() {
+                out.push(a);
+            }
+        }
+        for (key, _) in &out {
+            if let Some(r) = self.readers.get_mut(key) {
+                r.busy = false;
+            }
+        }
+        out
+    }
+}
+
+impl Drop for StreamReaders {
+    fn drop(&mut self) {
+        for r in self.readers.values() {
+            r.task.abort();
+        }
+    }
+}
+
+/// The reader of one stream (see [`StreamReaders`]): one `XREADGROUP` per request, on a cluster
+/// connection of its own (which follows `MOVED`/`ASK` and failovers by itself); after an error
+/// it starts from a fresh connection, after a short pause so that a node that is down is not
+/// hammered.
+async fn read_stream(
+    target: RedisTarget,
+    block: Duration,
+    key: usize,
+    stream: String,
+    opts: StreamReadOptions,
+    mut asked: tokio::sync::mpsc::UnboundedReceiver<()>,
+    done: tokio::sync::mpsc::UnboundedSender<ReadAnswer>,
+) {
+    let mut conn: Option<RedisConn> = None;
+    while asked.recv().await.is_some() {
+        if conn.is_none() {
+            match target.connect_with(block + Duration::from_secs(10)).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tracing::debug!(%stream, error = %e, "stream reader cannot connect");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let err = redis::RedisError::from(std::io::Error::other(e.to_string()));
+                    if done.send((key, Err(err))).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let r: redis::RedisResult<Option<StreamReadReply>> = c.xread_options(&[&stream], &[">"], &opts).await;
+        if r.is_err() {
+            conn = None;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if done.send((key, r)).is_err() {
+            return;
+        }
     }
 }
 

@@ -110,6 +110,34 @@ impl Call {
     }
 }
 
+/// Runs `calls` on `conn`: as one pipeline ([`run`]) on one server; on a Redis Cluster each call
+/// on its own (its keys are one partition's, and calls of several partitions cannot share a
+/// pipeline), all sent at once (the cluster connection pipelines the calls to each node). One
+/// reply per call, in order; the outer error is a connection-level failure of any of them.
+pub async fn run_each(
+    conn: &crate::conn::RedisConn,
+    url: &crate::conn::RedisTarget,
+    calls: &[Call],
+) -> Result<Vec<RedisResult<Value>>> {
+    if !conn.is_cluster() {
+        return run(&mut conn.clone(), url, calls).await;
+    }
+    let tasks: Vec<_> = calls
+        .iter()
+        .cloned()
+        .map(|call| {
+            let (mut conn, url) = (conn.clone(), url.clone());
+            tokio::spawn(async move { run(&mut conn, &url, std::slice::from_ref(&call)).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let mut r = t.await.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        out.push(r.pop().expect("one reply per call"));
+    }
+    Ok(out)
+}
+
 /// Runs `calls` as one pipeline and returns one reply per call, in order. The outer error is a
 /// connection-level failure (nothing known about which calls ran); inner errors are per call.
 pub async fn run(

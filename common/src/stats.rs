@@ -147,11 +147,10 @@ impl Publisher {
     /// When [`PUBLISH_EVERY`] has passed since the last write (or none was made yet), starts a
     /// write of `fields` on a clone of `conn` and returns at once: the caller's loop never waits
     /// for it. Skipped while the previous write is still under way.
-    pub fn publish_if_due(
-        &mut self,
-        conn: &MultiplexedConnection,
-        fields: impl FnOnce() -> Vec<(&'static str, String)>,
-    ) {
+    pub fn publish_if_due<C>(&mut self, conn: &C, fields: impl FnOnce() -> Vec<(&'static str, String)>)
+    where
+        C: redis::aio::ConnectionLike + Clone + Send + 'static,
+    {
         if self.last.is_some_and(|t| t.elapsed() < PUBLISH_EVERY)
             || self.inflight.as_ref().is_some_and(|h| !h.is_finished())
         {
@@ -169,7 +168,11 @@ impl Publisher {
 
     /// Writes `fields` marked `stopped` and waits for it (at most two seconds: a stopping worker
     /// does not hang on a Redis that is gone).
-    pub async fn publish_stopped(&mut self, conn: &mut MultiplexedConnection, fields: Vec<(&'static str, String)>) {
+    pub async fn publish_stopped<C: redis::aio::ConnectionLike + Send>(
+        &mut self,
+        conn: &mut C,
+        fields: Vec<(&'static str, String)>,
+    ) {
         if let Some(h) = self.inflight.take() {
             h.abort();
         }

@@ -14,9 +14,13 @@
 //! and takes a free partition beyond its share only when it stayed free for a whole round (so
 //! partitions of a dead owner never wait for the membership to lapse). [`plan`] is that rule,
 //! pure.
+//!
+//! On a Redis Cluster every partition's lease and epoch are in the partition's slot
+//! (`{P}`) and `rtx:coordinators` in a slot of its own: each lease script call names one
+//! partition and is sent on its own ([`scripts::run_each`]), and [`survey`] asks about the
+//! membership and each lease in separate commands, all at once.
 
-use redis::aio::MultiplexedConnection;
-use redtx_common::conn::RedisUrl;
+use redtx_common::conn::{RedisConn, RedisTarget};
 use redtx_common::scripts::{self, LuaScript};
 use redtx_common::{keys, Error, Result};
 use std::collections::BTreeSet;
@@ -82,15 +86,15 @@ fn reply(script: &'static str, v: &redis::Value) -> Result<(bool, String)> {
 /// Tries to acquire the lease of each partition in `parts`; returns the acquired ones with their
 /// lease values.
 pub async fn acquire(
-    conn: &mut MultiplexedConnection,
-    url: &RedisUrl,
+    conn: &mut RedisConn,
+    url: &RedisTarget,
     me: &str,
     ttl_ms: u64,
     parts: &[u32],
 ) -> Result<Vec<(u32, String)>> {
     let calls: Vec<_> =
         parts.iter().map(|&p| ACQUIRE.call().key(keys::lease(p)).key(keys::epoch(p)).arg(me).arg(ttl_ms)).collect();
-    let replies = scripts::run(conn, url, &calls).await?;
+    let replies = scripts::run_each(conn, url, &calls).await?;
     let mut got = Vec::new();
     for (&p, r) in parts.iter().zip(replies) {
         let (ok, value) = reply(ACQUIRE.name, &r.map_err(|e| Error::redis(url, e))?)?;
@@ -103,14 +107,14 @@ pub async fn acquire(
 
 /// Renews the given leases; returns the partitions whose lease was lost.
 pub async fn renew(
-    conn: &mut MultiplexedConnection,
-    url: &RedisUrl,
+    conn: &mut RedisConn,
+    url: &RedisTarget,
     ttl_ms: u64,
     held: &[(u32, String)],
 ) -> Result<Vec<(u32, String)>> {
     let calls: Vec<_> =
         held.iter().map(|(p, v)| RENEW.call().key(keys::lease(*p)).arg(v.as_str()).arg(ttl_ms)).collect();
-    let replies = scripts::run(conn, url, &calls).await?;
+    let replies = scripts::run_each(conn, url, &calls).await?;
     let mut lost = Vec::new();
     for ((p, _), r) in held.iter().zip(replies) {
         let (ok, holder) = reply(RENEW.name, &r.map_err(|e| Error::redis(url, e))?)?;
@@ -122,7 +126,7 @@ pub async fn renew(
 }
 
 /// Gives up the lease of `p` if still held with `value`.
-pub async fn release(conn: &mut MultiplexedConnection, url: &RedisUrl, p: u32, value: &str) -> Result<bool> {
+pub async fn release(conn: &mut RedisConn, url: &RedisTarget, p: u32, value: &str) -> Result<bool> {
     let v = RELEASE.call().key(keys::lease(p)).arg(value).run(conn, url).await?;
     Ok(reply(RELEASE.name, &v)?.0)
 }
@@ -130,8 +134,8 @@ pub async fn release(conn: &mut MultiplexedConnection, url: &RedisUrl, p: u32, v
 /// Refreshes this coordinator's membership, drops lapsed members, and reads which partitions
 /// are free. Returns (live coordinators, free partitions).
 pub async fn survey(
-    conn: &mut MultiplexedConnection,
-    url: &RedisUrl,
+    conn: &mut RedisConn,
+    url: &RedisTarget,
     me: &str,
     now_ms: u64,
     ttl_ms: u64,
@@ -142,17 +146,33 @@ pub async fn survey(
     p.cmd("ZADD").arg(&members).arg(now_ms + ttl_ms).arg(me).ignore();
     p.cmd("ZREMRANGEBYSCORE").arg(&members).arg("-inf").arg(now_ms).ignore();
     p.cmd("ZCARD").arg(&members);
-    for part in 0..partitions {
-        p.cmd("EXISTS").arg(keys::lease(part));
-    }
-    let out: Vec<u64> = p.query_async(conn).await.map_err(|e| Error::redis(url, e))?;
+    let out: Vec<u64> = if conn.is_cluster() {
+        // Each lease is in its partition's slot, the membership in another: one pipeline per
+        // slot, all sent at once.
+        let mut pipes = vec![p];
+        for part in 0..partitions {
+            let mut e = redis::pipe();
+            e.cmd("EXISTS").arg(keys::lease(part));
+            pipes.push(e);
+        }
+        let mut out = Vec::with_capacity(1 + partitions as usize);
+        for r in conn.query_each::<Vec<u64>>(pipes).await {
+            out.extend(r.map_err(|e| Error::redis(url, e))?);
+        }
+        out
+    } else {
+        for part in 0..partitions {
+            p.cmd("EXISTS").arg(keys::lease(part));
+        }
+        p.query_async(conn).await.map_err(|e| Error::redis(url, e))?
+    };
     let live = out[0] as usize;
     let free = out[1..].iter().enumerate().filter(|(_, &e)| e == 0).map(|(i, _)| i as u32).collect();
     Ok((live.max(1), free))
 }
 
 /// Leaves the membership (on a clean shutdown).
-pub async fn leave(conn: &mut MultiplexedConnection, url: &RedisUrl, me: &str) -> Result<()> {
+pub async fn leave(conn: &mut RedisConn, url: &RedisTarget, me: &str) -> Result<()> {
     let _: () = redis::cmd("ZREM")
         .arg(keys::coordinators())
         .arg(me)

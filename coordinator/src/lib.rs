@@ -18,14 +18,17 @@ pub mod owner;
 
 use redtx_common::consumer::Backoff;
 use redtx_common::shutdown::Shutdown;
-use redtx_common::{conn::RedisUrl, keys, Result};
+use redtx_common::{conn::RedisTarget, keys, Result};
 use std::time::Duration;
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
-    /// URL of the Redis holding the streams and records.
+    /// URL of the Redis holding the streams and records; with `cluster`, comma-separated seed
+    /// nodes of a Redis Cluster.
     pub redis: String,
+    /// The streams and records are on a Redis Cluster (see [`owner`] for what changes).
+    pub cluster: bool,
     /// Number of partitions of the deployment (the same everywhere).
     pub partitions: u32,
     /// Time to live of a partition lease: how long a dead owner's partitions wait.
@@ -51,6 +54,7 @@ impl CoordinatorConfig {
     pub fn new(redis: impl Into<String>) -> Self {
         CoordinatorConfig {
             redis: redis.into(),
+            cluster: false,
             partitions: keys::DEFAULT_PARTITIONS,
             lease: Duration::from_secs(5),
             batch: 256,
@@ -66,7 +70,7 @@ impl CoordinatorConfig {
 /// Runs a coordinator until `shutdown`: then it gives its partitions up and returns `Ok(())`.
 /// Fails at once only on a bad URL; Redis being unreachable is logged and retried.
 pub async fn run(cfg: CoordinatorConfig, shutdown: Shutdown) -> Result<()> {
-    let url = RedisUrl::parse(&cfg.redis)?;
+    let url = RedisTarget::parse(&cfg.redis, cfg.cluster)?;
     let mut backoff = Backoff::default();
     let owner = loop {
         match owner::Owner::connect(cfg.clone(), url.clone()).await {

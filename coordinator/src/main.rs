@@ -1,7 +1,7 @@
 //! `redtx-coordinator`: runs one 2PC coordinator until SIGINT/SIGTERM.
 
 use clap::Parser;
-use redtx_common::conn::{default_url, RedisUrl, URL_ENV};
+use redtx_common::conn::{default_url, RedisTarget, URL_ENV};
 use redtx_common::shutdown::Shutdown;
 use redtx_coordinator::CoordinatorConfig;
 use std::process::ExitCode;
@@ -17,9 +17,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(name = "redtx-coordinator", version, about)]
 struct Args {
-    /// Redis holding the streams and records [default: $REDTX_REDIS_URL, else redis://127.0.0.1:6379]
+    /// Redis holding the streams and records; with --cluster, one or more nodes of the Redis
+    /// Cluster, comma-separated [default: $REDTX_REDIS_URL, else redis://127.0.0.1:6379]
     #[arg(long, env = URL_ENV, hide_env_values = true)]
     redis: Option<String>,
+    /// The streams and records are on a Redis Cluster: --redis lists seed nodes (one is enough).
+    #[arg(long, env = "REDTX_CLUSTER")]
+    cluster: bool,
     /// Number of partitions; the same for the whole deployment (producers, participants).
     #[arg(long, env = "REDTX_PARTITIONS", default_value_t = redtx_common::keys::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=redtx_common::keys::MAX_PARTITIONS as i64))]
     partitions: u32,
@@ -48,7 +52,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     redtx_common::init_logging("info");
     let redis = default_url(args.redis.as_deref());
-    if let Err(e) = RedisUrl::parse(&redis) {
+    if let Err(e) = RedisTarget::parse(&redis, args.cluster) {
         eprintln!("redtx-coordinator: {e}");
         return ExitCode::from(2);
     }
@@ -60,6 +64,7 @@ async fn main() -> ExitCode {
         resend_every: args.resend_every,
         retention: args.retention,
         keep_history: args.keep_history,
+        cluster: args.cluster,
         ..CoordinatorConfig::new(redis)
     };
     match redtx_coordinator::run(cfg, Shutdown::on_signals()).await {

@@ -12,6 +12,14 @@
 //! 3. one `XREADGROUP` over every owned partition's stream, blocking until the next due
 //!    transaction at most; each partition's share of the batch is handled and written.
 //!
+//! On a Redis Cluster (`--cluster`) a partition is one slot, and one command, pipeline or script
+//! call can only touch one slot. So the loop is the same, but: each owned partition is read by
+//! its own `XREADGROUP` ([`StreamReaders`]: a blocking read per partition on a connection of
+//! its own); each partition's batch is written by its own fenced call, checked against its own lease
+//! only, the partitions' calls sent at once; the lease scripts run one call per partition; the
+//! records of a batch and a takeover's reload are read in one pipeline per partition. On one
+//! server the commands are exactly those described above.
+//!
 //! A write that fails (Redis unreachable, out of memory) leaves the batch's entries pending, and
 //! the partition's memory is thrown away and reloaded from Redis: memory never runs ahead of
 //! what was written. A write refused by the fence means the lease moved: the partition is
@@ -19,11 +27,10 @@
 
 use crate::lease;
 use crate::CoordinatorConfig;
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
-use redtx_common::conn::RedisUrl;
-use redtx_common::consumer::{dead_letter_fields, ensure_group, trim_stream};
+use redtx_common::conn::{RedisConn, RedisTarget};
+use redtx_common::consumer::{dead_letter_fields, ensure_group, trim_stream, StreamReaders};
 use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
 use redtx_common::protocol::{entry_fields, is_batch_entry, items_of_entry, submit_head, Message, PROTOCOL_VERSION};
 use redtx_common::record::{create_fields, progress_fields, txn_from_hash};
@@ -195,10 +202,13 @@ impl Batch {
 /// The coordinator process: its connections and partitions.
 pub struct Owner {
     cfg: CoordinatorConfig,
-    url: RedisUrl,
+    url: RedisTarget,
     me: String,
-    read_conn: MultiplexedConnection,
-    conn: MultiplexedConnection,
+    /// One server: the connection of the blocking reads (all partitions in one `XREADGROUP`).
+    read_conn: RedisConn,
+    /// A cluster: the per-partition readers (keyed by partition).
+    cluster_reads: Option<StreamReaders>,
+    conn: RedisConn,
     parts: BTreeMap<u32, Part>,
     /// Since when each partition has been seen free.
     free_since: HashMap<u32, Instant>,
@@ -214,9 +224,10 @@ pub struct Owner {
 
 impl Owner {
     /// Connects to the stream Redis.
-    pub async fn connect(cfg: CoordinatorConfig, url: RedisUrl) -> Result<Owner> {
+    pub async fn connect(cfg: CoordinatorConfig, url: RedisTarget) -> Result<Owner> {
         let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
         let mut conn = url.connect().await?;
+        let cluster_reads = url.is_cluster().then(|| StreamReaders::new(url.clone(), cfg.block));
         for s in [&FENCED, &lease::ACQUIRE, &lease::RENEW, &lease::RELEASE] {
             s.load(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
         }
@@ -229,6 +240,7 @@ impl Owner {
             cfg,
             url,
             read_conn,
+            cluster_reads,
             conn,
             parts: BTreeMap::new(),
             free_since: HashMap::new(),
@@ -499,6 +511,9 @@ impl Owner {
             tokio::time::sleep(block).await;
             return Ok(());
         }
+        if self.cluster_reads.is_some() {
+            return self.read_cluster(owned, block).await;
+        }
         let streams: Vec<String> = owned.iter().map(|p| keys::coord_stream(*p)).collect();
         let ids: Vec<&str> = vec![">"; streams.len()];
         let opts = StreamReadOptions::default()
@@ -517,9 +532,41 @@ impl Owner {
         self.handle(work).await
     }
 
+    /// A cluster: asks the reader of every owned partition that is not reading yet to read,
+    /// waits up to `block` for the first answer, and handles every answer there is by then. A
+    /// reader still blocked goes on; its answer is handled in a later round.
+    async fn read_cluster(&mut self, owned: Vec<u32>, block: Duration) -> Result<()> {
+        let reads = self.cluster_reads.as_mut().expect("a cluster");
+        for &p in &owned {
+            reads.ask(p as usize, &keys::coord_stream(p), keys::COORD_GROUP, &self.me, self.cfg.batch);
+        }
+        let answers = reads.answers(block).await;
+        let mut work = Vec::new();
+        let mut failed = None;
+        for (p, r) in answers {
+            let p = p as u32;
+            match r {
+                // Entries of a partition now stale or given up stay pending: the reload (ours
+                // or the new owner's) claims and handles them.
+                Ok(reply) => match self.parts.get(&p) {
+                    Some(part) if !part.stale => {
+                        work.extend(reply.into_iter().flat_map(|r| r.keys).map(|k| (p, k.ids)));
+                    }
+                    _ => tracing::debug!(partition = p, "read for a partition no longer owned or stale; left pending"),
+                },
+                Err(e) => failed = Some(Error::redis(&self.url, e)),
+            }
+        }
+        self.handle(work).await?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Handles the entries read from each partition: the records of transactions not in
-    /// memory are read in one pipeline for all partitions, and the partitions' writes go in one
-    /// pipeline of fenced calls.
+    /// memory are read in one pipeline for all partitions (one per partition on a cluster),
+    /// and the partitions' writes go in one fenced call (one per partition on a cluster).
     async fn handle(&mut self, work: Vec<(u32, Vec<StreamId>)>) -> Result<()> {
         let work: Vec<(u32, Vec<StreamId>)> =
             work.into_iter().filter(|(p, e)| !e.is_empty() && self.parts.contains_key(p)).collect();
@@ -575,12 +622,23 @@ impl Owner {
         }
         let mut records: HashMap<(u32, String), std::result::Result<Option<Txn>, String>> = HashMap::new();
         if !unknown.is_empty() {
-            let mut pipe = redis::pipe();
-            for (p, id) in &unknown {
-                pipe.hgetall(keys::txn_record(*p, id));
+            // `unknown` is in partition order: one pipeline per partition on a cluster.
+            let groups: Vec<&[(u32, String)]> =
+                if self.conn.is_cluster() { unknown.chunk_by(|a, b| a.0 == b.0).collect() } else { vec![&unknown[..]] };
+            let pipes = groups
+                .iter()
+                .map(|g| {
+                    let mut pipe = redis::pipe();
+                    for (p, id) in g.iter() {
+                        pipe.hgetall(keys::txn_record(*p, id));
+                    }
+                    pipe
+                })
+                .collect();
+            let mut hashes: Vec<HashMap<String, Vec<u8>>> = Vec::with_capacity(unknown.len());
+            for r in self.conn.query_each::<Vec<HashMap<String, Vec<u8>>>>(pipes).await {
+                hashes.extend(r.map_err(|e| Error::redis(&self.url, e))?);
             }
-            let hashes: Vec<HashMap<String, Vec<u8>>> =
-                pipe.query_async(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
             for ((p, id), h) in unknown.into_iter().zip(hashes) {
                 let r = txn_from_hash(&id, &h);
                 records.insert((p, id), r);
@@ -626,13 +684,15 @@ impl Owner {
     }
 
     /// Writes the batches of several partitions in ONE fenced call, checked against every
-    /// lease it writes under: all of it or none of it is applied. A partition whose lease moved
-    /// is dropped (step down) and the others are marked stale (reloaded before they handle more;
-    /// their entries stay pending); a call that failed marks them all stale and returns the
-    /// error.
+    /// lease it writes under: all of it or none of it is applied. On a cluster, one fenced call
+    /// per partition (a call touches one slot), each checked against that partition's lease
+    /// only, all sent at once: each partition's batch is applied whole or not at all. A
+    /// partition whose lease moved is dropped (step down) and the others of its call are marked
+    /// stale (reloaded before they handle more; their entries stay pending); a call that failed
+    /// marks its partitions stale and the error is returned.
     async fn write(&mut self, batches: Vec<(u32, Batch)>) -> Result<()> {
-        let mut parts = Vec::with_capacity(batches.len());
-        let mut all = Writes::default();
+        let cluster = self.conn.is_cluster();
+        let mut groups: Vec<(Vec<u32>, Writes)> = Vec::new();
         let mut decided = false;
         // Counted once the write is applied (or there is none).
         let mut counts = CoordinatorCounts::default();
@@ -640,59 +700,92 @@ impl Owner {
             decided |= batch.decisions > 0;
             counts.add(&batch.counts());
             if let Some(w) = self.partition_writes(p, batch).await {
-                parts.push(p);
-                all.cmds.extend(w.cmds);
-                all.keys.extend(w.keys);
+                match groups.first_mut() {
+                    Some((parts, all)) if !cluster => {
+                        parts.push(p);
+                        all.cmds.extend(w.cmds);
+                        all.keys.extend(w.keys);
+                    }
+                    _ => groups.push((vec![p], w)),
+                }
             }
         }
-        if parts.is_empty() {
+        if groups.is_empty() {
             self.counts.add(&counts);
             return Ok(());
         }
-        let mut call = FENCED.call();
-        for p in &parts {
-            call = call.key(keys::lease(*p));
-        }
-        for k in &all.keys {
-            call = call.key(k.as_str());
-        }
-        call = call.arg(parts.len());
-        for p in &parts {
-            call = call.arg(self.parts[p].lease.as_str());
-        }
-        for a in all.args() {
-            call = call.arg(a);
-        }
-        let reply = call.run(&mut self.conn, &self.url).await.and_then(|v| scripts::reply_strings(FENCED.name, &v));
-        let stale = |owner: &mut Owner| {
+        let mut calls = Vec::with_capacity(groups.len());
+        let mut parts_of = Vec::with_capacity(groups.len());
+        for (parts, w) in groups {
+            let mut call = FENCED.call();
             for p in &parts {
+                call = call.key(keys::lease(*p));
+            }
+            for k in &w.keys {
+                call = call.key(k.as_str());
+            }
+            call = call.arg(parts.len());
+            for p in &parts {
+                call = call.arg(self.parts[p].lease.as_str());
+            }
+            for a in w.args() {
+                call = call.arg(a);
+            }
+            calls.push(call);
+            parts_of.push(parts);
+        }
+        let stale = |owner: &mut Owner, parts: &[u32]| {
+            for p in parts {
                 if let Some(part) = owner.parts.get_mut(p) {
                     part.stale = true;
                 }
             }
         };
-        match reply {
-            Ok(r) if r.first().map(String::as_str) == Some("1") => {}
-            Ok(r) => {
-                // Nothing was written. The partition that lost its lease is dropped; the others
-                // go on after a reload.
-                let lost = r.get(1).and_then(|i| i.parse::<usize>().ok()).and_then(|i| parts.get(i.wrapping_sub(1)));
-                let holder = r.get(2).cloned().unwrap_or_default();
-                stale(self);
-                if let Some(&p) = lost {
-                    tracing::warn!(partition = p, holder = %holder, "write refused by the fence: the lease moved; stepping down");
-                    self.parts.remove(&p);
-                }
-                return Ok(());
-            }
+        let replies = match scripts::run_each(&self.conn, &self.url, &calls).await {
+            Ok(r) => r,
             Err(e) => {
-                // Nothing known about this write: memory may be ahead of Redis. Reload.
-                stale(self);
+                // Nothing known about these writes: memory may be ahead of Redis. Reload.
+                for parts in &parts_of {
+                    stale(self, parts);
+                }
                 return Err(e);
             }
+        };
+        let mut failed = None;
+        let mut refused = false;
+        for (parts, reply) in parts_of.iter().zip(replies) {
+            let reply =
+                reply.map_err(|e| Error::redis(&self.url, e)).and_then(|v| scripts::reply_strings(FENCED.name, &v));
+            match reply {
+                Ok(r) if r.first().map(String::as_str) == Some("1") => {}
+                Ok(r) => {
+                    // Nothing of this call was written. The partition that lost its lease is
+                    // dropped; the others go on after a reload.
+                    refused = true;
+                    let lost =
+                        r.get(1).and_then(|i| i.parse::<usize>().ok()).and_then(|i| parts.get(i.wrapping_sub(1)));
+                    let holder = r.get(2).cloned().unwrap_or_default();
+                    stale(self, parts);
+                    if let Some(&p) = lost {
+                        tracing::warn!(partition = p, holder = %holder, "write refused by the fence: the lease moved; stepping down");
+                        self.parts.remove(&p);
+                    }
+                }
+                Err(e) => {
+                    // Nothing known about this write: memory may be ahead of Redis. Reload.
+                    stale(self, parts);
+                    failed = Some(e);
+                }
+            }
         }
-        self.counts.add(&counts);
-        if decided {
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // Counted only when every call was applied (a refused or failed one is handled again).
+        if !refused {
+            self.counts.add(&counts);
+        }
+        if decided && !refused {
             failpoint::hit(FP_AFTER_DECISION).await;
         }
         Ok(())
@@ -1054,6 +1147,6 @@ fn step_entries(
 }
 
 /// Publishes the protocol version this coordinator speaks (`rtx:protocol`), for producers.
-async fn publish_version(conn: &mut MultiplexedConnection, url: &RedisUrl) -> Result<()> {
+async fn publish_version(conn: &mut RedisConn, url: &RedisTarget) -> Result<()> {
     conn.set(keys::protocol(), PROTOCOL_VERSION).await.map_err(|e| Error::redis(url, e))
 }

@@ -2,7 +2,7 @@
 //! binary's own `clap` arguments), and how they become a [`ParticipantConfig`].
 
 use crate::ParticipantConfig;
-use redtx_common::conn::{default_url, RedisUrl, URL_ENV};
+use redtx_common::conn::{default_url, RedisTarget, URL_ENV};
 use redtx_common::keys::{DEFAULT_PARTITIONS, MAX_PARTITIONS};
 use std::time::Duration;
 
@@ -10,9 +10,14 @@ use std::time::Duration;
 /// retention. A binary adds its own (`--data`, `--postgres`, `--batch`, ...).
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerArgs {
-    /// Stream Redis URL [default: $REDTX_REDIS_URL, else redis://127.0.0.1:6379]
+    /// Stream Redis URL; with --cluster, one or more nodes of the Redis Cluster, comma-separated
+    /// [default: $REDTX_REDIS_URL, else redis://127.0.0.1:6379]
     #[arg(long, env = URL_ENV, hide_env_values = true)]
     pub redis: Option<String>,
+    /// The streams are on a Redis Cluster: --redis lists seed nodes (one is enough). The data
+    /// (--data) stays one Redis server.
+    #[arg(long, env = "REDTX_CLUSTER")]
+    pub cluster: bool,
     /// Participant name (its stream and consumer group): letters, digits, - _ .
     #[arg(long, value_parser = parse_name)]
     pub name: String,
@@ -40,9 +45,10 @@ impl WorkerArgs {
     /// A stream Redis URL that does not parse is an error that names it (without its password).
     pub fn config(self, batch: usize, data: Option<String>) -> redtx_common::Result<ParticipantConfig> {
         let redis = default_url(self.redis.as_deref());
-        RedisUrl::parse(&redis)?;
+        RedisTarget::parse(&redis, self.cluster)?;
         Ok(ParticipantConfig {
             redis,
+            cluster: self.cluster,
             data,
             name: self.name,
             partitions: self.partitions,

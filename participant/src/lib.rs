@@ -50,7 +50,7 @@ pub use kv::KvResource;
 pub use resource::{Applied, Resource, Transition};
 pub use worker::{Participant, AFTER_COMMIT, AFTER_EXECUTE, AFTER_PREPARE};
 
-use redtx_common::conn::RedisUrl;
+use redtx_common::conn::{RedisTarget, RedisUrl};
 use redtx_common::consumer::{Backoff, Consumer, ConsumerConfig};
 use redtx_common::shutdown::Shutdown;
 use redtx_common::{keys, spec, Error, Result};
@@ -59,8 +59,13 @@ use std::time::Duration;
 /// How a participant runs.
 #[derive(Debug, Clone)]
 pub struct ParticipantConfig {
-    /// URL of the stream Redis (where `rtx:part:<name>:{P}` and `rtx:coord:{P}` live).
+    /// URL of the stream Redis (where `rtx:part:<name>:{P}` and `rtx:coord:{P}` live); with
+    /// `cluster`, comma-separated seed nodes of a Redis Cluster.
     pub redis: String,
+    /// The streams are on a Redis Cluster: each partition's stream is read on its own and each
+    /// partition's replies and acks are one `MULTI` (see [`redtx_common::consumer`]). The data
+    /// Redis (`data`) is still one server, and must be given.
+    pub cluster: bool,
     /// URL of the data Redis the branches apply to; `None`: the stream Redis.
     pub data: Option<String>,
     /// Participant name: its streams and consumer group.
@@ -84,6 +89,7 @@ impl ParticipantConfig {
     pub fn new(redis: impl Into<String>, name: impl Into<String>) -> Self {
         ParticipantConfig {
             redis: redis.into(),
+            cluster: false,
             data: None,
             name: name.into(),
             partitions: keys::DEFAULT_PARTITIONS,
@@ -116,7 +122,7 @@ impl ParticipantConfig {
 /// (with backoff and warnings); an invalid name or URL is an error at once.
 pub async fn run(cfg: ParticipantConfig, shutdown: Shutdown) -> Result<()> {
     cfg.check()?;
-    let data = RedisUrl::parse(cfg.data.as_deref().unwrap_or(&cfg.redis))?;
+    let data = check_data(&cfg)?;
     tracing::info!(participant = %cfg.name, data = %data, "applying branches to this data Redis");
     let resource = KvResource::new(data, cfg.name.clone(), cfg.retention);
     run_with(cfg, resource, shutdown).await
@@ -126,7 +132,7 @@ pub async fn run(cfg: ParticipantConfig, shutdown: Shutdown) -> Result<()> {
 /// resource owns its data).
 pub async fn run_with<R: Resource>(cfg: ParticipantConfig, resource: R, shutdown: Shutdown) -> Result<()> {
     cfg.check()?;
-    let url = RedisUrl::parse(&cfg.redis)?;
+    let url = RedisTarget::parse(&cfg.redis, cfg.cluster)?;
     let mut ccfg = ConsumerConfig::new(cfg.streams(), cfg.name.clone());
     ccfg.batch = cfg.batch.max(1);
     ccfg.claim_idle = cfg.claim_idle;
@@ -136,7 +142,7 @@ pub async fn run_with<R: Resource>(cfg: ParticipantConfig, resource: R, shutdown
         if shutdown.is_triggered() {
             return Ok(());
         }
-        match Consumer::connect(&url, ccfg.clone()).await {
+        match Consumer::connect_target(&url, ccfg.clone()).await {
             Ok(c) => break c,
             Err(e) => {
                 let pause = backoff.next();
@@ -147,4 +153,39 @@ pub async fn run_with<R: Resource>(cfg: ParticipantConfig, resource: R, shutdown
     };
     let mut handler = Participant::new(cfg.name.clone(), resource);
     consumer.run(&mut handler, shutdown).await
+}
+
+/// The data Redis URL of the key-value participant: one server. A Redis Cluster for the data
+/// is not supported (a branch's keys, locks and barrier would have to share a slot).
+pub fn parse_data_url(raw: &str) -> Result<RedisUrl> {
+    let parts: Vec<&str> = raw.split(',').collect();
+    if parts.len() > 1 && parts.iter().all(|p| p.contains("://")) {
+        return Err(Error::BadUrl {
+            url: parts.iter().map(|p| redtx_common::conn::redact(p.trim())).collect::<Vec<_>>().join(","),
+            reason: "--data takes one Redis URL: the key-value data cannot be on a Redis Cluster \
+                     (--cluster is for the streams, --redis)"
+                .into(),
+        });
+    }
+    RedisUrl::parse(raw)
+}
+
+/// The key-value participant's data Redis: `--data`, else the stream Redis; one server either
+/// way (with `--cluster`, `--data` must be given).
+pub fn check_data(cfg: &ParticipantConfig) -> Result<RedisUrl> {
+    match (&cfg.data, cfg.cluster) {
+        (Some(d), _) => parse_data_url(d),
+        (None, false) => RedisUrl::parse(&cfg.redis),
+        (None, true) => Err(cluster_needs_data(&cfg.redis)),
+    }
+}
+
+/// `--cluster` without `--data`: the data would default to the streams' cluster.
+fn cluster_needs_data(redis: &str) -> Error {
+    Error::BadUrl {
+        url: redis.split(',').map(|p| redtx_common::conn::redact(p.trim())).collect::<Vec<_>>().join(","),
+        reason: "with --cluster, give the data Redis with --data (one server): the key-value data \
+                 cannot be on the streams' Redis Cluster"
+            .into(),
+    }
 }

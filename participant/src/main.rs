@@ -1,7 +1,6 @@
 //! `redtx-participant`: the built-in key-value participant as a process.
 
 use clap::Parser;
-use redtx_common::conn::RedisUrl;
 use redtx_common::shutdown::Shutdown;
 use redtx_participant::{run, WorkerArgs};
 use std::process::ExitCode;
@@ -29,7 +28,7 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     redtx_common::init_logging("info");
-    if let Some(Err(e)) = args.data.as_deref().map(RedisUrl::parse) {
+    if let Some(Err(e)) = args.data.as_deref().map(redtx_participant::parse_data_url) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
@@ -40,6 +39,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = redtx_participant::check_data(&cfg) {
+        // A usage error, like a bad URL: refused before anything starts.
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cfg, Shutdown::on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

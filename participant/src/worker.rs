@@ -196,7 +196,7 @@ impl<R: Resource> Handler for Participant<R> {
             .into_iter()
             .map(|(p, msgs)| {
                 let msgs: Vec<&Message> = msgs.iter().collect();
-                redis::cmd("XADD").arg(keys::coord_stream(p)).arg("*").arg(&entry_fields(&msgs)[..]).clone()
+                (p, redis::cmd("XADD").arg(keys::coord_stream(p)).arg("*").arg(&entry_fields(&msgs)[..]).clone())
             })
             .collect();
         Ok(Handled { dispositions: out.into_iter().map(|d| d.expect("every entry decided")).collect(), writes })

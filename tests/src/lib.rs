@@ -16,7 +16,10 @@
 //! - [`redis_conn`], [`scan`], [`poll`], [`xrange`], [`drained`]: small synchronous Redis and
 //!   polling helpers.
 //! - [`Cluster`]: a stream Redis, data Redis servers, coordinators and named participants, with
-//!   the producer [`Client`], records, barriers and leftovers (locks, prepared barriers).
+//!   the producer [`Client`], records, barriers and leftovers (locks, prepared barriers). The
+//!   streams may be on a Redis Cluster instead ([`Cluster::start_on`], [`Bank::start_on_cluster`],
+//!   [`Shop::start_on_cluster`]): the workers then run with `--cluster`, and the data stays on
+//!   single servers.
 //! - [`Bank`]: the 2PC fixture: servers A (streams and `bank-a`'s data) and B (`bank-b`'s data),
 //!   accounts, transfers, balances; a [`TransferLoad`] of producers moving money until stopped,
 //!   and [`Bank::check_transfers`] (every transfer ended, balances exactly as committed).
@@ -36,6 +39,7 @@
 //! time limits (slow CI), never for a fixed time.
 
 use redis::Commands;
+use redtx_common::cluster_server::RedisCluster;
 use redtx_common::machine::Phase;
 use redtx_common::protocol::Message;
 use redtx_common::record::{TxnRecord, TxnState};
@@ -781,11 +785,14 @@ impl ClusterOptions {
     }
 }
 
-/// Redis servers (`servers[0]` holds the streams and records), coordinators and named
-/// participants, each with its data on one of the servers.
+/// Redis servers (`servers[0]` holds the streams and records, unless they are on a Redis
+/// Cluster), coordinators and named participants, each with its data on one of the servers.
 pub struct Cluster {
-    /// The servers; `servers[0]` holds the streams and records.
+    /// The servers; `servers[0]` holds the streams and records unless `streams` is set.
     pub servers: Vec<RedisServer>,
+    /// The Redis Cluster holding the streams and records, if they are on one (the workers and
+    /// the client then use `--cluster` with its seeds).
+    pub streams: Option<RedisCluster>,
     /// The coordinators started so far.
     pub coordinators: Vec<Proc>,
     /// The instances of each participant started so far.
@@ -808,12 +815,25 @@ impl Cluster {
         participants: &[(&str, usize)],
         opts: ClusterOptions,
     ) -> Cluster {
+        Cluster::start_on(None, servers, server_opts, participants, opts)
+    }
+
+    /// [`start`](Self::start), with the streams and records on `streams` (a Redis Cluster) when
+    /// given: the servers then hold only the participants' data.
+    pub fn start_on(
+        streams: Option<RedisCluster>,
+        servers: usize,
+        server_opts: ServerOptions,
+        participants: &[(&str, usize)],
+        opts: ClusterOptions,
+    ) -> Cluster {
         let servers: Vec<RedisServer> = (0..servers.max(1))
             .map(|i| RedisServer::start_with(server_opts.clone()).unwrap_or_else(|e| panic!("start redis #{i}: {e}")))
             .collect();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let mut c = Cluster {
             servers,
+            streams,
             coordinators: Vec::new(),
             workers: BTreeMap::new(),
             homes: participants.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
@@ -834,9 +854,21 @@ impl Cluster {
         c
     }
 
-    /// URL of the Redis holding the streams and records.
+    /// URL of the Redis holding the streams and records (a cluster's seeds, comma-separated).
     pub fn url(&self) -> String {
-        self.servers[0].url()
+        match &self.streams {
+            Some(c) => c.seeds(),
+            None => self.servers[0].url(),
+        }
+    }
+
+    /// `--cluster` when the streams are on a Redis Cluster, for a worker's command line.
+    fn cluster_flag(&self) -> Vec<&'static str> {
+        if self.streams.is_some() {
+            vec!["--cluster"]
+        } else {
+            Vec::new()
+        }
     }
 
     /// URL of participant `name`'s data Redis.
@@ -855,7 +887,8 @@ impl Cluster {
 
     /// Starts one more coordinator (with `failpoint` armed if given).
     pub fn start_coordinator(&mut self, failpoint: Option<&str>) -> &mut Proc {
-        let args: Vec<&str> = self.opts.coord_args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = self.opts.coord_args.iter().map(String::as_str).collect();
+        args.extend(self.cluster_flag());
         let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
         let mut p = coordinator_over(&self.url(), self.opts.partitions, &args, &envs);
         p.label = format!("coordinator#{}", self.coordinators.len() + 1);
@@ -865,7 +898,8 @@ impl Cluster {
 
     /// Starts one more instance of participant `name` (with `failpoint` armed if given).
     pub fn start_worker(&mut self, name: &str, failpoint: Option<&str>) -> &mut Proc {
-        let args: Vec<&str> = self.opts.part_args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = self.opts.part_args.iter().map(String::as_str).collect();
+        args.extend(self.cluster_flag());
         let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
         let mut p = participant_over(&self.url(), self.opts.partitions, name, &self.data_url(name), &args, &envs);
         let list = self.workers.entry(name.to_string()).or_default();
@@ -893,9 +927,17 @@ impl Cluster {
         }
     }
 
-    /// A synchronous connection to the stream Redis.
+    /// A synchronous connection to the stream Redis (one server: on a cluster use
+    /// [`stream_cluster_conn`](Self::stream_cluster_conn)).
     pub fn stream_conn(&self) -> redis::Connection {
+        assert!(self.streams.is_none(), "the streams are on a Redis Cluster: use stream_cluster_conn");
         redis_conn(&self.url())
+    }
+
+    /// A synchronous cluster connection to the Redis Cluster holding the streams.
+    pub fn stream_cluster_conn(&self) -> redis::cluster::ClusterConnection {
+        let c = self.streams.as_ref().expect("the streams are on a Redis Cluster");
+        redis::cluster::ClusterClient::new(c.seed_urls()).unwrap().get_connection().unwrap()
     }
 
     /// A synchronous connection to participant `name`'s data Redis.
@@ -906,8 +948,18 @@ impl Cluster {
     /// The producer client (connected on first use, shared; clone it for tasks of its own).
     pub fn client(&self) -> &Client {
         self.client.get_or_init(|| {
-            let client = self.rt.block_on(Client::connect(&self.url())).expect("client connect");
-            client.with_partitions(self.opts.partitions)
+            let partitions = self.opts.partitions;
+            let connect = async {
+                match &self.streams {
+                    Some(c) => {
+                        let seeds = c.seed_urls();
+                        let seeds: Vec<&str> = seeds.iter().map(String::as_str).collect();
+                        Ok(Client::connect_cluster(&seeds).await?.with_partitions(partitions))
+                    }
+                    None => Ok(Client::connect(&self.url()).await?.with_partitions(partitions)),
+                }
+            };
+            self.rt.block_on(connect).map_err(|e: redtx_common::Error| e).expect("client connect")
         })
     }
 
@@ -1247,6 +1299,12 @@ impl Bank {
     /// Starts servers and processes as `opts` says.
     pub fn start_with(opts: ClusterOptions) -> Bank {
         Bank(Cluster::start(2, ServerOptions::default(), &[("bank-a", 0), ("bank-b", 1)], opts))
+    }
+
+    /// The streams and records on `streams` (a Redis Cluster), each bank's data on a server of
+    /// its own (A: `servers[0]`, B: `servers[1]`).
+    pub fn start_on_cluster(streams: RedisCluster, opts: ClusterOptions) -> Bank {
+        Bank(Cluster::start_on(Some(streams), 2, ServerOptions::default(), &[("bank-a", 0), ("bank-b", 1)], opts))
     }
 
     /// Server A: streams, records and `bank-a`'s data.
@@ -1609,6 +1667,15 @@ impl Shop {
     pub fn start_with(opts: ClusterOptions) -> Shop {
         let server = ServerOptions { aof: false, ..ServerOptions::default() };
         let cluster = Cluster::start(3, server, &[("orders", 0), ("stock", 1), ("payment", 2)], opts);
+        Shop { cluster, stock0: Mutex::default(), balance0: Mutex::default() }
+    }
+
+    /// The streams and records on `streams` (a Redis Cluster), each participant's data on a
+    /// server of its own.
+    pub fn start_on_cluster(streams: RedisCluster, opts: ClusterOptions) -> Shop {
+        let server = ServerOptions { aof: false, ..ServerOptions::default() };
+        let parts = [("orders", 0), ("stock", 1), ("payment", 2)];
+        let cluster = Cluster::start_on(Some(streams), 3, server, &parts, opts);
         Shop { cluster, stock0: Mutex::default(), balance0: Mutex::default() }
     }
 

@@ -1,8 +1,9 @@
 //! `redtx submit` and `redtx status` with `--cluster` on a real Redis Cluster (3 masters, a
 //! password): `--redis` takes a list of seeds (or one), submits land in their partition's slot,
-//! `submit --wait` is woken by the outcome (written by hand, as the coordinator writes it: the
-//! coordinator is not cluster-aware yet), and the mix-ups (a plain server as a cluster seed, a
-//! cluster node without `--cluster`, a list without it) are refused with exit 2 and a clear
+//! `submit --wait` is woken by the outcome (written by hand, as the coordinator writes it: this
+//! test runs no coordinator; tests/tests/cluster.rs runs whole deployments on a cluster), and the
+//! mix-ups (a plain server as a cluster seed, a cluster node without `--cluster`, a list without
+//! it) are refused with exit 2 and a clear
 //! message. The same over TLS (`rediss://` seeds, the nodes talking TLS among themselves). No
 //! password is ever printed.
 
