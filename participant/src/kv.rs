@@ -12,7 +12,7 @@
 //! transition fails alone.
 //!
 //! The barrier is the hash `rtx:bar:<participant>:<txn>` (`state`, `reason`, `deadline`,
-//! `keys`, `ops` while prepared, `at`, `done`); a key's lock is `rtx:lock:<key>`, holding
+//! `keys`, `ops` while prepared and then "", `at`, `done`); a key's lock is `rtx:lock:<key>`, holding
 //! [`lock_owner`]. Commit and abort messages carry no keys: the keys of a prepared branch come
 //! from a small in-memory cache filled at prepare, or else from the barrier (`HGET keys`, one
 //! pipeline per batch), so that KEYS lists every key a script touches.
