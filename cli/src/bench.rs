@@ -12,7 +12,7 @@
 //!    (a) each call awaited, (b) pipelined in batches of 64. Figures are calls/s.
 //!    Concurrent awaited calls on one multiplexed connection still share its socket writes, so
 //!    (a) is not one network round trip per call; (b) adds explicit batching on top.
-//! 2. **Closed loop**: `--concurrency` producers, each `submit_and_wait`ing transfers of a
+//! 2. **Closed loop**: `--concurrency` producers, each `submit_and_wait_outcome`-ing transfers of a
 //!    random amount for `--duration`, over `--participants` banks (`bank-a`, `bank-b`, ...; 2 by
 //!    default for `--mode 2pc`, 3 for `--mode saga`), each on its own private Redis: bank-a pays
 //!    `(N - 1) x` per op and every other bank receives `x` per op, `--ops` ops (distinct
@@ -661,12 +661,12 @@ struct Counts {
 }
 
 impl Counts {
-    /// Records a `submit_and_wait` result; true if it produced an outcome (for its latency).
+    /// Records a `submit_and_wait_outcome` result; true if it produced an outcome (for its latency).
     /// Committed and completed count as committed; every other outcome as aborted, and the
     /// ones not yet applied everywhere go to `aborting`.
     fn record(
         &self,
-        r: Result<redtx_common::record::TxnRecord, Error>,
+        r: Result<redtx_common::client::Outcome, Error>,
         aborting: &Mutex<Vec<String>>,
     ) -> Result<bool, Error> {
         match r {
@@ -724,7 +724,7 @@ async fn closed_loop(load: &Load, name: &str, concurrency: usize, length: Durati
                     (load.hot(&mut rng), rng.random_bool(0.5), rng.random_range(1..=100))
                 };
                 let t0 = Instant::now();
-                let r = load.client.submit_and_wait(&load.transfer(&idx, hot, a_to_b, amount), WAIT).await;
+                let r = load.client.submit_and_wait_outcome(&load.transfer(&idx, hot, a_to_b, amount), WAIT).await;
                 if counts.record(r, &load.aborting)? {
                     lat.push(t0.elapsed());
                 }
@@ -760,7 +760,7 @@ async fn open_loop(load: &Load, rate: f64, length: Duration) -> Result<Phase, Er
             };
             let idx: Vec<usize> = (0..load.ops).map(|j| (n as usize * load.ops + j) % load.accounts).collect();
             tasks.spawn(async move {
-                let r = load.client.submit_and_wait(&load.transfer(&idx, hot, a_to_b, amount), WAIT).await;
+                let r = load.client.submit_and_wait_outcome(&load.transfer(&idx, hot, a_to_b, amount), WAIT).await;
                 let took = at.elapsed();
                 done.fetch_add(1, Ordering::Relaxed);
                 Ok::<_, Error>(counts.record(r, &load.aborting)?.then_some(took))

@@ -36,7 +36,7 @@
 
 use crate::conn::{RedisConn, RedisTarget, RedisUrl};
 use crate::protocol::{Message, Submit};
-use crate::record::TxnRecord;
+use crate::record::{TxnRecord, TxnState};
 use crate::spec::TxnSpec;
 use crate::{keys, Error, Result};
 use redis::aio::MultiplexedConnection;
@@ -60,9 +60,26 @@ pub struct Client {
     waiters: Arc<Waiters>,
 }
 
+/// How a transaction settled ([`TxnState::is_settled`]), as a producer learns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The transaction's id.
+    pub id: String,
+    /// Its settled state.
+    pub state: TxnState,
+    /// Why it aborted, compensated, got stuck or was rejected.
+    pub reason: Option<String>,
+}
+
+impl From<TxnRecord> for Outcome {
+    fn from(r: TxnRecord) -> Outcome {
+        Outcome { id: r.id, state: r.state, reason: r.reason }
+    }
+}
+
 #[derive(Default)]
 struct Waiters {
-    by_txn: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    by_txn: Mutex<HashMap<String, Vec<oneshot::Sender<Option<Outcome>>>>>,
     readers: OnceCell<Vec<tokio::task::AbortHandle>>,
 }
 
@@ -76,12 +93,24 @@ impl Drop for Waiters {
 
 impl Waiters {
     /// Wakes the waiters of the transaction an outcome entry names.
+    /// Each gets the outcome the entry carries, if it carries a whole one (a settled state and
+    /// its reason), else `None` (read the record).
     fn wake(&self, entry: &redis::streams::StreamId) {
-        if let Some(redis::Value::BulkString(id)) = entry.map.get("id") {
-            let senders = self.by_txn.lock().unwrap().remove(String::from_utf8_lossy(id).as_ref());
-            for s in senders.into_iter().flatten() {
-                let _ = s.send(());
+        let field = |k: &str| match entry.map.get(k) {
+            Some(redis::Value::BulkString(v)) => Some(String::from_utf8_lossy(v).into_owned()),
+            _ => None,
+        };
+        let Some(id) = field("id") else { return };
+        let senders = self.by_txn.lock().unwrap().remove(&id);
+        let Some(senders) = senders else { return };
+        let outcome = match (field("state").as_deref().and_then(TxnState::parse), field("reason")) {
+            (Some(state), Some(reason)) if state.is_settled() => {
+                Some(Outcome { id, state, reason: Some(reason).filter(|r| !r.is_empty()) })
             }
+            _ => None,
+        };
+        for s in senders {
+            let _ = s.send(outcome.clone());
         }
     }
 }
@@ -231,7 +260,7 @@ impl Client {
         &self,
         id: &str,
         timeout: Duration,
-        mut woken: Option<oneshot::Receiver<()>>,
+        mut woken: Option<oneshot::Receiver<Option<Outcome>>>,
     ) -> Result<TxnRecord> {
         let started = Instant::now();
         let mut backoff = crate::consumer::Backoff::default();
@@ -275,7 +304,7 @@ impl Client {
     }
 
     /// Registers a waiter for `id`'s next outcome.
-    fn register(&self, id: &str) -> oneshot::Receiver<()> {
+    fn register(&self, id: &str) -> oneshot::Receiver<Option<Outcome>> {
         let (tx, rx) = oneshot::channel();
         self.waiters.by_txn.lock().unwrap().entry(id.to_string()).or_default().push(tx);
         rx
@@ -307,6 +336,41 @@ impl Client {
             }
         };
         self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), woken).await
+    }
+
+    /// [`submit_and_wait`](Self::submit_and_wait) for a producer that needs only how the
+    /// transaction settled, and why: usually answered by the outcomes stream's entry alone (it
+    /// carries the state and the reason), with no record read; else from the record.
+    pub async fn submit_and_wait_outcome(&self, spec: &TxnSpec, timeout: Duration) -> Result<Outcome> {
+        let started = Instant::now();
+        let woken = match self.start_reader().await {
+            Ok(()) => Some(self.register(&spec.id)),
+            Err(_) => None,
+        };
+        let mut backoff = crate::consumer::Backoff::default();
+        let id = loop {
+            match self.submit(spec).await {
+                Ok(id) => break id,
+                Err(e) if e.is_transient() && started.elapsed() < timeout => {
+                    tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(e) => {
+                    self.forget(&spec.id);
+                    return Err(e);
+                }
+            }
+        };
+        if let Some(rx) = woken {
+            let left = timeout.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left.min(self.recheck), rx).await {
+                Ok(Ok(Some(outcome))) => return Ok(outcome),
+                // Woken without a whole outcome, or not yet: the record says.
+                _ => self.forget(&id),
+            }
+        }
+        let record = self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), None).await?;
+        Ok(Outcome::from(record))
     }
 
     fn forget(&self, id: &str) {

@@ -796,9 +796,14 @@ impl Owner {
         let mut w = Writes::default();
         let t_ms = now_ms();
         let retention = self.cfg.retention.as_millis().max(1) as u64;
+        // The reason of each announced transaction, when its record is at hand ("" for none).
+        let mut reasons: Vec<Option<String>> = Vec::with_capacity(batch.announce.len());
         {
             let part = self.parts.get(&p)?;
             let txn_of = |id: &str| part.txns.get(id).or_else(|| batch.detached.get(id));
+            for (id, _) in &batch.announce {
+                reasons.push(txn_of(id).map(|t| t.progress.reason.clone().unwrap_or_default()));
+            }
             for id in &batch.created {
                 if let Some(txn) = txn_of(id) {
                     let key = keys::txn_record(p, id);
@@ -851,23 +856,25 @@ impl Owner {
         if skipped > 0 {
             tracing::debug!(partition = p, skipped, "re-sends skipped: their participant is not reading its stream");
         }
-        for (id, state) in &batch.announce {
+        for ((id, state), reason) in batch.announce.iter().zip(reasons) {
             let s = keys::outcomes_stream(p);
-            w.push(
-                &s,
-                vec![
-                    b("XADD"),
-                    b(&s),
-                    b("MAXLEN"),
-                    b("~"),
-                    b(OUTCOMES_MAXLEN.to_string()),
-                    b("*"),
-                    b("id"),
-                    b(id),
-                    b("state"),
-                    b(state),
-                ],
-            );
+            let mut args = vec![
+                b("XADD"),
+                b(&s),
+                b("MAXLEN"),
+                b("~"),
+                b(OUTCOMES_MAXLEN.to_string()),
+                b("*"),
+                b("id"),
+                b(id),
+                b("state"),
+                b(state),
+            ];
+            // With the reason, a producer needs no record read to learn why (docs/protocol.md).
+            if let Some(r) = reason {
+                args.extend([b("reason"), b(r)]);
+            }
+            w.push(&s, args);
         }
         let stream = keys::coord_stream(p);
         for (entry, reason) in &batch.dead {

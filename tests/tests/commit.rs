@@ -270,3 +270,51 @@ fn two_participants_sharing_a_data_redis_cannot_write_one_key_in_one_txn() {
     c.assert_clean();
     c.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1"]);
 }
+
+#[test]
+fn a_producer_learns_the_outcome_and_its_reason_from_the_outcomes_stream() {
+    // `submit_and_wait_outcome`: the outcome entry carries the state and the reason, so the
+    // answer agrees with the record; an id submitted again after it finished is answered too
+    // (that entry is answered from the record).
+    let bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 10);
+    bank.seed(Side::B, "acct:bob", 0);
+    let client = bank.client().clone();
+    let wait =
+        |spec: &TxnSpec| bank.rt.block_on(client.submit_and_wait_outcome(spec, Duration::from_secs(30))).unwrap();
+
+    let ok = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 4).with_id("o-commit");
+    let out = wait(&ok);
+    assert_eq!((out.id.as_str(), out.state, out.reason.as_deref()), ("o-commit", TxnState::Committed, None));
+    assert_eq!(bank.balance(Side::B, "acct:bob"), 4, "committed means applied");
+
+    let refused = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 50).with_id("o-abort");
+    let out = wait(&refused);
+    assert!(matches!(out.state, TxnState::Aborted | TxnState::Aborting), "{out:?}");
+    let reason = out.reason.clone().unwrap_or_default();
+    assert!(reason.contains("acct:alice") && reason.contains("min 0"), "{out:?}");
+    assert_eq!(bank.wait("o-abort").reason.as_deref(), Some(reason.as_str()), "the record says the same");
+
+    // Both again, finished: the same answers.
+    assert_eq!(wait(&ok).state, TxnState::Committed);
+    let again = wait(&refused);
+    assert_eq!((again.state, again.reason.as_deref()), (TxnState::Aborted, Some(reason.as_str())));
+    // The outcome entries: the first ones carry the reason field, empty for none.
+    let mut s = bank.stream_conn();
+    let stream =
+        redtx_common::keys::outcomes_stream(redtx_common::keys::partition("o-abort", bank.client().partitions()));
+    let entries: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query(&mut s).unwrap();
+    let mine: Vec<_> = entries
+        .ids
+        .iter()
+        .filter(|e| {
+            e.get::<String>("id").as_deref() == Some("o-abort")
+                && e.get::<String>("state").as_deref() == Some("aborted")
+        })
+        .collect();
+    assert!(!mine.is_empty(), "no outcome entry for o-abort");
+    assert_eq!(mine[0].get::<String>("reason").as_deref(), Some(reason.as_str()));
+    assert_eq!(bank.balance(Side::A, "acct:alice"), 6);
+    bank.assert_clean();
+}
