@@ -507,14 +507,16 @@ impl Ctx {
         settled(home)
     }
 
-    /// Confirm or Cancel of a prepared branch whose keys are `keys` (cached, or read from the
-    /// home barrier in `home`): every group, then the home barrier.
+    /// Confirm or Cancel of a prepared branch: every group, then the home barrier. The keys
+    /// are `keys` (cached: this process saw the branch prepared), else read with the home
+    /// barrier in `home`, which must then be in the expected state (else nothing changes).
     async fn finish(&self, io: Io<'_>, t: &Transition<'_>, keys: Option<Vec<String>>, home: Option<HomeRead>) -> Res {
         let commit = t.work == Work::Confirm;
-        let keys = match (keys, home) {
-            (Some(keys), _) => keys,
-            (None, Some(h)) if h.state == "prepared" && !h.keys.is_empty() => h.keys,
-            (None, Some(h)) => return settled(h.moved()),
+        let keys = match (home, keys) {
+            (Some(h), _) if h.state != Self::expected(t) => return settled(h.moved()),
+            (_, Some(keys)) => keys,
+            (Some(h), None) if !h.keys.is_empty() => h.keys,
+            (Some(_), None) => return Err(format!("{}: the prepared home barrier records no keys", self.name)),
             (None, None) => return Err("internal: the home barrier was not read".into()),
         };
         let (script, want) = if commit { (&COMMIT, "committed") } else { (&ABORT, "aborted") };
@@ -679,7 +681,10 @@ impl KvResource {
         // that this process did not see prepared, and the state of a step to compensate.
         let reads: Vec<usize> = (0..batch.len())
             .filter(|&i| match batch[i].work {
-                Work::Confirm | Work::Cancel => !self.prepared_keys.contains_key(batch[i].request.txn()),
+                Work::Confirm | Work::Cancel => {
+                    batch[i].expect != Some(BarrierState::Prepared)
+                        || !self.prepared_keys.contains_key(batch[i].request.txn())
+                }
                 Work::Compensation => true,
                 _ => false,
             })

@@ -377,7 +377,8 @@ impl KvResource {
                 }
                 self.prepared_keys.insert(txn.to_string(), keys);
             }
-            (Work::Confirm | Work::Cancel, Ok(_)) => {
+            // Finished, or failed: a rerun reads the keys with the barrier's state.
+            (Work::Confirm | Work::Cancel, _) => {
                 self.prepared_keys.remove(txn);
             }
             _ => {}
