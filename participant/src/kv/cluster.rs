@@ -74,13 +74,17 @@ use crate::resource::{Applied, Transition};
 use redis::Value;
 use redtx_common::kv::{decode_ops, keys_of, Op};
 use redtx_common::scripts::{Call, LuaScript};
-use redtx_common::{keys, Error, Result};
+use redtx_common::{failpoint, keys, Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+
+/// Fail point: on a data cluster, a round of a batch's calls ran (e.g. every group prepared or
+/// committed) and the next (their home barriers) is not sent yet.
+pub const BETWEEN_ROUNDS: &str = "participant-between-rounds";
 
 /// What one transition's flow ends with.
 type Res = std::result::Result<Applied, String>;
@@ -725,7 +729,7 @@ impl KvResource {
     async fn drive(&mut self, rounds: &Rounds, mut flows: Vec<Flow<'_>>) -> Result<Vec<Res>> {
         let waker = Waker::from(Arc::new(NoWake));
         let mut out: Vec<Option<Res>> = vec![None; flows.len()];
-        loop {
+        for round in 0.. {
             {
                 let mut cx = Context::from_waker(&waker);
                 for (i, f) in flows.iter_mut().enumerate() {
@@ -745,6 +749,9 @@ impl KvResource {
             }
             if asks.is_empty() {
                 break;
+            }
+            if round > 0 {
+                failpoint::hit(BETWEEN_ROUNDS).await;
             }
             let calls: Vec<(u16, Call)> = asks.iter().flat_map(|(_, a)| a.iter().cloned()).collect();
             let mut replies = self.run_batched(&calls).await?.into_iter();

@@ -28,7 +28,7 @@ pub mod cluster;
 use crate::barrier::{Barrier, BarrierState, Request, Work, SKEW};
 use crate::resource::{Applied, Resource, Transition};
 use redis::Value;
-use redtx_common::conn::{RedisConn, RedisTarget, RedisUrl};
+use redtx_common::conn::{ClusterRetries, RedisConn, RedisTarget, RedisUrl};
 use redtx_common::kv::{decode_ops, keys_of, Op};
 use redtx_common::scripts::{self, Call, LuaScript};
 use redtx_common::{keys, spec, Error, Result};
@@ -221,6 +221,19 @@ pub fn read_reply(script: &'static str, reply: &Value) -> Result<Applied> {
     })
 }
 
+/// Whether a call's error says it did not reach a server that would run it: a lost connection
+/// or a timeout, or a slot that is elsewhere or on the move (`MOVED`, `ASK`, `TRYAGAIN`,
+/// `CLUSTERDOWN` still answered after the cluster connection's retries).
+fn unreached(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.redirect_node().is_some()
+        || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+        || matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN"))
+}
+
 /// The built-in key-value resource on a data Redis: one server, or a Redis Cluster. Connects
 /// lazily and reconnects after a connection failure, so it outlives a Redis restart.
 pub struct KvResource {
@@ -248,7 +261,9 @@ impl KvResource {
     pub fn on(target: RedisTarget, name: impl Into<String>, retention: Duration, partitions: u32) -> Self {
         KvResource {
             name: name.into(),
-            target,
+            // A slot on the move fails a group's call within a second: it stays pending and is
+            // retried, instead of holding the whole batch.
+            target: target.with_cluster_retries(ClusterRetries::QUICK),
             partitions: partitions.max(1),
             retention,
             conn: None,
@@ -325,6 +340,13 @@ impl KvResource {
                             "bad batch reply",
                             detail.clone(),
                         ))));
+                    }
+                }
+                // The call never ran (the connection, a slot on the move): each of its
+                // transitions fails alike, and would alone too.
+                Err(e) if unreached(&e) => {
+                    for &i in at {
+                        out[i] = Some(Err(e.clone()));
                     }
                 }
                 Err(e) => {
