@@ -447,3 +447,31 @@ async fn a_group_in_a_slot_on_the_move_stays_pending_and_goes_through_after() {
     assert_eq!((a, b), (5, 15));
     assert_eq!(leftovers(&c), Vec::<String>::new());
 }
+
+#[test]
+fn data_flags_that_do_not_match_the_data_redis_exit_2() {
+    const BIN: &str = env!("CARGO_BIN_EXE_redtx-participant");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN).args(["--name", NAME]).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let help = std::process::Command::new(BIN).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--data-cluster"));
+    // A list of nodes without --data-cluster.
+    let (code, err) = run(&["--data", "redis://:hunter2@127.0.0.1:1,redis://127.0.0.1:2"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--data-cluster") && !err.contains("hunter2"), "{err}");
+    // --data-cluster with nothing to describe.
+    let (code, err) = run(&["--redis", "redis://127.0.0.1:1", "--data-cluster"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--data-cluster"), "{err}");
+    // A plain server given as a cluster, and a cluster node given as a plain server.
+    let plain = server();
+    let c = cluster();
+    let (code, err) = run(&["--redis", &plain.url(), "--data", &plain.url(), "--data-cluster"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a Redis Cluster node"), "{err}");
+    let (code, err) = run(&["--redis", &plain.url(), "--data", &c.url(0)]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("a Redis Cluster node") && err.contains("--data-cluster"), "{err}");
+}
