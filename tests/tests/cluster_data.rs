@@ -131,10 +131,9 @@ fn participants_killed_mid_load_and_between_rounds_lose_and_half_apply_nothing()
     let mut done = load.finish(&bank.rt);
     let (committed, aborted) = check(&bank, &accounts, &mut done);
     bank.assert_running(&["coordinator#1", "bank-a#2", "bank-b#2"]);
-    for side in [Side::A, Side::B] {
-        let survivor = &bank.bank(side)[1];
-        assert!(survivor.printed("took over idle pending entries"), "{}:\n{}", survivor.label, survivor.output());
-    }
+    // bank-a#1 died holding a batch: bank-a#2 took it over (bank-b#1 may have held none).
+    let survivor = &bank.bank(Side::A)[1];
+    assert!(survivor.printed("took over idle pending entries"), "{}:\n{}", survivor.label, survivor.output());
     eprintln!("{} transfers ({committed} committed, {aborted} aborted) in {:?}", done.len(), started.elapsed());
 }
 
