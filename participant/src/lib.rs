@@ -47,9 +47,9 @@ pub mod worker;
 
 pub use args::WorkerArgs;
 pub use barrier::{Answer, Barrier, BarrierState, Decision, Request, Work};
+pub use kv::cluster::BETWEEN_ROUNDS;
 pub use kv::KvResource;
 pub use resource::{Applied, Resource, Transition};
-pub use kv::cluster::BETWEEN_ROUNDS;
 pub use worker::{Participant, AFTER_COMMIT, AFTER_EXECUTE, AFTER_PREPARE};
 
 use redtx_common::conn::{RedisTarget, RedisUrl};

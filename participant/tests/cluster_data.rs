@@ -13,9 +13,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::AsyncCommands;
 use redtx_common::cluster_server::RedisCluster;
 use redtx_common::conn::RedisTarget;
+use redtx_common::keys;
 use redtx_common::kv::{encode_ops, IncrbyOp, Op};
 use redtx_common::protocol::{Outcome, StepKind, StepStatus};
-use redtx_common::keys;
 use redtx_participant::conformance::{self, Fixture};
 use redtx_participant::{Answer, KvResource, Request};
 use std::collections::BTreeSet;
@@ -228,7 +228,9 @@ async fn a_refused_group_refuses_the_whole_branch_and_releases_the_others() {
     let p = Request::Prepare(prepare("t-no", ops));
     let answer = ask(&mut r, p.clone()).await.unwrap();
     match &answer {
-        Answer::Vote { yes: false, reason: Some(why) } => assert!(why.contains("{b}acct would be -5, below min 0"), "{why}"),
+        Answer::Vote { yes: false, reason: Some(why) } => {
+            assert!(why.contains("{b}acct would be -5, below min 0"), "{why}")
+        }
         other => panic!("{other:?}"),
     }
     // Nothing applied, nothing locked; every group finished, the home barrier refused.
@@ -316,7 +318,10 @@ async fn a_branch_cut_between_its_groups_and_its_home_barrier_is_finished_by_the
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let answer = ask(&mut r, Request::Prepare(late)).await.unwrap();
-    assert!(matches!(&answer, Answer::Vote { yes: false, reason: Some(w) } if w.contains("after the deadline")), "{answer:?}");
+    assert!(
+        matches!(&answer, Answer::Vote { yes: false, reason: Some(w) } if w.contains("after the deadline")),
+        "{answer:?}"
+    );
     assert_eq!(leftovers(&c), Vec::<String>::new());
     let (x, y): (i64, i64) = (con.get("acct:{x}").await.unwrap(), con.get("acct:{y}").await.unwrap());
     assert_eq!((x, y), (30, 70));
@@ -405,8 +410,9 @@ async fn a_batch_is_one_call_per_script_and_slot() {
     assert_eq!(ask(&mut r, Request::Prepare(prepare("warm", vec![Op::incrby("{w}k", 1)]))).await, Ok(yes()));
     // 40 branches of 40 transactions, all their keys in one slot: one prepare call for the
     // groups, then the home barriers, one call per partition slot.
-    let reqs: Vec<Request> =
-        (0..40).map(|i| Request::Prepare(prepare(&format!("b-{i}"), vec![Op::incrby(format!("{{same}}k{i}"), 1)]))).collect();
+    let reqs: Vec<Request> = (0..40)
+        .map(|i| Request::Prepare(prepare(&format!("b-{i}"), vec![Op::incrby(format!("{{same}}k{i}"), 1)])))
+        .collect();
     let before = evalsha_calls(&c);
     let answers = redtx_participant::worker::settle(&mut r, &reqs, redtx_common::now_ms()).await.unwrap();
     assert!(answers.iter().all(|a| *a == Ok(yes())), "{answers:?}");

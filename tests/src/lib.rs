@@ -952,7 +952,9 @@ impl Cluster {
     /// cluster).
     pub fn data_scan(&self, name: &str, pattern: &str) -> Vec<String> {
         match self.data_cluster_of(name) {
-            Some(c) => c.masters().unwrap().into_iter().flat_map(|m| scan(&mut redis_conn(&c.url(m)), pattern)).collect(),
+            Some(c) => {
+                c.masters().unwrap().into_iter().flat_map(|m| scan(&mut redis_conn(&c.url(m)), pattern)).collect()
+            }
             None => scan(&mut self.data_conn(name), pattern),
         }
     }

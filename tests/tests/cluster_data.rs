@@ -94,7 +94,8 @@ fn a_refused_slot_group_aborts_the_whole_transaction() {
     bank.wait_clean();
     // The group that could apply was released, not left prepared; the refused one says why.
     let group = |k: &str| keys::group_barrier(keys::slot(k), "bank-a", &rec.id);
-    let state = |k: &str| -> Option<String> { bank.data_query("bank-a", redis::cmd("HGET").arg(group(k)).arg("state")) };
+    let state =
+        |k: &str| -> Option<String> { bank.data_query("bank-a", redis::cmd("HGET").arg(group(k)).arg("state")) };
     assert_eq!(state(rich).as_deref(), Some("aborted"));
     assert_eq!(state(poor).as_deref(), Some("refused"));
     assert_eq!(bank.barrier_state("bank-a", &rec.id).as_deref(), Some("aborted"), "{}", bank.dump(&rec.id));
@@ -185,7 +186,11 @@ fn sagas_on_a_data_cluster_complete_compensate_and_refuse_a_step_over_two_slots(
     // A step whose keys span two slots fails, naming them; the saga compensates.
     let wide = TxnSpec::saga(vec![
         Branch::kv_step("stock", vec![Op::incrby("{w}:stock", -1)], vec![Op::incrby("{w}:stock", 1)]),
-        Branch::kv_step("pay", vec![Op::incrby("bal:bob", -1), Op::incrby("spent:bob", 1)], vec![Op::incrby("bal:bob", 1)]),
+        Branch::kv_step(
+            "pay",
+            vec![Op::incrby("bal:bob", -1), Op::incrby("spent:bob", 1)],
+            vec![Op::incrby("bal:bob", 1)],
+        ),
     ])
     .with_id("o-3")
     .with_timeout(Duration::from_secs(20));
@@ -199,8 +204,9 @@ fn sagas_on_a_data_cluster_complete_compensate_and_refuse_a_step_over_two_slots(
 
     // A handful at once, over every partition (enough stock for all of them at once).
     let _: () = shop.data_query("stock", redis::cmd("INCRBY").arg("{w}:stock").arg(100));
-    let ids: Vec<String> =
-        (0..10).map(|i| shop.submit(&order(&format!("o-m{i}"), "w", "ann", 1, if i % 3 == 0 { 500 } else { 5 }))).collect();
+    let ids: Vec<String> = (0..10)
+        .map(|i| shop.submit(&order(&format!("o-m{i}"), "w", "ann", 1, if i % 3 == 0 { 500 } else { 5 })))
+        .collect();
     let mut ended: HashMap<TxnState, usize> = HashMap::new();
     for id in &ids {
         *ended.entry(shop.wait(id).state).or_default() += 1;

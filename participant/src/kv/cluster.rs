@@ -349,7 +349,14 @@ impl Ctx {
         (slot, self.base(&MARK, bar, t, &[], "").arg(to).arg(reason).arg("").arg(""))
     }
 
-    fn base(&self, script: &'static LuaScript, bar: String, t: &Transition<'_>, keys: &[String], expected: &str) -> Call {
+    fn base(
+        &self,
+        script: &'static LuaScript,
+        bar: String,
+        t: &Transition<'_>,
+        keys: &[String],
+        expected: &str,
+    ) -> Call {
         let txn = t.request.txn();
         base(script, bar, keys::cluster_lock, &self.name, txn, keys, expected, t.now_ms, self.retention)
     }
@@ -399,7 +406,9 @@ impl Ctx {
         let expected = Self::expected(t);
         let ops = match self.decode(t, "payload") {
             Ok(ops) => ops,
-            Err(refusal) => return settled(self.one(io, self.mark_home(t, expected, "refused", &refusal, &deadline, None)).await?),
+            Err(refusal) => {
+                return settled(self.one(io, self.mark_home(t, expected, "refused", &refusal, &deadline, None)).await?)
+            }
         };
         let groups = groups_of_ops(&ops);
         let calls = groups
@@ -466,14 +475,22 @@ impl Ctx {
 
     /// Makes sure no group of the branch is left prepared or empty: prepared ones are aborted,
     /// empty ones get an `aborted` tombstone.
-    async fn release(&self, io: Io<'_>, t: &Transition<'_>, groups: &[Group], mut seen: Vec<Seen>) -> std::result::Result<(), String> {
+    async fn release(
+        &self,
+        io: Io<'_>,
+        t: &Transition<'_>,
+        groups: &[Group],
+        mut seen: Vec<Seen>,
+    ) -> std::result::Result<(), String> {
         let reason = format!("{}: transaction was aborted", self.name);
         for _ in 0..RELEASE_ROUNDS {
             let todo: Vec<(usize, (u16, Call))> = groups
                 .iter()
                 .enumerate()
                 .filter_map(|(i, g)| match seen[i] {
-                    Seen::Prepared => Some((i, (g.slot, self.base(&ABORT, self.group_barrier(t, g), t, &g.keys, "prepared")))),
+                    Seen::Prepared => {
+                        Some((i, (g.slot, self.base(&ABORT, self.group_barrier(t, g), t, &g.keys, "prepared"))))
+                    }
                     Seen::Empty | Seen::Unknown => {
                         Some((i, self.mark_group(t, g.slot, self.group_barrier(t, g), "aborted", &reason)))
                     }
@@ -525,7 +542,10 @@ impl Ctx {
         };
         let (script, want) = if commit { (&COMMIT, "committed") } else { (&ABORT, "aborted") };
         let groups = groups_of_keys(&keys);
-        let calls = groups.iter().map(|g| (g.slot, self.base(script, self.group_barrier(t, g), t, &g.keys, "prepared"))).collect();
+        let calls = groups
+            .iter()
+            .map(|g| (g.slot, self.base(script, self.group_barrier(t, g), t, &g.keys, "prepared")))
+            .collect();
         let replies = io.round(calls).await;
         for (g, r) in groups.iter().zip(replies) {
             let reply = read(script, &self.shown, r).map_err(|e| format!("slot {}: {e}", g.slot))?;
@@ -570,7 +590,9 @@ impl Ctx {
         let expected = Self::expected(t);
         let ops = match self.decode(t, "payload") {
             Ok(ops) => ops,
-            Err(refusal) => return settled(self.one(io, self.mark_home(t, expected, "failed", &refusal, "", None)).await?),
+            Err(refusal) => {
+                return settled(self.one(io, self.mark_home(t, expected, "failed", &refusal, "", None)).await?)
+            }
         };
         let groups = groups_of_ops(&ops);
         let [g] = groups.as_slice() else {
@@ -605,7 +627,12 @@ impl Ctx {
     /// A compensation found the home barrier `running` with the action's `keys`: settles the
     /// step (the action's tombstone if it has not run, else its result) and returns the home
     /// barrier as it ends.
-    async fn settle_running(&self, io: Io<'_>, t: &Transition<'_>, keys: &[String]) -> std::result::Result<Barrier, String> {
+    async fn settle_running(
+        &self,
+        io: Io<'_>,
+        t: &Transition<'_>,
+        keys: &[String],
+    ) -> std::result::Result<Barrier, String> {
         let groups = groups_of_keys(keys);
         let [g] = groups.as_slice() else {
             return Err(format!("{}: a running step's home barrier names {} slots", self.name, groups.len()));
@@ -780,7 +807,9 @@ impl KvResource {
                 for &i in list {
                     let txn = batch[i].request.txn();
                     let p = keys::partition(txn, self.partitions);
-                    pipe.cmd("HMGET").arg(keys::home_barrier(p, &self.name, txn)).arg(&["state", "reason", "deadline", "keys"]);
+                    pipe.cmd("HMGET")
+                        .arg(keys::home_barrier(p, &self.name, txn))
+                        .arg(&["state", "reason", "deadline", "keys"]);
                 }
                 pipe
             })
@@ -795,7 +824,11 @@ impl KvResource {
             })?;
             for (&i, row) in list.iter().zip(rows) {
                 let text = |j: usize| {
-                    row.get(j).cloned().flatten().map(|b| String::from_utf8_lossy(&b).into_owned()).filter(|s| !s.is_empty())
+                    row.get(j)
+                        .cloned()
+                        .flatten()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .filter(|s| !s.is_empty())
                 };
                 out.insert(
                     i,
@@ -803,7 +836,12 @@ impl KvResource {
                         state: text(0).unwrap_or_default(),
                         reason: text(1),
                         deadline: text(2).and_then(|d| d.parse().ok()),
-                        keys: row.get(3).cloned().flatten().and_then(|b| rmp_serde::from_slice(&b).ok()).unwrap_or_default(),
+                        keys: row
+                            .get(3)
+                            .cloned()
+                            .flatten()
+                            .and_then(|b| rmp_serde::from_slice(&b).ok())
+                            .unwrap_or_default(),
                     },
                 );
             }
@@ -829,7 +867,10 @@ mod tests {
         assert_eq!(groups[1].keys, vec![b.clone()]);
         // Rebuilt from the keys a home barrier records: the same groups, keys in the same order.
         let again = groups_of_keys(&keys_of(&ops));
-        assert_eq!(again.iter().map(|g| (g.slot, g.keys.clone())).collect::<Vec<_>>(), groups.iter().map(|g| (g.slot, g.keys.clone())).collect::<Vec<_>>());
+        assert_eq!(
+            again.iter().map(|g| (g.slot, g.keys.clone())).collect::<Vec<_>>(),
+            groups.iter().map(|g| (g.slot, g.keys.clone())).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -843,9 +884,21 @@ mod tests {
             Value::BulkString(keys),
         ]);
         let r = read(&MARK, "x", Ok(moved)).unwrap();
-        assert_eq!(r, Reply::Moved { state: "running".into(), reason: None, deadline: Some(12), keys: vec!["a".into(), "b{c}".into()] });
+        assert_eq!(
+            r,
+            Reply::Moved {
+                state: "running".into(),
+                reason: None,
+                deadline: Some(12),
+                keys: vec!["a".into(), "b{c}".into()]
+            }
+        );
         assert!(settled(r).unwrap_err().contains("under way"));
-        let done = Value::Array(vec![Value::Int(1), Value::BulkString(b"refused".to_vec()), Value::BulkString(b"why".to_vec())]);
+        let done = Value::Array(vec![
+            Value::Int(1),
+            Value::BulkString(b"refused".to_vec()),
+            Value::BulkString(b"why".to_vec()),
+        ]);
         assert_eq!(
             settled(read(&PREPARE, "x", Ok(done)).unwrap()).unwrap(),
             Applied::Done { state: BarrierState::Refused, reason: Some("why".into()) }
