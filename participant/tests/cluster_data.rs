@@ -481,3 +481,65 @@ fn data_flags_that_do_not_match_the_data_redis_exit_2() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("a Redis Cluster node") && err.contains("--data-cluster"), "{err}");
 }
+
+/// `EVALSHA` calls served by the server at `url` so far.
+fn evalsha_calls_at(url: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut sync_conn(url)).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Prepares then commits `n` branches of `keys` keys each (random accounts) in batches of
+/// `batch`; returns the seconds it took.
+async fn prepare_commit(r: &mut KvResource, tag: &str, n: usize, batch: usize, keys: usize) -> f64 {
+    let started = std::time::Instant::now();
+    for b in 0..n / batch {
+        let ids: Vec<String> = (0..batch).map(|i| format!("m-{tag}-{b}-{i}")).collect();
+        let prepares: Vec<Request> = ids
+            .iter()
+            .map(|id| {
+                let ops = (0..keys).map(|k| Op::incrby(format!("acct:{id}:{k}"), 1)).collect();
+                Request::Prepare(prepare(id, ops))
+            })
+            .collect();
+        let votes = redtx_participant::worker::settle(r, &prepares, redtx_common::now_ms()).await.unwrap();
+        assert!(votes.iter().all(|v| *v == Ok(yes())), "{votes:?}");
+        let commits: Vec<Request> = ids.iter().map(|id| Request::Commit(resolve(id))).collect();
+        let acks = redtx_participant::worker::settle(r, &commits, redtx_common::now_ms()).await.unwrap();
+        assert!(acks.iter().all(|a| *a == Ok(Answer::Ack(Outcome::Committed))), "{acks:?}");
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Not a check: prints what a branch costs with its data on one server and on a 3-master
+/// cluster, measured alternately in one run (`cargo test -p redtx-participant --test
+/// cluster_data measure -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore]
+async fn measure_branches_on_one_server_and_on_a_cluster() {
+    let (n, batch) = (4000, 200);
+    let s = server();
+    let c = cluster();
+    let mut single = kv(&s);
+    let mut on_cluster = kv_on(&c);
+    for round in 0..3 {
+        for keys in [1, 2] {
+            let calls0 = evalsha_calls_at(&s.url());
+            let t_single = prepare_commit(&mut single, &format!("s{round}k{keys}"), n, batch, keys).await;
+            let calls_single = evalsha_calls_at(&s.url()) - calls0;
+            let calls0 = evalsha_calls(&c);
+            let t_cluster = prepare_commit(&mut on_cluster, &format!("c{round}k{keys}"), n, batch, keys).await;
+            let calls_cluster = evalsha_calls(&c) - calls0;
+            println!(
+                "round {round}, {keys} key(s) per branch: cluster time / one-server time = {:.2}; \
+                 EVALSHA per branch (prepare + commit): one server {:.3}, cluster {:.3}",
+                t_cluster / t_single,
+                calls_single as f64 / n as f64,
+                calls_cluster as f64 / n as f64
+            );
+        }
+    }
+}

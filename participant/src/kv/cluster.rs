@@ -52,7 +52,7 @@
 //!   answers busy and leaves `running` for the retry.
 //! - **Null compensation**: a compensation that finds no home barrier marks it `compensated`,
 //!   so a late action is refused by its first step. One that finds it `running` settles the
-//!   action first: it leaves an `compensated` tombstone on the action's barrier if the action has
+//!   action first: it leaves a `compensated` tombstone on the action's barrier if the action has
 //!   not run (so it never will), or takes the action's result if it has; the home barrier
 //!   records either.
 //! - **Compensation** (home `done`): the compensation runs in its slot (`compensate`, barrier
@@ -62,7 +62,7 @@
 //! # Lock-step rounds
 //!
 //! Each transition of a batch is a small async flow (below) that awaits only
-//! [`Io::round`]: the script calls of its next step. The driver polls every flow until each
+//! `Io::round`: the script calls of its next step. The driver polls every flow until each
 //! has asked for its round or finished, sends all the calls of the round at once (one call per
 //! script and slot, `lua/lib/batch.lua`, each to the master serving its slot), hands each flow
 //! its replies, and polls again. A batch of prepares costs two rounds (groups, then home
