@@ -1,6 +1,6 @@
 --[[
 abort: 2PC phase two (abort) of a prepared key-value branch (work `Cancel`), if the barrier is
-still as expected: releases the branch's locks (those it still owns), drops the staged writes,
+still as expected: releases the branch's locks (those it still owns), empties the staged writes (`ops` = ""),
 marks the barrier aborted and lets it expire after the retention. (An abort before any prepare,
 or of a refused branch, changes only the barrier: mark.lua.)
 
@@ -24,8 +24,7 @@ local function one()
     return moved_from(b)
   end
   local reason = name .. ': transaction was aborted'
-  rcall('HSET', bar, 'state', 'aborted', 'reason', reason, 'done', ARGV[4])
-  rcall('HDEL', bar, 'ops')
+  rcall('HSET', bar, 'state', 'aborted', 'reason', reason, 'done', ARGV[4], 'ops', '')
   unlock()
   expire(b[3])
   return {1, 'aborted', reason}

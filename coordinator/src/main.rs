@@ -47,7 +47,9 @@ struct Args {
     keep_history: Duration,
 }
 
-#[tokio::main]
+// One thread: the worker is one loop, and cross-thread wake-ups cost more than they give on
+// a few cores.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     redtx_common::init_logging("info");

@@ -12,7 +12,8 @@ not refuse its later writes. Writes use redis.call (never pcall): an error abort
 Common input (of each transition; a call carries a batch of them, laid out as lib/batch.lua
 says):
   KEYS[1]      barrier, rtx:bar:<participant>:<txn> (hash: state, reason, deadline, keys,
-               ops while prepared, at, done)
+               ops while prepared, "" once committed or
+               aborted, at, done)
   KEYS[2i]     i-th distinct user key of the branch (i = 1..n), in first-use order
   KEYS[2i+1]   its lock, rtx:lock:<key> (string: the owner of the lock, ARGV[1])
   ARGV[1]      owner: this branch's lock value, "<participant> <txn>"
@@ -63,6 +64,9 @@ end
 
 -- The MOVED reply if the barrier is not in the expected state, else nil.
 local function moved()
+  if expected == '' and rcall('EXISTS', bar) == 0 then
+    return nil
+  end
   local m = moved_anyway()
   if m[2] == expected then
     return nil

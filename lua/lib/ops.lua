@@ -16,6 +16,10 @@ Ops come in ARGV in six slots each (read_ops):
   simulate(ops)   checks every op in order against the current values (read only): the writes
                   to make ({op, i, field, arg}, guards dropped), or nil and the refusal reason
   apply(writes)   makes the writes (redis.call: any error aborts the script)
+  unchecked(writes), apply_first(writes)
+                  a lone write that Redis refuses unchanged whenever simulate would (not
+                  `set`) needs no simulation: it goes first, with redis.pcall, and its refusal
+                  is returned
 ]]
 
 local function read_ops(from)
@@ -228,21 +232,48 @@ local function simulate(ops)
   return writes
 end
 
+-- Makes one staged write through `call` (redis.call or redis.pcall); returns its reply.
+local function write(w, call)
+  local op, key, f, arg = w[1], KEYS[2 * w[2]], w[3], w[4]
+  if op == 'set' then
+    return call('SET', key, arg)
+  elseif op == 'del' then
+    return call('DEL', key)
+  elseif op == 'incrby' then
+    return call('INCRBY', key, arg)
+  elseif op == 'hset' then
+    return call('HSET', key, f, arg)
+  elseif op == 'hdel' then
+    return call('HDEL', key, f)
+  elseif op == 'hincrby' then
+    return call('HINCRBY', key, f, arg)
+  end
+end
+
 local function apply(writes)
   for _, w in ipairs(writes) do
-    local op, key, f, arg = w[1], KEYS[2 * w[2]], w[3], w[4]
-    if op == 'set' then
-      rcall('SET', key, arg)
-    elseif op == 'del' then
-      rcall('DEL', key)
-    elseif op == 'incrby' then
-      rcall('INCRBY', key, arg)
-    elseif op == 'hset' then
-      rcall('HSET', key, f, arg)
-    elseif op == 'hdel' then
-      rcall('HDEL', key, f)
-    elseif op == 'hincrby' then
-      rcall('HINCRBY', key, f, arg)
-    end
+    write(w, rcall)
   end
+end
+
+-- The staged writes Redis itself refuses, changing nothing, in every case where simulate would
+-- refuse them after prepare (a wrong type, not an integer, past the 64-bit range). Not `set`:
+-- SET overwrites a key of any type.
+local SELF_CHECKED = {incrby = true, hincrby = true, hset = true, hdel = true, del = true}
+
+-- Whether writes can be applied without simulating them first: one write, self-checked, made
+-- as the script's first write (apply_first).
+local function unchecked(writes)
+  return #writes == 1 and SELF_CHECKED[writes[1][1]] == true
+end
+
+-- Makes writes[1] as the script's first write, with redis.pcall: a refusal (wrong type, out of
+-- range, or the memory limit, which only a script's first write meets) changes nothing and is
+-- returned as its error text; nil when the write was made.
+local function apply_first(writes)
+  local r = write(writes[1], redis.pcall)
+  if type(r) == 'table' and r.err then
+    return r.err
+  end
+  return nil
 end

@@ -85,7 +85,7 @@ async fn prepare_stages_and_locks_commit_applies_and_releases() {
     let locks: Vec<String> = c.keys("rtx:lock:*").await.unwrap();
     assert!(locks.is_empty(), "{locks:?}");
     assert_eq!(hget(&mut c, &bar, "state").await.as_deref(), Some("committed"));
-    assert_eq!(hget(&mut c, &bar, "ops").await, None, "staging dropped");
+    assert_eq!(hget(&mut c, &bar, "ops").await.as_deref(), Some(""), "staging emptied");
     let ttl: i64 = c.pttl(&bar).await.unwrap();
     assert!(ttl > 0 && ttl <= RETENTION.as_millis() as i64, "{ttl}");
 }
@@ -368,6 +368,19 @@ async fn saga_steps_check_guards_and_compensations_can_be_refused() {
     assert_eq!(get(&mut c, "log").await.as_deref(), Some("refunded"));
 }
 
+/// Every key and its `DUMP`, sorted: equal snapshots mean nothing changed.
+async fn snapshot(c: &redis::aio::MultiplexedConnection) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut c = c.clone();
+    let mut out = Vec::new();
+    let mut ks: Vec<String> = c.keys("*").await.unwrap();
+    ks.sort();
+    for k in ks {
+        let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&k).query_async(&mut c).await.unwrap();
+        out.push((k, dump));
+    }
+    out
+}
+
 /// Each verb on a Redis at its memory limit: the script fails before changing anything, the
 /// request stays pending; once memory is back, it applies exactly once.
 #[tokio::test]
@@ -376,19 +389,6 @@ async fn a_full_redis_fails_every_verb_cleanly_and_the_retry_applies_once() {
     let mut c = conn(&s).await;
     let mut r = kv(&s);
     let _: () = c.set("acct", 10).await.unwrap();
-    let snapshot = |c: &redis::aio::MultiplexedConnection| {
-        let mut c = c.clone();
-        async move {
-            let mut out = Vec::new();
-            let mut ks: Vec<String> = c.keys("*").await.unwrap();
-            ks.sort();
-            for k in ks {
-                let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&k).query_async(&mut c).await.unwrap();
-                out.push((k, dump));
-            }
-            out
-        }
-    };
     // prepare
     let p = prepare("m1", vec![incrby("acct", -3, Some(0), None), Op::set("note", "x")]);
     maxmemory(&mut c, 1).await;
@@ -523,6 +523,39 @@ async fn barriers_outlive_the_deadline_whatever_the_retention() {
     assert!(matches!(ask(&mut r, Request::Prepare(p)).await.unwrap(), Answer::Vote { yes: false, .. }));
     let t = pttl(&c, "e5").await;
     assert!(t > 0 && t <= 100, "{t}");
+}
+
+#[tokio::test]
+async fn a_lone_self_checked_write_commits_unsimulated_and_a_refusal_changes_nothing() {
+    // A branch of one INCRBY commits without re-reading the key (lua/lib/ops.lua `unchecked`):
+    // the write goes first. Refused by the memory limit, or by a key a plain writer turned into
+    // a hash, it changes nothing: the barrier stays prepared, the lock held, and the commit is
+    // retried until it applies, exactly once.
+    let s = server();
+    let mut c = conn(&s).await;
+    let mut r = kv(&s);
+    let _: () = c.set("n", "10").await.unwrap();
+    assert_eq!(ask(&mut r, Request::Prepare(prepare("l1", vec![incrby("n", 5, Some(0), None)]))).await.unwrap(), yes());
+    let bar = keys::barrier(NAME, "l1");
+    maxmemory(&mut c, 1).await;
+    let before = snapshot(&c).await;
+    let e = ask(&mut r, Request::Commit(resolve("l1"))).await.unwrap_err();
+    assert!(e.contains("OOM"), "{e}");
+    assert_eq!(snapshot(&c).await, before, "a refused commit changed something");
+    maxmemory(&mut c, 0).await;
+    let _: () = c.del("n").await.unwrap();
+    let _: () = c.hset("n", "f", "v").await.unwrap();
+    let e = ask(&mut r, Request::Commit(resolve("l1"))).await.unwrap_err();
+    assert!(e.contains("no longer apply") && e.contains("n is a hash, incrby needs a string"), "{e}");
+    assert_eq!(hget(&mut c, &bar, "state").await.as_deref(), Some("prepared"));
+    assert_eq!(get(&mut c, &keys::lock("n")).await.as_deref(), Some("bank-a l1"));
+    let _: () = c.del("n").await.unwrap();
+    let _: () = c.set("n", "10").await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(ask(&mut r, Request::Commit(resolve("l1"))).await.unwrap(), acked(Outcome::Committed));
+    }
+    assert_eq!(get(&mut c, "n").await.as_deref(), Some("15"), "applied once");
+    assert_eq!(get(&mut c, &keys::lock("n")).await, None);
 }
 
 #[tokio::test]

@@ -12,11 +12,11 @@
 //! transition fails alone.
 //!
 //! **One server**: a transition is one script call. The barrier is the hash
-//! `rtx:bar:<participant>:<txn>` (`state`, `reason`, `deadline`, `keys`, `ops` while prepared,
-//! `at`, `done`); a key's lock is `rtx:lock:<key>`, holding [`lock_owner`]. Commit and abort
-//! messages carry no keys: the keys of a prepared branch come from a small in-memory cache filled
-//! at prepare, or else from the barrier (`HGET keys`, one pipeline per batch), so that KEYS lists
-//! every key a script touches.
+//! `rtx:bar:<participant>:<txn>` (`state`, `reason`, `deadline`, `keys`, `ops` while prepared
+//! and then "", `at`, `done`); a key's lock is `rtx:lock:<key>`, holding [`lock_owner`]. Commit
+//! and abort messages carry no keys: the keys of a prepared branch come from a small in-memory
+//! cache filled at prepare, or else from the barrier (`HGET keys`, one pipeline per batch), so
+//! that KEYS lists every key a script touches.
 //!
 //! **A Redis Cluster** ([`KvResource::on`] with a cluster target): a script may only touch keys of
 //! one slot, so a branch's keys are grouped by slot and each group is carried out by the same
