@@ -132,9 +132,11 @@ fn participants_killed_mid_load_and_between_rounds_lose_and_half_apply_nothing()
     let mut done = load.finish(&bank.rt);
     let (committed, aborted) = check(&bank, &accounts, &mut done);
     bank.assert_running(&["coordinator#1", "bank-a#2", "bank-b#2"]);
-    // bank-a#1 died holding a batch: bank-a#2 took it over (bank-b#1 may have held none).
-    let survivor = &bank.bank(Side::A)[1];
-    assert!(survivor.printed("took over idle pending entries"), "{}:\n{}", survivor.label, survivor.output());
+    // bank-a#1 died holding a batch: bank-a#2 takes it over (bank-b#1 may have held none),
+    // if the coordinator's re-sent decisions did not finish those branches first; either way
+    // nothing is left.
+    bank.bank(Side::A)[1].wait_for_line("took over idle pending entries", LONG);
+    bank.wait_clean();
     eprintln!("{} transfers ({committed} committed, {aborted} aborted) in {:?}", done.len(), started.elapsed());
 }
 
