@@ -445,7 +445,8 @@ impl Ctx {
                         Seen::Final
                     }
                 }
-                // Committed: the home barrier is too (it is written after the groups).
+                // Committed: the branch was prepared and its commit ran here; the home barrier
+                // is `prepared` or `committed` (it is written after the groups) and answers.
                 Reply::Moved { state, .. } if state == "committed" => Seen::Final,
                 other => {
                     let why = other.reason().unwrap_or_else(|| format!("{}: transaction was aborted", self.name));
