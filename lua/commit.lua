@@ -20,7 +20,7 @@ Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
 
 Output (of each transition, in the batch's reply array):
   {1, 'committed', ''}                applied
-  {2, state, reason, deadline}        MOVED: the barrier is not in the expected state, or KEYS
+  {2, state, reason, deadline, keys} MOVED: the barrier is not in the expected state, or KEYS
                                       are not the branch's keys; nothing changed
   error                               the staged writes no longer apply; nothing changed
 ]]

@@ -17,7 +17,7 @@ Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
 Output (of each transition, in the batch's reply array):
   {1, 'compensated', ''}              undone
   {1, 'done', reason}                 a guard failed, or ARGV[8]; nothing changed (still done)
-  {2, state, reason, deadline}        MOVED: the barrier is not in the expected state
+  {2, state, reason, deadline, keys} MOVED: the barrier is not in the expected state
   {3, reason}                         BUSY: a key is locked by a 2PC branch; nothing changed
 ]]
 -- rcall, bar, moved, busy, expire: lua/lib/barrier.lua; read_ops, simulate, apply:

@@ -19,7 +19,7 @@ Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
 Output (of each transition, in the batch's reply array):
   {1, 'prepared', ''}                 locked, checked, staged (vote yes)
   {1, 'refused', reason}              a lock is held, a guard failed, or ARGV[9]; recorded (vote no)
-  {2, state, reason, deadline}        MOVED: the barrier is not in the expected state
+  {2, state, reason, deadline, keys} MOVED: the barrier is not in the expected state
 ]]
 -- rcall, bar, owner, name, moved, expire, lock_conflict, ...: lua/lib/barrier.lua
 -- parse_int, add, ...: lua/lib/i64.lua; read_ops, simulate: lua/lib/ops.lua (all prepended)

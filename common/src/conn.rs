@@ -141,6 +141,30 @@ pub struct RedisTarget {
     seeds: Vec<RedisUrl>,
     cluster: bool,
     redacted: String,
+    /// A cluster connection's retries of a redirect, `TRYAGAIN` or `CLUSTERDOWN`; `None`: the
+    /// `redis` crate's (16, waiting at least 1.28 s each).
+    retries: Option<ClusterRetries>,
+}
+
+/// How often, and how patiently, a cluster connection retries a command that met `TRYAGAIN`
+/// (a slot half-way through a move, keys on both sides), `CLUSTERDOWN` or a redirect before
+/// its error reaches the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterRetries {
+    /// Retries after the first try.
+    pub retries: u32,
+    /// The shortest wait between two tries.
+    pub min_wait: Duration,
+    /// The longest wait between two tries (each wait is random, below a bound that doubles
+    /// from 10 ms with every retry).
+    pub max_wait: Duration,
+}
+
+impl ClusterRetries {
+    /// Give up within about a second: for work that stays pending and is retried anyway (the
+    /// key-value participant's data), so one slot on the move does not hold a whole batch.
+    pub const QUICK: ClusterRetries =
+        ClusterRetries { retries: 4, min_wait: Duration::from_millis(10), max_wait: Duration::from_millis(400) };
 }
 
 impl RedisTarget {
@@ -167,7 +191,7 @@ impl RedisTarget {
 
     /// One server.
     pub fn single(url: RedisUrl) -> Self {
-        RedisTarget { redacted: url.redacted().to_string(), seeds: vec![url], cluster: false }
+        RedisTarget { redacted: url.redacted().to_string(), seeds: vec![url], cluster: false, retries: None }
     }
 
     /// A Redis Cluster known by `seeds` (checked as [`parse`](Self::parse) says; no connection
@@ -178,10 +202,17 @@ impl RedisTarget {
         if seeds.is_empty() {
             return Err(Error::BadUrl { url: redacted, reason: "--cluster needs at least one seed node".into() });
         }
-        let target = RedisTarget { seeds, cluster: true, redacted };
+        let target = RedisTarget { seeds, cluster: true, redacted, retries: None };
         // The crate's own checks: same credentials, TLS mode and database; no Unix socket.
         target.cluster_client(Duration::from_secs(1))?;
         Ok(target)
+    }
+
+    /// The same target whose cluster connections retry as `retries` says (one server: no
+    /// effect).
+    pub fn with_cluster_retries(mut self, retries: ClusterRetries) -> Self {
+        self.retries = Some(retries);
+        self
     }
 
     /// Whether this is a Redis Cluster.
@@ -235,13 +266,18 @@ impl RedisTarget {
     }
 
     fn cluster_client(&self, response_timeout: Duration) -> Result<redis::cluster::ClusterClient> {
-        redis::cluster::ClusterClient::builder(self.seeds.iter().map(|u| u.expose().to_string()))
+        let mut builder = redis::cluster::ClusterClient::builder(self.seeds.iter().map(|u| u.expose().to_string()))
             .connection_timeout(Duration::from_secs(5))
             .response_timeout(response_timeout)
             // Redirects and retries within one call may take longer than one reply.
-            .overall_response_timeout(Some(response_timeout + Duration::from_secs(10)))
-            .build()
-            .map_err(|e| Error::BadUrl { url: self.redacted.clone(), reason: e.to_string() })
+            .overall_response_timeout(Some(response_timeout + Duration::from_secs(10)));
+        if let Some(r) = self.retries {
+            builder = builder
+                .retries(r.retries)
+                .min_retry_wait(r.min_wait.as_millis() as u64)
+                .max_retry_wait(r.max_wait.as_millis() as u64);
+        }
+        builder.build().map_err(|e| Error::BadUrl { url: self.redacted.clone(), reason: e.to_string() })
     }
 
     async fn connect_cluster(&self, response_timeout: Duration) -> Result<RedisConn> {

@@ -116,6 +116,59 @@ pub fn lock(key: &str) -> String {
     format!("rtx:lock:{key}")
 }
 
+/// Participant side, data on a Redis Cluster: the *home* barrier (hash) of `participant`'s
+/// branch of `txn`, in partition `p`'s slot (`rtx:bar:{P}:<participant>:<txn>`). Its place
+/// follows from the transaction alone, so a commit or an abort, which carries no keys, finds it;
+/// it records the branch's state and keys, and decides for the branch's slot groups
+/// ([`group_barrier`]).
+pub fn home_barrier(p: u32, participant: &str, txn: &str) -> String {
+    format!("rtx:bar:{{{p}}}:{participant}:{txn}")
+}
+
+/// Participant side, data on a Redis Cluster: the barrier (hash) of the keys of `participant`'s
+/// branch (or saga action) of `txn` that lie in slot `slot`, in that slot
+/// (`rtx:grp:{<tag>}:<participant>:<txn>`, the tag from [`slot_tag`]).
+pub fn group_barrier(slot: u16, participant: &str, txn: &str) -> String {
+    format!("rtx:grp:{{{}}}:{participant}:{txn}", slot_tag(slot))
+}
+
+/// Participant side, data on a Redis Cluster: the barrier (hash) of a saga step's compensation,
+/// in the slot `slot` of its keys (`rtx:undo:{<tag>}:<participant>:<txn>`).
+pub fn undo_barrier(slot: u16, participant: &str, txn: &str) -> String {
+    format!("rtx:undo:{{{}}}:{participant}:{txn}", slot_tag(slot))
+}
+
+/// Participant side, data on a Redis Cluster: the lock of a user key, in the key's own slot
+/// whatever the key holds (`{`, `}`, a hash tag of its own): `rtx:lock:{<tag>}:<key>`, where
+/// the tag is [`slot_tag`] of the key's slot. The lock's hash tag is the first `{...}` of its
+/// name, so it is in the tag's slot, which is the key's.
+pub fn cluster_lock(key: &str) -> String {
+    format!("rtx:lock:{{{}}}:{key}", slot_tag(slot(key)))
+}
+
+/// A short hash tag whose slot is `slot` (below 16384): the decimal form of the smallest
+/// non-negative integer `n` with `slot(n) == slot` (slot 0 is `"3560"`, the slot of `{7}` is
+/// `"7"`). Every slot has one of at most six digits; the table is built once, on first use.
+/// Another implementation finds the same tag by counting up from 0.
+pub fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags: Vec<Option<String>> = vec![None; usize::from(SLOTS)];
+        let (mut left, mut n) = (usize::from(SLOTS), 0u32);
+        while left > 0 {
+            let tag = n.to_string();
+            let s = &mut tags[usize::from(crc16(tag.as_bytes()) % SLOTS)];
+            if s.is_none() {
+                *s = Some(tag);
+                left -= 1;
+            }
+            n += 1;
+        }
+        tags.into_iter().map(|t| t.expect("every slot found")).collect()
+    });
+    &tags[usize::from(slot % SLOTS)]
+}
+
 /// Participant side: the image (state and barriers) of a service run by the participant SDK's
 /// in-memory store, on its data Redis.
 pub fn service_image(name: &str) -> String {
@@ -141,14 +194,22 @@ pub fn slot(key: &str) -> u16 {
         },
         None => b,
     };
+    crc16(hashed) % SLOTS
+}
+
+/// Slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// CRC-16/XMODEM, as Redis Cluster hashes keys.
+fn crc16(bytes: &[u8]) -> u16 {
     let mut crc: u16 = 0;
-    for &byte in hashed {
+    for &byte in bytes {
         crc ^= u16::from(byte) << 8;
         for _ in 0..8 {
             crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
         }
     }
-    crc % 16384
+    crc
 }
 
 /// The Redis Cluster slot of partition `p` (of every key carrying `{p}`).
@@ -183,5 +244,32 @@ mod tests {
         assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
         assert_eq!(slot(&outcomes_stream(3)), partition_slot(3));
         assert_eq!(slot(&txn_record(3, "x{y}")), partition_slot(3));
+    }
+
+    #[test]
+    fn every_slot_has_a_short_tag_in_that_slot() {
+        let mut longest = 0;
+        for s in 0..SLOTS {
+            let tag = slot_tag(s);
+            assert_eq!(slot(tag), s, "tag {tag:?}");
+            assert_eq!(slot(&format!("{{{tag}}}")), s);
+            longest = longest.max(tag.len());
+        }
+        assert!(longest <= 6, "longest tag: {longest} digits");
+        assert_eq!(slot_tag(slot("0")), "0");
+        assert_eq!(slot_tag(partition_slot(7)), "7");
+        assert_eq!(slot_tag(0), "3560");
+    }
+
+    #[test]
+    fn cluster_data_keys_share_their_groups_slot() {
+        for key in ["a{b}c", "{}x", "x{", "}{", "{user1}.bal", "acct:0", "{{x}}", "rtx:lockish", "ä{ö}"] {
+            let s = slot(key);
+            assert_eq!(slot(&cluster_lock(key)), s, "lock of {key:?}");
+            assert_eq!(slot(&group_barrier(s, "bank-a", "t-1")), s);
+            assert_eq!(slot(&undo_barrier(s, "bank-a", "t:1")), s);
+        }
+        assert_eq!(slot(&home_barrier(5, "bank-a", "t-1")), partition_slot(5));
+        assert_ne!(home_barrier(3, "p", "t"), group_barrier(partition_slot(3), "p", "t"));
     }
 }

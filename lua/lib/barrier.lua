@@ -27,8 +27,12 @@ says):
 
 Common output (participant/src/kv.rs: ScriptCode):
   {1, state, reason}             DONE: the barrier is now `state` ("reason" may be "")
-  {2, state, reason, deadline}   MOVED: the barrier is not in the expected state (state "" = no
-                                 barrier), or KEYS are not the branch's keys; nothing changed
+  {2, state, reason, deadline, keys}
+                                 MOVED: the barrier is not in the expected state (state "" = no
+                                 barrier), or KEYS are not the branch's keys; nothing changed.
+                                 `keys` is the barrier's recorded keys ("" = none): with the data
+                                 on a Redis Cluster, whoever finds a home barrier `running` learns
+                                 from it where the step's keys are
   {3, reason}                    BUSY: a saga step's key is locked by a 2PC branch; nothing
                                  changed
 ]]
@@ -54,8 +58,8 @@ end
 
 -- The MOVED reply, unconditionally (the barrier as it is).
 local function moved_anyway()
-  local b = rcall('HMGET', bar, 'state', 'reason', 'deadline')
-  return {2, b[1] or '', b[2] or '', b[3] or ''}
+  local b = rcall('HMGET', bar, 'state', 'reason', 'deadline', 'keys')
+  return {2, b[1] or '', b[2] or '', b[3] or '', b[4] or ''}
 end
 
 -- The MOVED reply if the barrier is not in the expected state, else nil.
@@ -78,7 +82,7 @@ end
 
 -- The MOVED reply for barrier fields b (as read_prepared gives them).
 local function moved_from(b)
-  return {2, b[1] or '', b[2] or '', b[3] or ''}
+  return {2, b[1] or '', b[2] or '', b[3] or '', b[4] or ''}
 end
 
 -- Whether KEYS lists exactly the keys the branch was prepared with (raw: the barrier's `keys`).

@@ -14,8 +14,7 @@ pub struct WorkerArgs {
     /// [default: $REDTX_REDIS_URL, else redis://127.0.0.1:6379]
     #[arg(long, env = URL_ENV, hide_env_values = true)]
     pub redis: Option<String>,
-    /// The streams are on a Redis Cluster: --redis lists seed nodes (one is enough). The data
-    /// (--data) stays one Redis server.
+    /// The streams are on a Redis Cluster: --redis lists seed nodes (one is enough)
     #[arg(long, env = "REDTX_CLUSTER")]
     pub cluster: bool,
     /// Participant name (its stream and consumer group): letters, digits, - _ .
@@ -50,6 +49,7 @@ impl WorkerArgs {
             redis,
             cluster: self.cluster,
             data,
+            data_cluster: false,
             name: self.name,
             partitions: self.partitions,
             batch,

@@ -287,6 +287,12 @@ fn reason(p: &str, why: impl std::fmt::Display) -> Option<String> {
     Some(format!("{p}: {why}"))
 }
 
+/// The reason recorded by a null compensation at participant `p` (a compensation that came
+/// before its action: nothing to undo, and the late action is refused).
+pub fn null_compensation(p: &str) -> String {
+    format!("{p}: compensated before its action ran (null compensation)")
+}
+
 /// The furthest deadline a genuine prepare can carry, seen at `now_ms`.
 pub fn furthest_deadline(now_ms: u64) -> u64 {
     now_ms.saturating_add((spec::MAX_TIMEOUT + SKEW).as_millis() as u64)
@@ -371,13 +377,7 @@ pub fn decide(current: Option<&Barrier>, req: &Request, now_ms: u64) -> Decision
             }
         },
         Request::Compensate(_) => match state {
-            None => go(
-                None,
-                Work::Mark {
-                    to: Compensated,
-                    reason: reason(p, "compensated before its action ran (null compensation)"),
-                },
-            ),
+            None => go(None, Work::Mark { to: Compensated, reason: Some(null_compensation(p)) }),
             Some(Done) => go(Some(Done), Work::Compensation),
             Some(Failed) => go(
                 Some(Failed),

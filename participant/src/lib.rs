@@ -22,6 +22,7 @@
 //!   (decide on a likely barrier, apply, decide again when it moved), the
 //!   [`Handler`](redtx_common::consumer::Handler) and the fail points.
 //! - [`kv`]: [`KvResource`], the built-in key-value resource: one Lua script per work in `lua/`,
+//!   on one data server or a Redis Cluster ([`kv::cluster`]: slot groups under a home barrier),
 //!   how calls are built and replies read.
 //! - [`conformance`]: the suite that checks every barrier rule against any resource.
 //! - [`args`]: [`WorkerArgs`], the command-line flags every participant process shares.
@@ -46,6 +47,7 @@ pub mod worker;
 
 pub use args::WorkerArgs;
 pub use barrier::{Answer, Barrier, BarrierState, Decision, Request, Work};
+pub use kv::cluster::BETWEEN_ROUNDS;
 pub use kv::KvResource;
 pub use resource::{Applied, Resource, Transition};
 pub use worker::{Participant, AFTER_COMMIT, AFTER_EXECUTE, AFTER_PREPARE};
@@ -63,11 +65,16 @@ pub struct ParticipantConfig {
     /// `cluster`, comma-separated seed nodes of a Redis Cluster.
     pub redis: String,
     /// The streams are on a Redis Cluster: each partition's stream is read on its own and each
-    /// partition's replies and acks are one `MULTI` (see [`redtx_common::consumer`]). The data
-    /// Redis (`data`) is still one server, and must be given.
+    /// partition's replies and acks are one `MULTI` (see [`redtx_common::consumer`]). Without
+    /// `data`, the key-value data is on that cluster too.
     pub cluster: bool,
-    /// URL of the data Redis the branches apply to; `None`: the stream Redis.
+    /// URL of the data Redis the branches apply to; with `data_cluster`, comma-separated seed
+    /// nodes of a Redis Cluster; `None`: the stream Redis (a cluster with `cluster`).
     pub data: Option<String>,
+    /// `data` lists seed nodes of a Redis Cluster: a branch's keys are grouped by slot, each
+    /// group applied atomically in its slot under the branch's home barrier (see
+    /// [`kv::cluster`]).
+    pub data_cluster: bool,
     /// Participant name: its streams and consumer group.
     pub name: String,
     /// Number of partitions of the deployment (the same everywhere): the streams read are
@@ -91,6 +98,7 @@ impl ParticipantConfig {
             redis: redis.into(),
             cluster: false,
             data: None,
+            data_cluster: false,
             name: name.into(),
             partitions: keys::DEFAULT_PARTITIONS,
             batch: 256,
@@ -123,8 +131,9 @@ impl ParticipantConfig {
 pub async fn run(cfg: ParticipantConfig, shutdown: Shutdown) -> Result<()> {
     cfg.check()?;
     let data = check_data(&cfg)?;
+    probe_data(&data).await?;
     tracing::info!(participant = %cfg.name, data = %data, "applying branches to this data Redis");
-    let resource = KvResource::new(data, cfg.name.clone(), cfg.retention);
+    let resource = KvResource::on(data, cfg.name.clone(), cfg.retention, cfg.partitions);
     run_with(cfg, resource, shutdown).await
 }
 
@@ -155,37 +164,71 @@ pub async fn run_with<R: Resource>(cfg: ParticipantConfig, resource: R, shutdown
     consumer.run(&mut handler, shutdown).await
 }
 
-/// The data Redis URL of the key-value participant: one server. A Redis Cluster for the data
-/// is not supported (a branch's keys, locks and barrier would have to share a slot).
+/// The data Redis of the key-value participant given as one server (`--data` without
+/// `--data-cluster`): one URL; a list of URLs is refused, naming `--data-cluster`.
 pub fn parse_data_url(raw: &str) -> Result<RedisUrl> {
     let parts: Vec<&str> = raw.split(',').collect();
     if parts.len() > 1 && parts.iter().all(|p| p.contains("://")) {
         return Err(Error::BadUrl {
-            url: parts.iter().map(|p| redtx_common::conn::redact(p.trim())).collect::<Vec<_>>().join(","),
-            reason: "--data takes one Redis URL: the key-value data cannot be on a Redis Cluster \
-                     (--cluster is for the streams, --redis)"
-                .into(),
+            url: redact_list(raw),
+            reason: "--data takes one Redis URL; for a Redis Cluster, list its nodes with --data-cluster".into(),
         });
     }
     RedisUrl::parse(raw)
 }
 
-/// The key-value participant's data Redis: `--data`, else the stream Redis; one server either
-/// way (with `--cluster`, `--data` must be given).
-pub fn check_data(cfg: &ParticipantConfig) -> Result<RedisUrl> {
-    match (&cfg.data, cfg.cluster) {
-        (Some(d), _) => parse_data_url(d),
-        (None, false) => RedisUrl::parse(&cfg.redis),
-        (None, true) => Err(cluster_needs_data(&cfg.redis)),
+/// Where the key-value participant's data is: `--data` (one server, or with `--data-cluster`
+/// the seed nodes of a Redis Cluster), else the stream Redis (with `--cluster`, its cluster).
+pub fn check_data(cfg: &ParticipantConfig) -> Result<RedisTarget> {
+    match (&cfg.data, cfg.data_cluster, cfg.cluster) {
+        (Some(d), true, _) => RedisTarget::parse(d, true),
+        (Some(d), false, _) => Ok(RedisTarget::single(parse_data_url(d)?)),
+        (None, _, true) => RedisTarget::parse(&cfg.redis, true),
+        (None, false, false) => Ok(RedisTarget::single(RedisUrl::parse(&cfg.redis)?)),
+        (None, true, false) => Err(Error::BadUrl {
+            url: redact_list(&cfg.redis),
+            reason: "--data-cluster says --data lists the nodes of a Redis Cluster, but --data is not given \
+                     (and the streams, where the data would default to, are not on a cluster)"
+                .into(),
+        }),
     }
 }
 
-/// `--cluster` without `--data`: the data would default to the streams' cluster.
-fn cluster_needs_data(redis: &str) -> Error {
-    Error::BadUrl {
-        url: redis.split(',').map(|p| redtx_common::conn::redact(p.trim())).collect::<Vec<_>>().join(","),
-        reason: "with --cluster, give the data Redis with --data (one server): the key-value data \
-                 cannot be on the streams' Redis Cluster"
-            .into(),
+/// Checks once that the data Redis is what `data` says: a cluster node given as one server, or
+/// a plain server given as a cluster node, is refused (the flags are wrong, and every script
+/// would fail). A Redis that cannot be reached now is only warned about: the resource connects
+/// when it first needs to, and retries.
+pub async fn probe_data(data: &RedisTarget) -> Result<()> {
+    let mut conn = match data.connect().await {
+        Ok(c) => c,
+        Err(Error::NotACluster { seed }) => {
+            return Err(Error::BadUrl {
+                url: seed,
+                reason: "not a Redis Cluster node (cluster support is disabled there): give it without \
+                         --data-cluster to use it as one server"
+                    .into(),
+            })
+        }
+        Err(e) => {
+            tracing::warn!(data = %data, error = %e, "the data Redis cannot be reached yet; connecting when needed");
+            return Ok(());
+        }
+    };
+    if !data.is_cluster() {
+        let info: redis::RedisResult<String> = redis::cmd("INFO").arg("cluster").query_async(&mut conn).await;
+        if info.is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_enabled:1")) {
+            return Err(Error::BadUrl {
+                url: data.redacted().to_string(),
+                reason: "a Redis Cluster node: give the data as a cluster with --data-cluster (one or more of \
+                         its nodes as --data)"
+                    .into(),
+            });
+        }
     }
+    Ok(())
+}
+
+/// [`redact`](redtx_common::conn::redact) of each comma-separated part.
+fn redact_list(raw: &str) -> String {
+    raw.split(',').map(|p| redtx_common::conn::redact(p.trim())).collect::<Vec<_>>().join(",")
 }

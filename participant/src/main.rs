@@ -16,9 +16,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     #[command(flatten)]
     worker: WorkerArgs,
-    /// Data Redis URL the branches apply to [default: the stream Redis]
+    /// Data Redis URL the branches apply to; with --data-cluster, one or more nodes of a Redis
+    /// Cluster, comma-separated [default: the stream Redis, a cluster with --cluster]
     #[arg(long)]
     data: Option<String>,
+    /// The data is on a Redis Cluster: --data lists seed nodes (one is enough). A branch's keys
+    /// are grouped by hash slot, each group applied atomically in its slot
+    #[arg(long, env = "REDTX_DATA_CLUSTER")]
+    data_cluster: bool,
     /// Most entries read (and scripts pipelined) at once
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     batch: u64,
@@ -30,17 +35,14 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     redtx_common::init_logging("info");
-    if let Some(Err(e)) = args.data.as_deref().map(redtx_participant::parse_data_url) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
-    let cfg = match args.worker.config(args.batch as usize, args.data) {
+    let mut cfg = match args.worker.config(args.batch as usize, args.data) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    cfg.data_cluster = args.data_cluster;
     if let Err(e) = redtx_participant::check_data(&cfg) {
         // A usage error, like a bad URL: refused before anything starts.
         eprintln!("error: {e}");
@@ -48,6 +50,11 @@ async fn main() -> ExitCode {
     }
     match run(cfg, Shutdown::on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,
+        // The data Redis is not what the flags say (found when first reached): a usage error.
+        Err(e @ redtx_common::Error::BadUrl { .. }) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

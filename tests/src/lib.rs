@@ -18,8 +18,10 @@
 //! - [`Cluster`]: a stream Redis, data Redis servers, coordinators and named participants, with
 //!   the producer [`Client`], records, barriers and leftovers (locks, prepared barriers). The
 //!   streams may be on a Redis Cluster instead ([`Cluster::start_on`], [`Bank::start_on_cluster`],
-//!   [`Shop::start_on_cluster`]): the workers then run with `--cluster`, and the data stays on
-//!   single servers.
+//!   [`Shop::start_on_cluster`]): the workers then run with `--cluster`. A participant's data may
+//!   be on a Redis Cluster too ([`ClusterOptions::data_on_cluster`], [`Cluster::start_with_data`],
+//!   [`Bank::start_with_data`]): the data cluster given, else the streams' cluster (then the
+//!   participant runs without `--data`, on its default).
 //! - [`Bank`]: the 2PC fixture: servers A (streams and `bank-a`'s data) and B (`bank-b`'s data),
 //!   accounts, transfers, balances; a [`TransferLoad`] of producers moving money until stopped,
 //!   and [`Bank::check_transfers`] (every transfer ended, balances exactly as committed).
@@ -47,7 +49,7 @@ use redtx_common::server::{RedisServer, ServerOptions};
 use redtx_common::spec::{Branch, ExpectOp, HincrbyOp, IncrbyOp, Op, TxnSpec};
 pub use redtx_common::stats::{pid_of_worker, WorkerStats};
 use redtx_common::Client;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -400,14 +402,23 @@ pub fn participant_over(
     extra: &[&str],
     envs: &[(&str, &str)],
 ) -> Proc {
-    let mut args = vec![
-        "--redis".to_string(),
-        url.to_string(),
-        "--name".to_string(),
-        name.to_string(),
-        "--data".to_string(),
-        data_url.to_string(),
-    ];
+    participant_with(url, partitions, name, Some(data_url), extra, envs)
+}
+
+/// [`participant_over`], with `--data` only when `data_url` is given (else the data is on the
+/// stream Redis, or with `--cluster` on the streams' cluster).
+pub fn participant_with(
+    url: &str,
+    partitions: u32,
+    name: &str,
+    data_url: Option<&str>,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
+    let mut args = vec!["--redis".to_string(), url.to_string(), "--name".to_string(), name.to_string()];
+    if let Some(d) = data_url {
+        args.extend(["--data".to_string(), d.to_string()]);
+    }
     args.extend(partitions_args_for(partitions));
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn(name, &bin("redtx-participant"), &args, envs)
@@ -724,6 +735,9 @@ pub struct ClusterOptions {
     pub instances: BTreeMap<String, usize>,
     /// `--partitions` of every process and of the producer client.
     pub partitions: u32,
+    /// Participants whose data is on a Redis Cluster ([`Cluster::data_cluster`]) instead of a
+    /// server.
+    pub data_on_cluster: BTreeSet<String>,
 }
 
 impl Default for ClusterOptions {
@@ -737,6 +751,7 @@ impl Default for ClusterOptions {
             failpoints: BTreeMap::new(),
             instances: BTreeMap::new(),
             partitions: PARTITIONS,
+            data_on_cluster: BTreeSet::new(),
         }
     }
 }
@@ -763,6 +778,12 @@ impl ClusterOptions {
     /// Runs the deployment over `n` partitions (instead of [`PARTITIONS`]).
     pub fn partitions(mut self, n: u32) -> Self {
         self.partitions = n;
+        self
+    }
+
+    /// Puts participant `name`'s data on the Redis Cluster ([`Cluster::data_cluster`]).
+    pub fn data_on_cluster(mut self, name: &str) -> Self {
+        self.data_on_cluster.insert(name.to_string());
         self
     }
 
@@ -793,6 +814,10 @@ pub struct Cluster {
     /// The Redis Cluster holding the streams and records, if they are on one (the workers and
     /// the client then use `--cluster` with its seeds).
     pub streams: Option<RedisCluster>,
+    /// A Redis Cluster holding the data of the participants of
+    /// [`ClusterOptions::data_on_cluster`] (they run with `--data <seeds> --data-cluster`); if
+    /// none, their data is on `streams`.
+    pub data: Option<RedisCluster>,
     /// The coordinators started so far.
     pub coordinators: Vec<Proc>,
     /// The instances of each participant started so far.
@@ -827,6 +852,24 @@ impl Cluster {
         participants: &[(&str, usize)],
         opts: ClusterOptions,
     ) -> Cluster {
+        Cluster::start_with_data(streams, None, servers, server_opts, participants, opts)
+    }
+
+    /// [`start_on`](Self::start_on), with the data of the participants of
+    /// [`ClusterOptions::data_on_cluster`] on `data` (a Redis Cluster), or on `streams` when
+    /// `data` is `None` (their server index in `participants` is then unused).
+    pub fn start_with_data(
+        streams: Option<RedisCluster>,
+        data: Option<RedisCluster>,
+        servers: usize,
+        server_opts: ServerOptions,
+        participants: &[(&str, usize)],
+        opts: ClusterOptions,
+    ) -> Cluster {
+        assert!(
+            opts.data_on_cluster.is_empty() || data.is_some() || streams.is_some(),
+            "data on a cluster needs a cluster"
+        );
         let servers: Vec<RedisServer> = (0..servers.max(1))
             .map(|i| RedisServer::start_with(server_opts.clone()).unwrap_or_else(|e| panic!("start redis #{i}: {e}")))
             .collect();
@@ -834,6 +877,7 @@ impl Cluster {
         let mut c = Cluster {
             servers,
             streams,
+            data,
             coordinators: Vec::new(),
             workers: BTreeMap::new(),
             homes: participants.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
@@ -871,9 +915,56 @@ impl Cluster {
         }
     }
 
-    /// URL of participant `name`'s data Redis.
+    /// URL of participant `name`'s data Redis (a cluster's seeds, comma-separated).
     pub fn data_url(&self, name: &str) -> String {
-        self.servers[self.home(name)].url()
+        match self.data_cluster_of(name) {
+            Some(c) => c.seeds(),
+            None => self.servers[self.home(name)].url(),
+        }
+    }
+
+    /// The Redis Cluster holding participants' data: [`Cluster::data`], else the streams'.
+    pub fn data_cluster(&self) -> Option<&RedisCluster> {
+        self.data.as_ref().or(self.streams.as_ref())
+    }
+
+    /// The Redis Cluster holding participant `name`'s data, if it is on one.
+    pub fn data_cluster_of(&self, name: &str) -> Option<&RedisCluster> {
+        self.opts.data_on_cluster.contains(name).then(|| self.data_cluster().expect("a data cluster"))
+    }
+
+    /// A synchronous cluster connection to the Redis Cluster holding participants' data.
+    pub fn data_cluster_conn(&self) -> redis::cluster::ClusterConnection {
+        let c = self.data_cluster().expect("a data cluster");
+        redis::cluster::ClusterClient::new(c.seed_urls()).unwrap().get_connection().unwrap()
+    }
+
+    /// Runs `cmd` on participant `name`'s data Redis (on a cluster, on the node of its key).
+    pub fn data_query<T: redis::FromRedisValue>(&self, name: &str, cmd: &redis::Cmd) -> T {
+        let r = match self.data_cluster_of(name) {
+            Some(_) => cmd.query(&mut self.data_cluster_conn()),
+            None => cmd.query(&mut self.data_conn(name)),
+        };
+        r.unwrap_or_else(|e| panic!("on the data Redis of {name}: {e}"))
+    }
+
+    /// Every key matching `pattern` on participant `name`'s data Redis (every master of a
+    /// cluster).
+    pub fn data_scan(&self, name: &str, pattern: &str) -> Vec<String> {
+        match self.data_cluster_of(name) {
+            Some(c) => {
+                c.masters().unwrap().into_iter().flat_map(|m| scan(&mut redis_conn(&c.url(m)), pattern)).collect()
+            }
+            None => scan(&mut self.data_conn(name), pattern),
+        }
+    }
+
+    /// The key of participant `name`'s barrier of `id`: on a cluster, its home barrier.
+    pub fn barrier_key(&self, name: &str, id: &str) -> String {
+        match self.data_cluster_of(name) {
+            Some(_) => keys::home_barrier(self.partition(id), name, id),
+            None => keys::barrier(name, id),
+        }
     }
 
     fn home(&self, name: &str) -> usize {
@@ -901,7 +992,16 @@ impl Cluster {
         let mut args: Vec<&str> = self.opts.part_args.iter().map(String::as_str).collect();
         args.extend(self.cluster_flag());
         let envs: Vec<(&str, &str)> = failpoint.map(|f| vec![(FAILPOINT, f)]).unwrap_or_default();
-        let mut p = participant_over(&self.url(), self.opts.partitions, name, &self.data_url(name), &args, &envs);
+        let data = match (self.data_cluster_of(name).is_some(), self.data.is_some()) {
+            (true, true) => {
+                args.push("--data-cluster");
+                Some(self.data_url(name))
+            }
+            // The streams' cluster: the participant's default.
+            (true, false) => None,
+            (false, _) => Some(self.data_url(name)),
+        };
+        let mut p = participant_with(&self.url(), self.opts.partitions, name, data.as_deref(), &args, &envs);
         let list = self.workers.entry(name.to_string()).or_default();
         p.label = format!("{name}#{}", list.len() + 1);
         list.push(p);
@@ -940,8 +1040,10 @@ impl Cluster {
         redis::cluster::ClusterClient::new(c.seed_urls()).unwrap().get_connection().unwrap()
     }
 
-    /// A synchronous connection to participant `name`'s data Redis.
+    /// A synchronous connection to participant `name`'s data Redis (one server: on a cluster use
+    /// [`data_query`](Self::data_query) or [`data_cluster_conn`](Self::data_cluster_conn)).
     pub fn data_conn(&self, name: &str) -> redis::Connection {
+        assert!(self.data_cluster_of(name).is_none(), "{name}'s data is on a Redis Cluster: use data_query");
         redis_conn(&self.data_url(name))
     }
 
@@ -1047,20 +1149,20 @@ impl Cluster {
             None => format!("record {}: none", self.record_key(id)),
         };
         for name in self.participants() {
-            s.push_str(&format!("\nbarrier {}: {:?}", keys::barrier(&name, id), self.barrier(&name, id)));
+            s.push_str(&format!("\nbarrier {}: {:?}", self.barrier_key(&name, id), self.barrier(&name, id)));
         }
         s
     }
 
     /// The barrier hash of `id` at participant `name` (without the staged ops).
     pub fn barrier(&self, name: &str, id: &str) -> BTreeMap<String, String> {
-        let h: HashMap<String, Vec<u8>> = self.data_conn(name).hgetall(keys::barrier(name, id)).unwrap_or_default();
+        let h: HashMap<String, Vec<u8>> = self.data_query(name, redis::cmd("HGETALL").arg(self.barrier_key(name, id)));
         h.into_iter().filter(|(k, _)| k != "ops" && k != "keys").map(|(k, v)| (k, lossy(&v))).collect()
     }
 
     /// The barrier state of `id` at participant `name`, if any.
     pub fn barrier_state(&self, name: &str, id: &str) -> Option<String> {
-        self.data_conn(name).hget(keys::barrier(name, id), "state").unwrap()
+        self.data_query(name, redis::cmd("HGET").arg(self.barrier_key(name, id)).arg("state"))
     }
 
     /// Polls until the barrier of `id` at `name` is in `state`.
@@ -1076,14 +1178,37 @@ impl Cluster {
 
     /// The holder of the lock of user key `key` at participant `name`'s data Redis.
     pub fn lock(&self, name: &str, key: &str) -> Option<String> {
-        self.data_conn(name).get(keys::lock(key)).unwrap()
+        let lock = if self.data_cluster_of(name).is_some() { keys::cluster_lock(key) } else { keys::lock(key) };
+        self.data_query(name, redis::cmd("GET").arg(lock))
     }
 
-    /// Locks (`rtx:lock:*`) and barriers in state `prepared` left on any data Redis.
+    /// Locks (`rtx:lock:*`) and barriers in state `prepared` left on any data Redis; on a data
+    /// cluster (every master) also group barriers left `prepared` and home barriers left
+    /// `running`.
     pub fn leftovers(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
+        if let Some(c) = self.participants().iter().find_map(|n| self.data_cluster_of(n)) {
+            for m in c.masters().unwrap() {
+                let mut con = redis_conn(&c.url(m));
+                for k in scan(&mut con, "rtx:lock:*") {
+                    let owner: Option<String> = con.get(&k).unwrap_or(None);
+                    out.push(format!("data cluster node {m}: lock {k} held by {owner:?}"));
+                }
+                for pattern in ["rtx:bar:*", "rtx:grp:*", "rtx:undo:*"] {
+                    for k in scan(&mut con, pattern) {
+                        let st: Option<String> = con.hget(&k, "state").unwrap_or(None);
+                        if matches!(st.as_deref(), Some("prepared" | "running")) {
+                            out.push(format!("data cluster node {m}: barrier {k} still {st:?}"));
+                        }
+                    }
+                }
+            }
+        }
         for name in self.participants() {
+            if self.data_cluster_of(&name).is_some() {
+                continue;
+            }
             let home = self.home(&name);
             if !seen.insert(home) {
                 continue;
@@ -1271,6 +1396,14 @@ impl Side {
             Side::B => "bank-b",
         }
     }
+
+    /// `a` or `b`.
+    pub fn letter(self) -> &'static str {
+        match self {
+            Side::A => "a",
+            Side::B => "b",
+        }
+    }
 }
 
 /// Two Redis servers with AOF (A: streams, records and `bank-a`'s data; B: `bank-b`'s data), a
@@ -1307,6 +1440,40 @@ impl Bank {
         Bank(Cluster::start_on(Some(streams), 2, ServerOptions::default(), &[("bank-a", 0), ("bank-b", 1)], opts))
     }
 
+    /// The streams on `streams` (a Redis Cluster; else on server A), the data of the banks
+    /// named in [`ClusterOptions::data_on_cluster`] on `data` (a Redis Cluster; else on
+    /// `streams`), the other banks' data on their servers as usual. Banks that share a data
+    /// cluster name their accounts apart ([`Bank::account`]).
+    pub fn start_with_data(streams: Option<RedisCluster>, data: Option<RedisCluster>, opts: ClusterOptions) -> Bank {
+        let parts = [("bank-a", 0), ("bank-b", 1)];
+        Bank(Cluster::start_with_data(streams, data, 2, ServerOptions::default(), &parts, opts))
+    }
+
+    /// Whether both banks keep their data on one Redis Cluster (their account keys then differ:
+    /// [`Bank::account`]).
+    pub fn shared(&self) -> bool {
+        self.data_cluster_of(Side::A.name()).is_some() && self.data_cluster_of(Side::B.name()).is_some()
+    }
+
+    /// The key of account `i` at `side`: `acct:<i>`, or `acct:<a|b>:<i>` when both banks share a
+    /// data cluster.
+    pub fn account(&self, side: Side, i: usize) -> String {
+        if self.shared() {
+            format!("acct:{}:{i}", side.letter())
+        } else {
+            format!("acct:{i}")
+        }
+    }
+
+    /// The `SCAN` pattern of `side`'s accounts.
+    fn accounts_pattern(&self, side: Side) -> String {
+        if self.shared() {
+            format!("acct:{}:*", side.letter())
+        } else {
+            "acct:*".to_string()
+        }
+    }
+
     /// Server A: streams, records and `bank-a`'s data.
     pub fn a(&mut self) -> &mut RedisServer {
         &mut self.0.servers[0]
@@ -1329,22 +1496,21 @@ impl Bank {
 
     /// Sets `account` at `side` to `amount` (directly, outside any transaction).
     pub fn seed(&self, side: Side, account: &str, amount: i64) {
-        let _: () = self.side_conn(side).set(account, amount).unwrap();
+        let _: () = self.data_query(side.name(), redis::cmd("SET").arg(account).arg(amount));
     }
 
     /// The balance at `side` (0 if the key does not exist).
     pub fn balance(&self, side: Side, account: &str) -> i64 {
-        let v: Option<i64> = self.side_conn(side).get(account).unwrap();
+        let v: Option<i64> = self.data_query(side.name(), redis::cmd("GET").arg(account));
         v.unwrap_or(0)
     }
 
-    /// Every `acct:*` key of both banks with its balance.
+    /// Every account key of both banks (`acct:*`, see [`Bank::account`]) with its balance.
     pub fn balances(&self) -> BTreeMap<(Side, String), i64> {
         let mut out = BTreeMap::new();
         for side in [Side::A, Side::B] {
-            let mut c = self.side_conn(side);
-            for k in scan(&mut c, "acct:*") {
-                let v: i64 = c.get(&k).unwrap();
+            for k in self.data_scan(side.name(), &self.accounts_pattern(side)) {
+                let v: i64 = self.data_query(side.name(), redis::cmd("GET").arg(&k));
                 out.insert((side, k), v);
             }
         }
@@ -1365,7 +1531,7 @@ impl Bank {
     /// returns them, bank A's first.
     pub fn open_accounts(&self, per_bank: usize, start: i64) -> Vec<(Side, String)> {
         let accounts: Vec<(Side, String)> =
-            [Side::A, Side::B].iter().flat_map(|s| (0..per_bank).map(move |i| (*s, format!("acct:{i}")))).collect();
+            [Side::A, Side::B].iter().flat_map(|s| (0..per_bank).map(move |i| (*s, self.account(*s, i)))).collect();
         for (side, key) in &accounts {
             self.seed(*side, key, start);
         }

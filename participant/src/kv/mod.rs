@@ -1,6 +1,6 @@
-//! The built-in key-value resource: each [`Transition`] is carried out by a Lua script on the
-//! participant's data Redis; a batch is one call per script (`lua/lib/batch.lua`), all in one
-//! pipeline.
+//! The built-in key-value resource: each [`Transition`] is carried out by Lua scripts on the
+//! participant's data Redis, one server or a Redis Cluster; a batch is one call per script (per
+//! slot, on a cluster: `lua/lib/batch.lua`).
 //!
 //! One script per work (`lua/`): `prepare` (Try), `commit` (Confirm), `abort` (Cancel),
 //! `execute` (Action), `compensate` (Compensation), `mark` (Mark). Each opens with the KEYS, ARGV
@@ -11,17 +11,24 @@
 //! transition raised an error) is run again one transition per call, so that one bad
 //! transition fails alone.
 //!
-//! The barrier is the hash `rtx:bar:<participant>:<txn>` (`state`, `reason`, `deadline`,
-//! `keys`, `ops` while prepared and then "", `at`, `done`); a key's lock is `rtx:lock:<key>`, holding
-//! [`lock_owner`]. Commit and abort messages carry no keys: the keys of a prepared branch come
-//! from a small in-memory cache filled at prepare, or else from the barrier (`HGET keys`, one
-//! pipeline per batch), so that KEYS lists every key a script touches.
+//! **One server**: a transition is one script call. The barrier is the hash
+//! `rtx:bar:<participant>:<txn>` (`state`, `reason`, `deadline`, `keys`, `ops` while prepared
+//! and then "", `at`, `done`); a key's lock is `rtx:lock:<key>`, holding [`lock_owner`]. Commit
+//! and abort messages carry no keys: the keys of a prepared branch come from a small in-memory
+//! cache filled at prepare, or else from the barrier (`HGET keys`, one pipeline per batch), so
+//! that KEYS lists every key a script touches.
+//!
+//! **A Redis Cluster** ([`KvResource::on`] with a cluster target): a script may only touch keys of
+//! one slot, so a branch's keys are grouped by slot and each group is carried out by the same
+//! scripts in its own slot, under a home barrier that decides for the branch: see [`cluster`]
+//! for the key names and the protocol.
+
+pub mod cluster;
 
 use crate::barrier::{Barrier, BarrierState, Request, Work, SKEW};
 use crate::resource::{Applied, Resource, Transition};
-use redis::aio::MultiplexedConnection;
 use redis::Value;
-use redtx_common::conn::RedisUrl;
+use redtx_common::conn::{ClusterRetries, RedisConn, RedisTarget, RedisUrl};
 use redtx_common::kv::{decode_ops, keys_of, Op};
 use redtx_common::scripts::{self, Call, LuaScript};
 use redtx_common::{keys, spec, Error, Result};
@@ -29,7 +36,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 macro_rules! lua {
-    ($($file:literal),*) => { concat!($(include_str!(concat!("../../lua/", $file))),*) };
+    ($($file:literal),*) => { concat!($(include_str!(concat!("../../../lua/", $file))),*) };
 }
 
 /// `lua/prepare.lua`: Try.
@@ -48,7 +55,7 @@ pub static COMPENSATE: LuaScript = LuaScript::new(
     "compensate",
     lua!("lib/barrier.lua", "lib/i64.lua", "lib/ops.lua", "lib/batch.lua", "compensate.lua"),
 );
-/// `lua/mark.lua`: Mark.
+/// `lua/mark.lua`: Mark (and, on a cluster, every change of a home barrier).
 pub static MARK: LuaScript = LuaScript::new("mark", lua!("lib/barrier.lua", "lib/batch.lua", "mark.lua"));
 
 /// Every script, for loading them up front.
@@ -67,8 +74,8 @@ pub enum ScriptCode {
     Failed = 0,
     /// `{1, state, reason}`: the transition happened; the barrier is now `state`.
     Done = 1,
-    /// `{2, state, reason, deadline}`: the barrier was not in the expected state (`state` ""
-    /// = none), or KEYS were not the branch's keys; nothing changed.
+    /// `{2, state, reason, deadline, keys}`: the barrier was not in the expected state (`state`
+    /// "" = none), or KEYS were not the branch's keys; nothing changed.
     Moved = 2,
     /// `{3, reason}`: a saga step's key is locked by a 2PC branch; nothing changed.
     Busy = 3,
@@ -87,23 +94,28 @@ pub fn lock_owner(participant: &str, txn: &str) -> String {
     format!("{participant} {txn}")
 }
 
-/// The script and the common KEYS/ARGV (`lua/lib/barrier.lua`) of one transition.
+/// The script and the common KEYS/ARGV (`lua/lib/barrier.lua`) of one transition on barrier
+/// `bar` over the user `keys`, each followed by its lock (named by `lock`), expecting the
+/// barrier in state `expected` ("" = none).
+#[allow(clippy::too_many_arguments)]
 fn base(
     script: &'static LuaScript,
+    bar: String,
+    lock: fn(&str) -> String,
     name: &str,
     txn: &str,
     keys: &[String],
-    expect: Option<BarrierState>,
+    expected: &str,
     now_ms: u64,
     retention: Duration,
 ) -> Call {
-    let mut call = script.call().key(keys::barrier(name, txn));
+    let mut call = script.call().key(bar);
     for k in keys {
-        call = call.key(k.as_str()).key(keys::lock(k));
+        call = call.key(k.as_str()).key(lock(k));
     }
     call.arg(lock_owner(name, txn))
         .arg(name)
-        .arg(expect.map(BarrierState::as_str).unwrap_or(""))
+        .arg(expected)
         .arg(now_ms)
         .arg(retention.as_millis() as u64)
         .arg(SKEW.as_millis() as u64)
@@ -142,13 +154,16 @@ pub struct Plan {
     pub keys: Vec<String>,
 }
 
-/// The plan for transition `t` of participant `name`. `prepared_keys`: for Confirm/Cancel, the
-/// keys the branch was prepared with, if known (unknown: the script answers MOVED unless the
-/// barrier is no longer prepared, and the runtime asks again).
+/// The plan for transition `t` of participant `name` on one data server. `prepared_keys`: for
+/// Confirm/Cancel, the keys the branch was prepared with, if known (unknown: the script answers
+/// MOVED unless the barrier is no longer prepared, and the runtime asks again).
 pub fn plan(name: &str, t: &Transition<'_>, prepared_keys: Option<&[String]>, retention: Duration) -> Plan {
     let req = t.request;
     let txn = req.txn();
-    let base = |script, keys: &[String]| base(script, name, txn, keys, t.expect, t.now_ms, retention);
+    let expected = t.expect.map(BarrierState::as_str).unwrap_or("");
+    let base = |script, keys: &[String]| {
+        base(script, keys::barrier(name, txn), keys::lock, name, txn, keys, expected, t.now_ms, retention)
+    };
     // A payload that does not decode is a business refusal that names the field.
     let decoded = |what: &str| decode_ops(req.payload(), "payload").map_err(|e| format!("{name}: invalid {what}: {e}"));
     let ops_call = |script, what: &str, pre: &dyn Fn(Call) -> Call| match decoded(what) {
@@ -175,7 +190,7 @@ pub fn plan(name: &str, t: &Transition<'_>, prepared_keys: Option<&[String]>, re
                 Request::Prepare(p) if *to == BarrierState::Refused => p.deadline_ms.to_string(),
                 _ => String::new(),
             };
-            let call = base(&MARK, &[]).arg(to.as_str()).arg(reason.as_deref().unwrap_or("")).arg(deadline);
+            let call = base(&MARK, &[]).arg(to.as_str()).arg(reason.as_deref().unwrap_or("")).arg(deadline).arg("");
             Plan { call, keys: Vec::new() }
         }
     }
@@ -206,22 +221,54 @@ pub fn read_reply(script: &'static str, reply: &Value) -> Result<Applied> {
     })
 }
 
-/// The built-in key-value resource on a data Redis. Connects lazily and reconnects after a
-/// connection failure, so it outlives a Redis restart.
+/// Whether a call's error says it did not reach a server that would run it: a lost connection
+/// or a timeout, or a slot that is elsewhere or on the move (`MOVED`, `ASK`, `TRYAGAIN`,
+/// `CLUSTERDOWN` still answered after the cluster connection's retries).
+fn unreached(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.redirect_node().is_some()
+        || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+        || matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN"))
+}
+
+/// The built-in key-value resource on a data Redis: one server, or a Redis Cluster. Connects
+/// lazily and reconnects after a connection failure, so it outlives a Redis restart.
 pub struct KvResource {
     name: String,
-    url: RedisUrl,
+    target: RedisTarget,
+    /// The deployment's partition count: on a cluster, the home barrier of a branch of a
+    /// transaction of partition `P` is in the slot of `{P}`.
+    partitions: u32,
     retention: Duration,
-    conn: Option<MultiplexedConnection>,
-    /// Keys of branches this process prepared (txn -> keys), for their commit/abort.
+    conn: Option<RedisConn>,
+    /// Keys of branches this process saw prepared (txn -> keys), for their commit/abort.
     prepared_keys: HashMap<String, Vec<String>>,
 }
 
 impl KvResource {
-    /// A resource for participant `name` on the data Redis at `url`; finished barriers are kept
-    /// for `retention`.
+    /// A resource for participant `name` on the data Redis at `url` (one server); finished
+    /// barriers are kept for `retention`.
     pub fn new(url: RedisUrl, name: impl Into<String>, retention: Duration) -> Self {
-        KvResource { name: name.into(), url, retention, conn: None, prepared_keys: HashMap::new() }
+        Self::on(RedisTarget::single(url), name, retention, keys::DEFAULT_PARTITIONS)
+    }
+
+    /// A resource for participant `name` on `target`: one server, or a Redis Cluster (see
+    /// [`cluster`]). `partitions` is the deployment's partition count (it places home barriers
+    /// on a cluster; on one server it is not used).
+    pub fn on(target: RedisTarget, name: impl Into<String>, retention: Duration, partitions: u32) -> Self {
+        KvResource {
+            name: name.into(),
+            // A slot on the move fails a group's call within a second: it stays pending and is
+            // retried, instead of holding the whole batch.
+            target: target.with_cluster_retries(ClusterRetries::QUICK),
+            partitions: partitions.max(1),
+            retention,
+            conn: None,
+            prepared_keys: HashMap::new(),
+        }
     }
 
     /// The participant name.
@@ -229,44 +276,52 @@ impl KvResource {
         &self.name
     }
 
-    /// The connection, opened (and the scripts loaded) if needed. Loading up front matters:
-    /// `scripts::run` re-sends a call answered `NOSCRIPT` after the rest of its pipeline, which
-    /// would reorder a batch.
-    async fn conn(&mut self) -> Result<&mut MultiplexedConnection> {
+    /// Whether the data is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.target.is_cluster()
+    }
+
+    /// The connection, opened (and the scripts loaded, on every node of a cluster) if needed.
+    /// Loading up front matters: `scripts::run` re-sends a call answered `NOSCRIPT` after the
+    /// rest of its pipeline, which would reorder a batch.
+    async fn conn(&mut self) -> Result<&mut RedisConn> {
         if self.conn.is_none() {
-            let mut conn = self.url.connect().await?;
+            let mut conn = self.target.connect().await?;
             for script in SCRIPTS {
-                script.load(&mut conn).await.map_err(|e| Error::redis(&self.url, e))?;
+                script.load(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
             }
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just connected"))
     }
 
-    /// The prepared keys of `txns` read from their barriers, in one pipeline.
+    /// The prepared keys of `txns` read from their barriers, in one pipeline (one server).
     async fn fetch_keys(&mut self, txns: &[&str]) -> Result<Vec<Vec<String>>> {
         let mut p = redis::pipe();
         for txn in txns {
             p.hget(keys::barrier(&self.name, txn), "keys");
         }
-        let url = self.url.clone();
-        let raw: Vec<Option<Vec<u8>>> = p.query_async(self.conn().await?).await.map_err(|e| Error::redis(&url, e))?;
+        let target = self.target.clone();
+        let raw: Vec<Option<Vec<u8>>> =
+            p.query_async(self.conn().await?).await.map_err(|e| Error::redis(&target, e))?;
         Ok(raw.into_iter().map(|r| r.and_then(|b| rmp_serde::from_slice(&b).ok()).unwrap_or_default()).collect())
     }
 
-    /// Runs `calls` (one per transition) as one call per script, and returns one reply per
-    /// call, in order. A batch call that failed as a whole is run again one call per
-    /// transition, so each failure is that transition's own.
-    async fn run_batched(&mut self, calls: &[Call]) -> Result<Vec<redis::RedisResult<Value>>> {
-        let mut groups: Vec<(&'static str, Vec<usize>)> = Vec::new();
-        for (i, c) in calls.iter().enumerate() {
-            match groups.iter_mut().find(|(n, _)| *n == c.script().name) {
+    /// Runs `calls` (one per transition, each with the slot of its keys; all 0 on one server)
+    /// as one call per script and slot, and returns one reply per call, in order. A batch call
+    /// that failed as a whole is run again one call per transition, so each failure is that
+    /// transition's own.
+    async fn run_batched(&mut self, calls: &[(u16, Call)]) -> Result<Vec<redis::RedisResult<Value>>> {
+        let mut groups: Vec<((&'static str, u16), Vec<usize>)> = Vec::new();
+        for (i, (slot, c)) in calls.iter().enumerate() {
+            let key = (c.script().name, *slot);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, at)) => at.push(i),
-                None => groups.push((c.script().name, vec![i])),
+                None => groups.push((key, vec![i])),
             }
         }
         let batched: Vec<Call> =
-            groups.iter().map(|(_, at)| Call::batch(&at.iter().map(|&i| &calls[i]).collect::<Vec<_>>())).collect();
+            groups.iter().map(|(_, at)| Call::batch(&at.iter().map(|&i| &calls[i].1).collect::<Vec<_>>())).collect();
         let replies = self.run(&batched).await?;
         let mut out: Vec<Option<redis::RedisResult<Value>>> = vec![None; calls.len()];
         let mut alone = Vec::new();
@@ -287,6 +342,13 @@ impl KvResource {
                         ))));
                     }
                 }
+                // The call never ran (the connection, a slot on the move): each of its
+                // transitions fails alike, and would alone too.
+                Err(e) if unreached(&e) => {
+                    for &i in at {
+                        out[i] = Some(Err(e.clone()));
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, transitions = at.len(), "a batch call failed; running its transitions one by one");
                     alone.extend(at.iter().copied());
@@ -294,7 +356,7 @@ impl KvResource {
             }
         }
         if !alone.is_empty() {
-            let singles: Vec<Call> = alone.iter().map(|&i| Call::batch(&[&calls[i]])).collect();
+            let singles: Vec<Call> = alone.iter().map(|&i| Call::batch(&[&calls[i].1])).collect();
             for (i, reply) in alone.into_iter().zip(self.run(&singles).await?) {
                 out[i] = Some(reply.and_then(|v| match v {
                     Value::Array(mut items) if items.len() == 1 => Ok(items.remove(0)),
@@ -309,24 +371,44 @@ impl KvResource {
         Ok(out.into_iter().map(|r| r.expect("every call answered")).collect())
     }
 
+    /// Runs `calls`: one pipeline on one server; on a cluster each call on its own, all at
+    /// once, each sent to the master serving its slot (redirects followed by the cluster
+    /// connection).
     async fn run(&mut self, calls: &[Call]) -> Result<Vec<redis::RedisResult<Value>>> {
-        let url = self.url.clone();
-        match scripts::run(self.conn().await?, &url, calls).await {
+        let target = self.target.clone();
+        match scripts::run_each(self.conn().await?, &target, calls).await {
             Ok(r) => Ok(r),
             Err(e) => {
                 // Maybe a connection that died with a Redis restart: run the calls again at once
                 // on a fresh connection (a transition that did run answers MOVED the second time).
                 tracing::debug!(error = %e, "data Redis pipeline failed; retrying on a new connection");
                 self.conn = None;
-                let r = scripts::run(self.conn().await?, &url, calls).await;
+                let r = scripts::run_each(self.conn().await?, &target, calls).await;
                 r.inspect_err(|_| self.conn = None)
             }
         }
     }
-}
 
-impl Resource for KvResource {
-    async fn apply(&mut self, batch: &[Transition<'_>]) -> Result<Vec<std::result::Result<Applied, String>>> {
+    /// Remembers (or forgets) the keys of a branch after a transition ended as `applied`.
+    fn remember(&mut self, t: &Transition<'_>, keys: Vec<String>, applied: &std::result::Result<Applied, String>) {
+        let txn = t.request.txn();
+        match (&t.work, applied) {
+            (Work::Try, Ok(Applied::Done { state: BarrierState::Prepared, .. })) => {
+                if self.prepared_keys.len() >= KEY_CACHE_MAX {
+                    self.prepared_keys.clear();
+                }
+                self.prepared_keys.insert(txn.to_string(), keys);
+            }
+            // Finished, or failed: a rerun reads the keys with the barrier's state.
+            (Work::Confirm | Work::Cancel, _) => {
+                self.prepared_keys.remove(txn);
+            }
+            _ => {}
+        }
+    }
+
+    /// [`Resource::apply`] on one server: one script call per transition, batched.
+    async fn apply_single(&mut self, batch: &[Transition<'_>]) -> Result<Vec<std::result::Result<Applied, String>>> {
         let needs_keys = |t: &Transition<'_>| matches!(t.work, Work::Confirm | Work::Cancel);
         let misses: Vec<&str> = batch
             .iter()
@@ -342,45 +424,45 @@ impl Resource for KvResource {
         let mut calls = Vec::with_capacity(batch.len());
         let mut at = Vec::with_capacity(batch.len());
         for (i, t) in batch.iter().enumerate() {
-            if t.request.participant() != self.name {
-                out[i] = Some(Err(format!(
-                    "request for participant {:?} given to the resource of {:?}",
-                    t.request.participant(),
-                    self.name
-                )));
+            if let Some(e) = self.misaddressed(t) {
+                out[i] = Some(Err(e));
                 continue;
             }
             let txn = t.request.txn();
             let known = fetched.get(txn).or_else(|| self.prepared_keys.get(txn)).map(Vec::as_slice);
             let Plan { call, keys } = plan(&self.name, t, known, self.retention);
-            calls.push(call);
+            calls.push((0, call));
             at.push((i, keys));
         }
         if !calls.is_empty() {
             let replies = self.run_batched(&calls).await?;
-            for ((i, keys), (call, reply)) in at.into_iter().zip(calls.iter().zip(replies)) {
-                let t = &batch[i];
+            for ((i, keys), ((_, call), reply)) in at.into_iter().zip(calls.iter().zip(replies)) {
                 let applied = match reply {
                     Ok(v) => read_reply(call.script().name, &v).map_err(|e| e.to_string()),
-                    Err(e) => Err(Error::redis(&self.url, e).to_string()),
+                    Err(e) => Err(Error::redis(&self.target, e).to_string()),
                 };
-                let txn = t.request.txn();
-                match (&t.work, &applied) {
-                    (Work::Try, Ok(Applied::Done { state: BarrierState::Prepared, .. })) => {
-                        if self.prepared_keys.len() >= KEY_CACHE_MAX {
-                            self.prepared_keys.clear();
-                        }
-                        self.prepared_keys.insert(txn.to_string(), keys);
-                    }
-                    (Work::Confirm | Work::Cancel, Ok(_)) => {
-                        self.prepared_keys.remove(txn);
-                    }
-                    _ => {}
-                }
+                self.remember(&batch[i], keys, &applied);
                 out[i] = Some(applied);
             }
         }
         Ok(out.into_iter().map(|r| r.expect("every transition answered")).collect())
+    }
+
+    /// Why `t` is not this resource's to carry out, if it is not.
+    fn misaddressed(&self, t: &Transition<'_>) -> Option<String> {
+        (t.request.participant() != self.name).then(|| {
+            format!("request for participant {:?} given to the resource of {:?}", t.request.participant(), self.name)
+        })
+    }
+}
+
+impl Resource for KvResource {
+    async fn apply(&mut self, batch: &[Transition<'_>]) -> Result<Vec<std::result::Result<Applied, String>>> {
+        if self.is_cluster() {
+            self.apply_cluster(batch).await
+        } else {
+            self.apply_single(batch).await
+        }
     }
 }
 
