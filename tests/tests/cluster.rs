@@ -261,11 +261,14 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
             // Transfers run before the failover and go on after it.
             poll("20 transfers ended", LONG, || (ended.load(Ordering::Relaxed) >= 20).then_some(()));
             let at = redtx_common::now_ms();
+            eprintln!("failover of node {master} at {:?}", started.elapsed());
             let new_master = streams.failover(master).expect("fail the master over");
+            eprintln!("node {new_master} is master at {:?}", started.elapsed());
             let before = ended.load(Ordering::Relaxed);
             poll("40 more transfers ended after the failover", LONG, || {
                 (ended.load(Ordering::Relaxed) >= before + 40).then_some(())
             });
+            eprintln!("40 more ended at {:?}", started.elapsed());
             failed_over = (at, new_master);
         },
         &stop,
