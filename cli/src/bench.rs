@@ -50,8 +50,18 @@
 //! every coordinator's, with the partitions it owned at the end; an instance's requests among its
 //! participant's), next to its CPU line.
 //!
+//! Redis Cluster: `--cluster` first runs the single-node deployment above as the reference
+//! (unless `--no-reference`), tears it down, then starts a private Redis Cluster of `--masters`
+//! masters (3) for the streams and records, partition `p` on master `p % masters`, every bank's
+//! data on a private server of its own, the workers with `--cluster` and the load through
+//! `Client::connect_cluster`, and measures it the same way. The baseline is run on each master
+//! alone (with keys of a partition it serves; the mean is the ratios' denominator) and on all of
+//! them at once; commands and CPU are reported per master. Both runs are printed (`--json`: the
+//! cluster's figures, the reference's under `reference`), then the cluster against the
+//! reference (`vs_reference`): closed-loop rate, CPU and commands per transaction, capacity.
+//!
 //! At the end the total money must be unchanged, every decided abort applied and no lock left
-//! behind (exit 5 otherwise).
+//! behind (exit 5 otherwise; with `--cluster`, in both runs).
 
 use crate::cluster::{Book, Cluster, Processes};
 use crate::demo::Latencies;
@@ -1213,35 +1223,32 @@ struct Server {
 
 /// Every Redis involved, once each, the stream Redis (or the cluster's masters) first.
 fn servers(cluster: &Cluster, names: &[String]) -> Result<Vec<Server>, Error> {
-    let mut out: Vec<(String, Vec<String>, Option<u32>, Option<Vec<u32>>)> = Vec::new();
+    let mut out: Vec<Server> = Vec::new();
     match &cluster.streams {
-        None => out.push((cluster.stream_url.clone(), vec!["streams".into()], None, None)),
+        None => out.push(Server {
+            url: RedisUrl::parse(&cluster.stream_url)?,
+            role: "streams".into(),
+            pid: None,
+            partitions: None,
+        }),
         Some(_) => {
             for (i, n) in cluster.stream_nodes()?.into_iter().enumerate() {
-                out.push((
-                    n.url.expose().to_string(),
-                    vec![format!("streams master {}", i + 1)],
-                    n.pid,
-                    Some(n.partitions),
-                ));
+                let role = format!("streams master {}", i + 1);
+                out.push(Server { url: n.url, role, pid: n.pid, partitions: Some(n.partitions) });
             }
         }
     }
     for (m, member) in cluster.members.iter().enumerate() {
         let pid = cluster.server_pid(m);
-        match out.iter_mut().find(|(u, ..)| u == member.url.expose()) {
-            Some((_, roles, p, _)) => {
-                roles.push(names[m].clone());
-                *p = p.or(pid);
+        match out.iter_mut().find(|s| s.url.expose() == member.url.expose()) {
+            Some(s) => {
+                s.role = format!("{}+{}", s.role, names[m]);
+                s.pid = s.pid.or(pid);
             }
-            None => out.push((member.url.expose().to_string(), vec![names[m].clone()], pid, None)),
+            None => out.push(Server { url: member.url.clone(), role: names[m].clone(), pid, partitions: None }),
         }
     }
-    out.into_iter()
-        .map(|(u, roles, pid, partitions)| {
-            Ok(Server { url: RedisUrl::parse(&u)?, role: roles.join("+"), pid, partitions })
-        })
-        .collect()
+    Ok(out)
 }
 
 /// The processes whose CPU is measured: the servers this run started, the worker processes and
