@@ -31,6 +31,9 @@ fn a_short_cluster_bench_reports_each_master_and_the_single_node_reference() {
         assert!(n["evalsha_pipelined_per_s"].as_f64().is_some_and(|r| r > 0.0), "{n}");
         served.extend(n["partitions"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()));
     }
+    let mut counts: Vec<usize> = nodes.iter().map(|n| n["partitions"].as_array().unwrap().len()).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [2, 3, 3], "partitions dealt out round robin: {v}");
     served.sort_unstable();
     assert_eq!(served, (0..8).collect::<Vec<u64>>(), "each partition on one master: {v}");
     assert!(num("/cluster/evalsha_pipelined_all_masters_per_s") > 0.0, "{v}");

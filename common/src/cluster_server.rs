@@ -174,7 +174,11 @@ impl RedisCluster {
         }
         // Slots: master m gets [m * 16384 / masters, (m + 1) * 16384 / masters - 1], but for the
         // partitions' slots when they are spread.
-        let mut owner: Vec<usize> = (0..usize::from(SLOTS)).map(|s| s * masters / usize::from(SLOTS)).collect();
+        let mut owner: Vec<usize> = vec![0; usize::from(SLOTS)];
+        for m in 0..masters {
+            let (first, last) = (m * usize::from(SLOTS) / masters, (m + 1) * usize::from(SLOTS) / masters - 1);
+            owner[first..=last].fill(m);
+        }
         for p in 0..cluster.opts.spread_partitions.unwrap_or(0) {
             owner[usize::from(keys::partition_slot(p))] = p as usize % masters;
         }
