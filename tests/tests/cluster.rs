@@ -252,7 +252,7 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
             .count()
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let mut failed_over = (0, 0);
+    let mut failed_over = (0, 0, 0);
     let mut done = transfers_until(
         &bank,
         &accounts,
@@ -263,24 +263,31 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
             let at = redtx_common::now_ms();
             eprintln!("failover of node {master} at {:?}", started.elapsed());
             let new_master = streams.failover(master).expect("fail the master over");
+            let after = redtx_common::now_ms();
             eprintln!("node {new_master} is master at {:?}", started.elapsed());
             let before = ended.load(Ordering::Relaxed);
-            poll("40 more transfers ended after the failover", LONG, || {
-                (ended.load(Ordering::Relaxed) >= before + 40).then_some(())
+            poll("100 more transfers ended after the failover", LONG, || {
+                (ended.load(Ordering::Relaxed) >= before + 100).then_some(())
             });
-            eprintln!("40 more ended at {:?}", started.elapsed());
-            failed_over = (at, new_master);
+            eprintln!("100 more ended at {:?}", started.elapsed());
+            failed_over = (at, after, new_master);
         },
         &stop,
     );
-    let (at, new_master) = failed_over;
+    let (at, after, new_master) = failed_over;
     assert_ne!(new_master, master);
     assert_eq!(streams.master_of_slot(keys::partition_slot(p)).unwrap(), new_master, "the replica serves it now");
     bank.0.streams = Some(streams);
     let (committed, aborted) = check(&bank, &accounts, &mut done);
     assert!(committed > 0, "committed {committed}, aborted {aborted}");
     assert!(ended_in_p(&done, 0) > ended_in_p(&done, at), "partition {p} had transfers before the failover");
-    assert!(ended_in_p(&done, at) > 0, "partition {p} had transfers after the failover");
+    assert!(ended_in_p(&done, after) > 0, "partition {p} had transfers after the failover");
+    let across = done.iter().filter(|d| {
+        keys::partition(&d.record.id, PARTITIONS) == p
+            && d.record.created_ms < after
+            && d.record.finished_ms.is_some_and(|f| f > at)
+    });
+    assert!(across.count() > 0, "some transfers of partition {p} were under way while it failed over");
     // Nothing pending or unread anywhere, and nothing dead-lettered.
     bank.wait_drained();
     let mut c = bank.stream_cluster_conn();
