@@ -693,11 +693,7 @@ fn print_run(args: &BenchArgs, run: &Run) {
         None => row(&format!("baseline EVALSHA pipelined x{PIPELINE}"), format!("{:.0} calls/s", run.pipelined), None),
         Some(b) => {
             // The mean of the masters alone is what the ratios below divide by.
-            row(
-                &format!("baseline EVALSHA pipelined x{PIPELINE}, mean"),
-                format!("{:.0} calls/s", run.pipelined),
-                None,
-            );
+            row("baseline EVALSHA pipelined, mean", format!("{:.0} calls/s", run.pipelined), None);
             for (i, rate) in b.alone.iter().enumerate() {
                 row(&format!("  master {} alone", i + 1), format!("{rate:.0} calls/s"), None);
             }
