@@ -50,8 +50,18 @@
 //! every coordinator's, with the partitions it owned at the end; an instance's requests among its
 //! participant's), next to its CPU line.
 //!
+//! Redis Cluster: `--cluster` first runs the single-node deployment above as the reference
+//! (unless `--no-reference`), tears it down, then starts a private Redis Cluster of `--masters`
+//! masters (3) for the streams and records, partition `p` on master `p % masters`, every bank's
+//! data on a private server of its own, the workers with `--cluster` and the load through
+//! `Client::connect_cluster`, and measures it the same way. The baseline is run on each master
+//! alone (with keys of a partition it serves; the mean is the ratios' denominator) and on all of
+//! them at once; commands and CPU are reported per master. Both runs are printed (`--json`: the
+//! cluster's figures, the reference's under `reference`), then the cluster against the
+//! reference (`vs_reference`): closed-loop rate, CPU and commands per transaction, capacity.
+//!
 //! At the end the total money must be unchanged, every decided abort applied and no lock left
-//! behind (exit 5 otherwise).
+//! behind (exit 5 otherwise; with `--cluster`, in both runs).
 
 use crate::cluster::{Book, Cluster, Processes};
 use crate::demo::Latencies;
@@ -121,6 +131,17 @@ pub struct BenchArgs {
     /// Print one JSON object with all figures instead of the table.
     #[arg(long)]
     json: bool,
+    /// Put the streams and records on a private Redis Cluster of --masters masters (every
+    /// bank's data on a private server of its own; the workers run with --cluster), after a
+    /// run of the single-node deployment with the same settings, as the reference.
+    #[arg(long)]
+    cluster: bool,
+    /// Masters of the --cluster run's Redis Cluster (at most --partitions).
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "cluster")]
+    masters: usize,
+    /// With --cluster: skip the single-node reference run.
+    #[arg(long, requires = "cluster")]
+    no_reference: bool,
 }
 
 /// The baseline script: the least a Lua call can do.
@@ -221,6 +242,19 @@ fn check(args: &BenchArgs, participants: usize) -> Option<String> {
                 .into(),
         );
     }
+    if args.cluster && (args.redis.is_some() || args.inline) {
+        return Some(
+            "--cluster starts a private Redis Cluster and runs the workers as processes: drop --redis and --inline"
+                .into(),
+        );
+    }
+    if args.cluster && !(1..=args.partitions as usize).contains(&args.masters) {
+        return Some(format!(
+            "--masters must be from 1 to --partitions ({}): a partition is one slot, so a master beyond that would \
+             serve nothing",
+            args.partitions
+        ));
+    }
     if args.coordinators > args.partitions as usize {
         return Some(format!(
             "--coordinators {} is more than --partitions {}: a partition has one owner at a time, so the extra \
@@ -244,24 +278,160 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         // Before anything starts: a missing binary is a build step away.
         crate::cluster::worker_binaries()?;
     }
+    if !args.cluster {
+        let run = measure(&args, participants, Streams::Single).await?;
+        if args.json {
+            println!("{}", run_json(&args, &run));
+        } else {
+            print_run(&args, &run);
+        }
+        return Ok(if run.ok(&args) { Exit::Ok } else { Exit::Broken });
+    }
+    // The single-node deployment first, as the reference, then the cluster: each torn down
+    // before the next starts, so they never share the machine.
+    let reference = match args.no_reference {
+        true => None,
+        false => Some(measure(&args, participants, Streams::Single).await?),
+    };
+    if let (Some(r), false) = (&reference, args.json) {
+        print_run(&args, r);
+        println!();
+    }
+    let run = measure(&args, participants, Streams::RedisCluster(args.masters)).await?;
+    let ok = run.ok(&args) && reference.as_ref().is_none_or(|r| r.ok(&args));
+    if args.json {
+        let mut out = run_json(&args, &run);
+        if let Some(r) = &reference {
+            out["reference"] = run_json(&args, r);
+            out["vs_reference"] = vs_reference(&run, r).json();
+            out["broken"] = json!(!ok);
+        }
+        println!("{out}");
+    } else {
+        print_run(&args, &run);
+        if let Some(r) = &reference {
+            vs_reference(&run, r).print(args.masters);
+        }
+    }
+    Ok(if ok { Exit::Ok } else { Exit::Broken })
+}
+
+/// Where a run keeps its streams and records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Streams {
+    /// One Redis (private, also holding bank-a's data; or `--redis`).
+    Single,
+    /// A private Redis Cluster of this many masters; every bank's data on a server of its own.
+    RedisCluster(usize),
+}
+
+/// The pipelined baseline of a Redis Cluster's masters.
+struct MasterBaselines {
+    /// Each master alone (calls/s), in the order of the run's stream servers.
+    alone: Vec<f64>,
+    /// Every master at once, summed (calls/s).
+    together: f64,
+}
+
+/// Everything one deployment measured.
+struct Run {
+    streams: Streams,
+    names: Vec<String>,
+    baseline_for: Duration,
+    awaited: Baseline,
+    /// Pipelined `EVALSHA` calls/s: on one server; on a Redis Cluster, the mean of its masters
+    /// each alone (what one Redis core sustains, as on one server).
+    pipelined: f64,
+    masters: Option<MasterBaselines>,
+    closed: Phase,
+    target: f64,
+    half: Phase,
+    servers: Vec<Server>,
+    per_txn: CommandCount,
+    split_sample: Option<Duration>,
+    cpu: Option<Cpu>,
+    work: Option<Vec<Share>>,
+    before: i64,
+    after: i64,
+    locks: usize,
+    unsettled: usize,
+    shared: bool,
+}
+
+impl Run {
+    fn gave_up(&self) -> u64 {
+        self.closed.gave_up + self.half.gave_up
+    }
+
+    fn aborted(&self) -> u64 {
+        self.closed.aborted + self.half.aborted
+    }
+
+    /// Without contention nothing can conflict: an abort means the measurement is not what it
+    /// claims to be.
+    fn aborts_ok(&self, args: &BenchArgs) -> bool {
+        args.contention > 0.0 || self.aborted() == 0
+    }
+
+    fn ok(&self, args: &BenchArgs) -> bool {
+        self.before == self.after
+            && self.locks == 0
+            && self.gave_up() == 0
+            && self.unsettled == 0
+            && self.aborts_ok(args)
+    }
+
+    fn ratio_awaited(&self) -> f64 {
+        self.closed.rate() / self.awaited.rate()
+    }
+
+    fn ratio_pipelined(&self) -> f64 {
+        self.closed.rate() / self.pipelined
+    }
+
+    fn latency_ratio(&self) -> f64 {
+        self.closed.lat.ms(0.5) / self.awaited.lat.ms(0.5)
+    }
+}
+
+/// Sets a deployment up, measures it (baseline, closed loop, half load), checks it and tears it
+/// down.
+async fn measure(args: &BenchArgs, participants: usize, streams: Streams) -> Result<Run, Error> {
     let baseline_for = args.baseline.unwrap_or(args.duration.min(Duration::from_secs(3)));
     let names = bank_names(participants);
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut cluster = Cluster::start(args.redis.as_deref(), "bench", &name_refs, args.partitions)?;
+    let mut cluster = match streams {
+        Streams::Single => Cluster::start(args.redis.as_deref(), "bench", &name_refs, args.partitions)?,
+        Streams::RedisCluster(masters) => Cluster::start_on_redis_cluster(&name_refs, args.partitions, masters)?,
+    };
     let shared = cluster.shared();
+    let nodes = cluster.stream_nodes()?;
     let banks = &cluster.members;
-    let on: Vec<String> = banks.iter().skip(1).map(|b| format!("{} on {}", b.name, b.url)).collect();
-    let (branch_word, ok_word, ko_word) = match args.mode {
-        Mode::TwoPhase => ("branches", "committed", "aborted"),
-        Mode::Saga => ("steps", "completed", "compensated"),
+    let where_ = match streams {
+        Streams::Single => {
+            let on: Vec<String> = banks.iter().skip(1).map(|b| format!("{} on {}", b.name, b.url)).collect();
+            format!("streams and {} on {}, {}", banks[0].name, banks[0].url, on.join(", "))
+        }
+        Streams::RedisCluster(masters) => {
+            let parts: Vec<String> =
+                nodes.iter().map(|n| n.partitions.iter().map(u32::to_string).collect::<Vec<_>>().join(",")).collect();
+            let on: Vec<String> = banks.iter().map(|b| format!("{} on {}", b.name, b.url)).collect();
+            format!(
+                "streams on a private Redis Cluster of {masters} masters (partitions {} by master), {}",
+                parts.join(" | "),
+                on.join(", ")
+            )
+        }
+    };
+    let branch_word = match args.mode {
+        Mode::TwoPhase => "branches",
+        Mode::Saga => "steps",
     };
     let header = format!(
-        "redtx bench ({}): streams and {} on {}, {}; {} accounts per bank, {} producers, {} per phase, {} partitions; \
+        "redtx bench ({}{}): {where_}; {} accounts per bank, {} producers, {} per phase, {} partitions; \
          {participants} {branch_word} of {} op{}, contention {}; workers {}",
         mode_name(args.mode),
-        banks[0].name,
-        banks[0].url,
-        on.join(", "),
+        if streams == Streams::Single { "" } else { ", --cluster" },
         args.accounts,
         args.concurrency,
         humantime::format_duration(args.duration),
@@ -285,11 +455,38 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
         println!("{header}");
     }
 
-    // 1. Baseline, before the workers run, on the stream Redis.
-    let stream = RedisUrl::parse(&cluster.stream_url)?;
+    // 1. Baseline, before the workers run, on the stream Redis (each master of a cluster, with
+    // keys of a partition it serves).
     let prefix = banks[0].prefix.clone();
-    let awaited = baseline(&stream, &prefix, args.concurrency, baseline_for, false).await?;
-    let pipelined = baseline(&stream, &prefix, args.concurrency, baseline_for, true).await?;
+    let (awaited, pipelined, masters) = match streams {
+        Streams::Single => {
+            let url = &nodes[0].url;
+            let awaited = baseline(url, &prefix, None, args.concurrency, baseline_for, false, true).await?;
+            let pipelined = baseline(url, &prefix, None, args.concurrency, baseline_for, true, true).await?;
+            (awaited, pipelined.rate(), None)
+        }
+        Streams::RedisCluster(_) => {
+            let tag = |n: &crate::cluster::StreamNode| n.partitions.first().copied();
+            let awaited =
+                baseline(&nodes[0].url, &prefix, tag(&nodes[0]), args.concurrency, baseline_for, false, true).await?;
+            let mut alone = Vec::new();
+            for n in &nodes {
+                alone.push(baseline(&n.url, &prefix, tag(n), args.concurrency, baseline_for, true, true).await?.rate());
+            }
+            let mut all = tokio::task::JoinSet::new();
+            for n in &nodes {
+                let (url, prefix, tag, concurrency) = (n.url.clone(), prefix.clone(), tag(n), args.concurrency);
+                // One progress bar would be drawn over another: none.
+                all.spawn(async move { baseline(&url, &prefix, tag, concurrency, baseline_for, true, false).await });
+            }
+            let mut together = 0.0;
+            while let Some(r) = all.join_next().await {
+                together += r.expect("baseline task")?.rate();
+            }
+            let mean = alone.iter().sum::<f64>() / alone.len().max(1) as f64;
+            (awaited, mean, Some(MasterBaselines { alone, together }))
+        }
+    };
 
     // Workers and accounts. Dropping `workers` (an error on the way) kills the processes.
     let mut workers = None;
@@ -311,7 +508,7 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
     let mut conns = cluster.connect_all().await?;
     cluster.open_accounts(&mut conns, &keys, BALANCE).await?;
     let before = cluster.total(&mut conns, &keys).await?;
-    let client = Client::connect(&cluster.stream_url).await?.with_partitions(args.partitions);
+    let client = cluster.client().await?;
     let load = Load {
         client: client.clone(),
         keys: keys.clone(),
@@ -360,14 +557,17 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
     // partitions up, and another may take them on its way out); what each handled, from the
     // final counts each writes when it stops.
     let owners = match &workers {
-        Some(_) => crate::cluster::lease_owners(&mut stream.connect().await?, &stream, args.partitions).await?,
+        Some(_) => {
+            let target = cluster.stream_target()?;
+            crate::cluster::lease_owners(&target.connect().await?, &target, args.partitions).await?
+        }
         None => Vec::new(),
     };
     if let Some(w) = workers.as_mut() {
         w.stop().await;
     }
     let work = match &workers {
-        Some(w) => Some(work_shares(&stream, w, &owners).await?),
+        Some(w) => Some(work_shares(&cluster, w, &owners).await?),
         None => None,
     };
     cluster.stop_workers().await;
@@ -378,135 +578,255 @@ async fn bench(args: BenchArgs) -> Result<Exit, Error> {
             cluster.delete(&mut conns, m, k).await?;
         }
     }
+    drop(client);
+    drop(load);
     drop(workers);
     drop(cluster);
+    Ok(Run {
+        streams,
+        names,
+        baseline_for,
+        awaited,
+        pipelined,
+        masters,
+        closed,
+        target,
+        half,
+        servers,
+        per_txn,
+        split_sample: split.as_ref().map(|_| sample_for),
+        cpu,
+        work,
+        before,
+        after,
+        locks,
+        unsettled,
+        shared,
+    })
+}
 
-    let gave_up = closed.gave_up + half.gave_up;
-    let aborted = closed.aborted + half.aborted;
-    // Without contention nothing can conflict: an abort means the measurement is not what it
-    // claims to be.
-    let aborts_ok = args.contention > 0.0 || aborted == 0;
-    let ok = before == after && locks == 0 && gave_up == 0 && unsettled == 0 && aborts_ok;
-    let ratio_awaited = closed.rate() / awaited.rate();
-    let ratio_pipelined = closed.rate() / pipelined.rate();
-    let latency_ratio = closed.lat.ms(0.5) / awaited.lat.ms(0.5);
-    if args.json {
-        let by_command: BTreeMap<&str, f64> = per_txn.by_command.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        let by_server: Vec<serde_json::Value> = servers
-            .iter()
-            .zip(&per_txn.servers)
-            .map(|(s, c)| {
-                let by_command: BTreeMap<&str, f64> = c.by_command.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                json!({"server": s.role, "total": c.total, "network": c.network, "in_lua": c.in_lua, "by_command": by_command})
+/// One run's figures as JSON (the shape `redtx bench --json` prints).
+fn run_json(args: &BenchArgs, run: &Run) -> serde_json::Value {
+    let per_txn = &run.per_txn;
+    let by_command: BTreeMap<&str, f64> = per_txn.by_command.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let by_server: Vec<serde_json::Value> = run
+        .servers
+        .iter()
+        .zip(&per_txn.servers)
+        .map(|(s, c)| {
+            let by_command: BTreeMap<&str, f64> = c.by_command.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            json!({"server": s.role, "partitions": s.partitions, "total": c.total, "network": c.network,
+                   "in_lua": c.in_lua, "by_command": by_command})
+        })
+        .collect();
+    let cluster = match (run.streams, &run.masters) {
+        (Streams::RedisCluster(masters), Some(b)) => {
+            let nodes: Vec<serde_json::Value> = run
+                .servers
+                .iter()
+                .filter(|s| s.partitions.is_some())
+                .zip(&b.alone)
+                .map(|(s, rate)| json!({"server": s.role, "partitions": s.partitions, "evalsha_pipelined_per_s": rate}))
+                .collect();
+            json!({
+                "masters": masters, "nodes": nodes,
+                "evalsha_pipelined_all_masters_per_s": b.together,
+                "closed_tx_per_evalsha_pipelined_all_masters": run.closed.rate() / b.together,
             })
-            .collect();
-        let out = json!({
-            "config": {
-                "duration_s": args.duration.as_secs_f64(), "baseline_s": baseline_for.as_secs_f64(),
-                "concurrency": args.concurrency, "accounts": args.accounts, "private_servers": servers.len() > 1,
-                "mode": mode_name(args.mode), "partitions": args.partitions, "participants": names,
-                "ops": args.ops, "contention": args.contention,
-                "workers": if args.inline { "inline" } else { "processes" },
-                "coordinators": args.coordinators, "instances": args.instances,
-            },
-            "baseline": {
-                "evalsha_awaited_per_s": awaited.rate(), "evalsha_awaited_latency": latency_json(&awaited.lat),
-                "evalsha_pipelined_per_s": pipelined.rate(), "pipeline": PIPELINE,
-            },
-            "closed_loop": closed.json(),
-            "half_load": { "target_tx_per_s": target, "submitted": half.committed + half.aborted + half.gave_up, "result": half.json() },
-            "ratios": {
-                "closed_tx_per_evalsha_awaited": ratio_awaited,
-                "closed_tx_per_evalsha_pipelined": ratio_pipelined,
-                "closed_p50_per_evalsha_p50": latency_ratio,
-            },
-            "redis_commands_per_txn": {
-                "total": per_txn.total, "network": per_txn.network, "in_lua": per_txn.in_lua, "by_command": by_command,
-                "split_sample_s": split.as_ref().map(|_| sample_for.as_secs_f64()),
-                "by_server": by_server,
-            },
-            "cpu": cpu.as_ref().map(Cpu::json),
-            "work": work.as_ref().map(|w| w.iter().map(Share::json).collect::<Vec<_>>()),
-            "money": { "before": before, "after": after, "conserved": before == after },
-            "locks_left": locks,
-            "aborted": aborted,
-            "aborts_unsettled": unsettled,
-            "gave_up": gave_up,
-            "broken": !ok,
-        });
-        println!("{out}");
-    } else {
-        let row = |name: &str, rate: String, lat: Option<&Latencies>| {
-            let l = |p: f64| lat.map(|l| format!("{:.2} ms", l.ms(p))).unwrap_or_else(|| "-".into());
-            println!("  {name:<34} {rate:>14} {:>10} {:>10} {:>10} {:>10}", l(0.5), l(0.9), l(0.99), l(1.0));
-        };
-        println!();
-        println!("  {:<34} {:>14} {:>10} {:>10} {:>10} {:>10}", "phase", "rate", "p50", "p90", "p99", "max");
-        let t = humantime::format_duration(baseline_for);
-        row(&format!("baseline EVALSHA awaited ({t})"), format!("{:.0} calls/s", awaited.rate()), Some(&awaited.lat));
-        row(&format!("baseline EVALSHA pipelined x{PIPELINE}"), format!("{:.0} calls/s", pipelined.rate()), None);
-        row("closed loop", format!("{:.0} tx/s", closed.rate()), Some(&closed.lat));
-        row(&format!("half load (open, target {target:.0}/s)"), format!("{:.0} tx/s", half.rate()), Some(&half.lat));
-        println!();
-        println!(
-            "  closed loop: {} {ok_word}, {} {ko_word}; half load: {} {ok_word}, {} {ko_word}",
-            closed.committed, closed.aborted, half.committed, half.aborted
-        );
-        if args.contention > 0.0 {
-            let share = |p: &Phase| 100.0 * p.aborted as f64 / (p.committed + p.aborted).max(1) as f64;
-            println!(
-                "  contention {}: {:.1} % of the closed loop and {:.1} % of the half load aborted",
-                args.contention,
-                share(&closed),
-                share(&half)
-            );
         }
-        if gave_up > 0 || unsettled > 0 {
-            println!("  gave up waiting: {gave_up}; aborts not applied everywhere: {unsettled}");
-        }
-        println!("  closed-loop tx/s ÷ EVALSHA/s awaited:    {ratio_awaited:.4}");
-        println!("  closed-loop tx/s ÷ EVALSHA/s pipelined:  {ratio_pipelined:.4}");
-        println!("  closed-loop p50 ÷ EVALSHA p50 awaited:   {latency_ratio:.1}");
-        match (per_txn.network, per_txn.in_lua) {
-            (Some(net), Some(lua)) => println!(
-                "  redis commands per {ok_word} tx:         {:.1} ({net:.1} sent over the network, {lua:.1} inside Lua scripts)",
-                per_txn.total
-            ),
-            _ => println!("  redis commands per {ok_word} tx:         {:.1}", per_txn.total),
-        }
-        let mut top: Vec<_> = per_txn.by_command.iter().filter(|(_, v)| **v >= 0.05).collect();
-        top.sort_by(|a, b| b.1.total_cmp(a.1));
-        let list: Vec<String> = top.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
-        println!("    {}", list.join(", "));
-        if servers.len() > 1 {
-            let width = servers.iter().map(|s| s.role.len()).max().unwrap_or(0);
-            for (s, c) in servers.iter().zip(&per_txn.servers) {
-                match (c.network, c.in_lua) {
-                    (Some(net), Some(lua)) => println!(
-                        "    {:<width$}  {:>6.1} ({net:.1} over the network, {lua:.1} inside Lua)",
-                        s.role, c.total
-                    ),
-                    _ => println!("    {:<width$}  {:>6.1}", s.role, c.total),
-                }
+        _ => serde_json::Value::Null,
+    };
+    json!({
+        "config": {
+            "duration_s": args.duration.as_secs_f64(), "baseline_s": run.baseline_for.as_secs_f64(),
+            "concurrency": args.concurrency, "accounts": args.accounts, "private_servers": !run.shared,
+            "mode": mode_name(args.mode), "partitions": args.partitions, "participants": run.names,
+            "ops": args.ops, "contention": args.contention,
+            "workers": if args.inline { "inline" } else { "processes" },
+            "coordinators": args.coordinators, "instances": args.instances,
+            "streams": match run.streams { Streams::Single => "single", Streams::RedisCluster(_) => "cluster" },
+        },
+        "cluster": cluster,
+        "baseline": {
+            "evalsha_awaited_per_s": run.awaited.rate(), "evalsha_awaited_latency": latency_json(&run.awaited.lat),
+            "evalsha_pipelined_per_s": run.pipelined, "pipeline": PIPELINE,
+        },
+        "closed_loop": run.closed.json(),
+        "half_load": { "target_tx_per_s": run.target, "submitted": run.half.committed + run.half.aborted + run.half.gave_up, "result": run.half.json() },
+        "ratios": {
+            "closed_tx_per_evalsha_awaited": run.ratio_awaited(),
+            "closed_tx_per_evalsha_pipelined": run.ratio_pipelined(),
+            "closed_p50_per_evalsha_p50": run.latency_ratio(),
+        },
+        "redis_commands_per_txn": {
+            "total": per_txn.total, "network": per_txn.network, "in_lua": per_txn.in_lua, "by_command": by_command,
+            "split_sample_s": run.split_sample.map(|d| d.as_secs_f64()),
+            "by_server": by_server,
+        },
+        "cpu": run.cpu.as_ref().map(Cpu::json),
+        "work": run.work.as_ref().map(|w| w.iter().map(Share::json).collect::<Vec<_>>()),
+        "money": { "before": run.before, "after": run.after, "conserved": run.before == run.after },
+        "locks_left": run.locks,
+        "aborted": run.aborted(),
+        "aborts_unsettled": run.unsettled,
+        "gave_up": run.gave_up(),
+        "broken": !run.ok(args),
+    })
+}
+
+/// One run's figures as a table.
+fn print_run(args: &BenchArgs, run: &Run) {
+    let (ok_word, ko_word) = match args.mode {
+        Mode::TwoPhase => ("committed", "aborted"),
+        Mode::Saga => ("completed", "compensated"),
+    };
+    let (awaited, closed, half, per_txn) = (&run.awaited, &run.closed, &run.half, &run.per_txn);
+    let row = |name: &str, rate: String, lat: Option<&Latencies>| {
+        let l = |p: f64| lat.map(|l| format!("{:.2} ms", l.ms(p))).unwrap_or_else(|| "-".into());
+        println!("  {name:<34} {rate:>14} {:>10} {:>10} {:>10} {:>10}", l(0.5), l(0.9), l(0.99), l(1.0));
+    };
+    println!();
+    println!("  {:<34} {:>14} {:>10} {:>10} {:>10} {:>10}", "phase", "rate", "p50", "p90", "p99", "max");
+    let t = humantime::format_duration(run.baseline_for);
+    row(&format!("baseline EVALSHA awaited ({t})"), format!("{:.0} calls/s", awaited.rate()), Some(&awaited.lat));
+    match &run.masters {
+        None => row(&format!("baseline EVALSHA pipelined x{PIPELINE}"), format!("{:.0} calls/s", run.pipelined), None),
+        Some(b) => {
+            // The mean of the masters alone is what the ratios below divide by.
+            row("baseline EVALSHA pipelined, mean", format!("{:.0} calls/s", run.pipelined), None);
+            for (i, rate) in b.alone.iter().enumerate() {
+                row(&format!("  master {} alone", i + 1), format!("{rate:.0} calls/s"), None);
             }
-        }
-        match &cpu {
-            Some(cpu) => cpu.print(ok_word, shared),
-            None => println!("  CPU: not measured (no /proc/<pid>/stat here)"),
-        }
-        if let Some(work) = &work {
-            print_shares(work);
-        }
-        println!("  money: {before} before, {after} after; locks left: {locks}");
-        if ok {
-            println!("OK: money conserved, no lock left");
-        } else if !aborts_ok {
-            println!("FAILED: {aborted} aborted with no contention (nothing should conflict)");
-        } else {
-            println!("FAILED: money not conserved, locks left behind, or transactions unfinished");
+            row("  all masters at once", format!("{:.0} calls/s", b.together), None);
         }
     }
-    Ok(if ok { Exit::Ok } else { Exit::Broken })
+    row("closed loop", format!("{:.0} tx/s", closed.rate()), Some(&closed.lat));
+    row(&format!("half load (open, target {:.0}/s)", run.target), format!("{:.0} tx/s", half.rate()), Some(&half.lat));
+    println!();
+    println!(
+        "  closed loop: {} {ok_word}, {} {ko_word}; half load: {} {ok_word}, {} {ko_word}",
+        closed.committed, closed.aborted, half.committed, half.aborted
+    );
+    if args.contention > 0.0 {
+        let share = |p: &Phase| 100.0 * p.aborted as f64 / (p.committed + p.aborted).max(1) as f64;
+        println!(
+            "  contention {}: {:.1} % of the closed loop and {:.1} % of the half load aborted",
+            args.contention,
+            share(closed),
+            share(half)
+        );
+    }
+    if run.gave_up() > 0 || run.unsettled > 0 {
+        println!("  gave up waiting: {}; aborts not applied everywhere: {}", run.gave_up(), run.unsettled);
+    }
+    println!("  closed-loop tx/s ÷ EVALSHA/s awaited:    {:.4}", run.ratio_awaited());
+    println!("  closed-loop tx/s ÷ EVALSHA/s pipelined:  {:.4}", run.ratio_pipelined());
+    if let Some(b) = &run.masters {
+        println!("  closed-loop tx/s ÷ EVALSHA/s pipelined on all masters at once:  {:.4}", closed.rate() / b.together);
+    }
+    println!("  closed-loop p50 ÷ EVALSHA p50 awaited:   {:.1}", run.latency_ratio());
+    match (per_txn.network, per_txn.in_lua) {
+        (Some(net), Some(lua)) => println!(
+            "  redis commands per {ok_word} tx:         {:.1} ({net:.1} sent over the network, {lua:.1} inside Lua scripts)",
+            per_txn.total
+        ),
+        _ => println!("  redis commands per {ok_word} tx:         {:.1}", per_txn.total),
+    }
+    let mut top: Vec<_> = per_txn.by_command.iter().filter(|(_, v)| **v >= 0.05).collect();
+    top.sort_by(|a, b| b.1.total_cmp(a.1));
+    let list: Vec<String> = top.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+    println!("    {}", list.join(", "));
+    if run.servers.len() > 1 {
+        let width = run.servers.iter().map(|s| s.role.len()).max().unwrap_or(0);
+        for (s, c) in run.servers.iter().zip(&per_txn.servers) {
+            let parts = match &s.partitions {
+                Some(p) => format!(", partitions {}", p.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+                None => String::new(),
+            };
+            match (c.network, c.in_lua) {
+                (Some(net), Some(lua)) => println!(
+                    "    {:<width$}  {:>6.1} ({net:.1} over the network, {lua:.1} inside Lua{parts})",
+                    s.role, c.total
+                ),
+                _ if parts.is_empty() => println!("    {:<width$}  {:>6.1}", s.role, c.total),
+                _ => println!("    {:<width$}  {:>6.1} ({})", s.role, c.total, &parts[2..]),
+            }
+        }
+    }
+    match &run.cpu {
+        Some(cpu) => cpu.print(ok_word, run.shared),
+        None => println!("  CPU: not measured (no /proc/<pid>/stat here)"),
+    }
+    if let Some(work) = &run.work {
+        print_shares(work);
+    }
+    println!("  money: {} before, {} after; locks left: {}", run.before, run.after, run.locks);
+    if run.ok(args) {
+        println!("OK: money conserved, no lock left");
+    } else if !run.aborts_ok(args) {
+        println!("FAILED: {} aborted with no contention (nothing should conflict)", run.aborted());
+    } else {
+        println!("FAILED: money not conserved, locks left behind, or transactions unfinished");
+    }
+}
+
+/// A Redis Cluster run against the single-node run of the same invocation.
+struct VsReference {
+    /// Closed-loop tx/s, cluster ÷ single node.
+    closed: f64,
+    /// Each run's closed loop ÷ its pipelined `EVALSHA` (one server; a master alone, mean).
+    cluster_per_pipelined: f64,
+    single_per_pipelined: f64,
+    /// Pipelined `EVALSHA` on every master at once ÷ on the single-node run's stream Redis.
+    capacity: Option<f64>,
+    /// CPU of all the run's processes per committed transaction, cluster ÷ single node.
+    cpu: Option<f64>,
+    /// Redis commands per committed transaction, cluster ÷ single node.
+    commands: f64,
+}
+
+fn vs_reference(run: &Run, reference: &Run) -> VsReference {
+    let cpu_per_tx = |r: &Run| r.cpu.as_ref().map(|c| c.per_1000(c.total()));
+    VsReference {
+        closed: run.closed.rate() / reference.closed.rate(),
+        cluster_per_pipelined: run.ratio_pipelined(),
+        single_per_pipelined: reference.ratio_pipelined(),
+        capacity: run.masters.as_ref().map(|b| b.together / reference.pipelined),
+        cpu: cpu_per_tx(run).zip(cpu_per_tx(reference)).map(|(a, b)| a / b),
+        commands: run.per_txn.total / reference.per_txn.total,
+    }
+}
+
+impl VsReference {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "closed_tx_per_reference_closed_tx": self.closed,
+            "closed_tx_per_evalsha_pipelined": self.cluster_per_pipelined,
+            "reference_closed_tx_per_evalsha_pipelined": self.single_per_pipelined,
+            "evalsha_pipelined_all_masters_per_reference_pipelined": self.capacity,
+            "cpu_per_tx_per_reference": self.cpu,
+            "redis_commands_per_tx_per_reference": self.commands,
+        })
+    }
+
+    fn print(&self, masters: usize) {
+        println!();
+        println!("  the Redis Cluster run against the single-node run above (same invocation):");
+        println!("    closed-loop tx/s:                         {:.2} x", self.closed);
+        println!(
+            "    closed-loop tx/s ÷ EVALSHA/s pipelined:   {:.4} (single node {:.4}: {:.2} x)",
+            self.cluster_per_pipelined,
+            self.single_per_pipelined,
+            self.cluster_per_pipelined / self.single_per_pipelined
+        );
+        if let Some(c) = self.capacity {
+            println!("    pipelined EVALSHA on the {masters} masters at once:  {c:.2} x one server alone");
+        }
+        if let Some(c) = self.cpu {
+            println!("    CPU of all processes per tx:              {c:.2} x");
+        }
+        println!("    Redis commands per tx:                    {:.2} x", self.commands);
+    }
 }
 
 /// A progress bar for a phase of known length on stderr, updated by a ticker until dropped.
@@ -544,12 +864,16 @@ impl Drop for Progress {
 }
 
 /// `concurrency` tasks calling the trivial script over one multiplexed connection for `length`.
+/// On a Redis Cluster's master, `tag` is a partition it serves: the keys carry `{tag}`, so they
+/// are in a slot of that master.
 async fn baseline(
     url: &RedisUrl,
     prefix: &str,
+    tag: Option<u32>,
     concurrency: usize,
     length: Duration,
     pipelined: bool,
+    progress: bool,
 ) -> Result<Baseline, Error> {
     let mut conn = url.connect().await?;
     let sha: String = redis::cmd("SCRIPT")
@@ -560,11 +884,12 @@ async fn baseline(
         .map_err(|e| Error::redis(url, e))?;
     let count = Arc::new(AtomicU64::new(0));
     let name = if pipelined { "baseline pipelined" } else { "baseline awaited" };
-    let _progress = Progress::start(name, length, count.clone(), "calls");
+    let _progress = progress.then(|| Progress::start(name, length, count.clone(), "calls"));
     let started = Instant::now();
     let end = started + length;
     let mut tasks = tokio::task::JoinSet::new();
-    let keys: Vec<String> = (0..concurrency).map(|t| format!("{prefix}bench:baseline:{t}")).collect();
+    let tag = tag.map(|p| format!(":{{{p}}}")).unwrap_or_default();
+    let keys: Vec<String> = (0..concurrency).map(|t| format!("{prefix}bench:baseline:{t}{tag}")).collect();
     for key in keys.clone() {
         let (mut conn, sha, count, url) = (conn.clone(), sha.clone(), count.clone(), url.clone());
         tasks.spawn(async move {
@@ -595,6 +920,8 @@ async fn baseline(
         lat.extend(r.expect("baseline task")?);
     }
     let elapsed = started.elapsed();
+    // One slot per `DEL` (on a cluster's master the keys share the tag's slot; on one server,
+    // any).
     let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.map_err(|e| Error::redis(url, e))?;
     Ok(Baseline { calls: count.load(Ordering::Relaxed), elapsed, lat: Latencies::new(lat) })
 }
@@ -821,9 +1148,8 @@ impl Share {
 /// Each worker process's share of the work over the whole run, from the final counts it wrote
 /// when it stopped (`rtx:stats:*`, see `redtx_common::stats`), and the partitions each
 /// coordinator owned (`owners`, read before they stopped).
-async fn work_shares(stream: &RedisUrl, workers: &Processes, owners: &[Option<String>]) -> Result<Vec<Share>, Error> {
-    let mut conn = stream.connect().await?;
-    let stats = redtx_common::stats::read_all(&mut conn).await.map_err(|e| Error::redis(stream, e))?;
+async fn work_shares(cluster: &Cluster, workers: &Processes, owners: &[Option<String>]) -> Result<Vec<Share>, Error> {
+    let stats = cluster.worker_stats().await?;
     let mut out: Vec<Share> = workers
         .children
         .iter()
@@ -883,28 +1209,42 @@ fn print_shares(work: &[Share]) {
 /// A Redis of the run.
 struct Server {
     url: RedisUrl,
-    /// What it holds: `streams+bank-a`, `bank-b`, ...
+    /// What it holds: `streams+bank-a`, `bank-b`, ...; `streams master 1`, ... on a Redis Cluster.
     role: String,
     /// Its process, when this run started it.
     pid: Option<u32>,
+    /// The partitions a Redis Cluster's master serves (`None` on a single stream Redis).
+    partitions: Option<Vec<u32>>,
 }
 
-/// Every Redis involved, once each, the stream Redis first.
+/// Every Redis involved, once each, the stream Redis (or the cluster's masters) first.
 fn servers(cluster: &Cluster, names: &[String]) -> Result<Vec<Server>, Error> {
-    let mut out: Vec<(String, Vec<&str>, Option<u32>)> = vec![(cluster.stream_url.clone(), vec!["streams"], None)];
-    for (m, member) in cluster.members.iter().enumerate() {
-        let pid = cluster.server_pid(m);
-        match out.iter_mut().find(|(u, _, _)| u == member.url.expose()) {
-            Some((_, roles, p)) => {
-                roles.push(&names[m]);
-                *p = p.or(pid);
+    let mut out: Vec<Server> = Vec::new();
+    match &cluster.streams {
+        None => out.push(Server {
+            url: RedisUrl::parse(&cluster.stream_url)?,
+            role: "streams".into(),
+            pid: None,
+            partitions: None,
+        }),
+        Some(_) => {
+            for (i, n) in cluster.stream_nodes()?.into_iter().enumerate() {
+                let role = format!("streams master {}", i + 1);
+                out.push(Server { url: n.url, role, pid: n.pid, partitions: Some(n.partitions) });
             }
-            None => out.push((member.url.expose().to_string(), vec![&names[m]], pid)),
         }
     }
-    out.into_iter()
-        .map(|(u, roles, pid)| Ok(Server { url: RedisUrl::parse(&u)?, role: roles.join("+"), pid }))
-        .collect()
+    for (m, member) in cluster.members.iter().enumerate() {
+        let pid = cluster.server_pid(m);
+        match out.iter_mut().find(|s| s.url.expose() == member.url.expose()) {
+            Some(s) => {
+                s.role = format!("{}+{}", s.role, names[m]);
+                s.pid = s.pid.or(pid);
+            }
+            None => out.push(Server { url: member.url.clone(), role: names[m].clone(), pid, partitions: None }),
+        }
+    }
+    Ok(out)
 }
 
 /// The processes whose CPU is measured: the servers this run started, the worker processes and

@@ -8,10 +8,15 @@
 //! `bench` may run the workers as processes of their own instead ([`Cluster::spawn_processes`]):
 //! the real `redtx-coordinator` and `redtx-participant` binaries with the settings of
 //! [`Cluster::start_workers`], so the CPU each role uses can be read from `/proc`.
+//!
+//! `bench --cluster` puts the streams and records on a private Redis Cluster instead
+//! ([`Cluster::start_on_redis_cluster`]); every participant's data is then on a private server of
+//! its own, and the worker processes run with `--cluster`.
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
-use redtx_common::conn::{RedisUrl, URL_ENV};
+use redtx_common::cluster_server::RedisCluster;
+use redtx_common::conn::{RedisConn, RedisTarget, RedisUrl, URL_ENV};
 use redtx_common::server::{RedisServer, ServerOptions};
 use redtx_common::shutdown::Shutdown;
 use redtx_common::{keys, Error};
@@ -49,8 +54,12 @@ impl std::ops::Index<usize> for Book {
 
 /// The servers, the participants and the in-process workers.
 pub struct Cluster {
-    /// Redis holding the streams (and the first member's data).
+    /// Redis holding the streams (and the first member's data); on a Redis Cluster, its seed
+    /// nodes, comma-separated.
     pub stream_url: String,
+    /// The private Redis Cluster holding the streams and records, when there is one
+    /// ([`Cluster::start_on_redis_cluster`]).
+    pub streams: Option<RedisCluster>,
     /// Partitions of the run (coordinator, participants and the client must agree).
     pub partitions: u32,
     /// The participants, in the order given to [`Cluster::start`].
@@ -113,12 +122,94 @@ impl Cluster {
         let stream_url = members.first().map(|m| m.url.expose().to_string()).unwrap_or_default();
         Ok(Cluster {
             stream_url,
+            streams: None,
             partitions,
             members,
             servers,
             shutdown: Shutdown::new(),
             workers: tokio::task::JoinSet::new(),
         })
+    }
+
+    /// Starts a private Redis Cluster of `masters` masters (no replicas, AOF off) for the streams
+    /// and records, and one private server (AOF off) per participant in `names` for its data.
+    /// Partition `p` is on master `p % masters`: the masters serve as many partitions each as
+    /// the count allows (the cluster's even slot ranges alone put 2, 4 and 2 of 8 partitions
+    /// on 3 masters).
+    pub fn start_on_redis_cluster(names: &[&str], partitions: u32, masters: usize) -> Result<Cluster, Error> {
+        let opts =
+            redtx_common::cluster_server::ClusterOptions { spread_partitions: Some(partitions), ..Default::default() };
+        let streams = RedisCluster::start_with(masters, 0, opts)?;
+        let opts = ServerOptions { aof: false, ..Default::default() };
+        let mut servers = Vec::new();
+        let mut members = Vec::new();
+        for n in names {
+            let s = RedisServer::start_with(opts.clone())?;
+            members.push(Member { name: n.to_string(), url: RedisUrl::parse(&s.url())?, prefix: String::new() });
+            servers.push(s);
+        }
+        Ok(Cluster {
+            stream_url: streams.seeds(),
+            streams: Some(streams),
+            partitions,
+            members,
+            servers,
+            shutdown: Shutdown::new(),
+            workers: tokio::task::JoinSet::new(),
+        })
+    }
+
+    /// Where the streams are: the stream Redis, or the Redis Cluster's seeds.
+    pub fn stream_target(&self) -> Result<RedisTarget, Error> {
+        RedisTarget::parse(&self.stream_url, self.streams.is_some())
+    }
+
+    /// The servers holding the streams and records: the stream Redis, or each master of the
+    /// Redis Cluster (in node order) with its process and the partitions it serves.
+    pub fn stream_nodes(&self) -> Result<Vec<StreamNode>, Error> {
+        let Some(streams) = &self.streams else {
+            let pid = if self.shared() { None } else { self.server_pid(0) };
+            return Ok(vec![StreamNode {
+                url: RedisUrl::parse(&self.stream_url)?,
+                pid,
+                partitions: (0..self.partitions).collect(),
+            }]);
+        };
+        let mut out = Vec::new();
+        let of: Vec<usize> =
+            (0..self.partitions).map(|p| streams.master_of_slot(keys::partition_slot(p))).collect::<Result<_, _>>()?;
+        for m in streams.masters()? {
+            out.push(StreamNode {
+                url: RedisUrl::parse(&streams.url(m))?,
+                pid: streams.pid(m),
+                partitions: (0..self.partitions).filter(|p| of[*p as usize] == m).collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A producer client for the run's streams (one server, or the Redis Cluster).
+    pub async fn client(&self) -> Result<redtx_common::Client, Error> {
+        let client = match &self.streams {
+            Some(c) => {
+                let seeds = c.seed_urls();
+                let seeds: Vec<&str> = seeds.iter().map(String::as_str).collect();
+                redtx_common::Client::connect_cluster(&seeds).await?
+            }
+            None => redtx_common::Client::connect(&self.stream_url).await?,
+        };
+        Ok(client.with_partitions(self.partitions))
+    }
+
+    /// Every worker's stats hash (`rtx:stats:*`), read from each server holding the streams
+    /// (on a Redis Cluster each hash is on the master of its slot).
+    pub async fn worker_stats(&self) -> Result<Vec<redtx_common::stats::WorkerStats>, Error> {
+        let mut out = Vec::new();
+        for node in self.stream_nodes()? {
+            let mut conn = node.url.connect().await?;
+            out.extend(redtx_common::stats::read_all(&mut conn).await.map_err(|e| Error::redis(&node.url, e))?);
+        }
+        Ok(out)
     }
 
     /// The process id of member `m`'s private server (`None` on a shared `--redis`).
@@ -160,6 +251,9 @@ impl Cluster {
         for i in 0..coordinators {
             let mut coordinator = std::process::Command::new(&coordinator_bin);
             coordinator.env(URL_ENV, &self.stream_url).arg("--partitions").arg(self.partitions.to_string());
+            if self.streams.is_some() {
+                coordinator.arg("--cluster");
+            }
             procs.spawn(numbered("coordinator".into(), i, coordinators), None, coordinator)?;
         }
         for m in &self.members {
@@ -174,6 +268,9 @@ impl Cluster {
                 if m.url.expose() != self.stream_url {
                     // A private server: no password.
                     participant.arg("--data").arg(m.url.expose());
+                }
+                if self.streams.is_some() {
+                    participant.arg("--cluster");
                 }
                 let role = numbered(format!("participant {}", m.name), i, instances);
                 procs.spawn(role, Some(m.name.clone()), participant)?;
@@ -342,6 +439,16 @@ fn worker_binary(name: &str) -> Result<std::path::PathBuf, Error> {
     ))))
 }
 
+/// A server holding (some of) the streams and records.
+pub struct StreamNode {
+    /// Its own URL (a master's, on a Redis Cluster).
+    pub url: RedisUrl,
+    /// Its process, when this run started it.
+    pub pid: Option<u32>,
+    /// The partitions whose keys it holds.
+    pub partitions: Vec<u32>,
+}
+
 /// A worker running as a child process.
 pub struct WorkerProcess {
     /// `coordinator` or `participant <name>` (`coordinator #2`, ... when there are several).
@@ -401,14 +508,14 @@ impl Processes {
     /// coordinators, each owning some (on a shared `--redis` a deployment's coordinators may
     /// hold some).
     pub async fn wait_ready(&mut self, cluster: &Cluster) -> Result<(), Error> {
-        let url = RedisUrl::parse(&cluster.stream_url)?;
+        let url = cluster.stream_target()?;
         let mut conn = url.connect().await?;
         let end = std::time::Instant::now() + PROCESS_WAIT;
         loop {
             self.check_running()?;
             let mut waiting = None;
-            let owners = lease_owners(&mut conn, &url, cluster.partitions).await?;
-            let stats = redtx_common::stats::read_all(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
+            let owners = lease_owners(&conn, &url, cluster.partitions).await?;
+            let stats = cluster.worker_stats().await?;
             for w in &self.children {
                 if !self.is_ready(w, cluster, &mut conn, &owners, &stats).await {
                     waiting = Some(w.role.clone());
@@ -430,7 +537,7 @@ impl Processes {
         &self,
         w: &WorkerProcess,
         cluster: &Cluster,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         owners: &[Option<String>],
         stats: &[redtx_common::stats::WorkerStats],
     ) -> bool {
@@ -512,18 +619,21 @@ pub fn of_process(id: &str, pid: u32) -> bool {
 }
 
 /// The owner (coordinator id) of the lease of each partition `0..partitions`, `None` where free.
-pub async fn lease_owners(
-    conn: &mut MultiplexedConnection,
-    url: &RedisUrl,
-    partitions: u32,
-) -> Result<Vec<Option<String>>, Error> {
-    let mut pipe = redis::pipe();
+/// One `GET` per partition, all at once (on a Redis Cluster each lease is in its partition's
+/// slot; a single command follows a moved slot, which a pipeline does not).
+pub async fn lease_owners(conn: &RedisConn, url: &RedisTarget, partitions: u32) -> Result<Vec<Option<String>>, Error> {
+    let mut tasks = Vec::with_capacity(partitions as usize);
     for p in 0..partitions {
-        pipe.get(keys::lease(p));
+        let mut conn = conn.clone();
+        tasks.push(tokio::spawn(async move { conn.get::<_, Option<String>>(keys::lease(p)).await }));
     }
-    let values: Vec<Option<String>> = pipe.query_async(conn).await.map_err(|e| Error::redis(url, e))?;
-    // `<token>:<owner>`.
-    Ok(values.into_iter().map(|v| v.and_then(|v| v.split_once(':').map(|(_, o)| o.to_string()))).collect())
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let value = t.await.map_err(|e| Error::Io(std::io::Error::other(e)))?.map_err(|e| Error::redis(url, e))?;
+        // `<token>:<owner>`.
+        out.push(value.and_then(|v| v.split_once(':').map(|(_, o)| o.to_string())));
+    }
+    Ok(out)
 }
 
 async fn count_locks(c: &mut MultiplexedConnection, m: &Member) -> Result<usize, Error> {

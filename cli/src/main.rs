@@ -9,7 +9,8 @@
 //! - [`bench`]: throughput and latency of transactions (2PC or saga), as ratios against raw
 //!   Redis calls, with Redis commands per server and CPU per process (the workers run as child
 //!   processes of the real binaries: `--coordinators N`, `--instances M` per participant, each
-//!   one's share of the work reported).
+//!   one's share of the work reported; `--cluster`: the streams on a private Redis Cluster,
+//!   against the single-node deployment).
 //! - [`saga_demo`]: the order flow of `redtx demo --mode saga` and its checks.
 //! - [`pg_demo`]: `redtx demo --postgres`: transfers between a Redis bank and a PostgreSQL ledger.
 //! - [`cluster`]: the servers and workers (in-process, or child processes) shared by `demo` and

@@ -518,9 +518,20 @@ impl SlotOwners {
             .query_async(&mut conn)
             .await
             .map_err(|e| Error::redis(&self.target, e))?;
+        // A node that does not know its own address (a lone master never met another node)
+        // is listed with an empty, `?` or nil host, which means "where you asked": one of the
+        // seeds; the first, as the cluster connection asks it first.
+        let seed_host = match self.target.url().client().get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host.clone(),
+            _ => String::new(),
+        };
         map.ranges = reply
             .into_iter()
-            .filter_map(|r| redis::from_redis_value::<(u16, u16, Node)>(first_three(r)?).ok())
+            .filter_map(|r| redis::from_redis_value::<(u16, u16, (Option<String>, u16))>(first_three(r)?).ok())
+            .map(|(first, last, (host, port))| {
+                let host = host.filter(|h| !h.is_empty() && h != "?").unwrap_or_else(|| seed_host.clone());
+                (first, last, (host, port))
+            })
             .collect();
         map.moved.clear();
         find(&map).ok_or_else(|| Error::Redis {

@@ -3,7 +3,8 @@
 //! [`RedisCluster::start`] starts `masters × (1 + replicas_per_master)` nodes (each a
 //! [`RedisServer`] with `cluster-enabled yes`, in its own temporary directory, binary from `PATH`
 //! or `$REDTX_REDIS_SERVER`), gives the masters the 16384 slots in even ranges
-//! (`CLUSTER ADDSLOTSRANGE`), joins them (`CLUSTER MEET`), makes the replicas replicate
+//! (`CLUSTER ADDSLOTSRANGE`; [`ClusterOptions::spread_partitions`] deals the partitions' slots out
+//! round robin instead), joins them (`CLUSTER MEET`), makes the replicas replicate
 //! (`CLUSTER REPLICATE`) and returns once every node says `cluster_state:ok` and every node
 //! reports the same slot map. Then, while clients keep writing:
 //!
@@ -57,6 +58,11 @@ pub struct ClusterOptions {
     pub tls: Option<ClusterTls>,
     /// Extra `--name value` arguments for every node.
     pub extra: Vec<(String, String)>,
+    /// `Some(n)`: the slot of partition `p` of `n` partitions (`{p}`) goes to master
+    /// `p % masters`, so the masters serve as many partitions each as `n` allows (the even slot
+    /// ranges alone put 2, 4 and 2 of 8 partitions on 3 masters). Assigned when the cluster
+    /// starts: moving the slots afterwards would take a settle per slot.
+    pub spread_partitions: Option<u32>,
 }
 
 /// The certificate files of a TLS cluster (PEM): one server certificate for every node (valid for
@@ -78,6 +84,7 @@ impl Default for ClusterOptions {
             settle: Duration::from_secs(30),
             tls: None,
             extra: Vec::new(),
+            spread_partitions: None,
         }
     }
 }
@@ -165,10 +172,23 @@ impl RedisCluster {
             let id: String = cluster.query(i, redis::cmd("CLUSTER").arg("MYID"))?;
             cluster.nodes[i].id = id;
         }
-        // Slots: master m gets [m * 16384 / masters, (m + 1) * 16384 / masters - 1].
+        // Slots: master m gets [m * 16384 / masters, (m + 1) * 16384 / masters - 1], but for the
+        // partitions' slots when they are spread.
+        let mut owner: Vec<usize> = vec![0; usize::from(SLOTS)];
         for m in 0..masters {
             let (first, last) = (m * usize::from(SLOTS) / masters, (m + 1) * usize::from(SLOTS) / masters - 1);
-            let _: () = cluster.query(m, redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(first).arg(last))?;
+            owner[first..=last].fill(m);
+        }
+        for p in 0..cluster.opts.spread_partitions.unwrap_or(0) {
+            owner[usize::from(keys::partition_slot(p))] = p as usize % masters;
+        }
+        let mut first = 0;
+        for slot in 1..=owner.len() {
+            if slot == owner.len() || owner[slot] != owner[first] {
+                let range = redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(first).arg(slot - 1).clone();
+                let _: () = cluster.query(owner[first], &range)?;
+                first = slot;
+            }
         }
         for i in 1..total {
             let (port, bus) = (cluster.port(i), cluster.bus_port(i));

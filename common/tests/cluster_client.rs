@@ -200,6 +200,22 @@ async fn a_cluster_client_submits_waits_and_reads_through_a_slot_move_and_a_fail
     eprintln!("total {:?}", started.elapsed());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_master_cluster_wakes_its_waiters_too() {
+    // A lone master never met another node, so it does not know its own address: `CLUSTER
+    // SLOTS` lists it with an empty host, meaning "where you asked". The outcome readers must
+    // still find it (the waiters here re-read records only every two minutes).
+    let cluster = Arc::new(Mutex::new(blocking(|| RedisCluster::start(1, 0)).await.unwrap()));
+    let seeds = cluster.lock().unwrap().seed_urls();
+    let client = Client::connect_cluster(&[seeds[0].as_str()])
+        .await
+        .unwrap()
+        .with_partitions(PARTITIONS)
+        .with_recheck(Duration::from_secs(120));
+    let mut conn = RedisTarget::parse(&seeds[0], true).unwrap().connect().await.unwrap();
+    round(&client, &mut conn, &cluster, "lone", &(0..PARTITIONS).collect::<Vec<_>>()).await;
+}
+
 #[tokio::test]
 async fn cluster_and_single_server_are_not_mixed_up() {
     // A plain server given as a cluster seed: said so.

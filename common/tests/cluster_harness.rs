@@ -1,7 +1,8 @@
 //! The private Redis Cluster harness (`common::cluster_server`) and the cluster connection
 //! (`conn::RedisConn`) on a real cluster: slots spread and agreed, a slot moved and a master
 //! failed over while writers keep writing (no acknowledged write lost), a node killed and
-//! restarted, and what pipelines, scripts and multi-key reads do in cluster mode.
+//! restarted, and what pipelines, scripts and multi-key reads do in cluster mode; partitions'
+//! slots dealt out round robin.
 
 use redis::AsyncCommands;
 use redtx_common::cluster_server::{ClusterOptions, RedisCluster};
@@ -276,4 +277,19 @@ async fn pipelines_scripts_and_reads_in_cluster_mode_and_a_node_restart() {
     };
     assert_eq!(v, 2);
     eprintln!("total {:?}", started.elapsed());
+}
+
+#[test]
+fn partitions_can_be_dealt_out_round_robin_over_the_masters() {
+    // The even slot ranges alone put 2, 4 and 2 of 8 partitions on 3 masters.
+    let opts = ClusterOptions { spread_partitions: Some(8), ..Default::default() };
+    let c = RedisCluster::start_with(3, 0, opts).unwrap();
+    let masters = c.masters().unwrap();
+    for p in 0..8 {
+        assert_eq!(c.master_of_slot(keys::partition_slot(p)).unwrap(), masters[p as usize % 3], "partition {p}");
+    }
+    // Every other slot stays in its even range.
+    let owners: Vec<usize> =
+        [0u16, 5460, 5461, 10921, 10922, 16383].iter().map(|&s| c.master_of_slot(s).unwrap()).collect();
+    assert_eq!(owners, vec![0, 0, 1, 1, 2, 2]);
 }

@@ -611,7 +611,7 @@ pub fn xrange(conn: &mut redis::Connection, stream: &str) -> Vec<(String, BTreeM
 /// Whether every consumer group of `stream` has read everything (`last-delivered-id` is the
 /// stream's `last-generated-id`) and acked it all (no pending). A missing stream or a stream
 /// without groups counts as not drained.
-pub fn drained(conn: &mut redis::Connection, stream: &str) -> bool {
+pub fn drained(conn: &mut impl redis::ConnectionLike, stream: &str) -> bool {
     let info: HashMap<String, redis::Value> = match redis::cmd("XINFO").arg("STREAM").arg(stream).query(conn) {
         Ok(m) => m,
         Err(_) => return false,
@@ -1282,9 +1282,18 @@ impl Cluster {
     /// Polls until every stream of the deployment is drained ([`drained`]: read to its end and
     /// nothing pending, in every group).
     pub fn wait_drained(&self) {
-        let mut c = self.stream_conn();
         let streams = self.streams();
-        poll("every stream drained", LONG, || streams.iter().all(|s| drained(&mut c, s)).then_some(()));
+        let what = "every stream drained";
+        match &self.streams {
+            None => {
+                let mut c = self.stream_conn();
+                poll(what, LONG, || streams.iter().all(|s| drained(&mut c, s)).then_some(()));
+            }
+            Some(_) => {
+                let mut c = self.stream_cluster_conn();
+                poll(what, LONG, || streams.iter().all(|s| drained(&mut c, s)).then_some(()));
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------------

@@ -2,13 +2,16 @@
 //! 3-master Redis Cluster (the partitions' slots spread over all three masters), the banks' and
 //! the shop's data on single servers. Concurrent 2PC transfers conserve money and leave nothing
 //! locked; a saga whose step fails is compensated; moving a partition's slot to another master
-//! while transfers run loses nothing.
+//! while transfers run loses nothing; failing a master over to its replica (`CLUSTER FAILOVER`)
+//! while transfers run loses nothing either.
 
 use rand::Rng;
 use redtx_common::cluster_server::RedisCluster;
 use redtx_common::record::{TxnRecord, TxnState};
 use redtx_tests::*;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ACCOUNTS_PER_BANK: usize = 8;
@@ -16,7 +19,12 @@ const START: i64 = 100;
 
 /// A 3-master cluster whose masters each serve at least one of the [`PARTITIONS`] partitions.
 fn cluster() -> RedisCluster {
-    let c = RedisCluster::start(3, 0).expect("start the cluster");
+    cluster_with_replicas(0)
+}
+
+/// [`cluster`] with `replicas` replicas per master.
+fn cluster_with_replicas(replicas: usize) -> RedisCluster {
+    let c = RedisCluster::start(3, replicas).expect("start the cluster");
     let masters: BTreeSet<usize> =
         (0..PARTITIONS).map(|p| c.master_of_slot(keys::partition_slot(p)).expect("slot owner")).collect();
     assert_eq!(masters.len(), 3, "the partitions' slots are on every master");
@@ -181,4 +189,116 @@ fn moving_a_partitions_slot_during_transfers_loses_nothing() {
         "some transfers were in the moved partition"
     );
     bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
+}
+
+/// `producers` tasks each run random transfers between `accounts` (as [`transfers`]), one after
+/// another, until `stop` is set; `control` runs meanwhile, given how many have ended so far, and
+/// sets `stop` when it is done.
+fn transfers_until(
+    bank: &Bank,
+    accounts: &[(Side, String)],
+    producers: usize,
+    control: impl FnOnce(&AtomicUsize),
+    stop: &Arc<AtomicBool>,
+) -> Vec<Done> {
+    let ended = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..producers)
+        .map(|p| {
+            let (client, accounts, stop, ended) =
+                (bank.client().clone(), accounts.to_vec(), stop.clone(), ended.clone());
+            bank.rt.spawn(async move {
+                let mut done = Vec::new();
+                for n in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (from, to) = random_pair(accounts.len());
+                    let amount =
+                        if rand::rng().random_ratio(1, 10) { 1_000_000 } else { rand::rng().random_range(1..=40) };
+                    let (fa, ta) = (&accounts[from], &accounts[to]);
+                    let spec = transfer((fa.0, &fa.1), (ta.0, &ta.1), amount)
+                        .with_id(format!("f-{p}-{n}"))
+                        .with_timeout(Duration::from_secs(10));
+                    let record = client
+                        .submit_and_wait(&spec, Duration::from_secs(45))
+                        .await
+                        .unwrap_or_else(|e| panic!("{}: {e}", spec.id));
+                    done.push(Done { from, to, amount, record });
+                    ended.fetch_add(1, Ordering::Relaxed);
+                }
+                done
+            })
+        })
+        .collect();
+    control(&ended);
+    stop.store(true, Ordering::Relaxed);
+    tasks.into_iter().flat_map(|t| bank.rt.block_on(t).expect("producer")).collect()
+}
+
+#[test]
+fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
+    let started = Instant::now();
+    let mut bank = Bank::start_on_cluster(cluster_with_replicas(1), opts());
+    let accounts = seeded(&bank);
+    bank.client();
+    // The cluster is taken out of the fixture while it fails over (the fixture's client and
+    // workers have their seeds already), and put back for the checks.
+    let mut streams = bank.0.streams.take().expect("a cluster");
+    let p = 0;
+    let master = streams.master_of_slot(keys::partition_slot(p)).unwrap();
+    let ended_in_p = |done: &[Done], after_ms: u64| {
+        done.iter()
+            .filter(|d| keys::partition(&d.record.id, PARTITIONS) == p && d.record.created_ms >= after_ms)
+            .count()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut failed_over = (0, 0, 0);
+    let mut done = transfers_until(
+        &bank,
+        &accounts,
+        6,
+        |ended| {
+            // Transfers run before the failover and go on after it.
+            poll("20 transfers ended", LONG, || (ended.load(Ordering::Relaxed) >= 20).then_some(()));
+            let at = redtx_common::now_ms();
+            eprintln!("failover of node {master} at {:?}", started.elapsed());
+            let new_master = streams.failover(master).expect("fail the master over");
+            let after = redtx_common::now_ms();
+            eprintln!("node {new_master} is master at {:?}", started.elapsed());
+            let before = ended.load(Ordering::Relaxed);
+            poll("100 more transfers ended after the failover", LONG, || {
+                (ended.load(Ordering::Relaxed) >= before + 100).then_some(())
+            });
+            eprintln!("100 more ended at {:?}", started.elapsed());
+            failed_over = (at, after, new_master);
+        },
+        &stop,
+    );
+    let (at, after, new_master) = failed_over;
+    assert_ne!(new_master, master);
+    assert_eq!(streams.master_of_slot(keys::partition_slot(p)).unwrap(), new_master, "the replica serves it now");
+    bank.0.streams = Some(streams);
+    let (committed, aborted) = check(&bank, &accounts, &mut done);
+    assert!(committed > 0, "committed {committed}, aborted {aborted}");
+    assert!(ended_in_p(&done, 0) > ended_in_p(&done, at), "partition {p} had transfers before the failover");
+    assert!(ended_in_p(&done, after) > 0, "partition {p} had transfers after the failover");
+    let across = done.iter().filter(|d| {
+        keys::partition(&d.record.id, PARTITIONS) == p
+            && d.record.created_ms < after
+            && d.record.finished_ms.is_some_and(|f| f > at)
+    });
+    assert!(across.count() > 0, "some transfers of partition {p} were under way while it failed over");
+    // Nothing pending or unread anywhere, and nothing dead-lettered.
+    bank.wait_drained();
+    let mut c = bank.stream_cluster_conn();
+    for q in 0..PARTITIONS {
+        let n: u64 = redis::Commands::xlen(&mut c, keys::dead_letter_stream(q)).unwrap();
+        assert_eq!(n, 0, "dead letters in partition {q}");
+    }
+    bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
+    eprintln!(
+        "{} transfers ({committed} committed, {aborted} aborted) across a failover, in {:?}",
+        done.len(),
+        started.elapsed()
+    );
 }
