@@ -64,6 +64,23 @@ local function simulate(ops)
     return s
   end
 
+  -- key_state for an op on a string: one GET reads the type and the value together (a key of
+  -- another type answers WRONGTYPE, and TYPE tells which).
+  local function string_state(i)
+    if not sim[i] then
+      local v = redis.pcall('GET', KEYS[2 * i])
+      if type(v) == 'table' and v.err then
+        return key_state(i)
+      end
+      if v then
+        sim[i] = {t = 'string', v = v, fields = {}, fresh = false, n = 0}
+      else
+        sim[i] = {t = 'none', fields = {}, fresh = true, n = 0}
+      end
+    end
+    return sim[i]
+  end
+
   local function str_value(s, i)
     if s.v == nil then
       s.v = rcall('GET', KEYS[2 * i])
@@ -151,7 +168,12 @@ local function simulate(ops)
   for _, o in ipairs(ops) do
     local op, i, f, arg, lo, hi = o[1], o[2], o[3], o[4], o[5], o[6]
     local key = KEYS[2 * i]
-    local s = key_state(i)
+    local s
+    if op == 'set' or op == 'incrby' or op == 'expect' or op == 'absent' then
+      s = string_state(i)
+    else
+      s = key_state(i)
+    end
     if op == 'set' then
       if s.t ~= 'none' and s.t ~= 'string' then
         return nil, wrong_type(key, s, op, 'string')
