@@ -61,7 +61,15 @@ pub struct ConsumerConfig {
     pub keep: Duration,
     /// How often to trim the stream (`None`: never).
     pub trim_every: Option<Duration>,
+    /// Replicas of the stream Redis that must hold what was read before it is handled (`WAIT`
+    /// on the connection that read it; 0: none). A failover to a replica then cannot lose a
+    /// message (a decision) this consumer has acted on. One server only, not a Redis Cluster.
+    pub wait_replicas: u32,
 }
+
+/// How long one `WAIT` for [`ConsumerConfig::wait_replicas`] lasts before the entries are left
+/// pending (taken up again by the idle-entry claim).
+pub const WAIT_REPLICAS_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl ConsumerConfig {
     /// Sane defaults for `streams`/`group`: batches of 256, 1 s block, claim after 5 s idle.
@@ -76,6 +84,7 @@ impl ConsumerConfig {
             tick_every: Duration::from_millis(250),
             keep: Duration::from_secs(3600),
             trim_every: Some(Duration::from_secs(10)),
+            wait_replicas: 0,
         }
     }
 }
@@ -196,6 +205,10 @@ impl Consumer {
                 // The read is not cancelled on shutdown: an entry Redis delivers to it would sit
                 // pending until claimed. It returns within `block`; its batch is then finished.
                 let entries = self.read().await?;
+                if !entries.is_empty() {
+                    let mut conn = self.read_conn.clone();
+                    self.replicated(&mut conn).await?;
+                }
                 self.process(handler, entries).await
             };
             match step.await {
@@ -279,6 +292,28 @@ impl Consumer {
         Ok(out)
     }
 
+    /// With [`ConsumerConfig::wait_replicas`]: waits (`WAIT`, up to [`WAIT_REPLICAS_TIMEOUT`])
+    /// until that many replicas hold everything `conn` has seen, which includes the entries it
+    /// just read or claimed (both are writes: they change the consumer group). Fewer: an error,
+    /// and the entries stay pending.
+    async fn replicated(&self, conn: &mut RedisConn) -> Result<()> {
+        let wanted = self.cfg.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let got: i64 = redis::cmd("WAIT")
+            .arg(wanted)
+            .arg(WAIT_REPLICAS_TIMEOUT.as_millis() as u64)
+            .query_async(conn)
+            .await
+            .map_err(|e| Error::redis(&self.url, e))?;
+        if got < i64::from(wanted) {
+            return Err(Error::NotReplicated { url: self.url.to_string(), wanted, got, waited: started.elapsed() });
+        }
+        Ok(())
+    }
+
     /// Trims every stream (see [`Consumer::trim_stream`]).
     pub async fn trim(&mut self) -> Result<()> {
         for i in 0..self.cfg.streams.len() {
@@ -325,6 +360,8 @@ impl Consumer {
             let n = reply.claimed.len();
             if n > 0 {
                 tracing::info!(stream = %self.cfg.streams[i], claimed = n, "took over idle pending entries");
+                let mut conn = self.conn.clone();
+                self.replicated(&mut conn).await?;
                 self.process(handler, reply.claimed.into_iter().map(|e| (i, e)).collect()).await?;
             }
             // Redis looks at no more than 10 x COUNT pending entries per call, so a short answer

@@ -60,6 +60,10 @@ pub enum Error {
     /// is known about the batch it was given, which stays pending and is retried.
     #[error("{resource}: {detail}")]
     Resource { resource: String, detail: String },
+    /// Entries read from the stream Redis are not yet on as many of its replicas as asked
+    /// (`WAIT`): they are not applied, stay pending, and are taken up again.
+    #[error("entries read at {url} are on {got} of the {wanted} replicas asked for after {:.1}s; not applied yet (they stay pending and are taken up again)", waited.as_secs_f64())]
+    NotReplicated { url: String, wanted: u32, got: i64, waited: std::time::Duration },
     /// Local I/O failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

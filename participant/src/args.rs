@@ -32,6 +32,11 @@ pub struct WorkerArgs {
     /// Stream history kept after every consumer group is done with it (for inspection)
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub keep_history: Duration,
+    /// Apply nothing read from the stream Redis until this many of its replicas hold it (WAIT),
+    /// so that a failover to a replica cannot lose a decision this participant applied. One
+    /// server with replicas (not yet with --cluster)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub wait_replicas: u32,
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
@@ -56,6 +61,7 @@ impl WorkerArgs {
             claim_idle: self.claim_idle,
             retention: self.retention,
             keep_history: self.keep_history,
+            wait_replicas: self.wait_replicas,
         })
     }
 }

@@ -88,6 +88,9 @@ pub struct ParticipantConfig {
     pub retention: Duration,
     /// Stream history kept even when every group is done with it (trimming never goes younger).
     pub keep_history: Duration,
+    /// Replicas of the stream Redis that must hold what was read before it is applied
+    /// ([`ConsumerConfig::wait_replicas`]); 0: none. Not with `cluster`.
+    pub wait_replicas: u32,
 }
 
 impl ParticipantConfig {
@@ -105,6 +108,7 @@ impl ParticipantConfig {
             claim_idle: Duration::from_secs(5),
             retention: Duration::from_secs(24 * 3600),
             keep_history: Duration::from_secs(3600),
+            wait_replicas: 0,
         }
     }
 
@@ -115,6 +119,14 @@ impl ParticipantConfig {
 
     fn check(&self) -> Result<()> {
         spec::check_participant("name", &self.name)?;
+        if self.cluster && self.wait_replicas > 0 {
+            return Err(Error::BadUrl {
+                url: redact_list(&self.redis),
+                reason: "--wait-replicas is for one stream server with replicas; on a Redis Cluster it is not \
+                         supported yet"
+                    .into(),
+            });
+        }
         if self.partitions == 0 || self.partitions > keys::MAX_PARTITIONS {
             return Err(Error::Spec(spec::SpecError::new(
                 "partitions",
@@ -146,6 +158,7 @@ pub async fn run_with<R: Resource>(cfg: ParticipantConfig, resource: R, shutdown
     ccfg.batch = cfg.batch.max(1);
     ccfg.claim_idle = cfg.claim_idle;
     ccfg.keep = cfg.keep_history;
+    ccfg.wait_replicas = cfg.wait_replicas;
     let mut backoff = Backoff::default();
     let consumer = loop {
         if shutdown.is_triggered() {
