@@ -315,26 +315,7 @@ impl Client {
     /// a second submit never creates a second transaction.
     pub async fn submit_and_wait(&self, spec: &TxnSpec, timeout: Duration) -> Result<TxnRecord> {
         let started = Instant::now();
-        let mut backoff = crate::consumer::Backoff::default();
-        // Registered before the submit: the outcome can only come after it, so no record read
-        // is needed before it does (one round trip less per transaction).
-        let woken = match self.start_reader().await {
-            Ok(()) => Some(self.register(&spec.id)),
-            Err(_) => None,
-        };
-        let id = loop {
-            match self.submit(spec).await {
-                Ok(id) => break id,
-                Err(e) if e.is_transient() && started.elapsed() < timeout => {
-                    tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
-                    tokio::time::sleep(backoff.next()).await;
-                }
-                Err(e) => {
-                    self.forget(&spec.id);
-                    return Err(e);
-                }
-            }
-        };
+        let (id, woken) = self.register_and_submit(spec, started, timeout).await?;
         self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), woken).await
     }
 
@@ -343,24 +324,7 @@ impl Client {
     /// carries the state and the reason), with no record read; else from the record.
     pub async fn submit_and_wait_outcome(&self, spec: &TxnSpec, timeout: Duration) -> Result<Outcome> {
         let started = Instant::now();
-        let woken = match self.start_reader().await {
-            Ok(()) => Some(self.register(&spec.id)),
-            Err(_) => None,
-        };
-        let mut backoff = crate::consumer::Backoff::default();
-        let id = loop {
-            match self.submit(spec).await {
-                Ok(id) => break id,
-                Err(e) if e.is_transient() && started.elapsed() < timeout => {
-                    tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
-                    tokio::time::sleep(backoff.next()).await;
-                }
-                Err(e) => {
-                    self.forget(&spec.id);
-                    return Err(e);
-                }
-            }
-        };
+        let (id, woken) = self.register_and_submit(spec, started, timeout).await?;
         if let Some(rx) = woken {
             let left = timeout.saturating_sub(started.elapsed());
             match tokio::time::timeout(left.min(self.recheck), rx).await {
@@ -371,6 +335,36 @@ impl Client {
         }
         let record = self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), None).await?;
         Ok(Outcome::from(record))
+    }
+
+    /// Registers a waiter for `spec` (when the outcome reader runs), then submits it, retrying
+    /// a transient failure with the same id until `timeout` after `started`. Registered before
+    /// the submit: the outcome can only come after it, so no record read is needed before it
+    /// does (one round trip less per transaction).
+    async fn register_and_submit(
+        &self,
+        spec: &TxnSpec,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<(String, Option<oneshot::Receiver<Option<Outcome>>>)> {
+        let woken = match self.start_reader().await {
+            Ok(()) => Some(self.register(&spec.id)),
+            Err(_) => None,
+        };
+        let mut backoff = crate::consumer::Backoff::default();
+        loop {
+            match self.submit(spec).await {
+                Ok(id) => return Ok((id, woken)),
+                Err(e) if e.is_transient() && started.elapsed() < timeout => {
+                    tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(e) => {
+                    self.forget(&spec.id);
+                    return Err(e);
+                }
+            }
+        }
     }
 
     fn forget(&self, id: &str) {
