@@ -44,6 +44,18 @@ struct Done {
     record: TxnRecord,
 }
 
+/// One random transfer between `accounts` under `id` (one in ten asks for more than there is:
+/// refused), awaited.
+async fn random_transfer(client: &redtx_common::Client, accounts: &[(Side, String)], id: String) -> Done {
+    let (from, to) = random_pair(accounts.len());
+    let amount = if rand::rng().random_ratio(1, 10) { 1_000_000 } else { rand::rng().random_range(1..=40) };
+    let (fa, ta) = (&accounts[from], &accounts[to]);
+    let spec = transfer((fa.0, &fa.1), (ta.0, &ta.1), amount).with_id(id).with_timeout(Duration::from_secs(10));
+    let record =
+        client.submit_and_wait(&spec, Duration::from_secs(45)).await.unwrap_or_else(|e| panic!("{}: {e}", spec.id));
+    Done { from, to, amount, record }
+}
+
 /// `producers` tasks each run `per_producer` random transfers between `accounts` (one in ten
 /// asks for more than there is: refused), each awaited; `during` runs meanwhile.
 fn transfers(
@@ -60,18 +72,7 @@ fn transfers(
             bank.rt.spawn(async move {
                 let mut done = Vec::with_capacity(per_producer);
                 for n in 0..per_producer {
-                    let (from, to) = random_pair(accounts.len());
-                    let amount =
-                        if rand::rng().random_ratio(1, 10) { 1_000_000 } else { rand::rng().random_range(1..=40) };
-                    let (fa, ta) = (&accounts[from], &accounts[to]);
-                    let spec = transfer((fa.0, &fa.1), (ta.0, &ta.1), amount)
-                        .with_id(format!("t-{p}-{n}"))
-                        .with_timeout(Duration::from_secs(10));
-                    let record = client
-                        .submit_and_wait(&spec, Duration::from_secs(45))
-                        .await
-                        .unwrap_or_else(|e| panic!("{}: {e}", spec.id));
-                    done.push(Done { from, to, amount, record });
+                    done.push(random_transfer(&client, &accounts, format!("t-{p}-{n}")).await);
                 }
                 done
             })
@@ -212,18 +213,7 @@ fn transfers_until(
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let (from, to) = random_pair(accounts.len());
-                    let amount =
-                        if rand::rng().random_ratio(1, 10) { 1_000_000 } else { rand::rng().random_range(1..=40) };
-                    let (fa, ta) = (&accounts[from], &accounts[to]);
-                    let spec = transfer((fa.0, &fa.1), (ta.0, &ta.1), amount)
-                        .with_id(format!("f-{p}-{n}"))
-                        .with_timeout(Duration::from_secs(10));
-                    let record = client
-                        .submit_and_wait(&spec, Duration::from_secs(45))
-                        .await
-                        .unwrap_or_else(|e| panic!("{}: {e}", spec.id));
-                    done.push(Done { from, to, amount, record });
+                    done.push(random_transfer(&client, &accounts, format!("f-{p}-{n}")).await);
                     ended.fetch_add(1, Ordering::Relaxed);
                 }
                 done
