@@ -14,9 +14,9 @@ use redis::AsyncCommands;
 use redtx_common::cluster_server::RedisCluster;
 use redtx_common::conn::RedisTarget;
 use redtx_common::keys;
-use redtx_common::kv::{encode_ops, IncrbyOp, Op};
+use redtx_common::kv::{IncrbyOp, Op};
 use redtx_common::protocol::{Outcome, StepKind, StepStatus};
-use redtx_participant::conformance::{self, Fixture};
+use redtx_participant::conformance;
 use redtx_participant::{Answer, KvResource, Request};
 use std::collections::BTreeSet;
 use support::*;
@@ -120,38 +120,10 @@ fn yes() -> Answer {
     Answer::Vote { yes: true, reason: None }
 }
 
-/// Items are counters `conf:<item>`; the refused payload decrements a counter below its min.
-struct ClusterFixture {
-    conn: ClusterConnection,
-}
-
-impl Fixture for ClusterFixture {
-    fn participant(&self) -> &str {
-        NAME
-    }
-
-    fn add(&self, item: &str) -> Vec<u8> {
-        encode_ops(&[Op::incrby(format!("conf:{item}"), 1)])
-    }
-
-    fn remove(&self, item: &str) -> Vec<u8> {
-        encode_ops(&[Op::incrby(format!("conf:{item}"), -1)])
-    }
-
-    fn refused(&self) -> Vec<u8> {
-        encode_ops(&[incrby("conf:empty", -1, Some(0))])
-    }
-
-    async fn count(&mut self, item: &str) -> redtx_common::Result<i64> {
-        let v: Option<i64> = self.conn.get(format!("conf:{item}")).await.unwrap();
-        Ok(v.unwrap_or(0))
-    }
-}
-
 #[tokio::test]
 async fn kv_resource_on_a_cluster_passes_the_conformance_suite() {
     let c = cluster();
-    let mut fixture = ClusterFixture { conn: cconn(&c).await };
+    let mut fixture = CounterFixture { conn: cconn(&c).await };
     let mut r = kv_on(&c);
     let n = conformance::run(&mut r, &mut fixture).await.unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(n, conformance::RULES.len());

@@ -126,3 +126,38 @@ pub async fn maxmemory(c: &mut MultiplexedConnection, bytes: u64) {
     let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query_async(c).await.unwrap();
     let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(bytes).query_async(c).await.unwrap();
 }
+
+/// The conformance suite's fixture for the key-value resource, over any connection to its data
+/// (one server or a Redis Cluster): items are counters `conf:<item>`; the refused payload
+/// decrements a counter below its min.
+pub struct CounterFixture<C> {
+    pub conn: C,
+}
+
+impl<C: redis::aio::ConnectionLike + Send + Sync> redtx_participant::conformance::Fixture for CounterFixture<C> {
+    fn participant(&self) -> &str {
+        NAME
+    }
+
+    fn add(&self, item: &str) -> Vec<u8> {
+        encode_ops(&[Op::incrby(format!("conf:{item}"), 1)])
+    }
+
+    fn remove(&self, item: &str) -> Vec<u8> {
+        encode_ops(&[Op::incrby(format!("conf:{item}"), -1)])
+    }
+
+    fn refused(&self) -> Vec<u8> {
+        encode_ops(&[Op::Incrby(redtx_common::kv::IncrbyOp {
+            key: "conf:empty".into(),
+            by: -1,
+            min: Some(0),
+            max: None,
+        })])
+    }
+
+    async fn count(&mut self, item: &str) -> redtx_common::Result<i64> {
+        let v: Option<i64> = self.conn.get(format!("conf:{item}")).await.unwrap();
+        Ok(v.unwrap_or(0))
+    }
+}
