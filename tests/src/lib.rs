@@ -1508,6 +1508,17 @@ impl Bank {
         let _: () = self.data_query(side.name(), redis::cmd("SET").arg(account).arg(amount));
     }
 
+    /// Accounts `acct:0` .. `acct:<per_bank - 1>` at both banks, each set to `amount`; returns
+    /// them, bank A's first.
+    pub fn seed_accounts(&self, per_bank: usize, amount: i64) -> Vec<(Side, String)> {
+        let accounts: Vec<(Side, String)> =
+            [Side::A, Side::B].iter().flat_map(|s| (0..per_bank).map(move |i| (*s, format!("acct:{i}")))).collect();
+        for (s, k) in &accounts {
+            self.seed(*s, k, amount);
+        }
+        accounts
+    }
+
     /// The balance at `side` (0 if the key does not exist).
     pub fn balance(&self, side: Side, account: &str) -> i64 {
         let v: Option<i64> = self.data_query(side.name(), redis::cmd("GET").arg(account));

@@ -37,13 +37,7 @@ fn concurrent_transfers_conserve_money_and_leave_nothing_locked() {
     }
     .instances("bank-b", 2);
     let bank = Bank::start_with(opts);
-    let accounts: Vec<(Side, String)> = [Side::A, Side::B]
-        .iter()
-        .flat_map(|s| (0..ACCOUNTS_PER_BANK).map(move |i| (*s, format!("acct:{i}"))))
-        .collect();
-    for (s, k) in &accounts {
-        bank.seed(*s, k, START);
-    }
+    let accounts = bank.seed_accounts(ACCOUNTS_PER_BANK, START);
     let total = bank.total();
     assert_eq!(total, START * accounts.len() as i64);
 

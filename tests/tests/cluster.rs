@@ -110,14 +110,7 @@ fn check(bank: &Bank, accounts: &[(Side, String)], done: &mut [Done]) -> (usize,
 }
 
 fn seeded(bank: &Bank) -> Vec<(Side, String)> {
-    let accounts: Vec<(Side, String)> = [Side::A, Side::B]
-        .iter()
-        .flat_map(|s| (0..ACCOUNTS_PER_BANK).map(move |i| (*s, format!("acct:{i}"))))
-        .collect();
-    for (s, k) in &accounts {
-        bank.seed(*s, k, START);
-    }
-    accounts
+    bank.seed_accounts(ACCOUNTS_PER_BANK, START)
 }
 
 #[test]
