@@ -550,6 +550,20 @@ pub fn redis_conn(url: &str) -> redis::Connection {
     c.get_connection_with_timeout(Duration::from_secs(10)).unwrap_or_else(|e| panic!("connect {url}: {e}"))
 }
 
+/// Makes the ACL user `name` with `password`, allowed every key, channel and command.
+pub fn acl_user(conn: &mut redis::Connection, name: &str, password: &str) {
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(name)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query(conn)
+        .unwrap_or_else(|e| panic!("ACL SETUSER {name}: {e}"));
+}
+
 /// Every key matching `pattern`, by `SCAN` (never `KEYS`).
 pub fn scan(conn: &mut redis::Connection, pattern: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();

@@ -72,16 +72,7 @@ fn submit_and_status_with_cluster() {
     // An ACL user (made on every node) works as well.
     const APP_PW: &str = "app-Pw-77b1";
     for i in 0..cluster.len() {
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("app")
-            .arg("on")
-            .arg(format!(">{APP_PW}"))
-            .arg("~*")
-            .arg("&*")
-            .arg("+@all")
-            .query(&mut redis_conn(&cluster.url(i)))
-            .unwrap();
+        acl_user(&mut redis_conn(&cluster.url(i)), "app", APP_PW);
     }
     let app_seeds: Vec<String> =
         (0..cluster.len()).map(|i| format!("redis://app:{APP_PW}@127.0.0.1:{}", cluster.port(i))).collect();

@@ -52,16 +52,7 @@ fn an_acl_user_with_a_password_works_and_no_password_is_printed() {
     let server =
         RedisServer::start_with(ServerOptions { password: Some(ROOT_PW.into()), ..Default::default() }).unwrap();
     let mut admin = redis_conn(&server.url());
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("app")
-        .arg("on")
-        .arg(format!(">{APP_PW}"))
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .query(&mut admin)
-        .unwrap();
+    acl_user(&mut admin, "app", APP_PW);
     let _: () = redis::cmd("SET").arg("acct:alice").arg(100).query(&mut admin).unwrap();
     let url = format!("redis://app:{APP_PW}@127.0.0.1:{}", server.port());
 
