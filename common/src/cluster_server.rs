@@ -520,6 +520,9 @@ pub struct SlotMove {
     moved: usize,
 }
 
+/// How long a moved slot may take to settle on its new master before it is assigned again.
+const REASSIGN_AFTER: Duration = Duration::from_secs(3);
+
 impl SlotMove {
     /// The source master.
     pub fn from(&self) -> usize {
@@ -555,8 +558,31 @@ impl SlotMove {
             }
             self.migrate(cluster, &batch)?;
         }
-        // The target first (it starts answering for the slot), then the source (it stops
-        // asking), then the other masters; gossip spreads the rest.
+        self.assign(cluster)?;
+        // A claim of the source's still in flight with an equal config epoch can win over the
+        // target's (each node then sends clients to the other): if the slot has not settled on
+        // the target after a while, the target takes a newer epoch and everyone is told again.
+        let mut assigned = Instant::now();
+        cluster.wait_until(&format!("slot {slot} served by node {to} everywhere"), |c| {
+            if c.master_of_slot(slot)? == to {
+                return Ok(None);
+            }
+            if assigned.elapsed() > REASSIGN_AFTER {
+                let _: Value = c.query(to, redis::cmd("CLUSTER").arg("BUMPEPOCH"))?;
+                self.assign(c)?;
+                assigned = Instant::now();
+            }
+            Ok(Some(format!("slot {slot} not yet on node {to}")))
+        })?;
+        cluster.wait_settled()?;
+        Ok(self.moved)
+    }
+
+    /// Gives the slot to the target: `SETSLOT NODE` on the target first (it starts answering for
+    /// the slot), then the source (it stops asking), then the other masters; gossip spreads the
+    /// rest.
+    fn assign(&self, cluster: &RedisCluster) -> Result<()> {
+        let (from, to) = (self.from, self.to);
         self.setslot(cluster, to, "NODE", to)?;
         self.setslot(cluster, from, "NODE", to)?;
         for m in cluster.masters()? {
@@ -564,11 +590,7 @@ impl SlotMove {
                 self.setslot(cluster, m, "NODE", to)?;
             }
         }
-        cluster.wait_until(&format!("slot {slot} served by node {to} everywhere"), |c| {
-            Ok((c.master_of_slot(slot)? != to).then(|| format!("slot {slot} not yet on node {to}")))
-        })?;
-        cluster.wait_settled()?;
-        Ok(self.moved)
+        Ok(())
     }
 
     /// `CLUSTER SETSLOT <slot> <how> <id of node named>` on `node`.
