@@ -74,6 +74,13 @@ pub fn lease(p: u32) -> String {
     format!("rtx:lease:{{{p}}}")
 }
 
+/// The write counter of partition `p`: how many fenced writes its owners have applied. Each
+/// write names the value it follows, so one stepped on top of an unapplied write is refused
+/// (`lua/coordinator/fenced.lua`).
+pub fn write_seq(p: u32) -> String {
+    format!("rtx:wseq:{{{p}}}")
+}
+
 /// The fencing counter of partition `p`: every new lease takes the next token.
 pub fn epoch(p: u32) -> String {
     format!("rtx:epoch:{{{p}}}")

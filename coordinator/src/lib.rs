@@ -10,11 +10,13 @@
 //! # Layout
 //! - [`lease`]: leases, fencing tokens, membership, and the pure spreading rule.
 //! - [`owner`]: the Redis layer: partition reload, reads, the fenced write, deadlines.
+//! - [`writer`]: sends the fenced writes in order while the loop goes on.
 //! - this file: [`CoordinatorConfig`] and [`run`], the entry point used by the binary, the demo
 //!   and the bench.
 
 pub mod lease;
 pub mod owner;
+pub mod writer;
 
 use redtx_common::consumer::Backoff;
 use redtx_common::shutdown::Shutdown;
@@ -46,6 +48,9 @@ pub struct CoordinatorConfig {
     pub retention: Duration,
     /// Stream history kept even when every group is done with it (trimming never goes younger).
     pub keep_history: Duration,
+    /// How many fenced writes may be unanswered while the loop reads and steps the next batch
+    /// (0: wait for each write).
+    pub writes_in_flight: usize,
 }
 
 impl CoordinatorConfig {
@@ -63,6 +68,7 @@ impl CoordinatorConfig {
             resend_every: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
             keep_history: Duration::from_secs(3600),
+            writes_in_flight: 2,
         }
     }
 }

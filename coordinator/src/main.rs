@@ -45,6 +45,10 @@ struct Args {
     /// Stream history kept after every consumer group is done with it (for inspection)
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     keep_history: Duration,
+    /// How many batch writes may be unanswered while the next batch is read and stepped (0:
+    /// wait for each). Each write is applied only if the one before it was.
+    #[arg(long, env = "REDTX_WRITES_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=64))]
+    writes_in_flight: u64,
 }
 
 // One thread: the worker is one loop, and cross-thread wake-ups cost more than they give on
@@ -66,6 +70,7 @@ async fn main() -> ExitCode {
         resend_every: args.resend_every,
         retention: args.retention,
         keep_history: args.keep_history,
+        writes_in_flight: args.writes_in_flight as usize,
         cluster: args.cluster,
         ..CoordinatorConfig::new(redis)
     };

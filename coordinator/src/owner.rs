@@ -26,6 +26,7 @@
 //! dropped at once (step down).
 
 use crate::lease;
+use crate::writer::{Replies, Writer};
 use crate::CoordinatorConfig;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
@@ -39,8 +40,9 @@ use redtx_common::shutdown::Shutdown;
 use redtx_common::spec::{check_id, Mode};
 use redtx_common::stats::{CoordinatorCounts, Publisher};
 use redtx_common::{failpoint, keys, now_ms, Error, Result};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// `lua/coordinator/fenced.lua`.
 pub static FENCED: LuaScript = LuaScript::new("fenced", include_str!("../../lua/coordinator/fenced.lua"));
@@ -85,6 +87,9 @@ struct Part {
     /// Per entry in `held`, how many transactions hold it: a batch entry carries messages of
     /// many transactions, and is acked once the last of them is written.
     holders: HashMap<String, usize>,
+    /// The value of `rtx:wseq:{P}` the next write follows (read at reload, counted up per
+    /// write sent).
+    seq: u64,
 }
 
 impl Part {
@@ -97,6 +102,7 @@ impl Part {
             stale: true,
             held: HashMap::new(),
             holders: HashMap::new(),
+            seq: 0,
         }
     }
 
@@ -217,9 +223,24 @@ pub struct Owner {
     last_trim: Instant,
     last_claim: Instant,
     consuming: HashMap<(String, u32), (bool, Instant)>,
+    /// Sends the fenced writes, in order, while the loop goes on ([`crate::writer`]).
+    writer: Writer,
+    /// Writes sent and not yet answered, oldest first.
+    in_flight: VecDeque<InFlight>,
     /// What this coordinator handled, published with `stats` and in its last log line.
     counts: CoordinatorCounts,
     stats: Publisher,
+}
+
+/// A fenced write sent and not yet answered.
+struct InFlight {
+    /// The partitions of each call.
+    parts_of: Vec<Vec<u32>>,
+    /// What the write adds to the counts once applied.
+    counts: CoordinatorCounts,
+    /// It writes decisions (for the fail point after them).
+    decided: bool,
+    replies: oneshot::Receiver<Replies>,
 }
 
 impl Owner {
@@ -234,6 +255,8 @@ impl Owner {
         publish_version(&mut conn, &url).await?;
         let me = redtx_common::consumer::unique_consumer_name();
         Ok(Owner {
+            writer: Writer::start(conn.clone(), url.clone()),
+            in_flight: VecDeque::new(),
             stats: Publisher::coordinator(&me),
             counts: CoordinatorCounts::default(),
             me,
@@ -276,6 +299,10 @@ impl Owner {
                 Err(e) => {
                     let pause = backoff.next();
                     tracing::warn!(error = %e, retry_in = ?pause, "coordinator step failed; entries stay pending");
+                    // What the writes still in flight did is learnt before anything is reloaded.
+                    while let Err(e) = self.settle_all().await {
+                        tracing::debug!(error = %e, "a write in flight failed too");
+                    }
                     for p in self.parts.values_mut() {
                         p.stale = true;
                     }
@@ -285,6 +312,9 @@ impl Owner {
                     }
                 }
             }
+        }
+        while let Err(e) = self.settle_all().await {
+            tracing::debug!(error = %e, "a write in flight at shutdown failed; its entries stay pending");
         }
         let owned: Vec<u32> = self.parts.keys().copied().collect();
         for (p, part) in std::mem::take(&mut self.parts) {
@@ -307,14 +337,18 @@ impl Owner {
     async fn reconnect(&mut self) -> Result<()> {
         self.read_conn = self.url.connect_with(self.cfg.block + Duration::from_secs(10)).await?;
         self.conn = self.url.connect().await?;
+        self.writer = Writer::start(self.conn.clone(), self.url.clone());
         // A Redis that restarted without persistence lost it.
         publish_version(&mut self.conn, &self.url).await
     }
 
     /// One pass of the loop (see the module doc).
     async fn round(&mut self) -> Result<()> {
+        self.settle_ready().await?;
         if self.last_round.is_none_or(|t| t.elapsed() >= TICK) {
             self.last_round = Some(Instant::now());
+            // Leases move and partitions reload with no write in flight.
+            self.settle_all().await?;
             self.ownership().await?;
             let owned: Vec<u32> = self.parts.keys().copied().collect();
             // Idle entries are looked for twice per `--claim-idle`, not every round: each look
@@ -383,6 +417,8 @@ impl Owner {
     /// pending in its stream (from any reader) again.
     async fn reload(&mut self, p: u32) -> Result<()> {
         let started = Instant::now();
+        // No write of `p` is in flight (they are settled first): the counter is final.
+        let seq: Option<u64> = self.conn.get(keys::write_seq(p)).await.map_err(|e| Error::redis(&self.url, e))?;
         let ids: Vec<String> = self.conn.zrange(keys::live(p), 0, -1).await.map_err(|e| Error::redis(&self.url, e))?;
         let mut txns = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(512) {
@@ -413,6 +449,7 @@ impl Owner {
         part.txns = txns;
         part.held.clear();
         part.holders.clear();
+        part.seq = seq.unwrap_or(0);
         part.stale = false;
         part.claim_from = "0-0".into();
         tracing::info!(partition = p, live = n, took = ?started.elapsed(), "partition loaded");
@@ -721,6 +758,9 @@ impl Owner {
             for p in &parts {
                 call = call.key(keys::lease(*p));
             }
+            for p in &parts {
+                call = call.key(keys::write_seq(*p));
+            }
             for k in &w.keys {
                 call = call.key(k.as_str());
             }
@@ -728,12 +768,61 @@ impl Owner {
             for p in &parts {
                 call = call.arg(self.parts[p].lease.as_str());
             }
+            for p in &parts {
+                let part = self.parts.get_mut(p).expect("owned");
+                call = call.arg(part.seq);
+                part.seq += 1;
+            }
             for a in w.args() {
                 call = call.arg(a);
             }
-            calls.push(call);
+            calls.push((parts[0], call));
             parts_of.push(parts);
         }
+        let replies = self.writer.send(calls);
+        self.in_flight.push_back(InFlight { parts_of, counts, decided, replies });
+        while self.in_flight.len() > self.cfg.writes_in_flight {
+            self.settle_next().await?;
+        }
+        Ok(())
+    }
+
+    /// Settles the writes already answered, oldest first.
+    async fn settle_ready(&mut self) -> Result<()> {
+        while let Some(w) = self.in_flight.front_mut() {
+            let replies = match w.replies.try_recv() {
+                Ok(r) => r,
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                Err(oneshot::error::TryRecvError::Closed) => Err("the write task ended".to_string()),
+            };
+            let w = self.in_flight.pop_front().expect("a front");
+            self.settle(w, replies).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every write in flight and settles it; the first failure is returned (the
+    /// writes after it stay in flight).
+    async fn settle_all(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.settle_next().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest write in flight and settles it.
+    async fn settle_next(&mut self) -> Result<()> {
+        let Some(mut w) = self.in_flight.pop_front() else { return Ok(()) };
+        let replies = (&mut w.replies).await.unwrap_or_else(|_| Err("the write task ended".to_string()));
+        self.settle(w, replies).await
+    }
+
+    /// Learns how a write went. A partition whose lease moved is dropped (step down) and the
+    /// others of its call are marked stale (reloaded before they handle more; their entries
+    /// stay pending); a write out of sequence (one before it was not applied) or one that failed
+    /// marks its partitions stale, and a failure is returned.
+    async fn settle(&mut self, w: InFlight, replies: Replies) -> Result<()> {
+        let InFlight { parts_of, counts, decided, .. } = w;
         let stale = |owner: &mut Owner, parts: &[u32]| {
             for p in parts {
                 if let Some(part) = owner.parts.get_mut(p) {
@@ -741,14 +830,14 @@ impl Owner {
                 }
             }
         };
-        let replies = match scripts::run_each(&self.conn, &self.url, &calls).await {
+        let replies = match replies {
             Ok(r) => r,
             Err(e) => {
                 // Nothing known about these writes: memory may be ahead of Redis. Reload.
                 for parts in &parts_of {
                     stale(self, parts);
                 }
-                return Err(e);
+                return Err(Error::Io(std::io::Error::other(e)));
             }
         };
         let mut failed = None;
@@ -758,6 +847,12 @@ impl Owner {
                 reply.map_err(|e| Error::redis(&self.url, e)).and_then(|v| scripts::reply_strings(FENCED.name, &v));
             match reply {
                 Ok(r) if r.first().map(String::as_str) == Some("1") => {}
+                Ok(r) if r.first().map(String::as_str) == Some("2") => {
+                    // Stepped on top of a write that was not applied: reload.
+                    refused = true;
+                    tracing::info!(partitions = ?parts, counter = %r.get(2).map(String::as_str).unwrap_or(""), "write out of sequence (an earlier one was not applied); reloading");
+                    stale(self, parts);
+                }
                 Ok(r) => {
                     // Nothing of this call was written. The partition that lost its lease is
                     // dropped; the others go on after a reload.
@@ -767,8 +862,9 @@ impl Owner {
                     let holder = r.get(2).cloned().unwrap_or_default();
                     stale(self, parts);
                     if let Some(&p) = lost {
-                        tracing::warn!(partition = p, holder = %holder, "write refused by the fence: the lease moved; stepping down");
-                        self.parts.remove(&p);
+                        if self.parts.remove(&p).is_some() {
+                            tracing::warn!(partition = p, holder = %holder, "write refused by the fence: the lease moved; stepping down");
+                        }
                     }
                 }
                 Err(e) => {

@@ -11,6 +11,7 @@ use redtx_common::machine::Phase;
 use redtx_common::protocol::{Message, Outcome, StepKind, StepStatus};
 use redtx_common::record::TxnState;
 use redtx_common::spec::{Branch, Op, TxnSpec};
+use redtx_coordinator::CoordinatorConfig;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -294,6 +295,11 @@ async fn coordinators_spread_the_partitions_and_finish_each_others_work() {
     env.stop().await;
 }
 
+/// The reply of `fenced.lua` as strings.
+fn fenced_reply(v: &redis::Value) -> Vec<String> {
+    redtx_common::scripts::reply_strings("fenced", v).unwrap()
+}
+
 #[tokio::test]
 async fn a_write_with_a_moved_lease_is_refused_whole() {
     let env = Env::start().await;
@@ -301,25 +307,109 @@ async fn a_write_with_a_moved_lease_is_refused_whole() {
     let _: () = c.set(keys::lease(1), "7:someone-else").await.unwrap();
     let cmds: Vec<&str> = vec!["3", "SET", "rtx:probe:{1}", "x"];
     let url = redtx_common::conn::RedisUrl::parse(&env.server.url()).unwrap();
-    let call = redtx_coordinator::owner::FENCED.call().key(keys::lease(1)).key("rtx:probe:{1}");
-    let v = call.clone().arg(1).arg("6:me").arg(cmds.clone()).run(&mut c, &url).await.unwrap();
-    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["0", "1", "7:someone-else"]);
+    let call = redtx_coordinator::owner::FENCED.call().key(keys::lease(1)).key(keys::write_seq(1)).key("rtx:probe:{1}");
+    let v = call.clone().arg(1).arg("6:me").arg(0).arg(cmds.clone()).run(&mut c, &url).await.unwrap();
+    assert_eq!(fenced_reply(&v), vec!["0", "1", "7:someone-else"]);
     assert!(!c.exists::<_, bool>("rtx:probe:{1}").await.unwrap(), "nothing written");
-    let v = call.clone().arg(1).arg("7:someone-else").arg(cmds.clone()).run(&mut c, &url).await.unwrap();
-    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["1", "1"]);
+    let v = call.clone().arg(1).arg("7:someone-else").arg(0).arg(cmds.clone()).run(&mut c, &url).await.unwrap();
+    assert_eq!(fenced_reply(&v), vec!["1", "1"]);
     assert_eq!(c.get::<_, String>("rtx:probe:{1}").await.unwrap(), "x");
     // A lapsed lease fences too.
     let _: () = c.del(keys::lease(1)).await.unwrap();
-    let v = call.clone().arg(1).arg("7:someone-else").arg(cmds.clone()).run(&mut c, &url).await.unwrap();
-    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["0", "1", ""]);
+    let v = call.clone().arg(1).arg("7:someone-else").arg(1).arg(cmds.clone()).run(&mut c, &url).await.unwrap();
+    assert_eq!(fenced_reply(&v), vec!["0", "1", ""]);
     // Two partitions: the second lease moved, so nothing is written for the first either.
     let _: () = c.set(keys::lease(1), "8:me").await.unwrap();
     let _: () = c.set(keys::lease(2), "9:other").await.unwrap();
-    let two = redtx_coordinator::owner::FENCED.call().key(keys::lease(1)).key(keys::lease(2)).key("rtx:probe:{1}");
-    let v =
-        two.arg(2).arg("8:me").arg("8:me").arg(vec!["3", "SET", "rtx:probe:{1}", "y"]).run(&mut c, &url).await.unwrap();
-    assert_eq!(redtx_common::scripts::reply_strings("fenced", &v).unwrap(), vec!["0", "2", "9:other"]);
+    let two = redtx_coordinator::owner::FENCED
+        .call()
+        .key(keys::lease(1))
+        .key(keys::lease(2))
+        .key(keys::write_seq(1))
+        .key(keys::write_seq(2))
+        .key("rtx:probe:{1}");
+    let v = two
+        .arg(2)
+        .arg("8:me")
+        .arg("8:me")
+        .arg(1)
+        .arg(0)
+        .arg(vec!["3", "SET", "rtx:probe:{1}", "y"])
+        .run(&mut c, &url)
+        .await
+        .unwrap();
+    assert_eq!(fenced_reply(&v), vec!["0", "2", "9:other"]);
     assert_eq!(c.get::<_, String>("rtx:probe:{1}").await.unwrap(), "x");
+    assert_eq!(c.get::<_, u64>(keys::write_seq(1)).await.unwrap(), 1, "only the applied write counted");
+}
+
+#[tokio::test]
+async fn a_write_that_follows_one_not_applied_is_refused_whole() {
+    let env = Env::start().await;
+    let mut c = env.conn.clone();
+    let url = redtx_common::conn::RedisUrl::parse(&env.server.url()).unwrap();
+    let _: () = c.set(keys::lease(1), "3:me").await.unwrap();
+    let _: () = c.set(keys::lease(2), "3:me").await.unwrap();
+    let write = |after: [u64; 2], value: &'static str| {
+        redtx_coordinator::owner::FENCED
+            .call()
+            .key(keys::lease(1))
+            .key(keys::lease(2))
+            .key(keys::write_seq(1))
+            .key(keys::write_seq(2))
+            .key("rtx:probe:{1}")
+            .arg(2)
+            .arg("3:me")
+            .arg("3:me")
+            .arg(after[0])
+            .arg(after[1])
+            .arg(vec!["3", "SET", "rtx:probe:{1}", value])
+    };
+    // The first write of a fresh partition follows 0 (the counter does not exist yet).
+    let v = write([0, 0], "first").run(&mut c, &url).await.unwrap();
+    assert_eq!(fenced_reply(&v), vec!["1", "1"]);
+    // A write sent after one that never arrived names 1 for partition 2: refused, nothing runs,
+    // and the reply says what the counter holds.
+    let v = write([1, 2], "second").run(&mut c, &url).await.unwrap();
+    assert_eq!(fenced_reply(&v), vec!["2", "2", "1"]);
+    assert_eq!(c.get::<_, String>("rtx:probe:{1}").await.unwrap(), "first");
+    assert_eq!(c.get::<_, u64>(keys::write_seq(1)).await.unwrap(), 1, "no counter moved");
+    // The same write sent twice: the second is refused (it follows 1, the counter is now 2).
+    let v = write([1, 1], "third").run(&mut c, &url).await.unwrap();
+    assert_eq!(fenced_reply(&v), vec!["1", "1"]);
+    let v = write([1, 1], "third").run(&mut c, &url).await.unwrap();
+    assert_eq!(fenced_reply(&v), vec!["2", "1", "2"]);
+    assert_eq!(c.get::<_, String>("rtx:probe:{1}").await.unwrap(), "third");
+}
+
+#[tokio::test]
+async fn a_coordinator_whose_write_was_out_of_sequence_reloads_and_finishes_exactly_once() {
+    let mut env = Env::start().await;
+    // No re-send within the test: only the reload can deliver the commits.
+    env.spawn(CoordinatorConfig { resend_every: Duration::from_secs(3600), ..env.config() });
+    env.client.submit(&transfer("seq")).await.unwrap();
+    env.until_inbox("a", "seq", &["prepare"]).await;
+    env.until_inbox("b", "seq", &["prepare"]).await;
+    // As if a write sent before the next one had been applied by nobody: the counter is not
+    // where the coordinator expects it, so its next write must be refused whole.
+    let p = env.part("seq");
+    let mut c = env.conn.clone();
+    let before: u64 = c.incr(keys::write_seq(p), 1).await.unwrap();
+    env.vote("seq", 0, "a", true, None).await;
+    env.vote("seq", 1, "b", true, None).await;
+    // Refused, reloaded (the counter read again), the pending votes handled again: committed.
+    env.until_inbox("a", "seq", &["prepare", "commit"]).await;
+    env.until_inbox("b", "seq", &["prepare", "commit"]).await;
+    assert_eq!(env.record("seq").await.unwrap().state, TxnState::Committing);
+    let after: u64 = c.get(keys::write_seq(p)).await.unwrap();
+    assert!(after > before, "the decision was written after the counter moved ({before} -> {after})");
+    env.ack("seq", 0, "a", Outcome::Committed).await;
+    env.ack("seq", 1, "b", Outcome::Committed).await;
+    env.until_state("seq", "committed").await;
+    // One commit per branch: the refused write sent nothing.
+    assert_eq!(env.inbox_kinds("a", "seq").await, vec!["prepare", "commit"]);
+    assert_eq!(env.inbox_kinds("b", "seq").await, vec!["prepare", "commit"]);
+    env.stop().await;
 }
 
 #[tokio::test]
