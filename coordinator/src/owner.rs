@@ -20,6 +20,11 @@
 //! records of a batch and a takeover's reload are read in one pipeline per partition. On one
 //! server the commands are exactly those described above.
 //!
+//! Writes are sent without waiting for their answer ([`crate::writer`], up to
+//! `--writes-in-flight` unanswered); answers are settled in order at the start of each pass, and
+//! all of them before leases move or a partition reloads. Each write names the partition's write
+//! counter it follows, so one stepped on top of a write that was not applied is refused too.
+//!
 //! A write that fails (Redis unreachable, out of memory) leaves the batch's entries pending, and
 //! the partition's memory is thrown away and reloaded from Redis: memory never runs ahead of
 //! what was written. A write refused by the fence means the lease moved: the partition is
