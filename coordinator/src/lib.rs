@@ -68,7 +68,7 @@ impl CoordinatorConfig {
             resend_every: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
             keep_history: Duration::from_secs(3600),
-            writes_in_flight: 2,
+            writes_in_flight: 1,
         }
     }
 }

@@ -47,7 +47,7 @@ struct Args {
     keep_history: Duration,
     /// How many batch writes may be unanswered while the next batch is read and stepped (0:
     /// wait for each). Each write is applied only if the one before it was.
-    #[arg(long, env = "REDTX_WRITES_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=64))]
+    #[arg(long, env = "REDTX_WRITES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=64))]
     writes_in_flight: u64,
 }
 
