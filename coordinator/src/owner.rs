@@ -422,9 +422,14 @@ impl Owner {
     /// pending in its stream (from any reader) again.
     async fn reload(&mut self, p: u32) -> Result<()> {
         let started = Instant::now();
-        // No write of `p` is in flight (they are settled first): the counter is final.
-        let seq: Option<u64> = self.conn.get(keys::write_seq(p)).await.map_err(|e| Error::redis(&self.url, e))?;
-        let ids: Vec<String> = self.conn.zrange(keys::live(p), 0, -1).await.map_err(|e| Error::redis(&self.url, e))?;
+        // No write of `p` is in flight (they are settled first): the counter is final. Both keys
+        // are in `p`'s slot: one pipeline.
+        let (seq, ids): (Option<u64>, Vec<String>) = redis::pipe()
+            .get(keys::write_seq(p))
+            .zrange(keys::live(p), 0, -1)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| Error::redis(&self.url, e))?;
         let mut txns = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(512) {
             let mut pipe = redis::pipe();
