@@ -171,6 +171,11 @@ impl RedisCluster {
         for i in 0..total {
             let id: String = cluster.query(i, redis::cmd("CLUSTER").arg("MYID"))?;
             cluster.nodes[i].id = id;
+            // A config epoch of its own for every node, as `redis-cli --cluster create` gives
+            // them. Left at 0, equal epochs are told apart only later, by gossip, one bump at a
+            // time; a slot handed over meanwhile can go back to its old master on a bump, and
+            // a master that loses a slot deletes the keys it holds in it.
+            let _: () = cluster.query(i, redis::cmd("CLUSTER").arg("SET-CONFIG-EPOCH").arg(i + 1))?;
         }
         // Slots: master m gets [m * 16384 / masters, (m + 1) * 16384 / masters - 1], but for the
         // partitions' slots when they are spread.
@@ -419,7 +424,15 @@ impl RedisCluster {
             }
             let map = self.slot_map(i)?;
             // `CLUSTER SLOTS` may list a replica before every node's `CLUSTER NODES` does.
-            let roles: Roles = self.nodes_view(i)?.into_iter().map(|n| (n.id, n.master_id)).collect();
+            let view = self.nodes_view(i)?;
+            // Masters on equal config epochs would settle that later, by bumping one: a slot
+            // moved meanwhile could go back (see `start`).
+            let mut epochs: Vec<u64> = view.iter().filter(|n| n.is_master()).map(|n| n.config_epoch).collect();
+            epochs.sort_unstable();
+            if epochs.windows(2).any(|w| w[0] == w[1]) {
+                return Ok(Some(format!("node {i} sees masters on equal config epochs: {epochs:?}")));
+            }
+            let roles: Roles = view.into_iter().map(|n| (n.id, n.master_id)).collect();
             if roles.len() != self.len() {
                 return Ok(Some(format!("node {i} knows {} of {} nodes", roles.len(), self.len())));
             }
@@ -520,9 +533,6 @@ pub struct SlotMove {
     moved: usize,
 }
 
-/// How long a moved slot may take to settle on its new master before it is assigned again.
-const REASSIGN_AFTER: Duration = Duration::from_secs(3);
-
 impl SlotMove {
     /// The source master.
     pub fn from(&self) -> usize {
@@ -559,20 +569,11 @@ impl SlotMove {
             self.migrate(cluster, &batch)?;
         }
         self.assign(cluster)?;
-        // A claim of the source's still in flight with an equal config epoch can win over the
-        // target's (each node then sends clients to the other): if the slot has not settled on
-        // the target after a while, the target takes a newer epoch and everyone is told again.
-        let mut assigned = Instant::now();
+        // The target's `SETSLOT NODE` gives it the greatest config epoch (the masters' epochs are
+        // distinct, see `start`), so no claim of the source's can win it back: the rest of the
+        // cluster learns of the move by gossip.
         cluster.wait_until(&format!("slot {slot} served by node {to} everywhere"), |c| {
-            if c.master_of_slot(slot)? == to {
-                return Ok(None);
-            }
-            if assigned.elapsed() > REASSIGN_AFTER {
-                let _: Value = c.query(to, redis::cmd("CLUSTER").arg("BUMPEPOCH"))?;
-                self.assign(c)?;
-                assigned = Instant::now();
-            }
-            Ok(Some(format!("slot {slot} not yet on node {to}")))
+            Ok((c.master_of_slot(slot)? != to).then(|| format!("slot {slot} not yet on node {to}")))
         })?;
         cluster.wait_settled()?;
         Ok(self.moved)
@@ -600,11 +601,13 @@ impl SlotMove {
     }
 }
 
-/// One line of `CLUSTER NODES`: `<id> <ip:port@bus> <flags> <master id or -> ...`.
+/// One line of `CLUSTER NODES`:
+/// `<id> <ip:port@bus> <flags> <master id or -> <ping sent> <pong received> <config epoch> ...`.
 struct NodeLine {
     id: String,
     flags: String,
     master_id: String,
+    config_epoch: u64,
 }
 
 impl NodeLine {
@@ -614,7 +617,12 @@ impl NodeLine {
         let _addr = f.next()?;
         let flags = f.next()?.to_string();
         let master_id = f.next()?.to_string();
-        Some(NodeLine { id, flags, master_id })
+        let config_epoch = f.nth(2)?.parse().ok()?;
+        Some(NodeLine { id, flags, master_id, config_epoch })
+    }
+
+    fn is_master(&self) -> bool {
+        self.flags.split(',').any(|f| f == "master")
     }
 }
 
