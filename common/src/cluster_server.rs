@@ -4,9 +4,10 @@
 //! [`RedisServer`] with `cluster-enabled yes`, in its own temporary directory, binary from `PATH`
 //! or `$REDTX_REDIS_SERVER`), gives the masters the 16384 slots in even ranges
 //! (`CLUSTER ADDSLOTSRANGE`; [`ClusterOptions::spread_partitions`] deals the partitions' slots out
-//! round robin instead), joins them (`CLUSTER MEET`), makes the replicas replicate
-//! (`CLUSTER REPLICATE`) and returns once every node says `cluster_state:ok` and every node
-//! reports the same slot map. Then, while clients keep writing:
+//! round robin instead) and each node a config epoch of its own (`CLUSTER SET-CONFIG-EPOCH`),
+//! joins them (`CLUSTER MEET`), makes the replicas replicate (`CLUSTER REPLICATE`) and returns
+//! once every node says `cluster_state:ok`, every node reports the same slot map, and no two
+//! masters share a config epoch. Then, while clients keep writing:
 //!
 //! - [`move_slot`](RedisCluster::move_slot) moves a slot the way `redis-cli --cluster reshard`
 //!   does: `SETSLOT IMPORTING` on the target, `SETSLOT MIGRATING` on the source, `MIGRATE` of the
