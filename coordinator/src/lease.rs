@@ -37,6 +37,20 @@ pub static RELEASE: LuaScript =
 /// How long a partition must stay free before a coordinator at or above its share takes it.
 pub const GRACE: std::time::Duration = std::time::Duration::from_millis(1000);
 
+/// The fencing token of a lease value `<token>:<owner>`.
+pub fn token(value: &str) -> Option<u64> {
+    value.split_once(':')?.0.parse().ok()
+}
+
+/// Whether a lease acquired with token `now` shows that Redis lost the partition's keys: its
+/// fencing counter never expires and only counts up, so a token not above one this process
+/// held before (`held`) means the counter was lost (the keys of a slot deleted when its
+/// ownership went back and forth, a `FLUSHALL`, a restart without persistence), and the
+/// partition's records and streams with it.
+pub fn counter_went_back(held: Option<u64>, now: u64) -> bool {
+    held.is_some_and(|h| now <= h)
+}
+
 /// What one round of [`plan`] decides.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -185,6 +199,17 @@ pub async fn leave(conn: &mut RedisConn, url: &RedisTarget, me: &str) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_not_above_one_held_means_the_counter_went_back() {
+        assert_eq!(token("7:host-1-ab"), Some(7));
+        assert_eq!(token("x:host"), None);
+        assert_eq!(token("7"), None);
+        assert!(!counter_went_back(None, 1), "a first lease says nothing");
+        assert!(!counter_went_back(Some(3), 4));
+        assert!(counter_went_back(Some(3), 3));
+        assert!(counter_went_back(Some(3), 1));
+    }
 
     fn set(v: &[u32]) -> BTreeSet<u32> {
         v.iter().copied().collect()

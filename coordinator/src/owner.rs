@@ -235,6 +235,9 @@ pub struct Owner {
     /// What this coordinator handled, published with `stats` and in its last log line.
     counts: CoordinatorCounts,
     stats: Publisher,
+    /// The highest fencing token this process has held per partition
+    /// ([`lease::counter_went_back`]).
+    tokens: HashMap<u32, u64>,
 }
 
 /// A fenced write sent and not yet answered.
@@ -263,6 +266,7 @@ impl Owner {
             writer: Writer::start(conn.clone(), url.clone()),
             in_flight: VecDeque::new(),
             stats: Publisher::coordinator(&me),
+            tokens: HashMap::new(),
             counts: CoordinatorCounts::default(),
             me,
             cfg,
@@ -405,6 +409,19 @@ impl Owner {
         if !plan.acquire.is_empty() {
             for (p, value) in lease::acquire(&mut self.conn, &self.url, &self.me, ttl, &plan.acquire).await? {
                 tracing::info!(partition = p, lease = %value, "acquired partition");
+                let token = lease::token(&value).unwrap_or(0);
+                let held = self.tokens.get(&p).copied();
+                if lease::counter_went_back(held, token) {
+                    tracing::error!(
+                        partition = p,
+                        held = held.unwrap_or(0),
+                        now = token,
+                        "the partition's fencing counter went back: Redis lost its keys (a slot's keys deleted, \
+                         a FLUSHALL, a restart without persistence); its transactions under way are lost with \
+                         their records"
+                    );
+                }
+                self.tokens.insert(p, held.unwrap_or(0).max(token));
                 ensure_group(&mut self.conn, &self.url, &keys::coord_stream(p), keys::COORD_GROUP).await?;
                 self.parts.insert(p, Part::new(value));
             }

@@ -2,7 +2,8 @@
 //! and a fresh one (without the fail point) finishes the transaction exactly once. A participant
 //! that never answers makes the transaction abort at its deadline, naming it. The Redis holding
 //! the streams restarts under load (AOF) and every transaction still ends, money conserved; a
-//! producer (the library, and `redtx submit --wait`) rides out that restart too.
+//! producer (the library, and `redtx submit --wait`) rides out that restart too. A coordinator
+//! whose partitions' keys Redis lost says so.
 
 use rand::Rng;
 use redtx_common::machine::Phase;
@@ -233,6 +234,23 @@ fn stream_redis_restart_under_load_loses_nothing() {
     assert_eq!(bank.balances(), expected, "balances differ from the committed transfers");
     bank.wait_clean();
     bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1"]);
+}
+
+#[test]
+fn a_coordinator_says_so_when_redis_loses_its_partitions_keys() {
+    // The stream Redis loses everything (here `FLUSHALL`; a restart without persistence, or a
+    // slot's keys deleted by the cluster, does the same): the coordinator cannot bring the lost
+    // transactions back, but it must not go on as if nothing happened. Its fencing counters
+    // start again from 1, below the tokens it held: it says so, then goes on serving.
+    let mut bank = Bank::start();
+    bank.seed(Side::A, "acct:alice", 100);
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 1));
+    assert_eq!(rec.state, TxnState::Committed);
+    let _: () = redis::cmd("FLUSHALL").query(&mut bank.stream_conn()).unwrap();
+    bank.coordinators[0].wait_for_line("fencing counter went back", LONG);
+    bank.seed(Side::A, "acct:alice", 100);
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 2));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
 }
 
 #[test]
