@@ -65,6 +65,7 @@
 
 use crate::cluster::{Book, Cluster, Processes};
 use crate::demo::Latencies;
+use crate::stages::{Follow, Stages};
 use crate::{Exit, Mode};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -346,6 +347,8 @@ struct Run {
     closed: Phase,
     target: f64,
     half: Phase,
+    /// Where the half load's time went.
+    stages: Stages,
     servers: Vec<Server>,
     per_txn: CommandCount,
     split_sample: Option<Duration>,
@@ -547,7 +550,9 @@ async fn measure(args: &BenchArgs, participants: usize, streams: Streams) -> Res
 
     // 3. Half load.
     let target = closed.rate() / 2.0;
-    let half = open_loop(&load, target, args.duration).await?;
+    let follow = Arc::new(Follow::new((target * args.duration.as_secs_f64()) as u64));
+    let half = open_loop(&load, target, args.duration, &follow).await?;
+    let stages = follow.stages(&client).await?;
 
     // A decided abort is answered before every bank released its locks: let them finish.
     let aborting = std::mem::take(&mut *load.aborting.lock().expect("aborting"));
@@ -592,6 +597,7 @@ async fn measure(args: &BenchArgs, participants: usize, streams: Streams) -> Res
         closed,
         target,
         half,
+        stages,
         servers,
         per_txn,
         split_sample: split.as_ref().map(|_| sample_for),
@@ -652,7 +658,7 @@ fn run_json(args: &BenchArgs, run: &Run) -> serde_json::Value {
             "evalsha_pipelined_per_s": run.pipelined, "pipeline": PIPELINE,
         },
         "closed_loop": run.closed.json(),
-        "half_load": { "target_tx_per_s": run.target, "submitted": run.half.committed + run.half.aborted + run.half.gave_up, "result": run.half.json() },
+        "half_load": { "target_tx_per_s": run.target, "submitted": run.half.committed + run.half.aborted + run.half.gave_up, "result": run.half.json(), "where_the_time_went": run.stages.json() },
         "ratios": {
             "closed_tx_per_evalsha_awaited": run.ratio_awaited(),
             "closed_tx_per_evalsha_pipelined": run.ratio_pipelined(),
@@ -707,6 +713,15 @@ fn print_run(args: &BenchArgs, run: &Run) {
         "  closed loop: {} {ok_word}, {} {ko_word}; half load: {} {ok_word}, {} {ko_word}",
         closed.committed, closed.aborted, half.committed, half.aborted
     );
+    if run.stages.len() > 0 {
+        let rows: Vec<String> =
+            run.stages.rows().iter().map(|(name, p50, p99)| format!("{name} {p50}/{p99}")).collect();
+        println!(
+            "  half load, where the time went (p50/p99 ms, {} {ok_word} followed): {}",
+            run.stages.len(),
+            rows.join(", ")
+        );
+    }
     if args.contention > 0.0 {
         let share = |p: &Phase| 100.0 * p.aborted as f64 / (p.committed + p.aborted).max(1) as f64;
         println!(
@@ -1066,11 +1081,12 @@ async fn closed_loop(load: &Load, name: &str, concurrency: usize, length: Durati
 
 /// Submits transfers on a fixed schedule at `rate` per second for `length`, each in its own task;
 /// a latency runs from the scheduled submit time to the outcome.
-async fn open_loop(load: &Load, rate: f64, length: Duration) -> Result<Phase, Error> {
+/// About [`stages::SAMPLE`] of them are followed (`follow`), for where their time went.
+async fn open_loop(load: &Load, rate: f64, length: Duration, follow: &Arc<Follow>) -> Result<Phase, Error> {
     let counts = Arc::new(Counts::default());
     let done = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start("half load", length, done.clone(), "transactions");
-    let started = Instant::now();
+    let (started, started_ms) = (Instant::now(), redtx_common::now_ms());
     let mut tasks = tokio::task::JoinSet::new();
     if rate > 0.0 {
         let period = Duration::from_secs_f64(1.0 / rate);
@@ -1081,6 +1097,9 @@ async fn open_loop(load: &Load, rate: f64, length: Duration) -> Result<Phase, Er
             }
             tokio::time::sleep_until(at.into()).await;
             let (load, counts, done) = (load.clone(), counts.clone(), done.clone());
+            // Wall-clock time of the scheduled submit, as the latency counts it.
+            let follow =
+                follow.follows(u64::from(n)).then(|| (follow.clone(), started_ms + (period * n).as_millis() as u64));
             let (hot, a_to_b, amount) = {
                 let mut rng = rand::rng();
                 (load.hot(&mut rng), rng.random_bool(0.5), rng.random_range(1..=100))
@@ -1090,6 +1109,9 @@ async fn open_loop(load: &Load, rate: f64, length: Duration) -> Result<Phase, Er
                 let r = load.client.submit_and_wait_outcome(&load.transfer(&idx, hot, a_to_b, amount), WAIT).await;
                 let took = at.elapsed();
                 done.fetch_add(1, Ordering::Relaxed);
+                if let (Some((follow, submitted_ms)), Ok(outcome)) = (follow, &r) {
+                    follow.seen(outcome.id.clone(), submitted_ms);
+                }
                 Ok::<_, Error>(counts.record(r, &load.aborting)?.then_some(took))
             });
         }

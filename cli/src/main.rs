@@ -30,6 +30,7 @@ mod demo;
 mod output;
 mod pg_demo;
 mod saga_demo;
+mod stages;
 mod status;
 mod submit;
 
