@@ -37,9 +37,9 @@
 use crate::conn::{RedisConn, RedisTarget, RedisUrl};
 use crate::protocol::{Message, Submit};
 use crate::record::{TxnRecord, TxnState};
+use crate::slots::{Pinned, SlotOwners};
 use crate::spec::TxnSpec;
 use crate::{keys, Error, Result};
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use std::collections::HashMap;
@@ -467,107 +467,12 @@ async fn read_outcomes(mut conn: RedisConn, waiters: Weak<Waiters>, streams: Vec
     }
 }
 
-/// Where each slot is served, as last learnt (`host:port` of its master), shared by a
-/// cluster client's partition readers: from `CLUSTER SLOTS` (through the cluster connection,
-/// which itself follows the cluster) and from `MOVED` answers.
-struct SlotOwners {
-    target: RedisTarget,
-    conn: RedisConn,
-    map: tokio::sync::Mutex<SlotMap>,
-}
-
-#[derive(Default)]
-struct SlotMap {
-    /// `CLUSTER SLOTS`: `(first, last, node)`.
-    ranges: Vec<(u16, u16, Node)>,
-    /// Learnt from `MOVED` since.
-    moved: HashMap<u16, Node>,
-}
-
-/// A node's `(host, port)`.
-type Node = (String, u16);
-
-impl SlotOwners {
-    fn new(target: RedisTarget, conn: RedisConn) -> Self {
-        SlotOwners { target, conn, map: tokio::sync::Mutex::default() }
-    }
-
-    /// The node serving `slot`; `refresh` asks the cluster again first.
-    async fn owner(&self, slot: u16, refresh: bool) -> Result<Node> {
-        let mut map = self.map.lock().await;
-        let find = |m: &SlotMap| {
-            m.moved
-                .get(&slot)
-                .or_else(|| m.ranges.iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).map(|r| &r.2))
-                .cloned()
-        };
-        if !refresh {
-            if let Some(found) = find(&map) {
-                return Ok(found);
-            }
-        }
-        let mut conn = self.conn.clone();
-        let reply: Vec<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| Error::redis(&self.target, e))?;
-        // A node that does not know its own address (a lone master never met another node)
-        // is listed with an empty, `?` or nil host, which means "where you asked": one of the
-        // seeds; the first, as the cluster connection asks it first.
-        let seed_host = match self.target.url().client().get_connection_info().addr() {
-            redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host.clone(),
-            _ => String::new(),
-        };
-        map.ranges = reply
-            .into_iter()
-            .filter_map(|r| redis::from_redis_value::<(u16, u16, (Option<String>, u16))>(first_three(r)?).ok())
-            .map(|(first, last, (host, port))| {
-                let host = host.filter(|h| !h.is_empty() && h != "?").unwrap_or_else(|| seed_host.clone());
-                (first, last, (host, port))
-            })
-            .collect();
-        map.moved.clear();
-        find(&map).ok_or_else(|| Error::Redis {
-            url: self.target.redacted().to_string(),
-            source: redis::RedisError::from((redis::ErrorKind::ClusterConnectionNotFound, "no node serves the slot")),
-        })
-    }
-
-    /// Records that `slot` is now served by `node` (a `MOVED` answer).
-    async fn moved(&self, slot: u16, node: Node) {
-        self.map.lock().await.moved.insert(slot, node);
-    }
-
-    /// A connection of its own to `node`, with the seeds' credentials and TLS mode.
-    async fn connect(&self, node: &Node, response_timeout: Duration) -> Result<MultiplexedConnection> {
-        let bad = |reason: String| Error::BadUrl { url: format!("{}:{}", node.0, node.1), reason };
-        let mut url = url::Url::parse(self.target.url().expose()).map_err(|e| bad(e.to_string()))?;
-        let host = if node.0.contains(':') { format!("[{}]", node.0) } else { node.0.clone() };
-        url.set_host(Some(&host)).map_err(|e| bad(e.to_string()))?;
-        url.set_port(Some(node.1)).map_err(|()| bad("not a node address".into()))?;
-        RedisUrl::parse(url.as_str())?.connect_with(response_timeout).await
-    }
-}
-
-/// The first three items of a `CLUSTER SLOTS` range (first slot, last slot, master), the master
-/// cut to its address and port.
-fn first_three(range: redis::Value) -> Option<redis::Value> {
-    let redis::Value::Array(mut items) = range else { return None };
-    items.truncate(3);
-    if let Some(redis::Value::Array(master)) = items.get_mut(2) {
-        master.truncate(2);
-    }
-    Some(redis::Value::Array(items))
-}
-
 /// A cluster: the blocking reader of one partition's outcomes stream, on a connection of its
 /// own to the node serving the partition's slot.
 struct PartitionReader {
     stream: String,
-    slot: u16,
     from: String,
-    slots: Arc<SlotOwners>,
+    conn: Pinned,
 }
 
 /// How long one blocking read waits, and how long a reply may take beyond that.
@@ -576,54 +481,19 @@ const READ_SLACK: Duration = Duration::from_secs(10);
 
 impl PartitionReader {
     fn new(partition: u32, from: String, slots: Arc<SlotOwners>) -> Self {
-        PartitionReader { stream: keys::outcomes_stream(partition), slot: keys::partition_slot(partition), from, slots }
+        let conn = Pinned::new(keys::partition_slot(partition), slots, READ_BLOCK + READ_SLACK);
+        PartitionReader { stream: keys::outcomes_stream(partition), from, conn }
     }
 
     async fn run(mut self, waiters: Weak<Waiters>) {
         let opts = StreamReadOptions::default().count(1024).block(READ_BLOCK.as_millis() as usize);
-        // The node read from and its connection; `ask`: the next read goes to a node importing
-        // the slot, after `ASKING`.
-        let mut node: Option<(Node, MultiplexedConnection)> = None;
-        let mut next: Option<(Node, bool)> = None;
-        let mut refresh = false;
         loop {
             if waiters.strong_count() == 0 {
                 return;
             }
-            let (addr, ask) = match next.take() {
-                Some(n) => n,
-                None => match self.slots.owner(self.slot, std::mem::take(&mut refresh)).await {
-                    Ok(addr) => (addr, false),
-                    Err(e) => {
-                        tracing::debug!(error = %e, stream = %self.stream, "outcome reader: no node for the slot; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        refresh = true;
-                        continue;
-                    }
-                },
-            };
-            if node.as_ref().is_none_or(|(a, _)| *a != addr) {
-                node = None;
-                match self.slots.connect(&addr, READ_BLOCK + READ_SLACK).await {
-                    Ok(c) => node = Some((addr, c)),
-                    Err(e) => {
-                        tracing::debug!(error = %e, stream = %self.stream, "outcome reader: cannot connect; retrying");
-                        refresh = true;
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                }
-            }
-            let Some((_, conn)) = node.as_mut() else { continue };
             let mut read = redis::cmd("XREAD");
             read.arg(&opts).arg("STREAMS").arg(&self.stream).arg(&self.from);
-            let r: redis::RedisResult<Option<StreamReadReply>> = if ask {
-                let mut p = redis::pipe();
-                p.cmd("ASKING").ignore().add_command(read);
-                p.query_async::<(Option<StreamReadReply>,)>(conn).await.map(|(r,)| r)
-            } else {
-                read.query_async(conn).await
-            };
+            let r: Result<Option<StreamReadReply>> = self.conn.query(&read).await;
             let Some(waiters) = waiters.upgrade() else { return };
             match r {
                 Ok(reply) => {
@@ -632,28 +502,11 @@ impl PartitionReader {
                         self.from = e.id;
                     }
                 }
+                Err(_) if self.conn.redirected() => {}
                 Err(e) => {
-                    // `MOVED <slot> <host>:<port>` / `ASK ...`: the node (the slot is ours).
-                    let redirect = e.redirect_node().and_then(|(node, _slot)| {
-                        let (host, port) = node.rsplit_once(':')?;
-                        Some((host.trim_start_matches('[').trim_end_matches(']').to_string(), port.parse().ok()?))
-                    });
-                    match (e.code(), redirect) {
-                        (Some("MOVED"), Some(to)) => {
-                            self.slots.moved(self.slot, to.clone()).await;
-                            next = Some((to, false));
-                        }
-                        (Some("ASK"), Some(to)) => next = Some((to, true)),
-                        _ => {
-                            tracing::debug!(error = %e, stream = %self.stream, "outcome reader: retrying");
-                            // A node gone, failed over or unsure of the slot: ask again where
-                            // the slot is, on a fresh connection.
-                            node = None;
-                            refresh = true;
-                            drop(waiters);
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
+                    tracing::debug!(error = %e, stream = %self.stream, "outcome reader: retrying");
+                    drop(waiters);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }

@@ -24,15 +24,16 @@
 use crate::conn::{RedisConn, RedisTarget, RedisUrl};
 use crate::protocol::{is_batch_entry, items_of_entry, Message};
 use crate::shutdown::Shutdown;
+use crate::slots::{Pinned, SlotOwners};
 use crate::stats::{ConsumerCounts, Publisher};
 use crate::{keys, Error, Result};
 use redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingReply,
-    StreamReadOptions, StreamReadReply,
+    StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingReply, StreamReadOptions, StreamReadReply,
 };
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most `XAUTOCLAIM` calls per tick.
@@ -63,7 +64,9 @@ pub struct ConsumerConfig {
     pub trim_every: Option<Duration>,
     /// Replicas of the stream Redis that must hold what was read before it is handled (`WAIT`
     /// on the connection that read it; 0: none). A failover to a replica then cannot lose a
-    /// message (a decision) this consumer has acted on. One server only, not a Redis Cluster.
+    /// message (a decision) this consumer has acted on. On a Redis Cluster, each stream is read
+    /// (and claimed) on a connection pinned to its slot's master, and `WAIT` goes on that one
+    /// ([`StreamReaders::replicated`]).
     pub wait_replicas: u32,
 }
 
@@ -158,6 +161,9 @@ pub struct Consumer {
     conn: RedisConn,
     /// Per stream (index in `cfg.streams`): where the next `XAUTOCLAIM` scan starts.
     claim_from: Vec<String>,
+    /// A cluster with [`ConsumerConfig::wait_replicas`]: per stream, the connection its claims
+    /// go on (pinned to its node).
+    claimers: Option<Vec<Pinned>>,
     /// What this instance handled, published with `stats` and in its last log line.
     counts: ConsumerCounts,
     stats: Publisher,
@@ -178,10 +184,19 @@ impl Consumer {
             ensure_group(&mut conn, url, stream, &cfg.group).await?;
         }
         let claim_from = vec!["0-0".to_string(); cfg.streams.len()];
-        let readers = url.is_cluster().then(|| StreamReaders::new(url.clone(), cfg.block));
+        let readers = url
+            .is_cluster()
+            .then(|| StreamReaders::new(url.clone(), cfg.block).replicated(conn.clone(), cfg.wait_replicas));
+        // On a cluster, claims that must be replicated go on connections pinned to their
+        // stream's node too (a `WAIT` must reach the node that served the claim).
+        let claimers = (url.is_cluster() && cfg.wait_replicas > 0)
+            .then(|| Arc::new(SlotOwners::new(url.clone(), conn.clone())))
+            .map(|slots| {
+                cfg.streams.iter().map(|s| Pinned::new(keys::slot(s), slots.clone(), Duration::from_secs(10))).collect()
+            });
         let stats = Publisher::participant(&cfg.group, &cfg.consumer);
         let counts = ConsumerCounts::default();
-        Ok(Consumer { url: url.clone(), cfg, read_conn, readers, conn, claim_from, counts, stats })
+        Ok(Consumer { url: url.clone(), cfg, read_conn, readers, claimers, conn, claim_from, counts, stats })
     }
 
     /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
@@ -205,9 +220,10 @@ impl Consumer {
                 // The read is not cancelled on shutdown: an entry Redis delivers to it would sit
                 // pending until claimed. It returns within `block`; its batch is then finished.
                 let entries = self.read().await?;
-                if !entries.is_empty() {
+                // On a cluster the readers waited already, each on its own node.
+                if !entries.is_empty() && self.readers.is_none() {
                     let mut conn = self.read_conn.clone();
-                    self.replicated(&mut conn).await?;
+                    self.replicated(&mut conn, &entries).await?;
                 }
                 self.process(handler, entries).await
             };
@@ -262,7 +278,7 @@ impl Consumer {
             }
             return match failed {
                 // Entries read by the others are handled first; the failed stream is read again.
-                Some(e) if out.is_empty() => Err(Error::redis(&self.url, e)),
+                Some(e) if out.is_empty() => Err(e),
                 Some(e) => {
                     tracing::warn!(error = %e, "a stream read failed; retried next round");
                     Ok(out)
@@ -294,20 +310,23 @@ impl Consumer {
 
     /// With [`ConsumerConfig::wait_replicas`]: waits (`WAIT`, up to [`WAIT_REPLICAS_TIMEOUT`])
     /// until that many replicas hold everything `conn` has seen, which includes the entries it
-    /// just read or claimed (both are writes: they change the consumer group). Fewer: an error,
-    /// and the entries stay pending.
-    async fn replicated(&self, conn: &mut RedisConn) -> Result<()> {
+    /// just read (`read`: per stream, the ids; see [`retake`]) or claimed. Fewer: an error, and
+    /// the entries stay pending.
+    async fn replicated(&self, conn: &mut RedisConn, read: &[(usize, StreamId)]) -> Result<()> {
         let wanted = self.cfg.wait_replicas;
         if wanted == 0 {
             return Ok(());
         }
         let started = Instant::now();
-        let got: i64 = redis::cmd("WAIT")
-            .arg(wanted)
-            .arg(WAIT_REPLICAS_TIMEOUT.as_millis() as u64)
-            .query_async(conn)
-            .await
-            .map_err(|e| Error::redis(&self.url, e))?;
+        let mut pipe = redis::pipe();
+        for (i, stream) in self.cfg.streams.iter().enumerate() {
+            let ids: Vec<&str> = read.iter().filter(|(j, _)| *j == i).map(|(_, e)| e.id.as_str()).collect();
+            if !ids.is_empty() {
+                pipe.add_command(retake(stream, &self.cfg.group, &self.cfg.consumer, &ids)).ignore();
+            }
+        }
+        pipe.cmd("WAIT").arg(wanted).arg(WAIT_REPLICAS_TIMEOUT.as_millis() as u64);
+        let (got,): (i64,) = pipe.query_async(conn).await.map_err(|e| Error::redis(&self.url, e))?;
         if got < i64::from(wanted) {
             return Err(Error::NotReplicated { url: self.url.to_string(), wanted, got, waited: started.elapsed() });
         }
@@ -345,23 +364,30 @@ impl Consumer {
         let mut start = std::mem::replace(&mut self.claim_from[i], "0-0".to_string());
         let mut rounds = 0;
         loop {
-            let reply: StreamAutoClaimReply = self
-                .conn
-                .xautoclaim_options(
-                    &self.cfg.streams[i],
-                    &self.cfg.group,
-                    &self.cfg.consumer,
-                    self.cfg.claim_idle.as_millis() as u64,
-                    &start,
-                    StreamAutoClaimOptions::default().count(self.cfg.batch),
-                )
-                .await
-                .map_err(|e| Error::redis(&self.url, e))?;
+            let claim = redis::cmd("XAUTOCLAIM")
+                .arg(&self.cfg.streams[i])
+                .arg(&self.cfg.group)
+                .arg(&self.cfg.consumer)
+                .arg(self.cfg.claim_idle.as_millis() as u64)
+                .arg(&start)
+                .arg("COUNT")
+                .arg(self.cfg.batch)
+                .clone();
+            let reply: StreamAutoClaimReply = match self.claimers.as_mut() {
+                Some(pinned) => pinned[i].query(&claim).await?,
+                None => claim.query_async(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?,
+            };
             let n = reply.claimed.len();
             if n > 0 {
                 tracing::info!(stream = %self.cfg.streams[i], claimed = n, "took over idle pending entries");
-                let mut conn = self.conn.clone();
-                self.replicated(&mut conn).await?;
+                // `XAUTOCLAIM` is a write of this connection's own: no retake needed.
+                match self.claimers.as_mut() {
+                    Some(pinned) => replicated(&mut pinned[i], None, self.cfg.wait_replicas).await?,
+                    None => {
+                        let mut conn = self.conn.clone();
+                        self.replicated(&mut conn, &[]).await?;
+                    }
+                }
                 self.process(handler, reply.claimed.into_iter().map(|e| (i, e)).collect()).await?;
             }
             // Redis looks at no more than 10 x COUNT pending entries per call, so a short answer
@@ -628,7 +654,7 @@ pub async fn ensure_group(
 
 /// What a stream reader of [`StreamReaders`] answers: the caller's key of the stream, and what
 /// its `XREADGROUP` returned.
-pub type ReadAnswer = (usize, redis::RedisResult<Option<StreamReadReply>>);
+pub type ReadAnswer = (usize, Result<Option<StreamReadReply>>);
 
 /// Blocking reads of several streams on a Redis Cluster, one `XREADGROUP` per stream: one task
 /// per stream, each reading on a cluster connection of its own, once per [`ask`](Self::ask).
@@ -645,6 +671,9 @@ pub type ReadAnswer = (usize, redis::RedisResult<Option<StreamReadReply>>);
 pub struct StreamReaders {
     target: RedisTarget,
     block: Duration,
+    /// With [`replicated`](Self::replicated): each read goes on a connection pinned to its
+    /// slot's node, and is followed by `WAIT` for this many replicas on it.
+    wait: Option<(Arc<SlotOwners>, u32)>,
     readers: HashMap<usize, StreamReader>,
     done_tx: tokio::sync::mpsc::UnboundedSender<ReadAnswer>,
     done_rx: tokio::sync::mpsc::UnboundedReceiver<ReadAnswer>,
@@ -660,7 +689,19 @@ impl StreamReaders {
     /// Readers on `target` whose reads block up to `block`.
     pub fn new(target: RedisTarget, block: Duration) -> Self {
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
-        StreamReaders { target, block, readers: HashMap::new(), done_tx, done_rx }
+        StreamReaders { target, block, wait: None, readers: HashMap::new(), done_tx, done_rx }
+    }
+
+    /// Readers that answer with entries only once `replicas` replicas of the node that served
+    /// the read hold what it read (see [`ConsumerConfig::wait_replicas`]): each read goes on a
+    /// connection pinned to its stream's node ([`Pinned`]), then `WAIT` on that connection; fewer
+    /// replicas, and the answer is [`Error::NotReplicated`] (the entries stay pending).
+    /// `conn`: a cluster connection for looking the slots up.
+    pub fn replicated(mut self, conn: RedisConn, replicas: u32) -> Self {
+        if replicas > 0 {
+            self.wait = Some((Arc::new(SlotOwners::new(self.target.clone(), conn)), replicas));
+        }
+        self
     }
 
     /// Has the reader of `stream` (the caller's `key` for it) read up to `count` new entries
@@ -672,16 +713,24 @@ impl StreamReaders {
                 .group(group, consumer)
                 .count(count)
                 .block(self.block.as_millis().max(1) as usize);
-            let read = read_stream(
-                self.target.clone(),
-                self.block,
-                key,
-                stream.to_string(),
-                opts,
-                asked,
-                self.done_tx.clone(),
-            );
-            StreamReader { ask, busy: false, task: tokio::spawn(read).abort_handle() }
+            let task = match &self.wait {
+                None => tokio::spawn(read_stream(
+                    self.target.clone(),
+                    self.block,
+                    key,
+                    stream.to_string(),
+                    opts,
+                    asked,
+                    self.done_tx.clone(),
+                )),
+                Some((slots, replicas)) => {
+                    let conn = Pinned::new(keys::slot(stream), slots.clone(), self.block + Duration::from_secs(10));
+                    let (stream, group, consumer) = (stream.to_string(), group.to_string(), consumer.to_string());
+                    let read = PinnedRead { conn, stream, group, consumer, opts, replicas: *replicas };
+                    tokio::spawn(read.run(key, asked, self.done_tx.clone()))
+                }
+            };
+            StreamReader { ask, busy: false, task: task.abort_handle() }
         });
         if !reader.busy && reader.ask.send(()).is_ok() {
             reader.busy = true;
@@ -736,8 +785,7 @@ async fn read_stream(
                 Err(e) => {
                     tracing::debug!(%stream, error = %e, "stream reader cannot connect");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    let err = redis::RedisError::from(std::io::Error::other(e.to_string()));
-                    if done.send((key, Err(err))).is_err() {
+                    if done.send((key, Err(e))).is_err() {
                         return;
                     }
                     continue;
@@ -750,10 +798,78 @@ async fn read_stream(
             conn = None;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if done.send((key, r)).is_err() {
+        if done.send((key, r.map_err(|e| Error::redis(&target, e)))).is_err() {
             return;
         }
     }
+}
+
+/// The reader of one stream for [`StreamReaders::replicated`]: `XREADGROUP` on a connection
+/// pinned to the stream's node, then, if it delivered entries, `WAIT` on that connection.
+struct PinnedRead {
+    conn: Pinned,
+    stream: String,
+    group: String,
+    consumer: String,
+    opts: StreamReadOptions,
+    replicas: u32,
+}
+
+impl PinnedRead {
+    async fn run(
+        mut self,
+        key: usize,
+        mut asked: tokio::sync::mpsc::UnboundedReceiver<()>,
+        done: tokio::sync::mpsc::UnboundedSender<ReadAnswer>,
+    ) {
+        while asked.recv().await.is_some() {
+            let r = self.read().await;
+            if r.is_err() && !self.conn.redirected() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if done.send((key, r)).is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn read(&mut self) -> Result<Option<StreamReadReply>> {
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg(&self.opts).arg("STREAMS").arg(&self.stream).arg(">");
+        let reply: Option<StreamReadReply> = self.conn.query(&read).await?;
+        let ids: Vec<&str> = reply.iter().flat_map(|r| &r.keys).flat_map(|k| &k.ids).map(|e| e.id.as_str()).collect();
+        if !ids.is_empty() {
+            let (group, consumer) = (&self.group, &self.consumer);
+            replicated(&mut self.conn, Some(&retake(&self.stream, group, consumer, &ids)), self.replicas).await?;
+        }
+        Ok(reply)
+    }
+}
+
+/// `XCLAIM <stream> <group> <consumer> 0 <ids> JUSTID`: takes entries this consumer was just
+/// given again. A no-op for the group, but a write this connection makes itself, which is what a
+/// `WAIT` after it waits for. A `WAIT` right after a read alone is not enough: Redis 7.0 does not
+/// count what a blocked `XREADGROUP` did once it is served (nor the `XADD` that woke it) as the
+/// reading connection's writes, so `WAIT` then answers for that connection's earlier writes and
+/// may count a replica that is missing the entries (seen with a frozen replica: about one read
+/// in four served from blocking got `WAIT` 1).
+fn retake(stream: &str, group: &str, consumer: &str, ids: &[&str]) -> redis::Cmd {
+    let mut c = redis::cmd("XCLAIM");
+    c.arg(stream).arg(group).arg(consumer).arg(0).arg(ids).arg("JUSTID");
+    c
+}
+
+/// `WAIT` on `conn` (after `before`, [`retake`]) until `replicas` replicas hold what it read or
+/// claimed; fewer within [`WAIT_REPLICAS_TIMEOUT`]: [`Error::NotReplicated`] (the entries stay
+/// pending).
+async fn replicated(conn: &mut Pinned, before: Option<&redis::Cmd>, replicas: u32) -> Result<()> {
+    let started = Instant::now();
+    let got = conn.wait(before, replicas, WAIT_REPLICAS_TIMEOUT).await?;
+    if got < i64::from(replicas) {
+        let url = conn.node_name();
+        return Err(Error::NotReplicated { url, wanted: replicas, got, waited: started.elapsed() });
+    }
+    Ok(())
 }
 
 /// Exponential backoff between retries, with named presets.

@@ -44,6 +44,7 @@ pub mod record;
 pub mod scripts;
 pub mod server;
 pub mod shutdown;
+mod slots;
 pub mod spec;
 pub mod stats;
 

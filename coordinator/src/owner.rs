@@ -618,7 +618,7 @@ impl Owner {
                     }
                     _ => tracing::debug!(partition = p, "read for a partition no longer owned or stale; left pending"),
                 },
-                Err(e) => failed = Some(Error::redis(&self.url, e)),
+                Err(e) => failed = Some(e),
             }
         }
         self.handle(work).await?;

@@ -33,8 +33,8 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub keep_history: Duration,
     /// Apply nothing read from the stream Redis until this many of its replicas hold it (WAIT),
-    /// so that a failover to a replica cannot lose a decision this participant applied. One
-    /// server with replicas (not yet with --cluster)
+    /// so that a failover to a replica cannot lose a decision this participant applied. With
+    /// --cluster, replicas of the master serving each stream
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub wait_replicas: u32,
 }

@@ -89,7 +89,8 @@ pub struct ParticipantConfig {
     /// Stream history kept even when every group is done with it (trimming never goes younger).
     pub keep_history: Duration,
     /// Replicas of the stream Redis that must hold what was read before it is applied
-    /// ([`ConsumerConfig::wait_replicas`]); 0: none. Not with `cluster`.
+    /// ([`ConsumerConfig::wait_replicas`]); 0: none. On a cluster, of the node serving each
+    /// stream.
     pub wait_replicas: u32,
 }
 
@@ -119,14 +120,6 @@ impl ParticipantConfig {
 
     fn check(&self) -> Result<()> {
         spec::check_participant("name", &self.name)?;
-        if self.cluster && self.wait_replicas > 0 {
-            return Err(Error::BadUrl {
-                url: redact_list(&self.redis),
-                reason: "--wait-replicas is for one stream server with replicas; on a Redis Cluster it is not \
-                         supported yet"
-                    .into(),
-            });
-        }
         if self.partitions == 0 || self.partitions > keys::MAX_PARTITIONS {
             return Err(Error::Spec(spec::SpecError::new(
                 "partitions",

@@ -82,15 +82,6 @@ fn help_and_bad_arguments() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid Redis URL") && !err.contains("hunter2"), "{err}");
-    // Not yet on a Redis Cluster: refused before anything starts.
-    let out = Command::new(BIN)
-        .args(["--cluster", "--redis", "redis://127.0.0.1:1", "--name", "p", "--data", "redis://127.0.0.1:1"])
-        .args(["--wait-replicas", "1"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--wait-replicas") && err.contains("Redis Cluster"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,17 +2,36 @@
 //! Redis until N replicas hold it (`WAIT`), so a failover to a replica cannot lose a decision it
 //! has applied. Here the replica is frozen (SIGSTOP) while a transfer runs: the participants
 //! read its prepare, say they wait for the replica, and change nothing; once the replica goes on,
-//! the transfer commits, exactly once.
+//! the transfer commits, exactly once. The same on a Redis Cluster, with the replica of the
+//! master serving the transfer's partition frozen.
 
+use redtx_common::cluster_server::RedisCluster;
 use redtx_common::record::TxnState;
 use redtx_common::server::{RedisServer, ServerOptions};
 use redtx_tests::*;
 use std::process::Command;
 
 fn signal(server: &RedisServer, sig: &str) {
-    let pid = server.pid().expect("the replica runs").to_string();
-    let ok = Command::new("kill").args([&format!("-{sig}"), &pid]).status().expect("kill").success();
+    signal_pid(server.pid().expect("the replica runs"), sig);
+}
+
+fn signal_pid(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill").success();
     assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Both participants said they wait for a replica, and neither has a barrier for `id`: nothing
+/// of it was applied.
+fn waiting_and_nothing_applied(bank: &mut Bank, id: &str) {
+    poll("both participants waiting for the replica", LONG, || {
+        let mut waiting = |name: &str| bank.procs(name)[0].logged("replicas asked for", "error").is_some();
+        (waiting("bank-a") && waiting("bank-b")).then_some(())
+    });
+    for side in [Side::A, Side::B] {
+        let bar: u64 =
+            bank.data_query(side.name(), redis::cmd("EXISTS").arg(redtx_common::keys::barrier(side.name(), id)));
+        assert_eq!(bar, 0, "{} applied a prepare its replica does not hold", side.name());
+    }
 }
 
 #[test]
@@ -42,20 +61,44 @@ fn a_participant_applies_nothing_until_a_replica_holds_what_it_read() {
     // The replica frozen: the next transfer's prepares are read, not applied.
     signal(&replica, "STOP");
     let id = bank.submit(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 5).with_id("r-wait"));
-    poll("both participants waiting for the replica", LONG, || {
-        let mut waiting = |name: &str| bank.procs(name)[0].logged("replicas asked for", "error").is_some();
-        (waiting("bank-a") && waiting("bank-b")).then_some(())
-    });
-    for side in [Side::A, Side::B] {
-        let bar: u64 =
-            bank.data_query(side.name(), redis::cmd("EXISTS").arg(redtx_common::keys::barrier(side.name(), &id)));
-        assert_eq!(bar, 0, "{} applied a prepare its replica does not hold", side.name());
-    }
+    waiting_and_nothing_applied(&mut bank, &id);
     assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (90, 10));
 
     // The replica goes on: the transfer commits, once.
     signal(&replica, "CONT");
     let rec = bank.wait(&id);
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
+    bank.assert_clean();
+}
+
+#[test]
+fn on_a_cluster_a_participant_applies_nothing_until_the_streams_master_has_a_replica_holding_it() {
+    // The streams on a 3-master cluster, a replica per master; each participant reads every
+    // partition's stream on a connection to that partition's master, and waits there.
+    let cluster = RedisCluster::start(3, 1).expect("start the cluster");
+    let mut bank = Bank::start_on_cluster(cluster, ClusterOptions::default().part_args(&["--wait-replicas", "1"]));
+    bank.seed(Side::A, "acct:alice", 100);
+    bank.seed(Side::B, "acct:bob", 0);
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+
+    // The replica of the master serving the next transfer's partition frozen: its prepares are
+    // read there, not applied.
+    let id = "rc-wait";
+    let slot = keys::partition_slot(keys::partition(id, PARTITIONS));
+    let streams = bank.streams.as_ref().expect("a cluster");
+    let master = streams.master_of_slot(slot).unwrap();
+    let replica = streams.replicas_of(master).unwrap()[0];
+    let pid = streams.pid(replica).expect("the replica runs");
+    signal_pid(pid, "STOP");
+    bank.submit(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 5).with_id(id));
+    waiting_and_nothing_applied(&mut bank, id);
+    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (90, 10));
+
+    // The replica goes on: the transfer commits, once.
+    signal_pid(pid, "CONT");
+    let rec = bank.wait(id);
     assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
     assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
     bank.assert_clean();

@@ -1,0 +1,228 @@
+//! Connections pinned to the node that serves one slot of a Redis Cluster.
+//!
+//! The cluster client routes a keyed command to the slot's master and follows `MOVED` and `ASK`
+//! by itself, but it does not say which node answered, and a command that names no key (`WAIT`)
+//! may go to any node when the client cannot route it at that moment. Where a second command
+//! must reach the very node (and connection) that served the first, a [`Pinned`] connection is
+//! used instead: a plain connection to the node [`SlotOwners`] says serves the slot, moved along
+//! by `MOVED` and `ASK` answers and by lookups (`CLUSTER SLOTS`) after an error. Used by the
+//! producer's outcome readers (a blocking `XREAD` per partition), and by participants with
+//! `--wait-replicas` (an `XREADGROUP` or `XAUTOCLAIM`, then `WAIT` on the same connection).
+
+use crate::conn::{RedisConn, RedisTarget, RedisUrl};
+use crate::{Error, Result};
+use redis::aio::MultiplexedConnection;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where each slot is served, as last learnt (`host:port` of its master), shared by the
+/// [`Pinned`] connections of a process: from `CLUSTER SLOTS` (through the cluster connection,
+/// which itself follows the cluster) and from `MOVED` answers.
+pub(crate) struct SlotOwners {
+    target: RedisTarget,
+    conn: RedisConn,
+    map: tokio::sync::Mutex<SlotMap>,
+}
+
+#[derive(Default)]
+struct SlotMap {
+    /// `CLUSTER SLOTS`: `(first, last, node)`.
+    ranges: Vec<(u16, u16, Node)>,
+    /// Learnt from `MOVED` since.
+    moved: HashMap<u16, Node>,
+}
+
+/// A node's `(host, port)`.
+pub(crate) type Node = (String, u16);
+
+impl SlotOwners {
+    pub(crate) fn new(target: RedisTarget, conn: RedisConn) -> Self {
+        SlotOwners { target, conn, map: tokio::sync::Mutex::default() }
+    }
+
+    /// The node serving `slot`; `refresh` asks the cluster again first.
+    pub(crate) async fn owner(&self, slot: u16, refresh: bool) -> Result<Node> {
+        let mut map = self.map.lock().await;
+        let find = |m: &SlotMap| {
+            m.moved
+                .get(&slot)
+                .or_else(|| m.ranges.iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).map(|r| &r.2))
+                .cloned()
+        };
+        if !refresh {
+            if let Some(found) = find(&map) {
+                return Ok(found);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::redis(&self.target, e))?;
+        // A node that does not know its own address (a lone master never met another node)
+        // is listed with an empty, `?` or nil host, which means "where you asked": one of the
+        // seeds; the first, as the cluster connection asks it first.
+        let seed_host = match self.target.url().client().get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host.clone(),
+            _ => String::new(),
+        };
+        map.ranges = reply
+            .into_iter()
+            .filter_map(|r| redis::from_redis_value::<(u16, u16, (Option<String>, u16))>(first_three(r)?).ok())
+            .map(|(first, last, (host, port))| {
+                let host = host.filter(|h| !h.is_empty() && h != "?").unwrap_or_else(|| seed_host.clone());
+                (first, last, (host, port))
+            })
+            .collect();
+        map.moved.clear();
+        find(&map).ok_or_else(|| Error::Redis {
+            url: self.target.redacted().to_string(),
+            source: redis::RedisError::from((redis::ErrorKind::ClusterConnectionNotFound, "no node serves the slot")),
+        })
+    }
+
+    /// Records that `slot` is now served by `node` (a `MOVED` answer).
+    pub(crate) async fn moved(&self, slot: u16, node: Node) {
+        self.map.lock().await.moved.insert(slot, node);
+    }
+
+    /// A connection of its own to `node`, with the seeds' credentials and TLS mode.
+    pub(crate) async fn connect(&self, node: &Node, response_timeout: Duration) -> Result<MultiplexedConnection> {
+        let bad = |reason: String| Error::BadUrl { url: format!("{}:{}", node.0, node.1), reason };
+        let mut url = url::Url::parse(self.target.url().expose()).map_err(|e| bad(e.to_string()))?;
+        let host = if node.0.contains(':') { format!("[{}]", node.0) } else { node.0.clone() };
+        url.set_host(Some(&host)).map_err(|e| bad(e.to_string()))?;
+        url.set_port(Some(node.1)).map_err(|()| bad("not a node address".into()))?;
+        RedisUrl::parse(url.as_str())?.connect_with(response_timeout).await
+    }
+}
+
+/// The first three items of a `CLUSTER SLOTS` range (first slot, last slot, master), the master
+/// cut to its address and port.
+fn first_three(range: redis::Value) -> Option<redis::Value> {
+    let redis::Value::Array(mut items) = range else { return None };
+    items.truncate(3);
+    if let Some(redis::Value::Array(master)) = items.get_mut(2) {
+        master.truncate(2);
+    }
+    Some(redis::Value::Array(items))
+}
+
+/// A connection to whichever node serves one slot (see the module doc).
+pub(crate) struct Pinned {
+    slot: u16,
+    slots: Arc<SlotOwners>,
+    response_timeout: Duration,
+    /// The node the last command went to, and its connection.
+    node: Option<(Node, MultiplexedConnection)>,
+    /// Where the next command goes, learnt from a redirect (`true`: after `ASKING`).
+    next: Option<(Node, bool)>,
+    /// Look the slot up again before the next command.
+    refresh: bool,
+}
+
+impl Pinned {
+    /// A connection for `slot`, opened at the first command; replies may take up to
+    /// `response_timeout` (give blocking reads enough).
+    pub(crate) fn new(slot: u16, slots: Arc<SlotOwners>, response_timeout: Duration) -> Self {
+        Pinned { slot, slots, response_timeout, node: None, next: None, refresh: false }
+    }
+
+    /// Sends `cmd` to the node serving the slot (after `ASKING` when the last answer was
+    /// `ASK`). An error is learnt from (`MOVED`: where the slot went; `ASK`: where to ask next;
+    /// anything else: the connection is dropped and the slot looked up again) and returned: the
+    /// caller tries again, after a pause unless [`redirected`](Self::redirected).
+    pub(crate) async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T> {
+        let target = self.slots.target.clone();
+        let (addr, ask) = match self.next.take() {
+            Some(n) => n,
+            None => match self.slots.owner(self.slot, std::mem::take(&mut self.refresh)).await {
+                Ok(addr) => (addr, false),
+                Err(e) => {
+                    self.refresh = true;
+                    return Err(e);
+                }
+            },
+        };
+        if self.node.as_ref().is_none_or(|(a, _)| *a != addr) {
+            self.node = None;
+            match self.slots.connect(&addr, self.response_timeout).await {
+                Ok(c) => self.node = Some((addr, c)),
+                Err(e) => {
+                    self.refresh = true;
+                    return Err(e);
+                }
+            }
+        }
+        let Some((_, conn)) = self.node.as_mut() else { unreachable!("connected above") };
+        let r: redis::RedisResult<T> = if ask {
+            let mut p = redis::pipe();
+            p.cmd("ASKING").ignore().add_command(cmd.clone());
+            p.query_async::<(T,)>(conn).await.map(|(r,)| r)
+        } else {
+            cmd.query_async(conn).await
+        };
+        let e = match r {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        // `MOVED <slot> <host>:<port>` / `ASK ...`: the node (the slot is ours).
+        let redirect = e.redirect_node().and_then(|(node, _slot)| {
+            let (host, port) = node.rsplit_once(':')?;
+            Some((host.trim_start_matches('[').trim_end_matches(']').to_string(), port.parse().ok()?))
+        });
+        match (e.code(), redirect) {
+            (Some("MOVED"), Some(to)) => {
+                self.slots.moved(self.slot, to.clone()).await;
+                self.next = Some((to, false));
+            }
+            (Some("ASK"), Some(to)) => self.next = Some((to, true)),
+            // A node gone, failed over or unsure of the slot: ask again where the slot is, on
+            // a fresh connection.
+            _ => {
+                self.node = None;
+                self.refresh = true;
+            }
+        }
+        Err(Error::redis(&target, e))
+    }
+
+    /// `host:port` of the node the last command went to (for messages; no credentials).
+    pub(crate) fn node_name(&self) -> String {
+        match &self.node {
+            Some(((host, port), _)) => format!("{host}:{port}"),
+            None => format!("the node of slot {}", self.slot),
+        }
+    }
+
+    /// Whether the last error was a redirect: the next command goes where it said, at once.
+    pub(crate) fn redirected(&self) -> bool {
+        self.next.is_some()
+    }
+
+    /// `before` (if any), then `WAIT replicas timeout`, on the connection the last command went
+    /// to, in one round trip: how many replicas of that node hold everything this connection
+    /// has written. An error if there is no such connection.
+    pub(crate) async fn wait(&mut self, before: Option<&redis::Cmd>, replicas: u32, timeout: Duration) -> Result<i64> {
+        let target = self.slots.target.clone();
+        let Some((_, conn)) = self.node.as_mut() else {
+            let e = redis::RedisError::from((redis::ErrorKind::Io, "WAIT: the connection that read is gone"));
+            return Err(Error::redis(&target, e));
+        };
+        let mut pipe = redis::pipe();
+        if let Some(c) = before {
+            pipe.add_command(c.clone()).ignore();
+        }
+        pipe.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64);
+        match pipe.query_async::<(i64,)>(conn).await {
+            Ok((got,)) => Ok(got),
+            Err(e) => {
+                self.node = None;
+                self.refresh = true;
+                Err(Error::redis(&target, e))
+            }
+        }
+    }
+}
