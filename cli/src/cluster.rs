@@ -222,15 +222,18 @@ impl Cluster {
         self.servers.is_empty()
     }
 
-    /// Spawns a coordinator and every participant in this process.
+    /// Spawns a coordinator and every participant in this process (in cluster mode when the
+    /// streams are on a Redis Cluster).
     pub fn start_workers(&mut self) {
         let mut coordinator = redtx_coordinator::CoordinatorConfig::new(self.stream_url.clone());
         coordinator.partitions = self.partitions;
+        coordinator.cluster = self.streams.is_some();
         self.workers.spawn(redtx_coordinator::run(coordinator, self.shutdown.clone()));
         for m in &self.members {
             let mut cfg = redtx_participant::ParticipantConfig::new(self.stream_url.clone(), m.name.clone());
             cfg.data = Some(m.url.expose().to_string());
             cfg.partitions = self.partitions;
+            cfg.cluster = self.streams.is_some();
             self.workers.spawn(redtx_participant::run(cfg, self.shutdown.clone()));
         }
     }

@@ -63,6 +63,14 @@ pub struct DemoArgs {
     /// needs max_prepared_transactions > 0, and creates the table redtx_demo_accounts).
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     pub postgres: Option<String>,
+    /// 2pc: put the streams and records on a private Redis Cluster of --masters masters (the
+    /// partitions dealt out over them), each bank's data on a private server of its own; the
+    /// coordinator and the participants run in cluster mode.
+    #[arg(long)]
+    pub cluster: bool,
+    /// Masters of the --cluster run's Redis Cluster.
+    #[arg(long, default_value_t = 3)]
+    pub masters: usize,
 }
 
 /// Sorted latencies; nearest-rank percentiles.
@@ -110,6 +118,21 @@ pub async fn run(args: DemoArgs) -> Exit {
         eprintln!("error: --postgres runs the 2pc demo (transfers between Redis and PostgreSQL); drop --mode saga");
         return Exit::Invalid;
     }
+    if args.cluster && (args.redis.is_some() || args.postgres.is_some() || args.mode == Mode::Saga) {
+        eprintln!(
+            "error: --cluster runs the 2pc demo on a private Redis Cluster it starts: drop --redis, --postgres and \
+             --mode saga"
+        );
+        return Exit::Invalid;
+    }
+    if args.cluster && !(1..=args.partitions as usize).contains(&args.masters) {
+        eprintln!(
+            "error: --masters must be from 1 to --partitions ({}): a partition is one slot, so a master beyond that \
+             would serve nothing",
+            args.partitions
+        );
+        return Exit::Invalid;
+    }
     let r = match args.mode {
         Mode::TwoPhase if args.postgres.is_some() => crate::pg_demo::run(args).await,
         Mode::TwoPhase => demo(args).await,
@@ -127,10 +150,19 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
         return Ok(Exit::Invalid);
     }
     // Dropping the cluster kills the servers it started: keep it until the end.
-    let mut cluster = Cluster::start(args.redis.as_deref(), "demo", &["bank-a", "bank-b"], args.partitions)?;
+    let names = ["bank-a", "bank-b"];
+    let mut cluster = match args.cluster {
+        false => Cluster::start(args.redis.as_deref(), "demo", &names, args.partitions)?,
+        true => Cluster::start_on_redis_cluster(&names, args.partitions, args.masters)?,
+    };
     let banks = &cluster.members;
+    let streams = match args.cluster {
+        false => String::new(),
+        true => format!(", streams on a private Redis Cluster of {} masters ({})", args.masters, cluster.stream_url),
+    };
     println!(
-        "redtx demo (2pc): {} transfers, {} at a time, between bank-a ({}) and bank-b ({}), {} accounts each, {} partitions",
+        "redtx demo (2pc): {} transfers, {} at a time, between bank-a ({}) and bank-b ({}), {} accounts each, {} \
+         partitions{streams}",
         args.transfers, args.concurrency, banks[0].url, banks[1].url, args.accounts, args.partitions
     );
 
@@ -144,7 +176,7 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
     let before = cluster.total(&mut conns, &book).await?;
 
     // Transfers.
-    let client = Client::connect(&cluster.stream_url).await?.with_partitions(args.partitions);
+    let client = Client::connect_target(cluster.stream_target()?).await?.with_partitions(args.partitions);
     let tally = Arc::new(Tally::default());
     let next = Arc::new(AtomicUsize::new(0));
     let bar = progress_bar(args.transfers, "transfers");
