@@ -3,7 +3,8 @@
 //! the shop's data on single servers. Concurrent 2PC transfers conserve money and leave nothing
 //! locked; a saga whose step fails is compensated; moving a partition's slot to another master
 //! while transfers run loses nothing; failing a master over to its replica (`CLUSTER FAILOVER`)
-//! while transfers run loses nothing either.
+//! while transfers run loses nothing either; nor does killing a master (SIGKILL) and restarting
+//! it from its AOF, the setup recommended where a master may die.
 
 use rand::Rng;
 use redtx_common::cluster_server::RedisCluster;
@@ -24,7 +25,12 @@ fn cluster() -> RedisCluster {
 
 /// [`cluster`] with `replicas` replicas per master.
 fn cluster_with_replicas(replicas: usize) -> RedisCluster {
-    let c = RedisCluster::start(3, replicas).expect("start the cluster");
+    cluster_with(replicas, Default::default())
+}
+
+/// [`cluster_with_replicas`] with the nodes' options.
+fn cluster_with(replicas: usize, opts: redtx_common::cluster_server::ClusterOptions) -> RedisCluster {
+    let c = RedisCluster::start_with(3, replicas, opts).expect("start the cluster");
     let masters: BTreeSet<usize> =
         (0..PARTITIONS).map(|p| c.master_of_slot(keys::partition_slot(p)).expect("slot owner")).collect();
     assert_eq!(masters.len(), 3, "the partitions' slots are on every master");
@@ -281,6 +287,63 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
     bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
     eprintln!(
         "{} transfers ({committed} committed, {aborted} aborted) across a failover, in {:?}",
+        done.len(),
+        started.elapsed()
+    );
+}
+
+#[test]
+fn killing_a_master_and_restarting_it_under_transfers_loses_nothing() {
+    // The setup recommended where a master may die (docs/scaling.md): AOF with `appendfsync
+    // always`, and no replica to take over writes it never saw. Partition 0's master is killed
+    // with SIGKILL while transfers run, and restarted from its AOF a moment later.
+    let started = Instant::now();
+    let aof = redtx_common::cluster_server::ClusterOptions { aof: true, ..Default::default() };
+    let mut bank = Bank::start_on_cluster(cluster_with(0, aof), opts());
+    let accounts = seeded(&bank);
+    bank.client();
+    let mut streams = bank.0.streams.take().expect("a cluster");
+    let p = 0;
+    let master = streams.master_of_slot(keys::partition_slot(p)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut restarted_at = 0;
+    let mut done = transfers_until(
+        &bank,
+        &accounts,
+        6,
+        |ended| {
+            poll("20 transfers ended", LONG, || (ended.load(Ordering::Relaxed) >= 20).then_some(()));
+            eprintln!("kill -9 of node {master} at {:?}", started.elapsed());
+            streams.kill(master);
+            // Down for a while (the fault itself, not a check): transfers of its partitions wait.
+            std::thread::sleep(Duration::from_secs(1));
+            streams.restart(master).expect("restart the master from its AOF");
+            restarted_at = redtx_common::now_ms();
+            eprintln!("node {master} back at {:?}", started.elapsed());
+            let before = ended.load(Ordering::Relaxed);
+            poll("100 more transfers ended after the restart", LONG, || {
+                (ended.load(Ordering::Relaxed) >= before + 100).then_some(())
+            });
+        },
+        &stop,
+    );
+    assert_eq!(streams.master_of_slot(keys::partition_slot(p)).unwrap(), master, "the same node serves it again");
+    bank.0.streams = Some(streams);
+    let (committed, aborted) = check(&bank, &accounts, &mut done);
+    assert!(committed > 0, "committed {committed}, aborted {aborted}");
+    let in_p_after =
+        done.iter().filter(|d| keys::partition(&d.record.id, PARTITIONS) == p && d.record.created_ms >= restarted_at);
+    assert!(in_p_after.count() > 0, "partition {p} had transfers after the restart");
+    // Nothing pending or unread anywhere, nothing dead-lettered: no acknowledged write was lost.
+    bank.wait_drained();
+    let mut c = bank.stream_cluster_conn();
+    for q in 0..PARTITIONS {
+        let n: u64 = redis::Commands::xlen(&mut c, keys::dead_letter_stream(q)).unwrap();
+        assert_eq!(n, 0, "dead letters in partition {q}");
+    }
+    bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
+    eprintln!(
+        "{} transfers ({committed} committed, {aborted} aborted) across a kill -9 of a master, in {:?}",
         done.len(),
         started.elapsed()
     );
