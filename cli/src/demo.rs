@@ -63,9 +63,9 @@ pub struct DemoArgs {
     /// needs max_prepared_transactions > 0, and creates the table redtx_demo_accounts).
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     pub postgres: Option<String>,
-    /// 2pc: put the streams and records on a private Redis Cluster of --masters masters (the
-    /// partitions dealt out over them), each bank's data on a private server of its own; the
-    /// coordinator and the participants run in cluster mode.
+    /// Put the streams and records on a private Redis Cluster of --masters masters (the
+    /// partitions dealt out over them), each participant's data on a private server of its own;
+    /// the coordinator and the participants run in cluster mode. Not with --redis or --postgres.
     #[arg(long)]
     pub cluster: bool,
     /// Masters of the --cluster run's Redis Cluster.
@@ -118,11 +118,8 @@ pub async fn run(args: DemoArgs) -> Exit {
         eprintln!("error: --postgres runs the 2pc demo (transfers between Redis and PostgreSQL); drop --mode saga");
         return Exit::Invalid;
     }
-    if args.cluster && (args.redis.is_some() || args.postgres.is_some() || args.mode == Mode::Saga) {
-        eprintln!(
-            "error: --cluster runs the 2pc demo on a private Redis Cluster it starts: drop --redis, --postgres and \
-             --mode saga"
-        );
+    if args.cluster && (args.redis.is_some() || args.postgres.is_some()) {
+        eprintln!("error: --cluster runs the demo on a private Redis Cluster it starts: drop --redis and --postgres");
         return Exit::Invalid;
     }
     if args.cluster && !(1..=args.partitions as usize).contains(&args.masters) {

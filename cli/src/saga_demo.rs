@@ -105,11 +105,18 @@ pub async fn run(args: DemoArgs) -> Result<Exit, Error> {
         return Ok(Exit::Invalid);
     }
     // Dropping the cluster kills the servers it started: keep it until the end.
-    let mut cluster = Cluster::start(args.redis.as_deref(), "demo", &PARTICIPANTS, args.partitions)?;
+    let mut cluster = match args.cluster {
+        false => Cluster::start(args.redis.as_deref(), "demo", &PARTICIPANTS, args.partitions)?,
+        true => Cluster::start_on_redis_cluster(&PARTICIPANTS, args.partitions, args.masters)?,
+    };
     let m = &cluster.members;
+    let streams = match args.cluster {
+        false => String::new(),
+        true => format!(", streams on a private Redis Cluster of {} masters ({})", args.masters, cluster.stream_url),
+    };
     println!(
         "redtx demo (saga): {} orders, {} at a time, over orders ({}), stock ({}) and payment ({}); {} products \
-         with {} each in stock, {} users with {} each, {} partitions",
+         with {} each in stock, {} users with {} each, {} partitions{streams}",
         args.orders,
         args.concurrency,
         m[0].url,
@@ -147,7 +154,7 @@ pub async fn run(args: DemoArgs) -> Result<Exit, Error> {
             .collect()
     });
 
-    let client = Client::connect(&cluster.stream_url).await?.with_partitions(args.partitions);
+    let client = Client::connect_target(cluster.stream_target()?).await?.with_partitions(args.partitions);
     let answers: Arc<Mutex<Vec<Option<Answer>>>> = Arc::new(Mutex::new(vec![None; args.orders]));
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let (completed, compensated) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));

@@ -56,8 +56,14 @@ fn the_2pc_demo_runs_on_a_private_redis_cluster() {
 }
 
 #[test]
+fn the_saga_demo_runs_on_a_private_redis_cluster() {
+    let out = ok(&["--cluster", "--mode", "saga", "--orders", "300"]);
+    assert!(out.contains("streams on a private Redis Cluster of 3 masters"), "{out}");
+}
+
+#[test]
 fn demo_refuses_cluster_with_what_it_cannot_combine() {
-    for args in [&["--cluster", "--mode", "saga"][..], &["--cluster", "--redis", "redis://127.0.0.1:1"]] {
+    for args in [&["--cluster", "--postgres"][..], &["--cluster", "--redis", "redis://127.0.0.1:1"]] {
         let out = demo(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster"), "{args:?}");
