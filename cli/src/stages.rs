@@ -6,9 +6,11 @@
 //! | stage | from | to | what it holds |
 //! |---|---|---|---|
 //! | `create` | submit | record created | the submit `XADD`, waiting for a coordinator round, the round |
-//! | `prepare` | created | decided | the prepares out, the participants' rounds, the votes back, a coordinator round (2PC; a saga's steps when it compensates) |
+//! | `prepare` | created | decided | the prepares out, the participants' rounds, the votes back, a coordinator round |
 //! | `commit` | decided | finished | the decisions out, the participants' rounds, the acks back, a coordinator round |
 //! | `run` | created | finished | a saga that completed: every step, one after the other |
+//!
+//! Only transactions that ended well (committed, completed) are split.
 //! | `tell` | finished | outcome seen | the outcome entry read by the producer's reader |
 //!
 //! Times are wall-clock milliseconds of one machine (the bench's servers and workers run on it),
@@ -39,7 +41,7 @@ pub struct Follow {
 impl Follow {
     /// Follows about [`SAMPLE`] of `expected` transactions, spread over the phase.
     pub fn new(expected: u64) -> Follow {
-        Follow { every: (expected / SAMPLE as u64).max(1), followed: Mutex::default() }
+        Follow { every: expected.div_ceil(SAMPLE as u64).max(1), followed: Mutex::default() }
     }
 
     /// Whether the `n`-th transaction of the phase is followed.

@@ -60,6 +60,10 @@ pub struct Client {
     waiters: Arc<Waiters>,
 }
 
+/// How often, by default, a waiter reads its record again although nothing woke it
+/// ([`Client::with_recheck`]).
+pub const RECHECK: Duration = Duration::from_secs(10);
+
 /// How a transaction settled ([`TxnState::is_settled`]), as a producer learns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -81,6 +85,10 @@ impl From<TxnRecord> for Outcome {
 struct Waiters {
     by_txn: Mutex<HashMap<String, Vec<oneshot::Sender<Option<Outcome>>>>>,
     readers: OnceCell<Vec<tokio::task::AbortHandle>>,
+    /// Told by an outcome reader whose read failed: outcomes may have gone by unseen (a
+    /// restart that lost them, a connection lost while they were trimmed), so every waiter
+    /// reads its record again.
+    reread: tokio::sync::Notify,
 }
 
 impl Drop for Waiters {
@@ -147,13 +155,7 @@ impl Client {
                 Err(e) => return Err(Error::redis(&target, e)),
             }
         }
-        Ok(Client {
-            target,
-            partitions: keys::DEFAULT_PARTITIONS,
-            recheck: Duration::from_secs(1),
-            conn,
-            waiters: Arc::default(),
-        })
+        Ok(Client { target, partitions: keys::DEFAULT_PARTITIONS, recheck: RECHECK, conn, waiters: Arc::default() })
     }
 
     /// Uses `partitions` (the deployment's `--partitions`) instead of the default.
@@ -162,9 +164,11 @@ impl Client {
         self
     }
 
-    /// How often a waiter reads the record again although no outcome woke it (default 1 s): the
-    /// safety net for an outcome the reader missed (trimmed, a lost connection, a failover that
-    /// lost the last entries). Tests make it long to see the reader alone at work.
+    /// How often a waiter reads the record again although no outcome woke it (default
+    /// [`RECHECK`]). Waiters do not poll: an outcome entry wakes them, and a failed outcome read
+    /// makes every waiter read its record once. This is the last safety net, for an outcome the
+    /// reader skipped without failing (its stream trimmed past it: 100,000 outcomes behind).
+    /// Tests make it long to see the reader alone at work.
     pub fn with_recheck(mut self, every: Duration) -> Self {
         self.recheck = every.max(Duration::from_millis(10));
         self
@@ -268,7 +272,7 @@ impl Client {
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = async {
                 if let Some(rx) = woken.take() {
-                    let _ = tokio::time::timeout(left.min(self.recheck), rx).await;
+                    self.woken_or_reread(rx, left).await;
                 }
                 self.start_reader().await?;
                 let rx = self.register(id);
@@ -277,8 +281,7 @@ impl Client {
                         return Ok(Some(r));
                     }
                 }
-                // The periodic re-check covers a reader that lost its connection.
-                let _ = tokio::time::timeout(left.min(self.recheck), rx).await;
+                self.woken_or_reread(rx, left).await;
                 Ok::<_, Error>(None)
             };
             match attempt.await {
@@ -300,6 +303,17 @@ impl Client {
                 self.forget(id);
                 return Err(Error::WaitTimeout { id: id.to_string(), waited: started.elapsed() });
             }
+        }
+    }
+
+    /// Waits until `rx` is woken (its outcome, or its reader gone), an outcome reader's read
+    /// failed (outcomes may have gone by unseen: read the record again), the re-check time
+    /// passed, or `left` is over; returns the outcome `rx` got, if it got a whole one.
+    async fn woken_or_reread(&self, rx: oneshot::Receiver<Option<Outcome>>, left: Duration) -> Option<Outcome> {
+        let reread = self.waiters.reread.notified();
+        tokio::select! {
+            r = tokio::time::timeout(left.min(self.recheck), rx) => r.ok().and_then(Result::ok).flatten(),
+            () = reread => None,
         }
     }
 
@@ -327,10 +341,10 @@ impl Client {
         let (id, woken) = self.register_and_submit(spec, started, timeout).await?;
         if let Some(rx) = woken {
             let left = timeout.saturating_sub(started.elapsed());
-            match tokio::time::timeout(left.min(self.recheck), rx).await {
-                Ok(Ok(Some(outcome))) => return Ok(outcome),
+            match self.woken_or_reread(rx, left).await {
+                Some(outcome) => return Ok(outcome),
                 // Woken without a whole outcome, or not yet: the record says.
-                _ => self.forget(&id),
+                None => self.forget(&id),
             }
         }
         let record = self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), None).await?;
@@ -444,9 +458,14 @@ impl Client {
 /// One server: every partition's outcomes stream in one blocking `XREAD`.
 async fn read_outcomes(mut conn: RedisConn, waiters: Weak<Waiters>, streams: Vec<String>, mut from: Vec<String>) {
     let opts = StreamReadOptions::default().count(1024).block(5000);
+    let mut failed = false;
     loop {
         let r: redis::RedisResult<Option<StreamReadReply>> = conn.xread_options(&streams, &from, &opts).await;
         let Some(waiters) = waiters.upgrade() else { return };
+        if r.is_ok() && std::mem::take(&mut failed) {
+            // Back after failed reads: outcomes may have gone by unseen.
+            waiters.reread.notify_waiters();
+        }
         match r {
             Ok(Some(reply)) => {
                 for k in reply.keys {
@@ -460,6 +479,7 @@ async fn read_outcomes(mut conn: RedisConn, waiters: Weak<Waiters>, streams: Vec
             Ok(None) => {}
             Err(e) => {
                 tracing::debug!(error = %e, "outcome reader: retrying");
+                failed = true;
                 drop(waiters);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -487,6 +507,7 @@ impl PartitionReader {
 
     async fn run(mut self, waiters: Weak<Waiters>) {
         let opts = StreamReadOptions::default().count(1024).block(READ_BLOCK.as_millis() as usize);
+        let mut failed = false;
         loop {
             if waiters.strong_count() == 0 {
                 return;
@@ -495,6 +516,10 @@ impl PartitionReader {
             read.arg(&opts).arg("STREAMS").arg(&self.stream).arg(&self.from);
             let r: Result<Option<StreamReadReply>> = self.conn.query(&read).await;
             let Some(waiters) = waiters.upgrade() else { return };
+            if r.is_ok() && std::mem::take(&mut failed) {
+                // Back after failed reads: outcomes may have gone by unseen.
+                waiters.reread.notify_waiters();
+            }
             match r {
                 Ok(reply) => {
                     for e in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
@@ -505,6 +530,7 @@ impl PartitionReader {
                 Err(_) if self.conn.redirected() => {}
                 Err(e) => {
                     tracing::debug!(error = %e, stream = %self.stream, "outcome reader: retrying");
+                    failed = true;
                     drop(waiters);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

@@ -823,7 +823,15 @@ impl PinnedRead {
         done: tokio::sync::mpsc::UnboundedSender<ReadAnswer>,
     ) {
         while asked.recv().await.is_some() {
-            let r = self.read().await;
+            // A redirect (`MOVED`, `ASK`: a slot on the move) is followed at once, a few times,
+            // as the cluster client would; other errors are answered after a pause.
+            let mut r = self.read().await;
+            for _ in 0..3 {
+                if !(r.is_err() && self.conn.redirected()) {
+                    break;
+                }
+                r = self.read().await;
+            }
             if r.is_err() && !self.conn.redirected() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -121,13 +121,16 @@ pub(crate) struct Pinned {
     next: Option<(Node, bool)>,
     /// Look the slot up again before the next command.
     refresh: bool,
+    /// The last command went to a node importing the slot, after `ASKING`: so must the `WAIT`
+    /// pipeline's command that follows it.
+    asked: bool,
 }
 
 impl Pinned {
     /// A connection for `slot`, opened at the first command; replies may take up to
     /// `response_timeout` (give blocking reads enough).
     pub(crate) fn new(slot: u16, slots: Arc<SlotOwners>, response_timeout: Duration) -> Self {
-        Pinned { slot, slots, response_timeout, node: None, next: None, refresh: false }
+        Pinned { slot, slots, response_timeout, node: None, next: None, refresh: false, asked: false }
     }
 
     /// Sends `cmd` to the node serving the slot (after `ASKING` when the last answer was
@@ -157,6 +160,7 @@ impl Pinned {
             }
         }
         let Some((_, conn)) = self.node.as_mut() else { unreachable!("connected above") };
+        self.asked = ask;
         let r: redis::RedisResult<T> = if ask {
             let mut p = redis::pipe();
             p.cmd("ASKING").ignore().add_command(cmd.clone());
@@ -213,6 +217,9 @@ impl Pinned {
         };
         let mut pipe = redis::pipe();
         if let Some(c) = before {
+            if self.asked {
+                pipe.cmd("ASKING").ignore();
+            }
             pipe.add_command(c.clone()).ignore();
         }
         pipe.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64);

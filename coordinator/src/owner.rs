@@ -235,7 +235,7 @@ pub struct Owner {
     /// What this coordinator handled, published with `stats` and in its last log line.
     counts: CoordinatorCounts,
     stats: Publisher,
-    /// The highest fencing token this process has held per partition
+    /// The last fencing token this process acquired per partition
     /// ([`lease::counter_went_back`]).
     tokens: HashMap<u32, u64>,
 }
@@ -421,7 +421,8 @@ impl Owner {
                          their records"
                     );
                 }
-                self.tokens.insert(p, held.unwrap_or(0).max(token));
+                // The counter only counts up from here: reported once, not at every later lease.
+                self.tokens.insert(p, token);
                 ensure_group(&mut self.conn, &self.url, &keys::coord_stream(p), keys::COORD_GROUP).await?;
                 self.parts.insert(p, Part::new(value));
             }

@@ -20,12 +20,17 @@ fn signal_pid(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
-/// Both participants said they wait for a replica, and neither has a barrier for `id`: nothing
-/// of it was applied.
-fn waiting_and_nothing_applied(bank: &mut Bank, id: &str) {
+/// How many times `name`'s participant has said it waits for a replica so far.
+fn waits(bank: &mut Bank, name: &str) -> usize {
+    bank.procs(name)[0].output().matches("replicas asked for").count()
+}
+
+/// Both participants said they wait for a replica again (more often than `before`: the counts
+/// of [`waits`] when the replica was frozen), and neither has a barrier for `id`: nothing of it
+/// was applied.
+fn waiting_and_nothing_applied(bank: &mut Bank, id: &str, before: (usize, usize)) {
     poll("both participants waiting for the replica", LONG, || {
-        let mut waiting = |name: &str| bank.procs(name)[0].logged("replicas asked for", "error").is_some();
-        (waiting("bank-a") && waiting("bank-b")).then_some(())
+        (waits(bank, "bank-a") > before.0 && waits(bank, "bank-b") > before.1).then_some(())
     });
     for side in [Side::A, Side::B] {
         let bar: u64 =
@@ -59,9 +64,10 @@ fn a_participant_applies_nothing_until_a_replica_holds_what_it_read() {
     assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
 
     // The replica frozen: the next transfer's prepares are read, not applied.
+    let before = (waits(&mut bank, "bank-a"), waits(&mut bank, "bank-b"));
     signal(&replica, "STOP");
     let id = bank.submit(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 5).with_id("r-wait"));
-    waiting_and_nothing_applied(&mut bank, &id);
+    waiting_and_nothing_applied(&mut bank, &id, before);
     assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (90, 10));
 
     // The replica goes on: the transfer commits, once.
@@ -91,9 +97,10 @@ fn on_a_cluster_a_participant_applies_nothing_until_the_streams_master_has_a_rep
     let master = streams.master_of_slot(slot).unwrap();
     let replica = streams.replicas_of(master).unwrap()[0];
     let pid = streams.pid(replica).expect("the replica runs");
+    let before = (waits(&mut bank, "bank-a"), waits(&mut bank, "bank-b"));
     signal_pid(pid, "STOP");
     bank.submit(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 5).with_id(id));
-    waiting_and_nothing_applied(&mut bank, id);
+    waiting_and_nothing_applied(&mut bank, id, before);
     assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (90, 10));
 
     // The replica goes on: the transfer commits, once.
