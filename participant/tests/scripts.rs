@@ -117,6 +117,36 @@ async fn commit_and_abort_find_the_keys_in_the_barrier() {
 }
 
 #[tokio::test]
+async fn reading_the_keys_from_the_barrier_survives_a_dropped_connection() {
+    // A worker whose data connection died (a Redis restart, a killed client) and whose first
+    // call after that reads a branch's keys from its barrier (a commit or abort of a branch it
+    // did not prepare: a refused one, or another process's) reads them on a fresh connection,
+    // instead of failing on the dead one at every retry.
+    let s = server();
+    let mut c = conn(&s).await;
+    let mut first = kv(&s);
+    for t in ["d1", "d2"] {
+        let p = prepare(t, vec![incrby(&format!("{t}:b"), 1, None, None)]);
+        assert_eq!(ask(&mut first, Request::Prepare(p)).await.unwrap(), yes());
+    }
+    let mut second = kv(&s);
+    let p = prepare("d3", vec![Op::set("d3:a", "v")]);
+    assert_eq!(ask(&mut second, Request::Prepare(p)).await.unwrap(), yes(), "second's connection is open");
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").query_async(&mut c).await.unwrap();
+    assert!(killed >= 2, "the workers' connections were killed ({killed})");
+    let out = redtx_participant::worker::settle(
+        &mut second,
+        &[Request::Commit(resolve("d1")), Request::Abort(resolve("d2"))],
+        now_ms(),
+    )
+    .await
+    .expect("settled on a fresh connection");
+    assert_eq!(out, vec![Ok(acked(Outcome::Committed)), Ok(acked(Outcome::Aborted))]);
+    assert_eq!(get(&mut c, "d1:b").await.as_deref(), Some("1"));
+    assert_eq!(get(&mut c, "d2:b").await, None);
+}
+
+#[tokio::test]
 async fn guards_refuse_with_clear_reasons_and_change_nothing() {
     let s = server();
     let mut c = conn(&s).await;

@@ -295,15 +295,27 @@ impl KvResource {
         Ok(self.conn.as_mut().expect("just connected"))
     }
 
-    /// The prepared keys of `txns` read from their barriers, in one pipeline (one server).
+    /// The prepared keys of `txns` read from their barriers, in one pipeline (one server). Like
+    /// [`run`](Self::run), a failure is tried again at once on a fresh connection (the old one
+    /// may have died with a Redis restart), and a second failure drops the connection too.
     async fn fetch_keys(&mut self, txns: &[&str]) -> Result<Vec<Vec<String>>> {
         let mut p = redis::pipe();
         for txn in txns {
             p.hget(keys::barrier(&self.name, txn), "keys");
         }
         let target = self.target.clone();
-        let raw: Vec<Option<Vec<u8>>> =
-            p.query_async(self.conn().await?).await.map_err(|e| Error::redis(&target, e))?;
+        let raw: Vec<Option<Vec<u8>>> = match p.query_async(self.conn().await?).await {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading barrier keys failed; retrying on a new connection");
+                self.conn = None;
+                let r = p.query_async(self.conn().await?).await;
+                r.map_err(|e| {
+                    self.conn = None;
+                    Error::redis(&target, e)
+                })?
+            }
+        };
         Ok(raw.into_iter().map(|r| r.and_then(|b| rmp_serde::from_slice(&b).ok()).unwrap_or_default()).collect())
     }
 
