@@ -276,12 +276,17 @@ impl Client {
                 }
                 self.start_reader().await?;
                 let rx = self.register(id);
+                // Listening before the record is read: a reader back from failed reads after
+                // that read is not missed.
+                let reread = self.waiters.reread.notified();
+                tokio::pin!(reread);
+                reread.as_mut().enable();
                 if let Some(r) = self.status(id).await? {
                     if r.state.is_settled() {
                         return Ok(Some(r));
                     }
                 }
-                self.woken_or_reread(rx, left).await;
+                self.woken_or(rx, left, reread).await;
                 Ok::<_, Error>(None)
             };
             match attempt.await {
@@ -311,6 +316,17 @@ impl Client {
     /// passed, or `left` is over; returns the outcome `rx` got, if it got a whole one.
     async fn woken_or_reread(&self, rx: oneshot::Receiver<Option<Outcome>>, left: Duration) -> Option<Outcome> {
         let reread = self.waiters.reread.notified();
+        tokio::pin!(reread);
+        self.woken_or(rx, left, reread).await
+    }
+
+    /// [`woken_or_reread`](Self::woken_or_reread) with the reader's signal listened to already.
+    async fn woken_or(
+        &self,
+        rx: oneshot::Receiver<Option<Outcome>>,
+        left: Duration,
+        reread: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Option<Outcome> {
         tokio::select! {
             r = tokio::time::timeout(left.min(self.recheck), rx) => r.ok().and_then(Result::ok).flatten(),
             () = reread => None,
