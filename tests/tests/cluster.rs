@@ -277,7 +277,17 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
             && d.record.finished_ms.is_some_and(|f| f > at)
     });
     assert!(across.count() > 0, "some transfers of partition {p} were under way while it failed over");
-    // Nothing pending or unread anywhere, and nothing dead-lettered.
+    drained_and_running(&mut bank);
+    eprintln!(
+        "{} transfers ({committed} committed, {aborted} aborted) across a failover, in {:?}",
+        done.len(),
+        started.elapsed()
+    );
+}
+
+/// Nothing pending or unread in any stream, nothing dead-lettered (no acknowledged write was
+/// lost), and every worker still running.
+fn drained_and_running(bank: &mut Bank) {
     bank.wait_drained();
     let mut c = bank.stream_cluster_conn();
     for q in 0..PARTITIONS {
@@ -285,11 +295,6 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
         assert_eq!(n, 0, "dead letters in partition {q}");
     }
     bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
-    eprintln!(
-        "{} transfers ({committed} committed, {aborted} aborted) across a failover, in {:?}",
-        done.len(),
-        started.elapsed()
-    );
 }
 
 #[test]
@@ -334,14 +339,7 @@ fn killing_a_master_and_restarting_it_under_transfers_loses_nothing() {
     let in_p_after =
         done.iter().filter(|d| keys::partition(&d.record.id, PARTITIONS) == p && d.record.created_ms >= restarted_at);
     assert!(in_p_after.count() > 0, "partition {p} had transfers after the restart");
-    // Nothing pending or unread anywhere, nothing dead-lettered: no acknowledged write was lost.
-    bank.wait_drained();
-    let mut c = bank.stream_cluster_conn();
-    for q in 0..PARTITIONS {
-        let n: u64 = redis::Commands::xlen(&mut c, keys::dead_letter_stream(q)).unwrap();
-        assert_eq!(n, 0, "dead letters in partition {q}");
-    }
-    bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
+    drained_and_running(&mut bank);
     eprintln!(
         "{} transfers ({committed} committed, {aborted} aborted) across a kill -9 of a master, in {:?}",
         done.len(),
