@@ -56,20 +56,13 @@
 use crate::{Error, Result};
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Value};
 use std::time::Duration;
 
 /// The URL used when neither `--redis` nor `$REDTX_REDIS_URL` is given.
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 /// Environment variable holding the default Redis URL.
 pub const URL_ENV: &str = "REDTX_REDIS_URL";
-
-/// The TCP settings of every connection: `TCP_NODELAY`, so a request written while an earlier
-/// one on the same connection is unanswered (a multiplexed connection, a pipeline) leaves at
-/// once instead of waiting for the peer's acknowledgement (Nagle's algorithm).
-fn tcp_settings() -> redis::io::tcp::TcpSettings {
-    redis::io::tcp::TcpSettings::default().set_nodelay(true)
-}
 
 /// A Redis URL whose printed form hides its password.
 #[derive(Clone)]
@@ -83,9 +76,8 @@ impl RedisUrl {
     /// Parses and checks a URL (no connection yet).
     pub fn parse(raw: &str) -> Result<Self> {
         let redacted = redact(raw);
-        let bad = |e: redis::RedisError| Error::BadUrl { url: redacted.clone(), reason: e.to_string() };
-        let info = raw.into_connection_info().map_err(bad)?.set_tcp_settings(tcp_settings());
-        let client = redis::Client::open(info).map_err(bad)?;
+        let client =
+            redis::Client::open(raw).map_err(|e| Error::BadUrl { url: redacted.clone(), reason: e.to_string() })?;
         Ok(RedisUrl { raw: raw.to_string(), redacted, client })
     }
 
@@ -278,8 +270,7 @@ impl RedisTarget {
             .connection_timeout(Duration::from_secs(5))
             .response_timeout(response_timeout)
             // Redirects and retries within one call may take longer than one reply.
-            .overall_response_timeout(Some(response_timeout + Duration::from_secs(10)))
-            .tcp_settings(tcp_settings());
+            .overall_response_timeout(Some(response_timeout + Duration::from_secs(10)));
         if let Some(r) = self.retries {
             builder = builder
                 .retries(r.retries)
