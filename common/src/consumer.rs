@@ -184,16 +184,21 @@ impl Consumer {
             ensure_group(&mut conn, url, stream, &cfg.group).await?;
         }
         let claim_from = vec!["0-0".to_string(); cfg.streams.len()];
-        let readers = url
-            .is_cluster()
-            .then(|| StreamReaders::new(url.clone(), cfg.block).replicated(conn.clone(), cfg.wait_replicas));
-        // On a cluster, claims that must be replicated go on connections pinned to their
-        // stream's node too (a `WAIT` must reach the node that served the claim).
-        let claimers = (url.is_cluster() && cfg.wait_replicas > 0)
-            .then(|| Arc::new(SlotOwners::new(url.clone(), conn.clone())))
-            .map(|slots| {
-                cfg.streams.iter().map(|s| Pinned::new(keys::slot(s), slots.clone(), Duration::from_secs(10))).collect()
-            });
+        // On a cluster with `wait_replicas`, reads and claims go on connections pinned to their
+        // stream's node (a `WAIT` must reach the node that served the read or the claim), all
+        // placed by one slot map.
+        let slots =
+            (url.is_cluster() && cfg.wait_replicas > 0).then(|| Arc::new(SlotOwners::new(url.clone(), conn.clone())));
+        let readers = url.is_cluster().then(|| {
+            let readers = StreamReaders::new(url.clone(), cfg.block);
+            match &slots {
+                Some(slots) => readers.replicated(slots.clone(), cfg.wait_replicas),
+                None => readers,
+            }
+        });
+        let claimers = slots.map(|slots| {
+            cfg.streams.iter().map(|s| Pinned::new(keys::slot(s), slots.clone(), Duration::from_secs(10))).collect()
+        });
         let stats = Publisher::participant(&cfg.group, &cfg.consumer);
         let counts = ConsumerCounts::default();
         Ok(Consumer { url: url.clone(), cfg, read_conn, readers, claimers, conn, claim_from, counts, stats })
@@ -696,10 +701,11 @@ impl StreamReaders {
     /// the read hold what it read (see [`ConsumerConfig::wait_replicas`]): each read goes on a
     /// connection pinned to its stream's node ([`Pinned`]), then `WAIT` on that connection; fewer
     /// replicas, and the answer is [`Error::NotReplicated`] (the entries stay pending).
-    /// `conn`: a cluster connection for looking the slots up.
-    pub fn replicated(mut self, conn: RedisConn, replicas: u32) -> Self {
+    /// `slots`: where the cluster's slots are served (shared with the caller's other pinned
+    /// connections).
+    pub(crate) fn replicated(mut self, slots: Arc<SlotOwners>, replicas: u32) -> Self {
         if replicas > 0 {
-            self.wait = Some((Arc::new(SlotOwners::new(self.target.clone(), conn)), replicas));
+            self.wait = Some((slots, replicas));
         }
         self
     }
