@@ -127,10 +127,10 @@ end
 
 -- 2PC prepare: nil if every lock is free or already ours, else why the branch is refused.
 local function lock_conflict()
-  local _, txn = string.match(owner, '^(%S+) (.+)$')
   for i = 1, nkeys do
     local held = rcall('GET', KEYS[2 * i + 1])
     if held and held ~= owner then
+      local _, txn = string.match(owner, '^(%S+) (.+)$')
       local other, other_txn = string.match(held, '^(%S+) (.+)$')
       if other_txn == txn then
         return name .. ': ' .. KEYS[2 * i] .. ' is also written by participant ' .. other ..

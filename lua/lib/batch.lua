@@ -30,15 +30,9 @@ local function batch(one)
   local k, a = 1, 2 * n + 2
   for j = 1, n do
     local nk, na = tonumber(BATCH_ARGV[2 * j]), tonumber(BATCH_ARGV[2 * j + 1])
-    local keys, argv = {}, {}
-    for i = 1, nk do
-      keys[i] = BATCH_KEYS[k + i - 1]
-    end
-    for i = 1, na do
-      argv[i] = BATCH_ARGV[a + i - 1]
-    end
+    -- unpack sizes each table once, in C (a loop of appends regrows it step by step).
+    local bad = bind({unpack(BATCH_KEYS, k, k + nk - 1)}, {unpack(BATCH_ARGV, a, a + na - 1)})
     k, a = k + nk, a + na
-    local bad = bind(keys, argv)
     if bad then
       out[j] = {0, bad}
     else

@@ -46,124 +46,126 @@ local function quote(v)
   return '"' .. v .. '"'
 end
 
+-- The helpers of simulate, defined once per call of the script rather than once per op list.
+-- sim: the simulated state of each key of the current op list, read lazily. t: Redis type
+-- ('none', 'string', 'hash', ...); v: string value (nil = not read yet); n: hash length;
+-- fields: field -> value or false (absent); fresh: no need to read Redis.
+local sim
+local function key_state(i)
+  local s = sim[i]
+  if not s then
+    local t = rcall('TYPE', KEYS[2 * i])['ok']
+    s = {t = t, fields = {}, fresh = (t == 'none'), n = 0}
+    if t == 'hash' then
+      s.n = rcall('HLEN', KEYS[2 * i])
+    end
+    sim[i] = s
+  end
+  return s
+end
+
+-- key_state for an op on a string: one GET reads the type and the value together (a key of
+-- another type answers WRONGTYPE, and TYPE tells which).
+local function string_state(i)
+  if not sim[i] then
+    local v = redis.pcall('GET', KEYS[2 * i])
+    if type(v) == 'table' and v.err then
+      return key_state(i)
+    end
+    if v then
+      sim[i] = {t = 'string', v = v, fields = {}, fresh = false, n = 0}
+    else
+      sim[i] = {t = 'none', fields = {}, fresh = true, n = 0}
+    end
+  end
+  return sim[i]
+end
+
+local function str_value(s, i)
+  if s.v == nil then
+    s.v = rcall('GET', KEYS[2 * i])
+  end
+  return s.v
+end
+
+local function field_value(s, i, f)
+  local v = s.fields[f]
+  if v == nil then
+    if s.fresh then
+      v = false
+    else
+      v = rcall('HGET', KEYS[2 * i], f)
+    end
+    s.fields[f] = v
+  end
+  return v
+end
+
+local function clear(s)
+  s.t, s.v, s.n, s.fields, s.fresh = 'none', nil, 0, {}, true
+end
+
+local function wrong_type(key, s, op, want)
+  return name .. ': ' .. key .. ' is a ' .. s.t .. ', ' .. op .. ' needs a ' .. want
+end
+
+-- A decimal in Redis's integer syntax short enough (15 digits) for a Lua number to hold it,
+-- and any sum of two of them, exactly; nil otherwise.
+local function small(s)
+  if #s <= 15 and (string.find(s, '^-?[1-9][0-9]*$') or s == '0') then
+    return tonumber(s)
+  end
+  return nil
+end
+
+-- Checks a counter change; returns the new value or nil plus a refusal reason.
+local function bump(what, cur_raw, by_raw, min_raw, max_raw)
+  -- Fast path: every number small, so doubles are exact; else exact decimal arithmetic.
+  local c, b = (cur_raw and small(cur_raw)) or (not cur_raw and 0), small(by_raw)
+  local lo, hi = min_raw == '' or small(min_raw), max_raw == '' or small(max_raw)
+  if c and b and lo and hi then
+    local n = c + b
+    local shown = string.format('%d', n)
+    if lo ~= true and n < lo then
+      return nil, name .. ': ' .. what .. ' would be ' .. shown .. ', below min ' .. min_raw
+    end
+    if hi ~= true and n > hi then
+      return nil, name .. ': ' .. what .. ' would be ' .. shown .. ', above max ' .. max_raw
+    end
+    return shown
+  end
+  local cur = ZERO
+  if cur_raw then
+    cur = parse_int(cur_raw)
+    if not cur then
+      return nil, name .. ': ' .. what .. ' is ' .. quote(cur_raw) .. ', not an integer'
+    end
+  end
+  local by = parse_int(by_raw)
+  if not by then
+    return nil, name .. ': increment ' .. quote(by_raw) .. ' for ' .. what .. ' is not a 64-bit integer'
+  end
+  local new = add(cur, by)
+  if not in_i64(new) then
+    return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', outside the 64-bit integer range'
+  end
+  if min_raw ~= '' then
+    local lo = parse_int(min_raw)
+    if lo and cmp(new, lo) < 0 then
+      return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', below min ' .. min_raw
+    end
+  end
+  if max_raw ~= '' then
+    local hi = parse_int(max_raw)
+    if hi and cmp(new, hi) > 0 then
+      return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', above max ' .. max_raw
+    end
+  end
+  return show(new)
+end
+
 local function simulate(ops)
-  -- Simulated state of each key, read lazily. t: Redis type ('none', 'string', 'hash', ...);
-  -- v: string value (nil = not read yet); n: hash length; fields: field -> value or false
-  -- (absent); fresh: no need to read Redis.
-  local sim = {}
-  local function key_state(i)
-    local s = sim[i]
-    if not s then
-      local t = rcall('TYPE', KEYS[2 * i])['ok']
-      s = {t = t, fields = {}, fresh = (t == 'none'), n = 0}
-      if t == 'hash' then
-        s.n = rcall('HLEN', KEYS[2 * i])
-      end
-      sim[i] = s
-    end
-    return s
-  end
-
-  -- key_state for an op on a string: one GET reads the type and the value together (a key of
-  -- another type answers WRONGTYPE, and TYPE tells which).
-  local function string_state(i)
-    if not sim[i] then
-      local v = redis.pcall('GET', KEYS[2 * i])
-      if type(v) == 'table' and v.err then
-        return key_state(i)
-      end
-      if v then
-        sim[i] = {t = 'string', v = v, fields = {}, fresh = false, n = 0}
-      else
-        sim[i] = {t = 'none', fields = {}, fresh = true, n = 0}
-      end
-    end
-    return sim[i]
-  end
-
-  local function str_value(s, i)
-    if s.v == nil then
-      s.v = rcall('GET', KEYS[2 * i])
-    end
-    return s.v
-  end
-
-  local function field_value(s, i, f)
-    local v = s.fields[f]
-    if v == nil then
-      if s.fresh then
-        v = false
-      else
-        v = rcall('HGET', KEYS[2 * i], f)
-      end
-      s.fields[f] = v
-    end
-    return v
-  end
-
-  local function clear(s)
-    s.t, s.v, s.n, s.fields, s.fresh = 'none', nil, 0, {}, true
-  end
-
-  local function wrong_type(key, s, op, want)
-    return name .. ': ' .. key .. ' is a ' .. s.t .. ', ' .. op .. ' needs a ' .. want
-  end
-
-  -- A decimal in Redis's integer syntax short enough (15 digits) for a Lua number to hold it,
-  -- and any sum of two of them, exactly; nil otherwise.
-  local function small(s)
-    if #s <= 15 and (string.find(s, '^-?[1-9][0-9]*$') or s == '0') then
-      return tonumber(s)
-    end
-    return nil
-  end
-
-  -- Checks a counter change; returns the new value or nil plus a refusal reason.
-  local function bump(what, cur_raw, by_raw, min_raw, max_raw)
-    -- Fast path: every number small, so doubles are exact; else exact decimal arithmetic.
-    local c, b = (cur_raw and small(cur_raw)) or (not cur_raw and 0), small(by_raw)
-    local lo, hi = min_raw == '' or small(min_raw), max_raw == '' or small(max_raw)
-    if c and b and lo and hi then
-      local n = c + b
-      local shown = string.format('%d', n)
-      if lo ~= true and n < lo then
-        return nil, name .. ': ' .. what .. ' would be ' .. shown .. ', below min ' .. min_raw
-      end
-      if hi ~= true and n > hi then
-        return nil, name .. ': ' .. what .. ' would be ' .. shown .. ', above max ' .. max_raw
-      end
-      return shown
-    end
-    local cur = ZERO
-    if cur_raw then
-      cur = parse_int(cur_raw)
-      if not cur then
-        return nil, name .. ': ' .. what .. ' is ' .. quote(cur_raw) .. ', not an integer'
-      end
-    end
-    local by = parse_int(by_raw)
-    if not by then
-      return nil, name .. ': increment ' .. quote(by_raw) .. ' for ' .. what .. ' is not a 64-bit integer'
-    end
-    local new = add(cur, by)
-    if not in_i64(new) then
-      return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', outside the 64-bit integer range'
-    end
-    if min_raw ~= '' then
-      local lo = parse_int(min_raw)
-      if lo and cmp(new, lo) < 0 then
-        return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', below min ' .. min_raw
-      end
-    end
-    if max_raw ~= '' then
-      local hi = parse_int(max_raw)
-      if hi and cmp(new, hi) > 0 then
-        return nil, name .. ': ' .. what .. ' would be ' .. show(new) .. ', above max ' .. max_raw
-      end
-    end
-    return show(new)
-  end
-
+  sim = {}
   local writes = {}
   for _, o in ipairs(ops) do
     local op, i, f, arg, lo, hi = o[1], o[2], o[3], o[4], o[5], o[6]
