@@ -37,7 +37,7 @@ impl LuaScript {
 
     /// Starts a call of this script.
     pub fn call(&'static self) -> Call {
-        Call { script: self, keys: Vec::new(), args: Vec::new() }
+        Call { script: self, keys: redis::Cmd::new(), args: redis::Cmd::new() }
     }
 
     /// `SCRIPT LOAD`s this script.
@@ -47,24 +47,32 @@ impl LuaScript {
     }
 }
 
-/// One pending call of a script with its KEYS and ARGV.
+/// One pending call of a script with its KEYS and ARGV. Each list is one contiguous buffer
+/// (a `redis::Cmd` used as an argument list): appending an argument copies its bytes once and
+/// allocates nothing per argument.
 #[derive(Clone)]
 pub struct Call {
     script: &'static LuaScript,
-    keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
+    keys: redis::Cmd,
+    args: redis::Cmd,
 }
 
 impl Call {
     /// Appends to KEYS.
     pub fn key(mut self, k: impl ToRedisArgs) -> Self {
-        self.keys.extend(k.to_redis_args());
+        self.keys.arg(k);
         self
     }
 
     /// Appends to ARGV.
     pub fn arg(mut self, a: impl ToRedisArgs) -> Self {
-        self.args.extend(a.to_redis_args());
+        self.args.arg(a);
+        self
+    }
+
+    /// Appends every argument of `list` to ARGV.
+    pub fn args_of(mut self, list: &redis::Cmd) -> Self {
+        append(&mut self.args, list);
         self
     }
 
@@ -79,23 +87,23 @@ impl Call {
     pub fn batch(calls: &[&Call]) -> Call {
         let script = calls.first().expect("a batch holds at least one call").script;
         assert!(calls.iter().all(|c| std::ptr::eq(c.script, script)), "a batch runs one script");
-        let mut keys = Vec::with_capacity(calls.iter().map(|c| c.keys.len()).sum());
-        let mut args = Vec::with_capacity(1 + 2 * calls.len() + calls.iter().map(|c| c.args.len()).sum::<usize>());
-        args.push(calls.len().to_string().into_bytes());
+        let mut out = script.call();
+        out.args.arg(calls.len());
         for c in calls {
-            args.push(c.keys.len().to_string().into_bytes());
-            args.push(c.args.len().to_string().into_bytes());
+            out.args.arg(c.keys.args_iter().len()).arg(c.args.args_iter().len());
         }
         for c in calls {
-            keys.extend(c.keys.iter().cloned());
-            args.extend(c.args.iter().cloned());
+            append(&mut out.keys, &c.keys);
+            append(&mut out.args, &c.args);
         }
-        Call { script, keys, args }
+        out
     }
 
     fn evalsha(&self) -> redis::Cmd {
         let mut c = redis::cmd("EVALSHA");
-        c.arg(self.script.sha()).arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        c.arg(self.script.sha()).arg(self.keys.args_iter().len());
+        append(&mut c, &self.keys);
+        append(&mut c, &self.args);
         c
     }
 
@@ -107,6 +115,15 @@ impl Call {
     ) -> Result<Value> {
         let mut out = run(conn, url, std::slice::from_ref(self)).await?;
         out.pop().expect("one reply per call").map_err(|e| Error::redis(url, e))
+    }
+}
+
+/// Appends every argument of `from` to `to` (a `redis::Cmd` used as an argument list).
+pub fn append(to: &mut redis::Cmd, from: &redis::Cmd) {
+    for a in from.args_iter() {
+        if let redis::Arg::Simple(bytes) = a {
+            to.arg(bytes);
+        }
     }
 }
 

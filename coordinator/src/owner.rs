@@ -147,34 +147,42 @@ impl Part {
 /// The commands of one fenced write, and the keys they touch.
 #[derive(Default)]
 struct Writes {
-    cmds: Vec<Vec<Vec<u8>>>,
+    /// `fenced.lua`'s ARGV after the lease values: each command as its argument count, then its
+    /// arguments, in one contiguous buffer (no allocation per argument).
+    cmds: redis::Cmd,
     keys: BTreeSet<String>,
 }
 
 impl Writes {
-    fn push(&mut self, key: &str, args: Vec<Vec<u8>>) {
-        self.keys.insert(key.to_string());
-        self.cmds.push(args);
+    fn push(&mut self, key: &str, args: &[&[u8]]) {
+        if !self.keys.contains(key) {
+            self.keys.insert(key.to_string());
+        }
+        self.cmds.arg(args.len());
+        for a in args {
+            self.cmds.arg(*a);
+        }
+    }
+
+    /// Appends the commands of `other` after these.
+    fn extend(&mut self, other: Writes) {
+        scripts::append(&mut self.cmds, &other.cmds);
+        self.keys.extend(other.keys);
     }
 
     fn is_empty(&self) -> bool {
-        self.cmds.is_empty()
-    }
-
-    /// `fenced.lua`'s ARGV after the lease value: each command as its argument count, then
-    /// its arguments.
-    fn args(self) -> Vec<Vec<u8>> {
-        let mut out = Vec::with_capacity(self.cmds.iter().map(|c| c.len() + 1).sum());
-        for c in self.cmds {
-            out.push(c.len().to_string().into_bytes());
-            out.extend(c);
-        }
-        out
+        self.cmds.args_iter().len() == 0
     }
 }
 
-fn b(s: impl AsRef<[u8]>) -> Vec<u8> {
-    s.as_ref().to_vec()
+/// `HSET key` and the record's fields, for [`Writes::push`].
+fn hset<'a>(key: &'a str, fields: &'a [(&'static str, Vec<u8>)]) -> Vec<&'a [u8]> {
+    let mut args = Vec::with_capacity(2 + 2 * fields.len());
+    args.extend([b"HSET".as_slice(), key.as_bytes()]);
+    for (f, v) in fields {
+        args.extend([f.as_bytes(), v.as_slice()]);
+    }
+    args
 }
 
 /// What the handling of one partition's batch produced, before it is written.
@@ -768,8 +776,7 @@ impl Owner {
                 match groups.first_mut() {
                     Some((parts, all)) if !cluster => {
                         parts.push(p);
-                        all.cmds.extend(w.cmds);
-                        all.keys.extend(w.keys);
+                        all.extend(w);
                     }
                     _ => groups.push((vec![p], w)),
                 }
@@ -801,9 +808,7 @@ impl Owner {
                 call = call.arg(part.seq);
                 part.seq += 1;
             }
-            for a in w.args() {
-                call = call.arg(a);
-            }
+            call = call.args_of(&w.cmds);
             calls.push((parts[0], call));
             parts_of.push(parts);
         }
@@ -919,7 +924,7 @@ impl Owner {
     async fn partition_writes(&mut self, p: u32, batch: Batch) -> Option<Writes> {
         let mut w = Writes::default();
         let t_ms = now_ms();
-        let retention = self.cfg.retention.as_millis().max(1) as u64;
+        let retention = (self.cfg.retention.as_millis().max(1) as u64).to_string();
         // The reason of each announced transaction, when its record is at hand ("" for none).
         let mut reasons: Vec<Option<String>> = Vec::with_capacity(batch.announce.len());
         {
@@ -931,34 +936,25 @@ impl Owner {
             for id in &batch.created {
                 if let Some(txn) = txn_of(id) {
                     let key = keys::txn_record(p, id);
-                    let mut args = vec![b("HSET"), b(&key)];
-                    for (f, v) in create_fields(txn) {
-                        args.push(b(f));
-                        args.push(v);
-                    }
-                    w.push(&key, args);
+                    w.push(&key, &hset(&key, &create_fields(txn)));
                     if !batch.finished.contains(id) {
                         let live = keys::live(p);
-                        w.push(&live, vec![b("ZADD"), b(&live), b(txn.progress.created_ms.to_string()), b(id)]);
+                        let created = txn.progress.created_ms.to_string();
+                        w.push(&live, &[b"ZADD", live.as_bytes(), created.as_bytes(), id.as_bytes()]);
                     }
                 }
             }
             for id in batch.dirty.difference(&batch.created) {
                 if let Some(txn) = txn_of(id) {
                     let key = keys::txn_record(p, id);
-                    let mut args = vec![b("HSET"), b(&key)];
-                    for (f, v) in progress_fields(txn) {
-                        args.push(b(f));
-                        args.push(v);
-                    }
-                    w.push(&key, args);
+                    w.push(&key, &hset(&key, &progress_fields(txn)));
                 }
             }
             for id in &batch.finished {
                 let key = keys::txn_record(p, id);
-                w.push(&key, vec![b("PEXPIRE"), b(&key), b(retention.to_string())]);
+                w.push(&key, &[b"PEXPIRE", key.as_bytes(), retention.as_bytes()]);
                 let live = keys::live(p);
-                w.push(&live, vec![b("ZREM"), b(&live), b(id)]);
+                w.push(&live, &[b"ZREM", live.as_bytes(), id.as_bytes()]);
             }
         }
         let mut skipped = 0;
@@ -975,43 +971,44 @@ impl Owner {
         for (name, msgs) in to {
             let stream = keys::participant_stream(name, p);
             let [(t, kind), (m, bytes)] = entry_fields(&msgs);
-            w.push(&stream, vec![b("XADD"), b(&stream), b("*"), b(t), kind, b(m), bytes]);
+            w.push(&stream, &[b"XADD", stream.as_bytes(), b"*", t.as_bytes(), &kind, m.as_bytes(), &bytes]);
         }
         if skipped > 0 {
             tracing::debug!(partition = p, skipped, "re-sends skipped: their participant is not reading its stream");
         }
+        let maxlen = OUTCOMES_MAXLEN.to_string().into_bytes();
         for ((id, state), reason) in batch.announce.iter().zip(reasons) {
             let s = keys::outcomes_stream(p);
-            let mut args = vec![
-                b("XADD"),
-                b(&s),
-                b("MAXLEN"),
-                b("~"),
-                b(OUTCOMES_MAXLEN.to_string()),
-                b("*"),
-                b("id"),
-                b(id),
-                b("state"),
-                b(state),
+            let mut args: Vec<&[u8]> = vec![
+                b"XADD",
+                s.as_bytes(),
+                b"MAXLEN",
+                b"~",
+                &maxlen,
+                b"*",
+                b"id",
+                id.as_bytes(),
+                b"state",
+                state.as_bytes(),
             ];
             // With the reason, a producer needs no record read to learn why (docs/protocol.md).
-            if let Some(r) = reason {
-                args.extend([b("reason"), b(r)]);
+            if let Some(r) = &reason {
+                args.extend([b"reason".as_slice(), r.as_bytes()]);
             }
-            w.push(&s, args);
+            w.push(&s, &args);
         }
         let stream = keys::coord_stream(p);
         for (entry, reason) in &batch.dead {
             tracing::warn!(partition = p, id = %entry.id, %reason, "dead-lettering entry");
             let dl = keys::dead_letter_stream(p);
-            let mut args = vec![b("XADD"), b(&dl), b("*")];
-            for (k, v) in dead_letter_fields(&stream, keys::COORD_GROUP, &entry.id, reason, t_ms, &entry.map) {
-                args.push(b(k));
-                args.push(v);
+            let fields = dead_letter_fields(&stream, keys::COORD_GROUP, &entry.id, reason, t_ms, &entry.map);
+            let mut args: Vec<&[u8]> = vec![b"XADD", dl.as_bytes(), b"*"];
+            for (k, v) in &fields {
+                args.extend([k.as_bytes(), v.as_slice()]);
             }
-            w.push(&dl, args);
+            w.push(&dl, &args);
             let counts = keys::dead_letter_counts(p);
-            w.push(&counts, vec![b("HINCRBY"), b(&counts), b(&stream), b("1")]);
+            w.push(&counts, &[b"HINCRBY", counts.as_bytes(), stream.as_bytes(), b"1"]);
         }
         // Entries held for the transactions written now are recorded by this write; an entry
         // still held by another transaction (a batch entry) waits for that one's write.
@@ -1035,9 +1032,9 @@ impl Owner {
         acks.dedup();
         // In chunks: Lua's `unpack` in fenced.lua takes a few thousand arguments at most.
         for chunk in acks.chunks(MAX_ACKS_PER_COMMAND) {
-            let mut args = vec![b("XACK"), b(&stream), b(keys::COORD_GROUP)];
-            args.extend(chunk.iter().map(b));
-            w.push(&stream, args);
+            let mut args: Vec<&[u8]> = vec![b"XACK", stream.as_bytes(), keys::COORD_GROUP.as_bytes()];
+            args.extend(chunk.iter().map(|id| id.as_bytes()));
+            w.push(&stream, &args);
         }
         if w.is_empty() {
             return None;
