@@ -2,7 +2,8 @@
 //! 3-master Redis Cluster (the partitions' slots spread over all three masters), the banks' and
 //! the shop's data on single servers. Concurrent 2PC transfers conserve money and leave nothing
 //! locked; a saga whose step fails is compensated; moving a partition's slot to another master
-//! while transfers run loses nothing; failing a master over to its replica (`CLUSTER FAILOVER`)
+//! while transfers run loses nothing, also with participants that wait for a replica of the
+//! new master (`--wait-replicas`); failing a master over to its replica (`CLUSTER FAILOVER`)
 //! while transfers run loses nothing either; nor does killing a master (SIGKILL) and restarting
 //! it from its AOF, the setup recommended where a master may die.
 
@@ -189,6 +190,85 @@ fn moving_a_partitions_slot_during_transfers_loses_nothing() {
         "some transfers were in the moved partition"
     );
     bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
+}
+
+#[test]
+fn moving_a_slot_under_wait_replicas_loses_nothing() {
+    // The participants apply nothing before a replica holds it (`--wait-replicas 1`): each
+    // partition's stream is read on a connection pinned to its slot's master, and `WAIT`ed on
+    // there. Partition 0's slot moves to another master while transfers run: the pinned readers
+    // follow `ASK` and `MOVED`, and go on waiting on the new master.
+    let started = Instant::now();
+    let cluster = cluster_with_replicas(1);
+    let mut bank = Bank::start_on_cluster(cluster, opts().part_args(&["--wait-replicas", "1"]));
+    let accounts = seeded(&bank);
+    let streams = bank.streams.as_ref().unwrap();
+    let p = 0;
+    let slot = keys::partition_slot(p);
+    let from = streams.master_of_slot(slot).unwrap();
+    let to = streams.masters().unwrap().into_iter().find(|m| *m != from).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut moved = (0, 0);
+    let mut done = transfers_until(
+        &bank,
+        &accounts,
+        6,
+        |ended| {
+            poll("20 transfers ended", LONG, || (ended.load(Ordering::Relaxed) >= 20).then_some(()));
+            let at = redtx_common::now_ms();
+            eprintln!("moving slot {slot} from node {from} to node {to} at {:?}", started.elapsed());
+            let keys = streams.move_slot(slot, to).expect("move the slot");
+            moved = (at, redtx_common::now_ms());
+            eprintln!("{keys} keys moved at {:?}", started.elapsed());
+            let before = ended.load(Ordering::Relaxed);
+            poll("100 more transfers ended after the move", 3 * LONG, || {
+                (ended.load(Ordering::Relaxed) >= before + 100).then_some(())
+            });
+        },
+        &stop,
+    );
+    let (at, after) = moved;
+    assert_eq!(streams.master_of_slot(slot).unwrap(), to, "the slot was moved");
+    let in_p = |d: &&Done| keys::partition(&d.record.id, PARTITIONS) == p;
+    let across = done
+        .iter()
+        .filter(in_p)
+        .filter(|d| d.record.created_ms < after && d.record.finished_ms.is_some_and(|f| f > at))
+        .count();
+    assert!(across > 0, "some transfers of partition {p} were under way while its slot moved");
+    assert!(done.iter().filter(in_p).any(|d| d.record.created_ms >= after), "partition {p} had transfers after");
+
+    // Only partition 0 busy now, one transfer at a time: each is read (its prepare at least) by
+    // a participant on the new master, which waits there. A participant ignoring
+    // `--wait-replicas`, or waiting on another node, would not add these.
+    let waits_before = waits_on(streams, to);
+    let n = 10;
+    let ids = (0..).map(|i| format!("w-{i}")).filter(|id| keys::partition(id, PARTITIONS) == p).take(n);
+    for id in ids {
+        done.push(bank.rt.block_on(random_transfer(bank.client(), &accounts, id)));
+    }
+    let waits = waits_on(streams, to) - waits_before;
+    assert!(waits >= n as u64, "{waits} WAITs on node {to} for {n} transfers of partition {p}");
+
+    let (committed, aborted) = check(&bank, &accounts, &mut done);
+    assert!(committed > 0, "committed {committed}, aborted {aborted}");
+    drained_and_running(&mut bank);
+    eprintln!(
+        "{} transfers ({committed} committed, {aborted} aborted; {across} of partition {p} under way while \
+         its slot moved), {waits} WAITs on the new master for the last {n}, in {:?}",
+        done.len(),
+        started.elapsed()
+    );
+}
+
+/// How many `WAIT`s `node` of `cluster` has served (`INFO commandstats`): only participants with
+/// `--wait-replicas` send them.
+fn waits_on(cluster: &RedisCluster, node: usize) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(&mut redis_conn(&cluster.url(node))).unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_wait:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
 }
 
 /// `producers` tasks each run random transfers between `accounts` (as [`transfers`]), one after
