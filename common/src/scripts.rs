@@ -120,6 +120,9 @@ impl Call {
 
 /// Appends every argument of `from` to `to` (a `redis::Cmd` used as an argument list).
 pub fn append(to: &mut redis::Cmd, from: &redis::Cmd) {
+    use redis::RedisWrite;
+    let size = |a: redis::Arg<&[u8]>| if let redis::Arg::Simple(b) = a { b.len() } else { 0 };
+    to.reserve_space_for_args(from.args_iter().map(size));
     for a in from.args_iter() {
         if let redis::Arg::Simple(bytes) = a {
             to.arg(bytes);

@@ -164,14 +164,9 @@ impl Writes {
         }
     }
 
-    /// Appends the commands of `other` after these.
-    fn extend(&mut self, other: Writes) {
-        scripts::append(&mut self.cmds, &other.cmds);
-        self.keys.extend(other.keys);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.cmds.args_iter().len() == 0
+    /// How many arguments the list holds.
+    fn len(&self) -> usize {
+        self.cmds.args_iter().len()
     }
 }
 
@@ -772,16 +767,17 @@ impl Owner {
         for (p, batch) in batches {
             decided |= batch.decisions > 0;
             counts.add(&batch.counts());
-            if let Some(w) = self.partition_writes(p, batch).await {
-                match groups.first_mut() {
-                    Some((parts, all)) if !cluster => {
-                        parts.push(p);
-                        all.extend(w);
-                    }
-                    _ => groups.push((vec![p], w)),
-                }
+            // One server: every partition's commands go into the one call's list as they are
+            // built; a cluster: a call per partition.
+            if groups.last().is_none_or(|(parts, _)| cluster && !parts.is_empty()) {
+                groups.push((Vec::new(), Writes::default()));
+            }
+            let (parts, w) = groups.last_mut().expect("a group");
+            if self.partition_writes(p, batch, w).await {
+                parts.push(p);
             }
         }
+        groups.retain(|(parts, _)| !parts.is_empty());
         if groups.is_empty() {
             self.counts.add(&counts);
             return Ok(());
@@ -921,14 +917,14 @@ impl Owner {
     }
 
     /// The commands that write one partition's batch, if it writes anything.
-    async fn partition_writes(&mut self, p: u32, batch: Batch) -> Option<Writes> {
-        let mut w = Writes::default();
+    async fn partition_writes(&mut self, p: u32, batch: Batch, w: &mut Writes) -> bool {
+        let before = w.len();
         let t_ms = now_ms();
         let retention = (self.cfg.retention.as_millis().max(1) as u64).to_string();
         // The reason of each announced transaction, when its record is at hand ("" for none).
         let mut reasons: Vec<Option<String>> = Vec::with_capacity(batch.announce.len());
         {
-            let part = self.parts.get(&p)?;
+            let Some(part) = self.parts.get(&p) else { return false };
             let txn_of = |id: &str| part.txns.get(id).or_else(|| batch.detached.get(id));
             for (id, _) in &batch.announce {
                 reasons.push(txn_of(id).map(|t| t.progress.reason.clone().unwrap_or_default()));
@@ -1036,10 +1032,7 @@ impl Owner {
             args.extend(chunk.iter().map(|id| id.as_bytes()));
             w.push(&stream, &args);
         }
-        if w.is_empty() {
-            return None;
-        }
-        Some(w)
+        w.len() > before
     }
 }
 
