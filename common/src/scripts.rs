@@ -37,7 +37,9 @@ impl LuaScript {
 
     /// Starts a call of this script.
     pub fn call(&'static self) -> Call {
-        Call { script: self, keys: redis::Cmd::new(), args: redis::Cmd::new() }
+        // Room for a typical participant transition (a barrier, a key and its lock; a dozen
+        // arguments), so building one does not regrow the buffers.
+        Call { script: self, keys: redis::Cmd::with_capacity(4, 128), args: redis::Cmd::with_capacity(16, 256) }
     }
 
     /// `SCRIPT LOAD`s this script.
