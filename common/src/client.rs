@@ -255,7 +255,17 @@ impl Client {
     /// connection is retried until `timeout`; then it gives up with [`Error::WaitTimeout`]
     /// (the transaction goes on).
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<TxnRecord> {
-        self.wait_inner(id, timeout, None).await
+        self.wait_inner(id, timeout, None, TxnState::is_settled).await
+    }
+
+    /// [`wait`](Self::wait), but past `aborting`: until `id` ends (committed, aborted, completed,
+    /// compensated or rejected), or is `stuck`. `aborting` is told at the moment of the decision;
+    /// when a Redis master dies before a replica holds that decision, the transaction can still
+    /// commit (docs/scaling.md, "What the producers are told"). An end is recorded only after
+    /// every participant's answer, so with the participants on `--wait-replicas` it survives a
+    /// failover. The price: an abort is reported once every participant has undone its part.
+    pub async fn wait_final(&self, id: &str, timeout: Duration) -> Result<TxnRecord> {
+        self.wait_inner(id, timeout, None, |s| s.is_terminal() || s == TxnState::Stuck).await
     }
 
     /// `wait`, where `woken` (if given) is a waiter registered before the transaction was
@@ -265,6 +275,7 @@ impl Client {
         id: &str,
         timeout: Duration,
         mut woken: Option<oneshot::Receiver<Option<Outcome>>>,
+        done: fn(TxnState) -> bool,
     ) -> Result<TxnRecord> {
         let started = Instant::now();
         let mut backoff = crate::consumer::Backoff::default();
@@ -282,7 +293,7 @@ impl Client {
                 tokio::pin!(reread);
                 reread.as_mut().enable();
                 if let Some(r) = self.status(id).await? {
-                    if r.state.is_settled() {
+                    if done(r.state) {
                         return Ok(Some(r));
                     }
                 }
@@ -346,7 +357,7 @@ impl Client {
     pub async fn submit_and_wait(&self, spec: &TxnSpec, timeout: Duration) -> Result<TxnRecord> {
         let started = Instant::now();
         let (id, woken) = self.register_and_submit(spec, started, timeout).await?;
-        self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), woken).await
+        self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), woken, TxnState::is_settled).await
     }
 
     /// [`submit_and_wait`](Self::submit_and_wait) for a producer that needs only how the
@@ -363,7 +374,8 @@ impl Client {
                 None => self.forget(&id),
             }
         }
-        let record = self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), None).await?;
+        let record =
+            self.wait_inner(&id, timeout.saturating_sub(started.elapsed()), None, TxnState::is_settled).await?;
         Ok(Outcome::from(record))
     }
 

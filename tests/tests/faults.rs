@@ -110,6 +110,11 @@ fn a_participant_that_never_comes_back_makes_the_txn_abort_at_its_deadline() {
     let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10).with_timeout(Duration::from_secs(2));
     let started = Instant::now();
     let id = bank.submit(&spec);
+    // A producer that waits for the end, not for the decision (`aborting`).
+    let final_wait = {
+        let (client, id) = (bank.client().clone(), id.clone());
+        bank.rt.spawn(async move { client.wait_final(&id, 3 * LONG).await })
+    };
     bank.bank(Side::B)[0].wait_for_line(&reached(fp), LONG);
     bank.bank(Side::B)[0].kill9();
 
@@ -128,6 +133,9 @@ fn a_participant_that_never_comes_back_makes_the_txn_abort_at_its_deadline() {
     assert_eq!(bank.balance(Side::B, "acct:bob"), 0);
     let rec = bank.wait_record(&id, "bank-a's abort acked", LONG, |r| r.branches[0].phase == Phase::Aborted);
     assert_eq!(rec.state, TxnState::Aborting, "{rec:?}");
+    // Its `aborting` outcome went by (the plain wait above got it) and so did bank-a's ack: the
+    // final wait is still waiting.
+    assert!(!final_wait.is_finished(), "wait_final returned before the transaction ended");
 
     // If it does come back after all, it applies the abort (its prepared branch is dropped) and
     // everything is released.
@@ -135,6 +143,8 @@ fn a_participant_that_never_comes_back_makes_the_txn_abort_at_its_deadline() {
     let rec = bank.wait(&id);
     assert_eq!(rec.state, TxnState::Aborted, "{rec:?}");
     assert_eq!(bank.balance(Side::B, "acct:bob"), 0);
+    let told = bank.rt.block_on(final_wait).expect("the wait task").expect("wait_final");
+    assert_eq!(told.state, TxnState::Aborted, "wait_final: {told:?}");
     bank.assert_clean();
 }
 
