@@ -71,6 +71,11 @@ enum Command {
         /// connection or a restarting Redis is waited out until --timeout.
         #[arg(long)]
         wait: bool,
+        /// With --wait: wait past `aborting` (the abort decided) until every participant undid
+        /// its part (`aborted`). A failover of the stream Redis to a replica that lacks the
+        /// decision can take an `aborting` back; an end it cannot (docs/scaling.md).
+        #[arg(long = "final", requires = "wait")]
+        final_only: bool,
         /// How long --wait waits (the transaction's own timeout is in the spec).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -169,9 +174,19 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let code = rt.block_on(async {
         match cli.command {
-            Command::Submit { redis, cluster, partitions, wait, timeout, json, file } => {
+            Command::Submit { redis, cluster, partitions, wait, final_only, timeout, json, file } => {
                 let url = redtx_common::conn::default_url(redis.as_deref());
-                submit::run(submit::Args { url: &url, cluster, partitions, wait, timeout, json, file: &file }).await
+                submit::run(submit::Args {
+                    url: &url,
+                    cluster,
+                    partitions,
+                    wait,
+                    final_only,
+                    timeout,
+                    json,
+                    file: &file,
+                })
+                .await
             }
             Command::Status { redis, cluster, partitions, json, id } => {
                 status::run(&redtx_common::conn::default_url(redis.as_deref()), cluster, partitions, json, &id).await

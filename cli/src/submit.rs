@@ -21,6 +21,8 @@ pub struct Args<'a> {
     pub cluster: bool,
     pub partitions: u32,
     pub wait: bool,
+    /// `--final`: wait past `aborting`, for the end ([`Client::wait_final`]).
+    pub final_only: bool,
     pub timeout: Duration,
     pub json: bool,
     pub file: &'a str,
@@ -130,7 +132,11 @@ pub async fn run(a: Args<'_>) -> Exit {
     };
     // Waiting starts only after the submit was acknowledged.
     let (enqueued, result) = match submitted {
-        Ok(()) => (true, client.wait(id, a.timeout.saturating_sub(started.elapsed())).await),
+        Ok(()) => {
+            let left = a.timeout.saturating_sub(started.elapsed());
+            let r = if a.final_only { client.wait_final(id, left).await } else { client.wait(id, left).await };
+            (true, r)
+        }
         Err(e) => (false, Err(e)),
     };
     match result {

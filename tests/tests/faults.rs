@@ -136,6 +136,14 @@ fn a_participant_that_never_comes_back_makes_the_txn_abort_at_its_deadline() {
     // Its `aborting` outcome went by (the plain wait above got it) and so did bank-a's ack: the
     // final wait is still waiting.
     assert!(!final_wait.is_finished(), "wait_final returned before the transaction ended");
+    // The same through the CLI (the id submitted again, which is safe): `--wait` answers the
+    // decision, `--wait --final` waits for the end and, bank-b still gone, gives up.
+    let json = transfer_json(Some(&id), (Side::A, "acct:alice"), (Side::B, "acct:bob"), 10);
+    let out = redtx("submit", &bank.url(), &["--wait", "--json", "-"], Some(json.as_bytes()));
+    assert_eq!((out.code, out.json()["state"].as_str()), (Some(1), Some("aborting")), "{out:?}");
+    let out =
+        redtx("submit", &bank.url(), &["--wait", "--final", "--timeout", "2s", "--json", "-"], Some(json.as_bytes()));
+    assert_eq!((out.code, out.json()["state"].as_str()), (Some(3), Some("aborting")), "{out:?}");
 
     // If it does come back after all, it applies the abort (its prepared branch is dropped) and
     // everything is released.
