@@ -238,10 +238,12 @@ fn moving_a_slot_under_wait_replicas_loses_nothing() {
     assert!(across > 0, "some transfers of partition {p} were under way while its slot moved");
     assert!(done.iter().filter(in_p).any(|d| d.record.created_ms >= after), "partition {p} had transfers after");
 
-    // Only partition 0 busy now, one transfer at a time: each is read (its prepare at least) by
-    // a participant on the new master, which waits there. A participant ignoring
-    // `--wait-replicas`, or waiting on another node, would not add these.
-    let waits_before = waits_on(streams, to);
+    // Everything read and answered; then only partition 0 busy, one transfer at a time: each is
+    // read (its prepare at least) by a participant on the new master, which waits there, and
+    // nothing is read, so nothing waited for, on the old one. A participant ignoring
+    // `--wait-replicas`, or still waiting on the old master, would fail one of these.
+    bank.wait_drained();
+    let (waits_before, old_before) = (waits_on(streams, to), waits_on(streams, from));
     let n = 10;
     let ids = (0..).map(|i| format!("w-{i}")).filter(|id| keys::partition(id, PARTITIONS) == p).take(n);
     for id in ids {
@@ -249,6 +251,8 @@ fn moving_a_slot_under_wait_replicas_loses_nothing() {
     }
     let waits = waits_on(streams, to) - waits_before;
     assert!(waits >= n as u64, "{waits} WAITs on node {to} for {n} transfers of partition {p}");
+    let old = waits_on(streams, from) - old_before;
+    assert_eq!(old, 0, "WAITs on node {from}, which no longer serves partition {p}");
 
     let (committed, aborted) = check(&bank, &accounts, &mut done);
     assert!(committed > 0, "committed {committed}, aborted {aborted}");
