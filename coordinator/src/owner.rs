@@ -39,7 +39,7 @@ use redtx_common::conn::{RedisConn, RedisTarget};
 use redtx_common::consumer::{dead_letter_fields, ensure_group, trim_stream, StreamReaders};
 use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
 use redtx_common::protocol::{entry_fields, is_batch_entry, items_of_entry, submit_head, Message, PROTOCOL_VERSION};
-use redtx_common::record::{create_fields, progress_fields, txn_from_hash};
+use redtx_common::record::{create_fields, progress_fields, txn_from_hash, TxnState};
 use redtx_common::scripts::{self, LuaScript};
 use redtx_common::shutdown::Shutdown;
 use redtx_common::spec::{check_id, Mode};
@@ -57,6 +57,9 @@ pub const FP_AFTER_CREATE: &str = "coordinator-after-create";
 /// Fail point: a batch's decisions (and the messages carrying them) are written; its
 /// `XACK`s too. A new owner must finish from the records alone.
 pub const FP_AFTER_DECISION: &str = "coordinator-after-decision";
+/// Fail point: a batch decided transactions; nothing of it is written yet (the votes that
+/// decided it stay pending).
+pub const FP_BEFORE_DECISION: &str = "coordinator-before-decision";
 
 /// Outcome stream cap (`MAXLEN ~`).
 pub const OUTCOMES_MAXLEN: usize = 100_000;
@@ -484,8 +487,38 @@ impl Owner {
         part.stale = false;
         part.claim_from = "0-0".into();
         tracing::info!(partition = p, live = n, took = ?started.elapsed(), "partition loaded");
+        self.overdue(p).await?;
         // Everything pending was read by an owner that may be gone: handle it again now.
         self.claim(p, Duration::ZERO).await
+    }
+
+    /// At a reload, before any pending entry is handled again: a 2PC transaction still
+    /// `preparing` past its deadline is aborted now, whatever votes are pending. The owner
+    /// before may have decided that very abort at the deadline, and told it (`aborting`), in a
+    /// write a failover to a replica then lost; replaying the votes first could commit it
+    /// instead (docs/scaling.md, "What the producers are told"). Deciding the deadline first
+    /// decides it the same way again. Any decision lost with it was not acted on by a
+    /// participant on `--wait-replicas`.
+    async fn overdue(&mut self, p: u32) -> Result<()> {
+        let now = now_ms();
+        let t = self.timing();
+        let Some(part) = self.parts.get_mut(&p) else { return Ok(()) };
+        let due: Vec<String> = part
+            .timers
+            .iter()
+            .take_while(|(w, _)| *w <= now)
+            .filter(|(_, id)| part.txns.get(id).is_some_and(|x| x.state() == TxnState::Preparing))
+            .map(|(_, id)| id.clone())
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        for id in due {
+            step_live(part, &id, Event::Tick, t, &mut batch);
+        }
+        tracing::info!(partition = p, decided = batch.decisions, "past their deadline at the reload: deciding first");
+        self.write(vec![(p, batch)]).await
     }
 
     /// Claims entries of partition `p` idle at least `idle` and handles them.
@@ -764,6 +797,9 @@ impl Owner {
         let mut decided = false;
         // Counted once the write is applied (or there is none).
         let mut counts = CoordinatorCounts::default();
+        if batches.iter().any(|(_, b)| b.decisions > 0) {
+            failpoint::hit(FP_BEFORE_DECISION).await;
+        }
         for (p, batch) in batches {
             decided |= batch.decisions > 0;
             counts.add(&batch.counts());

@@ -86,6 +86,35 @@ fn coordinator_killed_after_decision_is_finished_by_a_new_one() {
 }
 
 #[test]
+fn a_decision_lost_with_its_coordinator_is_made_deadline_first_by_the_next() {
+    // The coordinator has both yes votes in hand and freezes before writing the commit; it is
+    // killed, and the transaction's deadline passes before the next one loads the partition.
+    // The votes are still pending, but the new owner decides the deadline first: abort. (An
+    // owner before may have decided and told that very abort in a write that a failover to a
+    // replica lost; replaying the votes first would commit it: docs/scaling.md.)
+    let fp = "coordinator-before-decision";
+    let mut bank = Bank::start_with(ClusterOptions::default().coord_failpoint(fp));
+    bank.seed(Side::A, "acct:alice", 100);
+    bank.seed(Side::B, "acct:bob", 0);
+    let spec = transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10).with_timeout(Duration::from_secs(2));
+    let id = bank.submit(&spec);
+    bank.coordinators[0].wait_for_line(&reached(fp), LONG);
+    assert_eq!(bank.state(&id).as_deref(), Some("preparing"), "{}", bank.dump(&id));
+    for side in [Side::A, Side::B] {
+        assert_eq!(bank.side_barrier(side, &id).as_deref(), Some("prepared"), "{}", bank.dump(&id));
+    }
+    bank.coordinators[0].kill9();
+    let deadline = bank.record(&id).expect("a record").deadline_ms;
+    std::thread::sleep(Duration::from_millis(deadline.saturating_sub(redtx_common::now_ms()) + 100));
+
+    bank.start_coordinator(None);
+    let rec = bank.wait(&id);
+    assert_eq!(rec.state, TxnState::Aborted, "{rec:?}");
+    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (100, 0));
+    bank.assert_clean();
+}
+
+#[test]
 fn coordinator_killed_after_create_is_finished_by_a_new_one() {
     let fp = "coordinator-after-create";
     let (mut bank, id) = start_transfer(ClusterOptions::default().coord_failpoint(fp));
