@@ -72,9 +72,7 @@ enum Command {
         #[arg(long)]
         wait: bool,
         /// With --wait: wait past `aborting` (the abort decided) until every participant undid
-        /// its part (`aborted`). A failover of the stream Redis to a replica that lacks the
-        /// decision can take an `aborting` back; with every participant on --wait-replicas, a
-        /// 2PC end it cannot (docs/scaling.md).
+        /// its part and released its locks (`aborted`).
         #[arg(long = "final", requires = "wait")]
         final_only: bool,
         /// How long --wait waits (the transaction's own timeout is in the spec).

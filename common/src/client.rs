@@ -259,12 +259,10 @@ impl Client {
     }
 
     /// [`wait`](Self::wait), but past `aborting`: until `id` ends (committed, aborted, completed,
-    /// compensated or rejected), or is `stuck`. `aborting` is told at the moment of the decision;
-    /// when a Redis master dies before a replica holds that decision, the transaction can still
-    /// commit (docs/scaling.md, "What the producers are told"). A 2PC end is recorded only
-    /// after every participant's answer, so with the participants on `--wait-replicas` it
-    /// survives a failover (a saga's `completed` does not always: see there). The price: an
-    /// abort is reported once every participant has undone its part.
+    /// compensated or rejected), or is `stuck`. `aborting` is told at the moment of the
+    /// decision; `aborted` once every participant has undone its part and released its locks,
+    /// so a read right after sees them free. The price: an abort whose participant is gone is
+    /// reported only once it is back.
     pub async fn wait_final(&self, id: &str, timeout: Duration) -> Result<TxnRecord> {
         self.wait_inner(id, timeout, None, |s| s.is_terminal() || s == TxnState::Stuck).await
     }
