@@ -322,20 +322,12 @@ impl Consumer {
         if wanted == 0 {
             return Ok(());
         }
-        let started = Instant::now();
-        let mut pipe = redis::pipe();
-        for (i, stream) in self.cfg.streams.iter().enumerate() {
-            let ids: Vec<&str> = read.iter().filter(|(j, _)| *j == i).map(|(_, e)| e.id.as_str()).collect();
-            if !ids.is_empty() {
-                pipe.add_command(retake(stream, &self.cfg.group, &self.cfg.consumer, &ids)).ignore();
-            }
-        }
-        pipe.cmd("WAIT").arg(wanted).arg(WAIT_REPLICAS_TIMEOUT.as_millis() as u64);
-        let (got,): (i64,) = pipe.query_async(conn).await.map_err(|e| Error::redis(&self.url, e))?;
-        if got < i64::from(wanted) {
-            return Err(Error::NotReplicated { url: self.url.to_string(), wanted, got, waited: started.elapsed() });
-        }
-        Ok(())
+        let taken: Vec<(&str, Vec<&str>)> = (self.cfg.streams.iter().enumerate())
+            .map(|(i, stream)| {
+                (stream.as_str(), read.iter().filter(|(j, _)| *j == i).map(|(_, e)| e.id.as_str()).collect())
+            })
+            .collect();
+        retake_and_wait(conn, &self.url, &self.cfg.group, &self.cfg.consumer, &taken, wanted).await
     }
 
     /// Trims every stream (see [`Consumer::trim_stream`]).
@@ -871,6 +863,33 @@ fn retake(stream: &str, group: &str, consumer: &str, ids: &[&str]) -> redis::Cmd
     let mut c = redis::cmd("XCLAIM");
     c.arg(stream).arg(group).arg(consumer).arg(0).arg(ids).arg("JUSTID");
     c
+}
+
+/// On one server: takes the entries `conn` just read or claimed again (`taken`: per stream, the
+/// ids; [`retake`]), then `WAIT`s on `conn`, in one round trip, until `replicas` replicas hold
+/// them; fewer within [`WAIT_REPLICAS_TIMEOUT`]: [`Error::NotReplicated`] (the entries stay
+/// pending). Used by participants and coordinators with `--wait-replicas`.
+pub async fn retake_and_wait(
+    conn: &mut RedisConn,
+    url: &(impl std::fmt::Display + ?Sized),
+    group: &str,
+    consumer: &str,
+    taken: &[(&str, Vec<&str>)],
+    replicas: u32,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut pipe = redis::pipe();
+    for (stream, ids) in taken {
+        if !ids.is_empty() {
+            pipe.add_command(retake(stream, group, consumer, ids)).ignore();
+        }
+    }
+    pipe.cmd("WAIT").arg(replicas).arg(WAIT_REPLICAS_TIMEOUT.as_millis() as u64);
+    let (got,): (i64,) = pipe.query_async(conn).await.map_err(|e| Error::redis(url, e))?;
+    if got < i64::from(replicas) {
+        return Err(Error::NotReplicated { url: url.to_string(), wanted: replicas, got, waited: started.elapsed() });
+    }
+    Ok(())
 }
 
 /// `WAIT` on `conn` (after `before`, [`retake`]) until `replicas` replicas hold what it read or

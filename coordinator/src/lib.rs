@@ -51,6 +51,10 @@ pub struct CoordinatorConfig {
     /// How many fenced writes may be unanswered while the loop reads and steps the next batch
     /// (0: wait for each write).
     pub writes_in_flight: usize,
+    /// Before acting on the entries it read or claimed (votes, acks, results, submits), wait
+    /// until this many replicas of the stream Redis hold them (`WAIT`, on the connection that
+    /// read them; 0: do not wait). One server only, for now (docs/scaling.md).
+    pub wait_replicas: u32,
 }
 
 impl CoordinatorConfig {
@@ -69,14 +73,20 @@ impl CoordinatorConfig {
             retention: Duration::from_secs(24 * 3600),
             keep_history: Duration::from_secs(3600),
             writes_in_flight: 1,
+            wait_replicas: 0,
         }
     }
 }
 
 /// Runs a coordinator until `shutdown`: then it gives its partitions up and returns `Ok(())`.
-/// Fails at once only on a bad URL; Redis being unreachable is logged and retried.
+/// Fails at once only on a bad URL (or `wait_replicas` with a cluster); Redis being unreachable
+/// is logged and retried.
 pub async fn run(cfg: CoordinatorConfig, shutdown: Shutdown) -> Result<()> {
     let url = RedisTarget::parse(&cfg.redis, cfg.cluster)?;
+    if cfg.cluster && cfg.wait_replicas > 0 {
+        let reason = "wait_replicas is not supported on a Redis Cluster yet".to_string();
+        return Err(redtx_common::Error::BadUrl { url: url.to_string(), reason });
+    }
     let mut backoff = Backoff::default();
     let owner = loop {
         match owner::Owner::connect(cfg.clone(), url.clone()).await {

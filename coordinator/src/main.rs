@@ -49,6 +49,11 @@ struct Args {
     /// wait for each). Each write is applied only if the one before it was.
     #[arg(long, env = "REDTX_WRITES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=64))]
     writes_in_flight: u64,
+    /// Act on nothing read from the stream Redis (votes, acks, saga results) until N replicas
+    /// hold it (WAIT), so that what a producer is told survives a failover to a replica (a
+    /// saga's `completed` included; docs/scaling.md). One server with replicas only, for now.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    wait_replicas: u32,
 }
 
 // One thread: the worker is one loop, and cross-thread wake-ups cost more than they give on
@@ -62,6 +67,10 @@ async fn main() -> ExitCode {
         eprintln!("redtx-coordinator: {e}");
         return ExitCode::from(2);
     }
+    if args.cluster && args.wait_replicas > 0 {
+        eprintln!("redtx-coordinator: --wait-replicas is not supported with --cluster yet (a coordinator's reads and claims would have to be pinned to each partition's master)");
+        return ExitCode::from(2);
+    }
     let cfg = CoordinatorConfig {
         partitions: args.partitions,
         lease: args.lease,
@@ -72,6 +81,7 @@ async fn main() -> ExitCode {
         keep_history: args.keep_history,
         writes_in_flight: args.writes_in_flight as usize,
         cluster: args.cluster,
+        wait_replicas: args.wait_replicas,
         ..CoordinatorConfig::new(redis)
     };
     match redtx_coordinator::run(cfg, Shutdown::on_signals()).await {

@@ -36,7 +36,7 @@ use crate::CoordinatorConfig;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use redtx_common::conn::{RedisConn, RedisTarget};
-use redtx_common::consumer::{dead_letter_fields, ensure_group, trim_stream, StreamReaders};
+use redtx_common::consumer::{dead_letter_fields, ensure_group, retake_and_wait, trim_stream, StreamReaders};
 use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
 use redtx_common::protocol::{entry_fields, is_batch_entry, items_of_entry, submit_head, Message, PROTOCOL_VERSION};
 use redtx_common::record::{create_fields, progress_fields, txn_from_hash, TxnState};
@@ -547,6 +547,11 @@ impl Owner {
                 Some(part) => reply.claimed.into_iter().filter(|e| !part.holders.contains_key(&e.id)).collect(),
                 None => Vec::new(),
             };
+            if !claimed.is_empty() && self.cfg.wait_replicas > 0 {
+                let taken = [(stream.as_str(), claimed.iter().map(|e| e.id.as_str()).collect())];
+                let (group, replicas) = (keys::COORD_GROUP, self.cfg.wait_replicas);
+                retake_and_wait(&mut self.conn, &self.url, group, &self.me, &taken, replicas).await?;
+            }
             if !claimed.is_empty() {
                 tracing::info!(partition = p, claimed = claimed.len(), "took over pending entries");
                 self.handle(vec![(p, claimed)]).await?;
@@ -624,6 +629,12 @@ impl Owner {
         let reply: Option<StreamReadReply> =
             self.read_conn.xread_options(&streams, &ids, &opts).await.map_err(|e| Error::redis(&self.url, e))?;
         let Some(reply) = reply else { return Ok(()) };
+        if self.cfg.wait_replicas > 0 {
+            let taken: Vec<(&str, Vec<&str>)> =
+                reply.keys.iter().map(|k| (k.key.as_str(), k.ids.iter().map(|e| e.id.as_str()).collect())).collect();
+            let (group, replicas) = (keys::COORD_GROUP, self.cfg.wait_replicas);
+            retake_and_wait(&mut self.read_conn, &self.url, group, &self.me, &taken, replicas).await?;
+        }
         let work = reply
             .keys
             .into_iter()

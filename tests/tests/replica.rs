@@ -79,6 +79,45 @@ fn a_participant_applies_nothing_until_a_replica_holds_what_it_read() {
 }
 
 #[test]
+fn a_coordinator_acts_on_nothing_until_a_replica_holds_what_it_read() {
+    // `redtx-coordinator --wait-replicas 1`, the participants without: what is checked here is
+    // the coordinator's own wait. With the replica frozen it reads the submit and creates nothing
+    // (no record, no prepare) until the replica holds the submit; so an end it records (a
+    // saga's `completed` after a `done` result) never rests on an answer a failover can lose.
+    let mut opts = ClusterOptions::default().coord_args(&["--wait-replicas", "1"]);
+    opts.coordinators = 0;
+    let mut bank = Bank::start_with(opts);
+    let replica = RedisServer::start_with(ServerOptions { aof: false, ..Default::default() }).expect("replica");
+    let () =
+        redis::cmd("CONFIG").arg("SET").arg("repl-diskless-sync-delay").arg(0).query(&mut bank.stream_conn()).unwrap();
+    let mut r = redis::Client::open(replica.url()).unwrap().get_connection().unwrap();
+    let () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(bank.servers[0].port()).query(&mut r).unwrap();
+    poll("the replica linked to the stream Redis", LONG, || {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut r).ok()?;
+        info.contains("master_link_status:up").then_some(())
+    });
+    bank.start_coordinator(None);
+    bank.seed(Side::A, "acct:alice", 100);
+    bank.seed(Side::B, "acct:bob", 0);
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+
+    let said = |bank: &mut Bank| bank.coordinators[0].output().matches("replicas asked for").count();
+    let before = said(&mut bank);
+    signal(&replica, "STOP");
+    let id = bank.submit(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 5).with_id("c-wait"));
+    poll("the coordinator waiting for the replica", LONG, || (said(&mut bank) > before).then_some(()));
+    assert_eq!(bank.state(&id), None, "a record was created from a submit its replica does not hold");
+    assert!(bank.sent_to("bank-a", &id).is_empty(), "a prepare was sent");
+
+    signal(&replica, "CONT");
+    let rec = bank.wait(&id);
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
+    bank.assert_clean();
+}
+
+#[test]
 fn on_a_cluster_a_participant_applies_nothing_until_the_streams_master_has_a_replica_holding_it() {
     // The streams on a 3-master cluster, a replica per master; each participant reads every
     // partition's stream on a connection to that partition's master, and waits there.
