@@ -695,7 +695,7 @@ impl StreamReaders {
     /// replicas, and the answer is [`Error::NotReplicated`] (the entries stay pending).
     /// `slots`: where the cluster's slots are served (shared with the caller's other pinned
     /// connections).
-    pub(crate) fn replicated(mut self, slots: Arc<SlotOwners>, replicas: u32) -> Self {
+    pub fn replicated(mut self, slots: Arc<SlotOwners>, replicas: u32) -> Self {
         if replicas > 0 {
             self.wait = Some((slots, replicas));
         }
@@ -895,7 +895,7 @@ pub async fn retake_and_wait(
 /// `WAIT` on `conn` (after `before`, [`retake`]) until `replicas` replicas hold what it read or
 /// claimed; fewer within [`WAIT_REPLICAS_TIMEOUT`]: [`Error::NotReplicated`] (the entries stay
 /// pending).
-async fn replicated(conn: &mut Pinned, before: Option<&redis::Cmd>, replicas: u32) -> Result<()> {
+pub async fn replicated(conn: &mut Pinned, before: Option<&redis::Cmd>, replicas: u32) -> Result<()> {
     let started = Instant::now();
     let got = conn.wait(before, replicas, WAIT_REPLICAS_TIMEOUT).await?;
     if got < i64::from(replicas) {

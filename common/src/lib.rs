@@ -18,6 +18,8 @@
 //!   its outcome.
 //! - [`conn`]: Redis URLs (with secrets redacted for display) and connections, to one server or
 //!   to a Redis Cluster ([`conn::RedisTarget`], [`conn::RedisConn`]; what a cluster allows).
+//! - [`slots`]: connections pinned to the master serving one slot of a Redis Cluster (following
+//!   `MOVED` and `ASK`), for reads and `WAIT`s that must reach that very node.
 //! - [`server`]: starts private `redis-server` processes on free ports (for `redtx demo` and tests).
 //! - [`cluster_server`]: starts a private Redis Cluster (masters, replicas) on free ports, and
 //!   moves slots, fails masters over, kills and restarts nodes under load (for tests).
@@ -44,7 +46,7 @@ pub mod record;
 pub mod scripts;
 pub mod server;
 pub mod shutdown;
-mod slots;
+pub mod slots;
 pub mod spec;
 pub mod stats;
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 /// Where each slot is served, as last learnt (`host:port` of its master), shared by the
 /// [`Pinned`] connections of a process: from `CLUSTER SLOTS` (through the cluster connection,
 /// which itself follows the cluster) and from `MOVED` answers.
-pub(crate) struct SlotOwners {
+pub struct SlotOwners {
     target: RedisTarget,
     conn: RedisConn,
     map: tokio::sync::Mutex<SlotMap>,
@@ -37,7 +37,7 @@ struct SlotMap {
 pub(crate) type Node = (String, u16);
 
 impl SlotOwners {
-    pub(crate) fn new(target: RedisTarget, conn: RedisConn) -> Self {
+    pub fn new(target: RedisTarget, conn: RedisConn) -> Self {
         SlotOwners { target, conn, map: tokio::sync::Mutex::default() }
     }
 
@@ -111,7 +111,7 @@ fn first_three(range: redis::Value) -> Option<redis::Value> {
 }
 
 /// A connection to whichever node serves one slot (see the module doc).
-pub(crate) struct Pinned {
+pub struct Pinned {
     slot: u16,
     slots: Arc<SlotOwners>,
     response_timeout: Duration,
@@ -129,7 +129,7 @@ pub(crate) struct Pinned {
 impl Pinned {
     /// A connection for `slot`, opened at the first command; replies may take up to
     /// `response_timeout` (give blocking reads enough).
-    pub(crate) fn new(slot: u16, slots: Arc<SlotOwners>, response_timeout: Duration) -> Self {
+    pub fn new(slot: u16, slots: Arc<SlotOwners>, response_timeout: Duration) -> Self {
         Pinned { slot, slots, response_timeout, node: None, next: None, refresh: false, asked: false }
     }
 
@@ -137,7 +137,7 @@ impl Pinned {
     /// `ASK`). An error is learnt from (`MOVED`: where the slot went; `ASK`: where to ask next;
     /// anything else: the connection is dropped and the slot looked up again) and returned: the
     /// caller tries again, after a pause unless [`redirected`](Self::redirected).
-    pub(crate) async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T> {
+    pub async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T> {
         let target = self.slots.target.clone();
         let (addr, ask) = match self.next.take() {
             Some(n) => n,

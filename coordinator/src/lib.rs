@@ -53,7 +53,7 @@ pub struct CoordinatorConfig {
     pub writes_in_flight: usize,
     /// Before acting on the entries it read or claimed (votes, acks, results, submits), wait
     /// until this many replicas of the stream Redis hold them (`WAIT`, on the connection that
-    /// read them; 0: do not wait). One server only, for now (docs/scaling.md).
+    /// read them; on a cluster, connections pinned to each partition's master; 0: do not wait).
     pub wait_replicas: u32,
 }
 
@@ -79,14 +79,10 @@ impl CoordinatorConfig {
 }
 
 /// Runs a coordinator until `shutdown`: then it gives its partitions up and returns `Ok(())`.
-/// Fails at once only on a bad URL (or `wait_replicas` with a cluster); Redis being unreachable
-/// is logged and retried.
+/// Fails at once only on a bad URL; Redis being unreachable is logged and retried.
 pub async fn run(cfg: CoordinatorConfig, shutdown: Shutdown) -> Result<()> {
     let url = RedisTarget::parse(&cfg.redis, cfg.cluster)?;
-    if cfg.cluster && cfg.wait_replicas > 0 {
-        let reason = "wait_replicas is not supported on a Redis Cluster yet".to_string();
-        return Err(redtx_common::Error::BadUrl { url: url.to_string(), reason });
-    }
+
     let mut backoff = Backoff::default();
     let owner = loop {
         match owner::Owner::connect(cfg.clone(), url.clone()).await {

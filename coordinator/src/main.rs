@@ -51,7 +51,8 @@ struct Args {
     writes_in_flight: u64,
     /// Act on nothing read from the stream Redis (votes, acks, saga results) until N replicas
     /// hold it (WAIT), so that what a producer is told survives a failover to a replica (a
-    /// saga's `completed` included; docs/scaling.md). One server with replicas only, for now.
+    /// saga's `completed` included; docs/scaling.md). With --cluster, replicas of the master
+    /// serving each partition.
     #[arg(long, value_name = "N", default_value_t = 0)]
     wait_replicas: u32,
 }
@@ -67,10 +68,7 @@ async fn main() -> ExitCode {
         eprintln!("redtx-coordinator: {e}");
         return ExitCode::from(2);
     }
-    if args.cluster && args.wait_replicas > 0 {
-        eprintln!("redtx-coordinator: --wait-replicas is not supported with --cluster yet (a coordinator's reads and claims would have to be pinned to each partition's master)");
-        return ExitCode::from(2);
-    }
+
     let cfg = CoordinatorConfig {
         partitions: args.partitions,
         lease: args.lease,

@@ -36,16 +36,20 @@ use crate::CoordinatorConfig;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use redtx_common::conn::{RedisConn, RedisTarget};
-use redtx_common::consumer::{dead_letter_fields, ensure_group, retake_and_wait, trim_stream, StreamReaders};
+use redtx_common::consumer::{
+    dead_letter_fields, ensure_group, replicated, retake_and_wait, trim_stream, StreamReaders,
+};
 use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
 use redtx_common::protocol::{entry_fields, is_batch_entry, items_of_entry, submit_head, Message, PROTOCOL_VERSION};
 use redtx_common::record::{create_fields, progress_fields, txn_from_hash, TxnState};
 use redtx_common::scripts::{self, LuaScript};
 use redtx_common::shutdown::Shutdown;
+use redtx_common::slots::{Pinned, SlotOwners};
 use redtx_common::spec::{check_id, Mode};
 use redtx_common::stats::{CoordinatorCounts, Publisher};
 use redtx_common::{failpoint, keys, now_ms, Error, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -60,6 +64,9 @@ pub const FP_AFTER_DECISION: &str = "coordinator-after-decision";
 /// Fail point: a batch decided transactions; nothing of it is written yet (the votes that
 /// decided it stay pending).
 pub const FP_BEFORE_DECISION: &str = "coordinator-before-decision";
+
+/// Response timeout of a pinned claimer's connection.
+const CLAIM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Outcome stream cap (`MAXLEN ~`).
 pub const OUTCOMES_MAXLEN: usize = 100_000;
@@ -225,6 +232,12 @@ pub struct Owner {
     read_conn: RedisConn,
     /// A cluster: the per-partition readers (keyed by partition).
     cluster_reads: Option<StreamReaders>,
+    /// A cluster with `wait_replicas`: where each slot is served, for the pinned readers and
+    /// claimers (a `WAIT` must reach the master that served the read or the claim).
+    slots: Option<Arc<SlotOwners>>,
+    /// A cluster with `wait_replicas`: each partition's claims, on a connection pinned to its
+    /// master, where they are then waited for.
+    claimers: HashMap<u32, Pinned>,
     conn: RedisConn,
     parts: BTreeMap<u32, Part>,
     /// Since when each partition has been seen free.
@@ -262,7 +275,15 @@ impl Owner {
     pub async fn connect(cfg: CoordinatorConfig, url: RedisTarget) -> Result<Owner> {
         let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
         let mut conn = url.connect().await?;
-        let cluster_reads = url.is_cluster().then(|| StreamReaders::new(url.clone(), cfg.block));
+        let slots =
+            (url.is_cluster() && cfg.wait_replicas > 0).then(|| Arc::new(SlotOwners::new(url.clone(), conn.clone())));
+        let cluster_reads = url.is_cluster().then(|| {
+            let readers = StreamReaders::new(url.clone(), cfg.block);
+            match &slots {
+                Some(slots) => readers.replicated(slots.clone(), cfg.wait_replicas),
+                None => readers,
+            }
+        });
         for s in [&FENCED, &lease::ACQUIRE, &lease::RENEW, &lease::RELEASE] {
             s.load(&mut conn).await.map_err(|e| Error::redis(&url, e))?;
         }
@@ -279,6 +300,8 @@ impl Owner {
             url,
             read_conn,
             cluster_reads,
+            slots,
+            claimers: HashMap::new(),
             conn,
             parts: BTreeMap::new(),
             free_since: HashMap::new(),
@@ -529,18 +552,37 @@ impl Owner {
             None => return Ok(()),
         };
         for _ in 0..MAX_CLAIM_ROUNDS {
-            let reply: StreamAutoClaimReply = self
-                .conn
-                .xautoclaim_options(
-                    &stream,
-                    keys::COORD_GROUP,
-                    &self.me,
-                    idle.as_millis() as u64,
-                    &start,
-                    StreamAutoClaimOptions::default().count(self.cfg.batch),
-                )
-                .await
-                .map_err(|e| Error::redis(&self.url, e))?;
+            let reply: StreamAutoClaimReply = match &self.slots {
+                Some(slots) => {
+                    let slot = keys::slot(&stream);
+                    let pinned = self
+                        .claimers
+                        .entry(p)
+                        .or_insert_with(|| Pinned::new(slot, slots.clone(), CLAIM_RESPONSE_TIMEOUT));
+                    let claim = redis::cmd("XAUTOCLAIM")
+                        .arg(&stream)
+                        .arg(keys::COORD_GROUP)
+                        .arg(&self.me)
+                        .arg(idle.as_millis() as u64)
+                        .arg(&start)
+                        .arg("COUNT")
+                        .arg(self.cfg.batch)
+                        .clone();
+                    pinned.query(&claim).await?
+                }
+                None => self
+                    .conn
+                    .xautoclaim_options(
+                        &stream,
+                        keys::COORD_GROUP,
+                        &self.me,
+                        idle.as_millis() as u64,
+                        &start,
+                        StreamAutoClaimOptions::default().count(self.cfg.batch),
+                    )
+                    .await
+                    .map_err(|e| Error::redis(&self.url, e))?,
+            };
             // Entries held on purpose (their effect is in memory, recorded with the
             // transaction's next write) need no second look.
             let claimed: Vec<StreamId> = match self.parts.get(&p) {
@@ -548,9 +590,16 @@ impl Owner {
                 None => Vec::new(),
             };
             if !claimed.is_empty() && self.cfg.wait_replicas > 0 {
-                let taken = [(stream.as_str(), claimed.iter().map(|e| e.id.as_str()).collect())];
-                let (group, replicas) = (keys::COORD_GROUP, self.cfg.wait_replicas);
-                retake_and_wait(&mut self.conn, &self.url, group, &self.me, &taken, replicas).await?;
+                let replicas = self.cfg.wait_replicas;
+                match self.claimers.get_mut(&p) {
+                    // `XAUTOCLAIM` is a write of the pinned connection's own: `WAIT` covers it.
+                    Some(pinned) => replicated(pinned, None, replicas).await?,
+                    None => {
+                        let taken = [(stream.as_str(), claimed.iter().map(|e| e.id.as_str()).collect())];
+                        let group = keys::COORD_GROUP;
+                        retake_and_wait(&mut self.conn, &self.url, group, &self.me, &taken, replicas).await?;
+                    }
+                }
             }
             if !claimed.is_empty() {
                 tracing::info!(partition = p, claimed = claimed.len(), "took over pending entries");

@@ -149,3 +149,34 @@ fn on_a_cluster_a_participant_applies_nothing_until_the_streams_master_has_a_rep
     assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
     bank.assert_clean();
 }
+
+#[test]
+fn on_a_cluster_a_coordinator_acts_on_nothing_until_the_partitions_master_has_a_replica_holding_it() {
+    // The coordinator reads (and claims) each partition's stream on a connection pinned to
+    // that partition's master, and waits there; the participants do not wait.
+    let cluster = RedisCluster::start(3, 1).expect("start the cluster");
+    let mut bank = Bank::start_on_cluster(cluster, ClusterOptions::default().coord_args(&["--wait-replicas", "1"]));
+    bank.seed(Side::A, "acct:alice", 100);
+    bank.seed(Side::B, "acct:bob", 0);
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+
+    let id = "cc-wait";
+    let slot = keys::partition_slot(keys::partition(id, PARTITIONS));
+    let streams = bank.streams.as_ref().expect("a cluster");
+    let master = streams.master_of_slot(slot).unwrap();
+    let pid = streams.pid(streams.replicas_of(master).unwrap()[0]).expect("the replica runs");
+    let said = |bank: &mut Bank| bank.coordinators[0].output().matches("replicas asked for").count();
+    let before = said(&mut bank);
+    signal_pid(pid, "STOP");
+    bank.submit(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 5).with_id(id));
+    poll("the coordinator waiting for the replica", LONG, || (said(&mut bank) > before).then_some(()));
+    let rec = bank.record(id);
+    assert!(rec.is_none(), "a record was created from a submit its replica does not hold: {rec:?}");
+
+    signal_pid(pid, "CONT");
+    let rec = bank.wait(id);
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
+    bank.assert_clean();
+}
