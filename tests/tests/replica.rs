@@ -3,7 +3,8 @@
 //! has applied. Here the replica is frozen (SIGSTOP) while a transfer runs: the participants
 //! read its prepare, say they wait for the replica, and change nothing; once the replica goes on,
 //! the transfer commits, exactly once. The same on a Redis Cluster, with the replica of the
-//! master serving the transfer's partition frozen.
+//! master serving the transfer's partition frozen. And `redtx-coordinator --wait-replicas N`:
+//! the coordinator acts on nothing it read (here a submit) until a replica holds it.
 
 use redtx_common::cluster_server::RedisCluster;
 use redtx_common::record::TxnState;
@@ -39,12 +40,8 @@ fn waiting_and_nothing_applied(bank: &mut Bank, id: &str, before: (usize, usize)
     }
 }
 
-#[test]
-fn a_participant_applies_nothing_until_a_replica_holds_what_it_read() {
-    let mut opts = ClusterOptions::default().part_args(&["--wait-replicas", "1"]);
-    opts.instances = [("bank-a".to_string(), 0), ("bank-b".to_string(), 0)].into();
-    let mut bank = Bank::start_with(opts);
-    // A replica of the stream Redis (server A), linked before the participants start.
+/// A replica of `bank`'s stream Redis (server A), started and linked (its first sync done).
+fn linked_replica(bank: &Bank) -> RedisServer {
     let replica = RedisServer::start_with(ServerOptions { aof: false, ..Default::default() }).expect("replica");
     // The first sync at once, not after the default 5 s wait for more replicas.
     let () =
@@ -55,6 +52,24 @@ fn a_participant_applies_nothing_until_a_replica_holds_what_it_read() {
         let info: String = redis::cmd("INFO").arg("replication").query(&mut r).ok()?;
         info.contains("master_link_status:up").then_some(())
     });
+    replica
+}
+
+/// The pid of the replica of the master serving `id`'s partition, on `bank`'s stream cluster.
+fn replica_serving(bank: &Bank, id: &str) -> u32 {
+    let slot = keys::partition_slot(keys::partition(id, PARTITIONS));
+    let streams = bank.streams.as_ref().expect("a cluster");
+    let master = streams.master_of_slot(slot).unwrap();
+    streams.pid(streams.replicas_of(master).unwrap()[0]).expect("the replica runs")
+}
+
+#[test]
+fn a_participant_applies_nothing_until_a_replica_holds_what_it_read() {
+    let mut opts = ClusterOptions::default().part_args(&["--wait-replicas", "1"]);
+    opts.instances = [("bank-a".to_string(), 0), ("bank-b".to_string(), 0)].into();
+    let mut bank = Bank::start_with(opts);
+    // A replica of the stream Redis, linked before the participants start.
+    let replica = linked_replica(&bank);
     bank.start_worker("bank-a", None);
     bank.start_worker("bank-b", None);
     bank.seed(Side::A, "acct:alice", 100);
@@ -87,15 +102,7 @@ fn a_coordinator_acts_on_nothing_until_a_replica_holds_what_it_read() {
     let mut opts = ClusterOptions::default().coord_args(&["--wait-replicas", "1"]);
     opts.coordinators = 0;
     let mut bank = Bank::start_with(opts);
-    let replica = RedisServer::start_with(ServerOptions { aof: false, ..Default::default() }).expect("replica");
-    let () =
-        redis::cmd("CONFIG").arg("SET").arg("repl-diskless-sync-delay").arg(0).query(&mut bank.stream_conn()).unwrap();
-    let mut r = redis::Client::open(replica.url()).unwrap().get_connection().unwrap();
-    let () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(bank.servers[0].port()).query(&mut r).unwrap();
-    poll("the replica linked to the stream Redis", LONG, || {
-        let info: String = redis::cmd("INFO").arg("replication").query(&mut r).ok()?;
-        info.contains("master_link_status:up").then_some(())
-    });
+    let replica = linked_replica(&bank);
     bank.start_coordinator(None);
     bank.seed(Side::A, "acct:alice", 100);
     bank.seed(Side::B, "acct:bob", 0);
@@ -131,11 +138,7 @@ fn on_a_cluster_a_participant_applies_nothing_until_the_streams_master_has_a_rep
     // The replica of the master serving the next transfer's partition frozen: its prepares are
     // read there, not applied.
     let id = "rc-wait";
-    let slot = keys::partition_slot(keys::partition(id, PARTITIONS));
-    let streams = bank.streams.as_ref().expect("a cluster");
-    let master = streams.master_of_slot(slot).unwrap();
-    let replica = streams.replicas_of(master).unwrap()[0];
-    let pid = streams.pid(replica).expect("the replica runs");
+    let pid = replica_serving(&bank, id);
     let before = (waits(&mut bank, "bank-a"), waits(&mut bank, "bank-b"));
     signal_pid(pid, "STOP");
     bank.submit(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 5).with_id(id));
@@ -162,10 +165,7 @@ fn on_a_cluster_a_coordinator_acts_on_nothing_until_the_partitions_master_has_a_
     assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
 
     let id = "cc-wait";
-    let slot = keys::partition_slot(keys::partition(id, PARTITIONS));
-    let streams = bank.streams.as_ref().expect("a cluster");
-    let master = streams.master_of_slot(slot).unwrap();
-    let pid = streams.pid(streams.replicas_of(master).unwrap()[0]).expect("the replica runs");
+    let pid = replica_serving(&bank, id);
     let said = |bank: &mut Bank| bank.coordinators[0].output().matches("replicas asked for").count();
     let before = said(&mut bank);
     signal_pid(pid, "STOP");
