@@ -82,7 +82,6 @@ impl CoordinatorConfig {
 /// Fails at once only on a bad URL; Redis being unreachable is logged and retried.
 pub async fn run(cfg: CoordinatorConfig, shutdown: Shutdown) -> Result<()> {
     let url = RedisTarget::parse(&cfg.redis, cfg.cluster)?;
-
     let mut backoff = Backoff::default();
     let owner = loop {
         match owner::Owner::connect(cfg.clone(), url.clone()).await {

@@ -68,7 +68,6 @@ async fn main() -> ExitCode {
         eprintln!("redtx-coordinator: {e}");
         return ExitCode::from(2);
     }
-
     let cfg = CoordinatorConfig {
         partitions: args.partitions,
         lease: args.lease,
