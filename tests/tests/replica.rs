@@ -40,6 +40,22 @@ fn waiting_and_nothing_applied(bank: &mut Bank, id: &str, before: (usize, usize)
     }
 }
 
+/// Seeds alice (100) and bob (0), and runs a first transfer of 10: it commits.
+fn first_transfer(bank: &Bank) {
+    bank.seed(Side::A, "acct:alice", 100);
+    bank.seed(Side::B, "acct:bob", 0);
+    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10));
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+}
+
+/// `id`, the second transfer (5), commits, once: the balances are 85 and 15, nothing is left.
+fn committed_once(bank: &Bank, id: &str) {
+    let rec = bank.wait(id);
+    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
+    bank.assert_clean();
+}
+
 /// A replica of `bank`'s stream Redis (server A), started and linked (its first sync done).
 fn linked_replica(bank: &Bank) -> RedisServer {
     let replica = RedisServer::start_with(ServerOptions { aof: false, ..Default::default() }).expect("replica");
@@ -72,11 +88,7 @@ fn a_participant_applies_nothing_until_a_replica_holds_what_it_read() {
     let replica = linked_replica(&bank);
     bank.start_worker("bank-a", None);
     bank.start_worker("bank-b", None);
-    bank.seed(Side::A, "acct:alice", 100);
-    bank.seed(Side::B, "acct:bob", 0);
-
-    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10));
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    first_transfer(&bank);
 
     // The replica frozen: the next transfer's prepares are read, not applied.
     let before = (waits(&mut bank, "bank-a"), waits(&mut bank, "bank-b"));
@@ -87,10 +99,7 @@ fn a_participant_applies_nothing_until_a_replica_holds_what_it_read() {
 
     // The replica goes on: the transfer commits, once.
     signal(&replica, "CONT");
-    let rec = bank.wait(&id);
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
-    bank.assert_clean();
+    committed_once(&bank, &id);
 }
 
 #[test]
@@ -104,10 +113,7 @@ fn a_coordinator_acts_on_nothing_until_a_replica_holds_what_it_read() {
     let mut bank = Bank::start_with(opts);
     let replica = linked_replica(&bank);
     bank.start_coordinator(None);
-    bank.seed(Side::A, "acct:alice", 100);
-    bank.seed(Side::B, "acct:bob", 0);
-    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10));
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    first_transfer(&bank);
 
     let said = |bank: &mut Bank| bank.coordinators[0].output().matches("replicas asked for").count();
     let before = said(&mut bank);
@@ -118,10 +124,7 @@ fn a_coordinator_acts_on_nothing_until_a_replica_holds_what_it_read() {
     assert!(bank.sent_to("bank-a", &id).is_empty(), "a prepare was sent");
 
     signal(&replica, "CONT");
-    let rec = bank.wait(&id);
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
-    bank.assert_clean();
+    committed_once(&bank, &id);
 }
 
 #[test]
@@ -130,10 +133,7 @@ fn on_a_cluster_a_participant_applies_nothing_until_the_streams_master_has_a_rep
     // partition's stream on a connection to that partition's master, and waits there.
     let cluster = RedisCluster::start(3, 1).expect("start the cluster");
     let mut bank = Bank::start_on_cluster(cluster, ClusterOptions::default().part_args(&["--wait-replicas", "1"]));
-    bank.seed(Side::A, "acct:alice", 100);
-    bank.seed(Side::B, "acct:bob", 0);
-    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10));
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    first_transfer(&bank);
 
     // The replica of the master serving the next transfer's partition frozen: its prepares are
     // read there, not applied.
@@ -147,10 +147,7 @@ fn on_a_cluster_a_participant_applies_nothing_until_the_streams_master_has_a_rep
 
     // The replica goes on: the transfer commits, once.
     signal_pid(pid, "CONT");
-    let rec = bank.wait(id);
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
-    bank.assert_clean();
+    committed_once(&bank, id);
 }
 
 #[test]
@@ -159,10 +156,7 @@ fn on_a_cluster_a_coordinator_acts_on_nothing_until_the_partitions_master_has_a_
     // that partition's master, and waits there; the participants do not wait.
     let cluster = RedisCluster::start(3, 1).expect("start the cluster");
     let mut bank = Bank::start_on_cluster(cluster, ClusterOptions::default().coord_args(&["--wait-replicas", "1"]));
-    bank.seed(Side::A, "acct:alice", 100);
-    bank.seed(Side::B, "acct:bob", 0);
-    let rec = bank.run(&transfer((Side::A, "acct:alice"), (Side::B, "acct:bob"), 10));
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
+    first_transfer(&bank);
 
     let id = "cc-wait";
     let pid = replica_serving(&bank, id);
@@ -175,8 +169,5 @@ fn on_a_cluster_a_coordinator_acts_on_nothing_until_the_partitions_master_has_a_
     assert!(rec.is_none(), "a record was created from a submit its replica does not hold: {rec:?}");
 
     signal_pid(pid, "CONT");
-    let rec = bank.wait(id);
-    assert_eq!(rec.state, TxnState::Committed, "{rec:?}");
-    assert_eq!((bank.balance(Side::A, "acct:alice"), bank.balance(Side::B, "acct:bob")), (85, 15));
-    bank.assert_clean();
+    committed_once(&bank, id);
 }
