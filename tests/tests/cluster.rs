@@ -207,34 +207,14 @@ fn moving_a_slot_under_wait_replicas_loses_nothing() {
     let slot = keys::partition_slot(p);
     let from = streams.master_of_slot(slot).unwrap();
     let to = streams.masters().unwrap().into_iter().find(|m| *m != from).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut moved = (0, 0);
-    let mut done = transfers_until(
-        &bank,
-        &accounts,
-        6,
-        |ended| {
-            poll("20 transfers ended", LONG, || (ended.load(Ordering::Relaxed) >= 20).then_some(()));
-            let at = redtx_common::now_ms();
-            eprintln!("moving slot {slot} from node {from} to node {to} at {:?}", started.elapsed());
-            let keys = streams.move_slot(slot, to).expect("move the slot");
-            moved = (at, redtx_common::now_ms());
-            eprintln!("{keys} keys moved at {:?}", started.elapsed());
-            let before = ended.load(Ordering::Relaxed);
-            poll("100 more transfers ended after the move", 3 * LONG, || {
-                (ended.load(Ordering::Relaxed) >= before + 100).then_some(())
-            });
-        },
-        &stop,
-    );
-    let (at, after) = moved;
+    let (mut done, at, after, ()) = transfers_around(&bank, &accounts, "the move", || {
+        eprintln!("moving slot {slot} from node {from} to node {to} at {:?}", started.elapsed());
+        let keys = streams.move_slot(slot, to).expect("move the slot");
+        eprintln!("{keys} keys moved at {:?}", started.elapsed());
+    });
     assert_eq!(streams.master_of_slot(slot).unwrap(), to, "the slot was moved");
     let in_p = |d: &&Done| keys::partition(&d.record.id, PARTITIONS) == p;
-    let across = done
-        .iter()
-        .filter(in_p)
-        .filter(|d| d.record.created_ms < after && d.record.finished_ms.is_some_and(|f| f > at))
-        .count();
+    let across = under_way(&done, p, at, after);
     assert!(across > 0, "some transfers of partition {p} were under way while its slot moved");
     assert!(done.iter().filter(in_p).any(|d| d.record.created_ms >= after), "partition {p} had transfers after");
 
@@ -308,6 +288,47 @@ fn transfers_until(
     tasks.into_iter().flat_map(|t| bank.rt.block_on(t).expect("producer")).collect()
 }
 
+/// Six producers run transfers; once 20 have ended, `event` runs, and then 100 more must end.
+/// Returns every transfer that ended, the time (ms) just before `event` and just after it, and
+/// what `event` returned.
+fn transfers_around<T>(
+    bank: &Bank,
+    accounts: &[(Side, String)],
+    what: &str,
+    event: impl FnOnce() -> T,
+) -> (Vec<Done>, u64, u64, T) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut out = None;
+    let done = transfers_until(
+        bank,
+        accounts,
+        6,
+        |ended| {
+            poll("20 transfers ended", LONG, || (ended.load(Ordering::Relaxed) >= 20).then_some(()));
+            let at = redtx_common::now_ms();
+            let r = event();
+            let after = redtx_common::now_ms();
+            let before = ended.load(Ordering::Relaxed);
+            poll(&format!("100 more transfers ended after {what}"), 3 * LONG, || {
+                (ended.load(Ordering::Relaxed) >= before + 100).then_some(())
+            });
+            out = Some((at, after, r));
+        },
+        &stop,
+    );
+    let (at, after, r) = out.expect("the event ran");
+    (done, at, after, r)
+}
+
+/// How many transfers of partition `p` were under way between `at` and `after`: created
+/// before `after`, finished after `at`.
+fn under_way(done: &[Done], p: u32, at: u64, after: u64) -> usize {
+    done.iter()
+        .filter(|d| keys::partition(&d.record.id, PARTITIONS) == p)
+        .filter(|d| d.record.created_ms < after && d.record.finished_ms.is_some_and(|f| f > at))
+        .count()
+}
+
 #[test]
 fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
     let started = Instant::now();
@@ -324,30 +345,13 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
             .filter(|d| keys::partition(&d.record.id, PARTITIONS) == p && d.record.created_ms >= after_ms)
             .count()
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut failed_over = (0, 0, 0);
-    let mut done = transfers_until(
-        &bank,
-        &accounts,
-        6,
-        |ended| {
-            // Transfers run before the failover and go on after it.
-            poll("20 transfers ended", LONG, || (ended.load(Ordering::Relaxed) >= 20).then_some(()));
-            let at = redtx_common::now_ms();
-            eprintln!("failover of node {master} at {:?}", started.elapsed());
-            let new_master = streams.failover(master).expect("fail the master over");
-            let after = redtx_common::now_ms();
-            eprintln!("node {new_master} is master at {:?}", started.elapsed());
-            let before = ended.load(Ordering::Relaxed);
-            poll("100 more transfers ended after the failover", LONG, || {
-                (ended.load(Ordering::Relaxed) >= before + 100).then_some(())
-            });
-            eprintln!("100 more ended at {:?}", started.elapsed());
-            failed_over = (at, after, new_master);
-        },
-        &stop,
-    );
-    let (at, after, new_master) = failed_over;
+    // Transfers run before the failover and go on after it.
+    let (mut done, at, after, new_master) = transfers_around(&bank, &accounts, "the failover", || {
+        eprintln!("failover of node {master} at {:?}", started.elapsed());
+        let new_master = streams.failover(master).expect("fail the master over");
+        eprintln!("node {new_master} is master at {:?}", started.elapsed());
+        new_master
+    });
     assert_ne!(new_master, master);
     assert_eq!(streams.master_of_slot(keys::partition_slot(p)).unwrap(), new_master, "the replica serves it now");
     bank.0.streams = Some(streams);
@@ -355,12 +359,7 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
     assert!(committed > 0, "committed {committed}, aborted {aborted}");
     assert!(ended_in_p(&done, 0) > ended_in_p(&done, at), "partition {p} had transfers before the failover");
     assert!(ended_in_p(&done, after) > 0, "partition {p} had transfers after the failover");
-    let across = done.iter().filter(|d| {
-        keys::partition(&d.record.id, PARTITIONS) == p
-            && d.record.created_ms < after
-            && d.record.finished_ms.is_some_and(|f| f > at)
-    });
-    assert!(across.count() > 0, "some transfers of partition {p} were under way while it failed over");
+    assert!(under_way(&done, p, at, after) > 0, "some transfers of partition {p} were under way while it failed over");
     drained_and_running(&mut bank);
     eprintln!(
         "{} transfers ({committed} committed, {aborted} aborted) across a failover, in {:?}",
@@ -394,28 +393,14 @@ fn killing_a_master_and_restarting_it_under_transfers_loses_nothing() {
     let mut streams = bank.0.streams.take().expect("a cluster");
     let p = 0;
     let master = streams.master_of_slot(keys::partition_slot(p)).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut restarted_at = 0;
-    let mut done = transfers_until(
-        &bank,
-        &accounts,
-        6,
-        |ended| {
-            poll("20 transfers ended", LONG, || (ended.load(Ordering::Relaxed) >= 20).then_some(()));
-            eprintln!("kill -9 of node {master} at {:?}", started.elapsed());
-            streams.kill(master);
-            // Down for a while (the fault itself, not a check): transfers of its partitions wait.
-            std::thread::sleep(Duration::from_secs(1));
-            streams.restart(master).expect("restart the master from its AOF");
-            restarted_at = redtx_common::now_ms();
-            eprintln!("node {master} back at {:?}", started.elapsed());
-            let before = ended.load(Ordering::Relaxed);
-            poll("100 more transfers ended after the restart", LONG, || {
-                (ended.load(Ordering::Relaxed) >= before + 100).then_some(())
-            });
-        },
-        &stop,
-    );
+    let (mut done, _, restarted_at, ()) = transfers_around(&bank, &accounts, "the restart", || {
+        eprintln!("kill -9 of node {master} at {:?}", started.elapsed());
+        streams.kill(master);
+        // Down for a while (the fault itself, not a check): transfers of its partitions wait.
+        std::thread::sleep(Duration::from_secs(1));
+        streams.restart(master).expect("restart the master from its AOF");
+        eprintln!("node {master} back at {:?}", started.elapsed());
+    });
     assert_eq!(streams.master_of_slot(keys::partition_slot(p)).unwrap(), master, "the same node serves it again");
     bank.0.streams = Some(streams);
     let (committed, aborted) = check(&bank, &accounts, &mut done);
