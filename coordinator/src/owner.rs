@@ -33,7 +33,7 @@
 use crate::lease;
 use crate::writer::{Replies, Writer};
 use crate::CoordinatorConfig;
-use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use redtx_common::conn::{RedisConn, RedisTarget};
 use redtx_common::consumer::{
@@ -552,6 +552,15 @@ impl Owner {
             None => return Ok(()),
         };
         for _ in 0..MAX_CLAIM_ROUNDS {
+            let claim = redis::cmd("XAUTOCLAIM")
+                .arg(&stream)
+                .arg(keys::COORD_GROUP)
+                .arg(&self.me)
+                .arg(idle.as_millis() as u64)
+                .arg(&start)
+                .arg("COUNT")
+                .arg(self.cfg.batch)
+                .clone();
             let reply: StreamAutoClaimReply = match &self.slots {
                 Some(slots) => {
                     let slot = keys::slot(&stream);
@@ -559,29 +568,9 @@ impl Owner {
                         .claimers
                         .entry(p)
                         .or_insert_with(|| Pinned::new(slot, slots.clone(), CLAIM_RESPONSE_TIMEOUT));
-                    let claim = redis::cmd("XAUTOCLAIM")
-                        .arg(&stream)
-                        .arg(keys::COORD_GROUP)
-                        .arg(&self.me)
-                        .arg(idle.as_millis() as u64)
-                        .arg(&start)
-                        .arg("COUNT")
-                        .arg(self.cfg.batch)
-                        .clone();
                     pinned.query(&claim).await?
                 }
-                None => self
-                    .conn
-                    .xautoclaim_options(
-                        &stream,
-                        keys::COORD_GROUP,
-                        &self.me,
-                        idle.as_millis() as u64,
-                        &start,
-                        StreamAutoClaimOptions::default().count(self.cfg.batch),
-                    )
-                    .await
-                    .map_err(|e| Error::redis(&self.url, e))?,
+                None => claim.query_async(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?,
             };
             // Entries held on purpose (their effect is in memory, recorded with the
             // transaction's next write) need no second look.
