@@ -384,6 +384,31 @@ impl RedisCluster {
         Ok(replica)
     }
 
+    /// Kills `master` with SIGKILL and waits until the cluster has failed it over by itself to
+    /// one of its replicas (after the node timeout), and is settled; returns the new master.
+    /// The killed node stays down: [`restart`](Self::restart) brings it back, as a replica of
+    /// the new master.
+    pub fn kill_and_fail_over(&mut self, master: usize) -> Result<usize> {
+        let replicas = self.replicas_of(master)?;
+        if replicas.is_empty() {
+            return Err(setup(format!("node {master} has no replica to take over")));
+        }
+        self.kill(master);
+        let mut new_master = None;
+        self.wait_until(&format!("a replica of node {master} to be elected master"), |c| {
+            for &r in &replicas {
+                let me = c.nodes_view(r)?;
+                if me.iter().any(|n| n.flags.contains("myself") && n.flags.contains("master")) {
+                    new_master = Some(r);
+                    return Ok(None);
+                }
+            }
+            Ok(Some("no replica is master yet".to_string()))
+        })?;
+        self.wait_settled()?;
+        new_master.ok_or_else(|| setup("no new master".into()))
+    }
+
     /// Kills `node` with SIGKILL. Without a replica to take over, its slots are down (and the
     /// cluster `fail` once the others notice) until it is restarted.
     pub fn kill(&mut self, node: usize) {

@@ -178,6 +178,10 @@ impl Consumer {
     /// [`connect`](Self::connect) to one server or to a Redis Cluster.
     pub async fn connect_target(url: &RedisTarget, cfg: ConsumerConfig) -> Result<Self> {
         assert!(!cfg.streams.is_empty(), "a consumer reads at least one stream");
+        // On a cluster a write to a partition whose master is down gives up within about a
+        // second, not the crate's ten and more: the step fails, that partition's entries stay
+        // pending, and the others' go on at the next step.
+        let url = &url.clone().with_cluster_retries(crate::conn::ClusterRetries::QUICK);
         let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
         let mut conn = url.connect().await?;
         for stream in &cfg.streams {
@@ -274,16 +278,22 @@ impl Consumer {
                 readers.ask(i, stream, &self.cfg.group, &self.cfg.consumer, self.cfg.batch);
             }
             let mut out = Vec::new();
-            let mut failed = None;
+            let (mut failed, mut failures) = (None, 0);
             for (i, r) in readers.answers(self.cfg.block + Duration::from_millis(50)).await {
                 match r {
                     Ok(reply) => out.extend(reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).map(|e| (i, e))),
-                    Err(e) => failed = Some(e),
+                    Err(e) => {
+                        failed = Some(e);
+                        failures += 1;
+                    }
                 }
             }
             return match failed {
-                // Entries read by the others are handled first; the failed stream is read again.
-                Some(e) if out.is_empty() => Err(e),
+                // Every stream failed: the step fails (and pauses).
+                Some(e) if failures == self.cfg.streams.len() => Err(e),
+                // One partition's master down (a cluster) holds back none of the others: what
+                // they read is handled, and the failed stream is read again next round (its
+                // reader pauses first).
                 Some(e) => {
                     tracing::warn!(error = %e, "a stream read failed; retried next round");
                     Ok(out)
@@ -351,7 +361,14 @@ impl Consumer {
     /// batches) on every stream and processes them.
     async fn claim_idle<H: Handler>(&mut self, handler: &mut H) -> Result<()> {
         for i in 0..self.cfg.streams.len() {
-            self.claim_idle_on(handler, i).await?;
+            match self.claim_idle_on(handler, i).await {
+                // On a cluster a stream whose master is down waits for the next tick; the
+                // others go on.
+                Err(e) if self.conn.is_cluster() && e.is_transient() => {
+                    tracing::warn!(stream = %self.cfg.streams[i], error = %e, "claiming idle entries failed; tried again next tick")
+                }
+                r => r?,
+            }
         }
         Ok(())
     }

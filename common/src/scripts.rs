@@ -135,7 +135,9 @@ pub fn append(to: &mut redis::Cmd, from: &redis::Cmd) {
 /// Runs `calls` on `conn`: as one pipeline ([`run`]) on one server; on a Redis Cluster each call
 /// on its own (its keys are one partition's, and calls of several partitions cannot share a
 /// pipeline), all sent at once (the cluster connection pipelines the calls to each node). One
-/// reply per call, in order; the outer error is a connection-level failure of any of them.
+/// reply per call, in order. On one server the outer error is a connection-level failure; on a
+/// cluster a call that could not reach its node (its master down, a redirect that outlived the
+/// retries) gets that error as its own reply, and the others' replies stand.
 pub async fn run_each(
     conn: &crate::conn::RedisConn,
     url: &crate::conn::RedisTarget,
@@ -154,8 +156,11 @@ pub async fn run_each(
         .collect();
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let mut r = t.await.map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        out.push(r.pop().expect("one reply per call"));
+        match t.await.map_err(|e| Error::Io(std::io::Error::other(e)))? {
+            Ok(mut r) => out.push(r.pop().expect("one reply per call")),
+            Err(Error::Redis { source, .. }) => out.push(Err(source)),
+            Err(e) => return Err(e),
+        }
     }
     Ok(out)
 }

@@ -111,7 +111,16 @@ pub async fn acquire(
     let replies = scripts::run_each(conn, url, &calls).await?;
     let mut got = Vec::new();
     for (&p, r) in parts.iter().zip(replies) {
-        let (ok, value) = reply(ACQUIRE.name, &r.map_err(|e| Error::redis(url, e))?)?;
+        let r = match r.map_err(|e| Error::redis(url, e)) {
+            Ok(r) => r,
+            // On a cluster, a partition whose master is unreachable is tried again next round.
+            Err(e) if conn.is_cluster() && e.is_transient() => {
+                tracing::debug!(partition = p, error = %e, "could not acquire the lease");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let (ok, value) = reply(ACQUIRE.name, &r)?;
         if ok {
             got.push((p, value));
         }
@@ -119,24 +128,27 @@ pub async fn acquire(
     Ok(got)
 }
 
-/// Renews the given leases; returns the partitions whose lease was lost.
+/// Renews the given leases; returns, per partition, `Ok(None)` (renewed), `Ok(Some(holder))`
+/// (lost: `holder` has it, "" for nobody) or the error of its call (on a cluster each
+/// partition's call may fail alone).
 pub async fn renew(
     conn: &mut RedisConn,
     url: &RedisTarget,
     ttl_ms: u64,
     held: &[(u32, String)],
-) -> Result<Vec<(u32, String)>> {
+) -> Result<Vec<(u32, Result<Option<String>>)>> {
     let calls: Vec<_> =
         held.iter().map(|(p, v)| RENEW.call().key(keys::lease(*p)).arg(v.as_str()).arg(ttl_ms)).collect();
     let replies = scripts::run_each(conn, url, &calls).await?;
-    let mut lost = Vec::new();
+    let mut out = Vec::with_capacity(held.len());
     for ((p, _), r) in held.iter().zip(replies) {
-        let (ok, holder) = reply(RENEW.name, &r.map_err(|e| Error::redis(url, e))?)?;
-        if !ok {
-            lost.push((*p, holder));
-        }
+        let renewed = r
+            .map_err(|e| Error::redis(url, e))
+            .and_then(|v| reply(RENEW.name, &v))
+            .map(|(ok, holder)| (!ok).then_some(holder));
+        out.push((*p, renewed));
     }
-    Ok(lost)
+    Ok(out)
 }
 
 /// Gives up the lease of `p` if still held with `value`.
@@ -146,7 +158,9 @@ pub async fn release(conn: &mut RedisConn, url: &RedisTarget, p: u32, value: &st
 }
 
 /// Refreshes this coordinator's membership, drops lapsed members, and reads which partitions
-/// are free. Returns (live coordinators, free partitions).
+/// are free. Returns (live coordinators, free partitions). On a cluster, a partition whose
+/// master is unreachable is not counted free, and the live coordinators are `None` when the
+/// membership's master is unreachable.
 pub async fn survey(
     conn: &mut RedisConn,
     url: &RedisTarget,
@@ -154,13 +168,13 @@ pub async fn survey(
     now_ms: u64,
     ttl_ms: u64,
     partitions: u32,
-) -> Result<(usize, BTreeSet<u32>)> {
+) -> Result<(Option<usize>, BTreeSet<u32>)> {
     let members = keys::coordinators();
     let mut p = redis::pipe();
     p.cmd("ZADD").arg(&members).arg(now_ms + ttl_ms).arg(me).ignore();
     p.cmd("ZREMRANGEBYSCORE").arg(&members).arg("-inf").arg(now_ms).ignore();
     p.cmd("ZCARD").arg(&members);
-    let out: Vec<u64> = if conn.is_cluster() {
+    if conn.is_cluster() {
         // Each lease is in its partition's slot, the membership in another: one pipeline per
         // slot, all sent at once.
         let mut pipes = vec![p];
@@ -169,20 +183,34 @@ pub async fn survey(
             e.cmd("EXISTS").arg(keys::lease(part));
             pipes.push(e);
         }
-        let mut out = Vec::with_capacity(1 + partitions as usize);
-        for r in conn.query_each::<Vec<u64>>(pipes).await {
-            out.extend(r.map_err(|e| Error::redis(url, e))?);
+        let mut live = None;
+        let mut free = BTreeSet::new();
+        for (i, r) in conn.query_each::<Vec<u64>>(pipes).await.into_iter().enumerate() {
+            let r = match r.map_err(|e| Error::redis(url, e)) {
+                Ok(r) => r,
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(error = %e, "survey: a slot's master is unreachable");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match (i, r.first()) {
+                (0, Some(&n)) => live = Some((n as usize).max(1)),
+                (i, Some(0)) if i > 0 => {
+                    free.insert(i as u32 - 1);
+                }
+                _ => {}
+            }
         }
-        out
-    } else {
-        for part in 0..partitions {
-            p.cmd("EXISTS").arg(keys::lease(part));
-        }
-        p.query_async(conn).await.map_err(|e| Error::redis(url, e))?
-    };
+        return Ok((live, free));
+    }
+    for part in 0..partitions {
+        p.cmd("EXISTS").arg(keys::lease(part));
+    }
+    let out: Vec<u64> = p.query_async(conn).await.map_err(|e| Error::redis(url, e))?;
     let live = out[0] as usize;
     let free = out[1..].iter().enumerate().filter(|(_, &e)| e == 0).map(|(i, _)| i as u32).collect();
-    Ok((live.max(1), free))
+    Ok((Some(live.max(1)), free))
 }
 
 /// Leaves the membership (on a clean shutdown).

@@ -35,7 +35,7 @@ use crate::writer::{Replies, Writer};
 use crate::CoordinatorConfig;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
-use redtx_common::conn::{RedisConn, RedisTarget};
+use redtx_common::conn::{ClusterRetries, RedisConn, RedisTarget};
 use redtx_common::consumer::{
     dead_letter_fields, ensure_group, replicated, retake_and_wait, trim_stream, StreamReaders,
 };
@@ -84,6 +84,10 @@ const CONSUMING_TTL: Duration = Duration::from_secs(2);
 /// Most `XAUTOCLAIM` rounds per partition per tick.
 const MAX_CLAIM_ROUNDS: usize = 16;
 
+/// The first and the longest pause before a partition that failed alone is tried again.
+const PARTITION_PAUSE_MIN: Duration = Duration::from_millis(100);
+const PARTITION_PAUSE_MAX: Duration = Duration::from_secs(2);
+
 /// One owned partition.
 struct Part {
     /// The lease value every write presents.
@@ -105,6 +109,12 @@ struct Part {
     /// The value of `rtx:wseq:{P}` the next write follows (read at reload, counted up per
     /// write sent).
     seq: u64,
+    /// On a cluster, after a failure of this partition alone ([`Owner::partition_failed`]):
+    /// not tried again before this time.
+    retry_at: Option<Instant>,
+    /// The pause before the next try after such a failure (doubles each time, up to
+    /// [`PARTITION_PAUSE_MAX`]; zero after a successful reload).
+    pause: Duration,
 }
 
 impl Part {
@@ -118,6 +128,8 @@ impl Part {
             held: HashMap::new(),
             holders: HashMap::new(),
             seq: 0,
+            retry_at: None,
+            pause: Duration::ZERO,
         }
     }
 
@@ -242,6 +254,8 @@ pub struct Owner {
     parts: BTreeMap<u32, Part>,
     /// Since when each partition has been seen free.
     free_since: HashMap<u32, Instant>,
+    /// The live coordinators at the last survey that could count them.
+    live: usize,
     last_round: Option<Instant>,
     last_renew: Instant,
     last_trim: Instant,
@@ -273,6 +287,10 @@ struct InFlight {
 impl Owner {
     /// Connects to the stream Redis.
     pub async fn connect(cfg: CoordinatorConfig, url: RedisTarget) -> Result<Owner> {
+        // On a cluster a call to a slot whose master is down gives up within about a second
+        // (the crate's default retries for over ten): that partition waits, the others go on
+        // ([`Owner::partition_failed`]).
+        let url = url.with_cluster_retries(ClusterRetries::QUICK);
         let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
         let mut conn = url.connect().await?;
         let slots =
@@ -305,6 +323,7 @@ impl Owner {
             conn,
             parts: BTreeMap::new(),
             free_since: HashMap::new(),
+            live: 1,
             last_round: None,
             last_renew: Instant::now(),
             last_trim: Instant::now(),
@@ -324,6 +343,35 @@ impl Owner {
 
     fn lease_ms(&self) -> u64 {
         self.cfg.lease.as_millis().max(100) as u64
+    }
+
+    /// Whether an error of one partition's step stops that partition only: on a cluster, where
+    /// each partition is a slot, a transient failure (its master down, a slot on the move).
+    fn tolerable(&self, e: &Error) -> bool {
+        self.url.is_cluster() && e.is_transient()
+    }
+
+    /// A step of partitions `parts` alone failed with `e`. When [tolerable](Self::tolerable),
+    /// they are marked stale (their memory is reloaded from Redis and their pending entries
+    /// handled again once they answer) and tried again after a pause that doubles up to
+    /// [`PARTITION_PAUSE_MAX`]; the other partitions go on. Otherwise the error is returned
+    /// and the whole round fails, as on one server, where every partition has the same fate.
+    fn partition_failed(&mut self, parts: &[u32], e: Error) -> Result<()> {
+        if !self.tolerable(&e) {
+            return Err(e);
+        }
+        for p in parts {
+            if let Some(part) = self.parts.get_mut(p) {
+                part.stale = true;
+                part.pause = (part.pause * 2).clamp(PARTITION_PAUSE_MIN, PARTITION_PAUSE_MAX);
+                part.retry_at = Some(Instant::now() + part.pause);
+                tracing::warn!(
+                    partition = p, error = %e, retry_in = ?part.pause,
+                    "partition unreachable; its entries stay pending, the other partitions go on"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Runs until `shutdown`, then gives its partitions up (so another coordinator takes them at
@@ -396,11 +444,20 @@ impl Owner {
                 self.last_claim = Instant::now();
             }
             for p in owned {
-                if self.parts.get(&p).is_some_and(|x| x.stale) {
-                    self.reload(p).await?;
+                let Some(part) = self.parts.get(&p) else { continue };
+                if part.retry_at.is_some_and(|t| t > Instant::now()) {
+                    continue;
+                }
+                if part.stale {
+                    if let Err(e) = self.reload(p).await {
+                        self.partition_failed(&[p], e)?;
+                        continue;
+                    }
                 }
                 if claim {
-                    self.claim(p, self.cfg.claim_idle).await?;
+                    if let Err(e) = self.claim(p, self.cfg.claim_idle).await {
+                        self.partition_failed(&[p], e)?;
+                    }
                 }
             }
             if self.last_trim.elapsed() >= Duration::from_secs(10) {
@@ -420,13 +477,26 @@ impl Owner {
         if self.last_renew.elapsed() >= Duration::from_millis(ttl / 3) || self.parts.is_empty() {
             self.last_renew = Instant::now();
             let held: Vec<(u32, String)> = self.parts.iter().map(|(p, x)| (*p, x.lease.clone())).collect();
-            for (p, holder) in lease::renew(&mut self.conn, &self.url, ttl, &held).await? {
-                tracing::warn!(partition = p, holder = %holder, "lost the lease of a partition; stepping down");
-                self.parts.remove(&p);
+            for (p, renewed) in lease::renew(&mut self.conn, &self.url, ttl, &held).await? {
+                match renewed {
+                    Ok(None) => {}
+                    Ok(Some(holder)) => {
+                        tracing::warn!(partition = p, holder = %holder, "lost the lease of a partition; stepping down");
+                        self.parts.remove(&p);
+                    }
+                    // Not renewed this time: if it lapses, the fence refuses the next write.
+                    Err(e) if self.tolerable(&e) => {
+                        tracing::warn!(partition = p, error = %e, "could not renew the lease of a partition")
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         let (live, free) =
             lease::survey(&mut self.conn, &self.url, &self.me, now_ms(), ttl, self.cfg.partitions).await?;
+        // Unknown (the membership's master unreachable on a cluster): as last seen.
+        let live = live.unwrap_or(self.live);
+        self.live = live;
         let owned: BTreeSet<u32> = self.parts.keys().copied().collect();
         self.free_since.retain(|p, _| free.contains(p));
         for p in &free {
@@ -452,14 +522,22 @@ impl Owner {
                 }
                 // The counter only counts up from here: reported once, not at every later lease.
                 self.tokens.insert(p, token);
-                ensure_group(&mut self.conn, &self.url, &keys::coord_stream(p), keys::COORD_GROUP).await?;
+                // Loaded (and its group made sure of) in this round's reloads.
                 self.parts.insert(p, Part::new(value));
             }
         }
         for p in plan.release {
             if let Some(part) = self.parts.remove(&p) {
                 tracing::info!(partition = p, "giving a partition up to even out the load");
-                lease::release(&mut self.conn, &self.url, p, &part.lease).await?;
+                match lease::release(&mut self.conn, &self.url, p, &part.lease).await {
+                    // It lapses instead.
+                    Err(e) if self.tolerable(&e) => {
+                        tracing::warn!(partition = p, error = %e, "could not give the lease up")
+                    }
+                    r => {
+                        r?;
+                    }
+                }
             }
         }
         Ok(())
@@ -469,6 +547,8 @@ impl Owner {
     /// pending in its stream (from any reader) again.
     async fn reload(&mut self, p: u32) -> Result<()> {
         let started = Instant::now();
+        // A partition just acquired may never have been read from (or its Redis lost it).
+        ensure_group(&mut self.conn, &self.url, &keys::coord_stream(p), keys::COORD_GROUP).await?;
         // No write of `p` is in flight (they are settled first): the counter is final. Both keys
         // are in `p`'s slot: one pipeline.
         let (seq, ids): (Option<u64>, Vec<String>) = redis::pipe()
@@ -508,6 +588,8 @@ impl Owner {
         part.holders.clear();
         part.seq = seq.unwrap_or(0);
         part.stale = false;
+        part.retry_at = None;
+        part.pause = Duration::ZERO;
         part.claim_from = "0-0".into();
         tracing::info!(partition = p, live = n, took = ?started.elapsed(), "partition loaded");
         self.overdue(p).await?;
@@ -608,7 +690,11 @@ impl Owner {
     async fn trim(&mut self) -> Result<()> {
         let owned: Vec<u32> = self.parts.keys().copied().collect();
         for p in owned {
-            trim_stream(&mut self.conn, &self.url, &keys::coord_stream(p), self.cfg.keep_history).await?;
+            match trim_stream(&mut self.conn, &self.url, &keys::coord_stream(p), self.cfg.keep_history).await {
+                Err(e) if !self.tolerable(&e) => return Err(e),
+                Err(e) => tracing::debug!(partition = p, error = %e, "trim failed; trimmed next time"),
+                Ok(_) => {}
+            }
         }
         Ok(())
     }
@@ -704,7 +790,11 @@ impl Owner {
                     }
                     _ => tracing::debug!(partition = p, "read for a partition no longer owned or stale; left pending"),
                 },
-                Err(e) => failed = Some(e),
+                Err(e) => {
+                    if let Err(e) = self.partition_failed(&[p], e) {
+                        failed = Some(e);
+                    }
+                }
             }
         }
         self.handle(work).await?;
@@ -785,14 +875,24 @@ impl Owner {
                     pipe
                 })
                 .collect();
-            let mut hashes: Vec<HashMap<String, Vec<u8>>> = Vec::with_capacity(unknown.len());
-            for r in self.conn.query_each::<Vec<HashMap<String, Vec<u8>>>>(pipes).await {
-                hashes.extend(r.map_err(|e| Error::redis(&self.url, e))?);
+            let results = self.conn.query_each::<Vec<HashMap<String, Vec<u8>>>>(pipes).await;
+            let mut unreachable = BTreeSet::new();
+            for (g, r) in groups.iter().zip(results) {
+                match r {
+                    Ok(hashes) => {
+                        for ((p, id), h) in g.iter().zip(hashes) {
+                            records.insert((*p, id.clone()), txn_from_hash(id, &h));
+                        }
+                    }
+                    Err(e) => {
+                        let parts: Vec<u32> = g.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>().into_iter().collect();
+                        self.partition_failed(&parts, Error::redis(&self.url, e))?;
+                        unreachable.extend(parts);
+                    }
+                }
             }
-            for ((p, id), h) in unknown.into_iter().zip(hashes) {
-                let r = txn_from_hash(&id, &h);
-                records.insert((p, id), r);
-            }
+            // Their entries stay pending: handled again at the partition's reload.
+            decoded.retain(|(p, _, _)| !unreachable.contains(p));
         }
         let t = self.timing();
         let partitions = self.cfg.partitions;
@@ -983,8 +1083,11 @@ impl Owner {
                 }
                 Err(e) => {
                     // Nothing known about this write: memory may be ahead of Redis. Reload.
+                    refused = true;
                     stale(self, parts);
-                    failed = Some(e);
+                    if let Err(e) = self.partition_failed(parts, e) {
+                        failed = Some(e);
+                    }
                 }
             }
         }
