@@ -124,13 +124,31 @@ pub struct Pinned {
     /// The last command went to a node importing the slot, after `ASKING`: so must the `WAIT`
     /// pipeline's command that follows it.
     asked: bool,
+    /// The last `WAIT` fell short: the next one first asks the node how many replicas it has
+    /// (`ROLE`), and does not wait a whole timeout for replicas it does not have (a master just
+    /// elected has none until one joins it, and a loop waiting for it would stand still).
+    short: bool,
+}
+
+/// How many replicas a `ROLE` reply says are connected: a master's lists them third; anything
+/// else (a replica, an unexpected reply) has none.
+fn connected_replicas(role: &redis::Value) -> i64 {
+    match role {
+        redis::Value::Array(items) => match (items.first(), items.get(2)) {
+            (Some(redis::Value::BulkString(kind)), Some(redis::Value::Array(replicas))) if kind == b"master" => {
+                replicas.len() as i64
+            }
+            _ => 0,
+        },
+        _ => 0,
+    }
 }
 
 impl Pinned {
     /// A connection for `slot`, opened at the first command; replies may take up to
     /// `response_timeout` (give blocking reads enough).
     pub fn new(slot: u16, slots: Arc<SlotOwners>, response_timeout: Duration) -> Self {
-        Pinned { slot, slots, response_timeout, node: None, next: None, refresh: false, asked: false }
+        Pinned { slot, slots, response_timeout, node: None, next: None, refresh: false, asked: false, short: false }
     }
 
     /// Sends `cmd` to the node serving the slot (after `ASKING` when the last answer was
@@ -215,6 +233,21 @@ impl Pinned {
             let e = redis::RedisError::from((redis::ErrorKind::Io, "WAIT: the connection that read is gone"));
             return Err(Error::redis(&target, e));
         };
+        if self.short {
+            match redis::cmd("ROLE").query_async::<redis::Value>(conn).await {
+                Ok(role) => {
+                    let have = connected_replicas(&role);
+                    if have < i64::from(replicas) {
+                        return Ok(have);
+                    }
+                }
+                Err(e) => {
+                    self.node = None;
+                    self.refresh = true;
+                    return Err(Error::redis(&target, e));
+                }
+            }
+        }
         let mut pipe = redis::pipe();
         if let Some(c) = before {
             if self.asked {
@@ -224,7 +257,10 @@ impl Pinned {
         }
         pipe.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64);
         match pipe.query_async::<(i64,)>(conn).await {
-            Ok((got,)) => Ok(got),
+            Ok((got,)) => {
+                self.short = got < i64::from(replicas);
+                Ok(got)
+            }
             Err(e) => {
                 self.node = None;
                 self.refresh = true;

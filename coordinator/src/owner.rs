@@ -346,9 +346,12 @@ impl Owner {
     }
 
     /// Whether an error of one partition's step stops that partition only: on a cluster, where
-    /// each partition is a slot, a transient failure (its master down, a slot on the move).
+    /// each partition is a slot, a transient failure (its master down, a slot on the move) or
+    /// too few replicas of its master.
     fn tolerable(&self, e: &Error) -> bool {
-        self.url.is_cluster() && e.is_transient()
+        // Too few replicas (`--wait-replicas`): a master just elected has none until one
+        // joins it.
+        self.url.is_cluster() && (e.is_transient() || matches!(e, Error::NotReplicated { .. }))
     }
 
     /// A step of partitions `parts` alone failed with `e`. When [tolerable](Self::tolerable),
@@ -454,7 +457,7 @@ impl Owner {
                         continue;
                     }
                 }
-                if claim {
+                if claim && self.parts.get(&p).is_some_and(|x| !x.stale) {
                     if let Err(e) = self.claim(p, self.cfg.claim_idle).await {
                         self.partition_failed(&[p], e)?;
                     }
@@ -676,6 +679,10 @@ impl Owner {
                 tracing::info!(partition = p, claimed = claimed.len(), "took over pending entries");
                 self.handle(vec![(p, claimed)]).await?;
             }
+            // A write of this partition failed meanwhile: what is left is claimed at its reload.
+            if self.parts.get(&p).is_none_or(|x| x.stale) {
+                return Ok(());
+            }
             if reply.next_stream_id == "0-0" {
                 return Ok(());
             }
@@ -733,6 +740,7 @@ impl Owner {
         let next_wake = self
             .parts
             .values()
+            .filter(|x| !x.stale)
             .filter_map(|x| x.timers.first().map(|(w, _)| *w))
             .min()
             .map(|w| Duration::from_millis(w.saturating_sub(now_ms())));
@@ -808,8 +816,9 @@ impl Owner {
     /// memory are read in one pipeline for all partitions (one per partition on a cluster),
     /// and the partitions' writes go in one fenced call (one per partition on a cluster).
     async fn handle(&mut self, work: Vec<(u32, Vec<StreamId>)>) -> Result<()> {
+        // A stale partition's entries stay pending: its reload handles them again.
         let work: Vec<(u32, Vec<StreamId>)> =
-            work.into_iter().filter(|(p, e)| !e.is_empty() && self.parts.contains_key(p)).collect();
+            work.into_iter().filter(|(p, e)| !e.is_empty() && self.parts.get(p).is_some_and(|x| !x.stale)).collect();
         if work.is_empty() {
             return Ok(());
         }

@@ -93,7 +93,8 @@ async fn one_pipeline(conn: &RedisConn, url: &RedisTarget, calls: Vec<(u32, Call
 }
 
 /// A cluster: one pipeline per partition (a pipeline goes whole to one node), each keeping its
-/// calls' order, all sent at once. Replies in the calls' order.
+/// calls' order, all sent at once. Replies in the calls' order; a partition's pipeline that
+/// failed whole gives each of its calls that error.
 async fn per_partition(
     conn: &RedisConn,
     url: &RedisTarget,
@@ -119,9 +120,20 @@ async fn per_partition(
         .collect();
     let mut out: Vec<Option<RedisResult<Value>>> = (0..n).map(|_| None).collect();
     for (at, task) in tasks {
-        let replies = task.await.map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        for (i, r) in at.into_iter().zip(replies) {
-            out[i] = Some(r);
+        match task.await.map_err(|e| Error::Io(std::io::Error::other(e)))? {
+            Ok(replies) => {
+                for (i, r) in at.into_iter().zip(replies) {
+                    out[i] = Some(r);
+                }
+            }
+            // A partition whose node could not be reached (its master down): each of its calls
+            // gets the error, and the other partitions' replies stand.
+            Err(Error::Redis { source, .. }) => {
+                for i in at {
+                    out[i] = Some(Err(source.clone()));
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(out.into_iter().map(|r| r.expect("one reply per call")).collect())
