@@ -277,8 +277,8 @@ pub struct Owner {
 struct InFlight {
     /// The partitions of each call.
     parts_of: Vec<Vec<u32>>,
-    /// What the write adds to the counts once applied.
-    counts: CoordinatorCounts,
+    /// What each call adds to the counts once applied.
+    counts: Vec<CoordinatorCounts>,
     /// It writes decisions (for the fail point after them).
     decided: bool,
     replies: oneshot::Receiver<Replies>,
@@ -951,34 +951,40 @@ impl Owner {
     /// marks its partitions stale and the error is returned.
     async fn write(&mut self, batches: Vec<(u32, Batch)>) -> Result<()> {
         let cluster = self.conn.is_cluster();
-        let mut groups: Vec<(Vec<u32>, Writes)> = Vec::new();
+        // Per call: its partitions, its commands, and what it adds to the counts once applied.
+        let mut groups: Vec<(Vec<u32>, Writes, CoordinatorCounts)> = Vec::new();
         let mut decided = false;
-        // Counted once the write is applied (or there is none).
-        let mut counts = CoordinatorCounts::default();
+        // What batches with nothing to write add: counted at once.
+        let mut unwritten = CoordinatorCounts::default();
         if batches.iter().any(|(_, b)| b.decisions > 0) {
             failpoint::hit(FP_BEFORE_DECISION).await;
         }
         for (p, batch) in batches {
             decided |= batch.decisions > 0;
-            counts.add(&batch.counts());
+            let counts = batch.counts();
             // One server: every partition's commands go into the one call's list as they are
             // built; a cluster: a call per partition.
-            if groups.last().is_none_or(|(parts, _)| cluster && !parts.is_empty()) {
-                groups.push((Vec::new(), Writes::default()));
+            if groups.last().is_none_or(|(parts, _, _)| cluster && !parts.is_empty()) {
+                groups.push((Vec::new(), Writes::default(), CoordinatorCounts::default()));
             }
-            let (parts, w) = groups.last_mut().expect("a group");
+            let (parts, w, group_counts) = groups.last_mut().expect("a group");
             if self.partition_writes(p, batch, w).await {
                 parts.push(p);
+                group_counts.add(&counts);
+            } else {
+                unwritten.add(&counts);
             }
         }
-        groups.retain(|(parts, _)| !parts.is_empty());
+        self.counts.add(&unwritten);
+        groups.retain(|(parts, _, _)| !parts.is_empty());
         if groups.is_empty() {
-            self.counts.add(&counts);
             return Ok(());
         }
         let mut calls = Vec::with_capacity(groups.len());
         let mut parts_of = Vec::with_capacity(groups.len());
-        for (parts, w) in groups {
+        let mut counts = Vec::with_capacity(groups.len());
+        for (parts, w, c) in groups {
+            counts.push(c);
             let mut call = FENCED.call();
             for p in &parts {
                 call = call.key(keys::lease(*p));
@@ -1065,11 +1071,12 @@ impl Owner {
         };
         let mut failed = None;
         let mut refused = false;
-        for (parts, reply) in parts_of.iter().zip(replies) {
+        for ((parts, reply), counts) in parts_of.iter().zip(replies).zip(counts) {
             let reply =
                 reply.map_err(|e| Error::redis(&self.url, e)).and_then(|v| scripts::reply_strings(FENCED.name, &v));
             match reply {
-                Ok(r) if r.first().map(String::as_str) == Some("1") => {}
+                // Counted only when applied (a refused or failed call is handled again).
+                Ok(r) if r.first().map(String::as_str) == Some("1") => self.counts.add(&counts),
                 Ok(r) if r.first().map(String::as_str) == Some("2") => {
                     // Stepped on top of a write that was not applied: reload.
                     refused = true;
@@ -1102,10 +1109,6 @@ impl Owner {
         }
         if let Some(e) = failed {
             return Err(e);
-        }
-        // Counted only when every call was applied (a refused or failed one is handled again).
-        if !refused {
-            self.counts.add(&counts);
         }
         if decided && !refused {
             failpoint::hit(FP_AFTER_DECISION).await;
