@@ -948,7 +948,8 @@ impl Owner {
     /// only, all sent at once: each partition's batch is applied whole or not at all. A
     /// partition whose lease moved is dropped (step down) and the others of its call are marked
     /// stale (reloaded before they handle more; their entries stay pending); a call that failed
-    /// marks its partitions stale and the error is returned.
+    /// marks its partitions stale and the error is returned, unless it is one partition's own
+    /// on a cluster ([`Owner::partition_failed`]).
     async fn write(&mut self, batches: Vec<(u32, Batch)>) -> Result<()> {
         let cluster = self.conn.is_cluster();
         // Per call: its partitions, its commands, and what it adds to the counts once applied.
@@ -1049,7 +1050,8 @@ impl Owner {
     /// Learns how a write went. A partition whose lease moved is dropped (step down) and the
     /// others of its call are marked stale (reloaded before they handle more; their entries
     /// stay pending); a write out of sequence (one before it was not applied) or one that failed
-    /// marks its partitions stale, and a failure is returned.
+    /// marks its partitions stale, and a failure is returned (on a cluster, a call's own failure
+    /// pauses its partition instead: [`Owner::partition_failed`]). Each applied call is counted.
     async fn settle(&mut self, w: InFlight, replies: Replies) -> Result<()> {
         let InFlight { parts_of, counts, decided, .. } = w;
         let stale = |owner: &mut Owner, parts: &[u32]| {
