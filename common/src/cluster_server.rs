@@ -96,6 +96,8 @@ struct Node {
     id: String,
     /// The TLS port, in a TLS cluster.
     tls_port: Option<u16>,
+    /// Stopped (SIGSTOP) by [`RedisCluster::freeze_and_fail_over`]: asked nothing until thawed.
+    frozen: bool,
 }
 
 /// A running private Redis Cluster.
@@ -166,7 +168,7 @@ impl RedisCluster {
                 None => RedisServer::start_picking(node_opts, port_with_free_bus)?,
                 Some(_) => RedisServer::start_picking(node_opts, free_port)?,
             };
-            nodes.push(Node { server, id: String::new(), tls_port });
+            nodes.push(Node { server, id: String::new(), tls_port, frozen: false });
         }
         let mut cluster = RedisCluster { nodes, opts };
         for i in 0..total {
@@ -394,9 +396,50 @@ impl RedisCluster {
             return Err(setup(format!("node {master} has no replica to take over")));
         }
         self.kill(master);
+        self.elected_instead_of(master, &replicas)
+    }
+
+    /// Freezes `master` (SIGSTOP: its connections stay open and nothing is answered) and waits
+    /// until the cluster has failed it over by itself to one of its replicas (after the node
+    /// timeout), and is settled; returns the new master. [`thaw`](Self::thaw) lets it go on: it
+    /// finds itself replaced and becomes a replica of the new master.
+    pub fn freeze_and_fail_over(&mut self, master: usize) -> Result<usize> {
+        let replicas = self.replicas_of(master)?;
+        if replicas.is_empty() {
+            return Err(setup(format!("node {master} has no replica to take over")));
+        }
+        self.signal(master, "STOP")?;
+        self.nodes[master].frozen = true;
+        self.elected_instead_of(master, &replicas)
+    }
+
+    /// Lets a node frozen by [`freeze_and_fail_over`](Self::freeze_and_fail_over) go on, and
+    /// waits until the cluster is settled again.
+    pub fn thaw(&mut self, node: usize) -> Result<()> {
+        self.signal(node, "CONT")?;
+        self.nodes[node].frozen = false;
+        self.wait_settled()
+    }
+
+    fn signal(&self, node: usize, sig: &str) -> Result<()> {
+        let pid = self.pid(node).ok_or_else(|| setup(format!("node {node} is not running")))?;
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .map_err(|e| setup(format!("kill -{sig} {pid}: {e}")))?
+            .success();
+        if !ok {
+            return Err(setup(format!("kill -{sig} {pid} failed")));
+        }
+        Ok(())
+    }
+
+    /// Waits until one of `replicas` of the lost `master` is master, and the cluster (but the
+    /// lost node) is settled; returns it.
+    fn elected_instead_of(&self, master: usize, replicas: &[usize]) -> Result<usize> {
         let mut new_master = None;
         self.wait_until(&format!("a replica of node {master} to be elected master"), |c| {
-            for &r in &replicas {
+            for &r in replicas {
                 let me = c.nodes_view(r)?;
                 if me.iter().any(|n| n.flags.contains("myself") && n.flags.contains("master")) {
                     new_master = Some(r);
@@ -492,9 +535,9 @@ impl RedisCluster {
         }
     }
 
-    /// Whether `node` was started and not killed (its process may still have died).
+    /// Whether `node` was started and not killed nor frozen (its process may still have died).
     fn started(&self, node: usize) -> bool {
-        self.nodes[node].server.pid().is_some()
+        self.nodes[node].server.pid().is_some() && !self.nodes[node].frozen
     }
 
     fn any_running(&self) -> Result<usize> {

@@ -419,16 +419,46 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
 #[test]
 fn killing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     // An unplanned failover: partition 0's master is killed (SIGKILL) while transfers run, and
-    // the cluster elects its replica by itself. The coordinator and the participants act on
-    // nothing a replica does not hold (`--wait-replicas 1`), so nothing they acted on is lost
-    // with the master. Once the replica is master it has no replica of its own, and nothing of
-    // its partitions goes on until the killed node is back (kept down 3 s more, then restarted,
-    // empty: it rejoins as a replica of the new master and syncs). A submit the master
-    // acknowledged but did not pass on is lost with it: the producers submit again after 15 s
-    // without an outcome. Meanwhile the other partitions go on: a seventh producer, whose
-    // transfers avoid partition 0, has transfers created and finished while partition 0's
-    // master is down, and while its new master has no replica; and the coordinator never fails
-    // a whole round.
+    // the cluster elects its replica by itself. The killed node stays down 3 s more, then is
+    // restarted, empty: it rejoins as a replica of the new master and syncs.
+    a_master_lost_under_wait_replicas(
+        "kill -9",
+        |streams, master| streams.kill_and_fail_over(master).expect("the cluster fails the master over"),
+        |streams, master| streams.restart(master).expect("the killed node back"),
+    );
+}
+
+#[test]
+#[ignore = "known gap: a frozen master holds the coordinator's loop past the other partitions' leases (docs/scaling.md)"]
+fn freezing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
+    // The same with partition 0's master frozen (SIGSTOP): its connections stay open and
+    // unanswered, so every call to it waits for a timeout instead of failing at once. The
+    // cluster elects its replica; 3 s later the frozen node goes on (SIGCONT), finds itself
+    // replaced and becomes the new master's replica. Fails today: the coordinator's loop waits
+    // out each call to the frozen master (the response timeout, then the retries), the other
+    // partitions' leases lapse meanwhile, and none of their transfers ends during the freeze.
+    a_master_lost_under_wait_replicas(
+        "SIGSTOP",
+        |streams, master| streams.freeze_and_fail_over(master).expect("the cluster fails the master over"),
+        |streams, master| streams.thaw(master).expect("the frozen node goes on"),
+    );
+}
+
+/// The master of partition 0 is lost (`lose`, which returns once the cluster elected a replica
+/// of it) while transfers run, stays lost 3 s more (the new master has no replica), then comes
+/// back (`recover`) as the new master's replica. The coordinator and the participants act on
+/// nothing a replica does not hold (`--wait-replicas 1`), so nothing they acted on is lost with
+/// the master, and nothing of its partitions goes on while the new master has no replica. A
+/// submit the master acknowledged but did not pass on is lost with it: the producers submit
+/// again after 15 s without an outcome. Meanwhile the other partitions go on: a seventh
+/// producer, whose transfers avoid partition 0, has transfers created and finished while
+/// partition 0's master is lost, and while its new master has no replica; and the coordinator
+/// never fails a whole round.
+fn a_master_lost_under_wait_replicas(
+    how: &str,
+    lose: impl FnOnce(&mut RedisCluster, usize) -> usize,
+    recover: impl FnOnce(&mut RedisCluster, usize),
+) {
     let started = Instant::now();
     let wait = ["--wait-replicas", "1"];
     let mut bank = Bank::start_on_cluster(cluster_with_replicas(1), opts().coord_args(&wait).part_args(&wait));
@@ -454,14 +484,14 @@ fn killing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     };
     let (mut done, at, after, (new_master, elected, restarting)) =
         transfers_around_with(&bank, &accounts, "the failover", Patience::Resubmit, || {
-            eprintln!("kill -9 of node {master} at {:?}", started.elapsed());
-            let new_master = streams.kill_and_fail_over(master).expect("the cluster fails the master over");
+            eprintln!("{how} of node {master} at {:?}", started.elapsed());
+            let new_master = lose(&mut streams, master);
             let elected = redtx_common::now_ms();
             eprintln!("node {new_master} is master at {:?}", started.elapsed());
             // Down for a while yet (the fault itself, not a check): the new master has no replica.
             std::thread::sleep(Duration::from_secs(3));
             let restarting = redtx_common::now_ms();
-            streams.restart(master).expect("the killed node back");
+            recover(&mut streams, master);
             eprintln!("node {master} back, a replica, at {:?}", started.elapsed());
             (new_master, elected, restarting)
         });
@@ -469,7 +499,7 @@ fn killing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     let others = bank.rt.block_on(others).expect("the seventh producer");
     assert_ne!(new_master, master);
     assert_eq!(streams.master_of_slot(keys::partition_slot(p)).unwrap(), new_master, "the replica serves it now");
-    assert_eq!(streams.replicas_of(new_master).unwrap(), vec![master], "the killed node replicates the new master");
+    assert_eq!(streams.replicas_of(new_master).unwrap(), vec![master], "the lost node replicates the new master");
     // Created a second after the kill (the coordinator has met the dead master by then) and
     // finished before the election; and the same while the new master has no replica.
     let within = |from: u64, to: u64| {
@@ -499,7 +529,7 @@ fn killing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     drained_and_running(&mut bank);
     eprintln!(
         "{} transfers ({committed} committed, {aborted} aborted; {across} of partition {p} under way; of the others \
-         {meanwhile} in {} ms of outage, {unreplicated} in {} ms without a replica) across a kill -9 of a master and \
+         {meanwhile} in {} ms of outage, {unreplicated} in {} ms without a replica) across a {how} of a master and \
          its replica's election, in {:?}",
         done.len(),
         elected - at,
