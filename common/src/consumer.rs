@@ -364,7 +364,7 @@ impl Consumer {
             match self.claim_idle_on(handler, i).await {
                 // On a cluster a stream whose master is down waits for the next tick; the
                 // others go on.
-                Err(e) if self.conn.is_cluster() && (e.is_transient() || matches!(e, Error::NotReplicated { .. })) => {
+                Err(e) if self.conn.is_cluster() && e.is_slot_outage() => {
                     tracing::warn!(stream = %self.cfg.streams[i], error = %e, "claiming idle entries failed; tried again next tick")
                 }
                 r => r?,

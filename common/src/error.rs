@@ -70,6 +70,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// On a Redis Cluster, a failure of one slot alone that stops only the work of that slot
+    /// (its partition) while the others go on: a [transient](Self::is_transient) one (its
+    /// master down, the slot on the move), or too few replicas of its master for
+    /// `--wait-replicas` (a master just elected has none until one joins it).
+    pub fn is_slot_outage(&self) -> bool {
+        self.is_transient() || matches!(self, Error::NotReplicated { .. })
+    }
+
     /// A failure that may go away by itself: a lost or refused connection, a timeout, Redis
     /// loading its data (`LOADING`), a failover (`TRYAGAIN`, `CLUSTERDOWN`, `READONLY`,
     /// `UNBLOCKED`, ...), a cluster slot on the move (`MOVED`, `ASK` still answered after the

@@ -346,12 +346,9 @@ impl Owner {
     }
 
     /// Whether an error of one partition's step stops that partition only: on a cluster, where
-    /// each partition is a slot, a transient failure (its master down, a slot on the move) or
-    /// too few replicas of its master.
+    /// each partition is a slot, [`Error::is_slot_outage`].
     fn tolerable(&self, e: &Error) -> bool {
-        // Too few replicas (`--wait-replicas`): a master just elected has none until one
-        // joins it.
-        self.url.is_cluster() && (e.is_transient() || matches!(e, Error::NotReplicated { .. }))
+        self.url.is_cluster() && e.is_slot_outage()
     }
 
     /// A step of partitions `parts` alone failed with `e`. When [tolerable](Self::tolerable),

@@ -368,6 +368,11 @@ fn transfers_around_with<T>(
     (done, at, after, r)
 }
 
+/// How many transfers of partition `p` were created at or after `ms`.
+fn created_since(done: &[Done], p: u32, ms: u64) -> usize {
+    done.iter().filter(|d| keys::partition(&d.record.id, PARTITIONS) == p && d.record.created_ms >= ms).count()
+}
+
 /// How many transfers of partition `p` were under way between `at` and `after`: created
 /// before `after`, finished after `at`.
 fn under_way(done: &[Done], p: u32, at: u64, after: u64) -> usize {
@@ -388,11 +393,6 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
     let mut streams = bank.0.streams.take().expect("a cluster");
     let p = 0;
     let master = streams.master_of_slot(keys::partition_slot(p)).unwrap();
-    let ended_in_p = |done: &[Done], after_ms: u64| {
-        done.iter()
-            .filter(|d| keys::partition(&d.record.id, PARTITIONS) == p && d.record.created_ms >= after_ms)
-            .count()
-    };
     // Transfers run before the failover and go on after it.
     let (mut done, at, after, new_master) = transfers_around(&bank, &accounts, "the failover", || {
         eprintln!("failover of node {master} at {:?}", started.elapsed());
@@ -405,8 +405,11 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
     bank.0.streams = Some(streams);
     let (committed, aborted) = check(&bank, &accounts, &mut done);
     assert!(committed > 0, "committed {committed}, aborted {aborted}");
-    assert!(ended_in_p(&done, 0) > ended_in_p(&done, at), "partition {p} had transfers before the failover");
-    assert!(ended_in_p(&done, after) > 0, "partition {p} had transfers after the failover");
+    assert!(
+        created_since(&done, p, 0) > created_since(&done, p, at),
+        "partition {p} had transfers before the failover"
+    );
+    assert!(created_since(&done, p, after) > 0, "partition {p} had transfers after the failover");
     assert!(under_way(&done, p, at, after) > 0, "some transfers of partition {p} were under way while it failed over");
     drained_and_running(&mut bank);
     eprintln!(
@@ -523,9 +526,7 @@ fn a_master_lost_under_wait_replicas(
         .filter(|d| d.record.finished_ms.is_some_and(|f| f > at))
         .count();
     assert!(across > 0, "some transfers of partition {p} were under way while its master was down");
-    let in_p_after =
-        done.iter().filter(|d| keys::partition(&d.record.id, PARTITIONS) == p && d.record.created_ms >= after);
-    assert!(in_p_after.count() > 0, "partition {p} had transfers after the failover");
+    assert!(created_since(&done, p, after) > 0, "partition {p} had transfers after the failover");
     drained_and_running(&mut bank);
     eprintln!(
         "{} transfers ({committed} committed, {aborted} aborted; {across} of partition {p} under way; of the others \
@@ -575,9 +576,7 @@ fn killing_a_master_and_restarting_it_under_transfers_loses_nothing() {
     bank.0.streams = Some(streams);
     let (committed, aborted) = check(&bank, &accounts, &mut done);
     assert!(committed > 0, "committed {committed}, aborted {aborted}");
-    let in_p_after =
-        done.iter().filter(|d| keys::partition(&d.record.id, PARTITIONS) == p && d.record.created_ms >= restarted_at);
-    assert!(in_p_after.count() > 0, "partition {p} had transfers after the restart");
+    assert!(created_since(&done, p, restarted_at) > 0, "partition {p} had transfers after the restart");
     drained_and_running(&mut bank);
     eprintln!(
         "{} transfers ({committed} committed, {aborted} aborted) across a kill -9 of a master, in {:?}",
