@@ -139,7 +139,14 @@ impl Client {
     /// Connects to `target`: one server, or a cluster. A single server that turns out to be a
     /// cluster node is refused ([`Error::IsACluster`]): most of its keys would be elsewhere.
     pub async fn connect_target(target: RedisTarget) -> Result<Self> {
-        let mut conn = target.connect_managed(Duration::from_secs(10)).await?;
+        // On a cluster, a call to a master that does not answer gives up within about a second
+        // and a half (and is retried, as any transient failure): the partitions of the other
+        // masters, which share this connection, are not held up behind it for long.
+        let target = target.with_cluster_retries(crate::conn::ClusterRetries::QUICK);
+        let mut conn = match target.is_cluster() {
+            true => target.connect().await?,
+            false => target.connect_managed(Duration::from_secs(10)).await?,
+        };
         if !target.is_cluster() {
             // Also the check that the server answers; a user not allowed `INFO` gets a `PING`.
             let info: redis::RedisResult<String> = redis::cmd("INFO").arg("cluster").query_async(&mut conn).await;

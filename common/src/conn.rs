@@ -158,13 +158,31 @@ pub struct ClusterRetries {
     /// The longest wait between two tries (each wait is random, below a bound that doubles
     /// from 10 ms with every retry).
     pub max_wait: Duration,
+    /// How long a call may take in all (tries, waits, redirects, reconnects) beyond its
+    /// connection's response timeout, before it fails with a timeout.
+    pub overall_extra: Duration,
+    /// The response timeout of [`RedisTarget::connect`] on a cluster (blocking reads ask for
+    /// theirs with [`RedisTarget::connect_with`]).
+    pub call_timeout: Duration,
+    /// How long connecting to a node may take. The crate holds **every** call of a cluster
+    /// connection while it refreshes its slot map, which connects to each node it lists, a
+    /// node that does not answer included: this bounds that stall too.
+    pub connect_timeout: Duration,
 }
 
 impl ClusterRetries {
-    /// Give up within about a second: for work that stays pending and is retried anyway (the
-    /// key-value participant's data), so one slot on the move does not hold a whole batch.
-    pub const QUICK: ClusterRetries =
-        ClusterRetries { retries: 4, min_wait: Duration::from_millis(10), max_wait: Duration::from_millis(400) };
+    /// Give up within about a second, or a second and a half for a master that does not
+    /// answer at all: for work that stays pending and is retried anyway (the workers' streams,
+    /// the key-value participant's data), so one slot on the move, or one frozen master, does
+    /// not hold a whole batch or every partition ([`crate::outage`]).
+    pub const QUICK: ClusterRetries = ClusterRetries {
+        retries: 4,
+        min_wait: Duration::from_millis(10),
+        max_wait: Duration::from_millis(400),
+        overall_extra: Duration::from_millis(500),
+        call_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_millis(250),
+    };
 }
 
 impl RedisTarget {
@@ -251,9 +269,14 @@ impl RedisTarget {
         }
     }
 
-    /// [`connect_with`](Self::connect_with) with a 10 s response timeout.
+    /// [`connect_with`](Self::connect_with) with a 10 s response timeout (on a cluster with
+    /// [`ClusterRetries`] set, their [`call_timeout`](ClusterRetries::call_timeout)).
     pub async fn connect(&self) -> Result<RedisConn> {
-        self.connect_with(Duration::from_secs(10)).await
+        let timeout = match (self.cluster, self.retries) {
+            (true, Some(r)) => r.call_timeout,
+            _ => Duration::from_secs(10),
+        };
+        self.connect_with(timeout).await
     }
 
     /// A connection that reconnects by itself: a `ConnectionManager` to one server, or a
@@ -267,10 +290,12 @@ impl RedisTarget {
 
     fn cluster_client(&self, response_timeout: Duration) -> Result<redis::cluster::ClusterClient> {
         let mut builder = redis::cluster::ClusterClient::builder(self.seeds.iter().map(|u| u.expose().to_string()))
-            .connection_timeout(Duration::from_secs(5))
+            .connection_timeout(self.retries.map_or(Duration::from_secs(5), |r| r.connect_timeout))
             .response_timeout(response_timeout)
             // Redirects and retries within one call may take longer than one reply.
-            .overall_response_timeout(Some(response_timeout + Duration::from_secs(10)));
+            .overall_response_timeout(Some(
+                response_timeout + self.retries.map_or(Duration::from_secs(10), |r| r.overall_extra),
+            ));
         if let Some(r) = self.retries {
             builder = builder
                 .retries(r.retries)
@@ -355,6 +380,22 @@ impl RedisConn {
             out.push(t.await.unwrap_or_else(|e| Err(redis::RedisError::from(std::io::Error::other(e)))));
         }
         out
+    }
+}
+
+impl RedisConn {
+    /// Runs `cmd` (one that names no key, e.g. `CLUSTER SLOTS`) on the master of `slot` as
+    /// the cluster connection knows it; on one server, on that server.
+    pub async fn query_at_slot(&mut self, cmd: &Cmd, slot: u16) -> redis::RedisResult<Value> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        match self {
+            RedisConn::Cluster(c) => {
+                let to =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master)));
+                c.route_command(cmd.clone(), to).await
+            }
+            _ => cmd.query_async(self).await,
+        }
     }
 }
 

@@ -22,6 +22,7 @@
 //! (the rest stays pending and is retried, as after any failure).
 
 use crate::conn::{RedisConn, RedisTarget, RedisUrl};
+use crate::outage::Outages;
 use crate::protocol::{is_batch_entry, items_of_entry, Message};
 use crate::shutdown::Shutdown;
 use crate::slots::{Pinned, SlotOwners};
@@ -73,6 +74,10 @@ pub struct ConsumerConfig {
 /// How long one `WAIT` for [`ConsumerConfig::wait_replicas`] lasts before the entries are left
 /// pending (taken up again by the idle-entry claim).
 pub const WAIT_REPLICAS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Response timeout of a connection pinned to a slot's node for claims (`XAUTOCLAIM`, then a
+/// `WAIT` of up to [`WAIT_REPLICAS_TIMEOUT`]): a node that does not answer costs no more.
+pub const CLAIM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl ConsumerConfig {
     /// Sane defaults for `streams`/`group`: batches of 256, 1 s block, claim after 5 s idle.
@@ -167,6 +172,8 @@ pub struct Consumer {
     /// What this instance handled, published with `stats` and in its last log line.
     counts: ConsumerCounts,
     stats: Publisher,
+    /// A cluster: partitions whose master stopped answering, not claimed from until it does.
+    outages: Option<Outages>,
 }
 
 impl Consumer {
@@ -201,11 +208,15 @@ impl Consumer {
             }
         });
         let claimers = slots.map(|slots| {
-            cfg.streams.iter().map(|s| Pinned::new(keys::slot(s), slots.clone(), Duration::from_secs(10))).collect()
+            cfg.streams.iter().map(|s| Pinned::new(keys::slot(s), slots.clone(), CLAIM_RESPONSE_TIMEOUT)).collect()
         });
         let stats = Publisher::participant(&cfg.group, &cfg.consumer);
         let counts = ConsumerCounts::default();
-        Ok(Consumer { url: url.clone(), cfg, read_conn, readers, claimers, conn, claim_from, counts, stats })
+        let outages = match url.is_cluster() {
+            true => Some(Outages::new(url.connect().await?)),
+            false => None,
+        };
+        Ok(Consumer { url: url.clone(), cfg, read_conn, readers, claimers, conn, claim_from, counts, stats, outages })
     }
 
     /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
@@ -243,8 +254,12 @@ impl Consumer {
                     tracing::warn!(error = %e, retry_in = ?pause, "worker step failed; entries stay pending");
                     tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.wait() => {} }
                     // A multiplexed connection never recovers from a dropped socket (e.g. a Redis
-                    // restart): open fresh ones before the next step.
-                    if let Err(e) = self.reconnect().await {
+                    // restart): open fresh ones before the next step. A cluster connection
+                    // reconnects by itself, and a new one would first wait for every node, a
+                    // frozen one too: only the groups are made sure of.
+                    if self.conn.is_cluster() {
+                        self.ensure_groups().await;
+                    } else if let Err(e) = self.reconnect().await {
                         tracing::debug!(error = %e, "reconnect failed; retrying after the next pause");
                     }
                 }
@@ -269,12 +284,31 @@ impl Consumer {
         Ok(())
     }
 
+    /// A cluster, after a failed step: makes sure of the group of each stream whose master
+    /// answers (a master restarted without its data lost them); a stream whose master does not
+    /// is left to the next failure.
+    async fn ensure_groups(&mut self) {
+        for stream in &self.cfg.streams {
+            if self.outages.as_ref().is_some_and(|o| o.is_out(partition_of(stream))) {
+                continue;
+            }
+            if let Err(e) = ensure_group(&mut self.conn, &self.url, stream, &self.cfg.group).await {
+                tracing::debug!(%stream, error = %e, "could not make sure of the group; tried again later");
+            }
+        }
+    }
+
     /// One `XREADGROUP` over every stream; entries tagged with the stream they came from.
     async fn read(&mut self) -> Result<Vec<(usize, StreamId)>> {
         if let Some(readers) = self.readers.as_mut() {
             // A cluster: one read per stream; what arrived within `block` (a reader still
             // blocked answers in a later call).
             for (i, stream) in self.cfg.streams.iter().enumerate() {
+                // Not from a partition whose master stopped answering: its answers could not
+                // be written.
+                if self.outages.as_ref().is_some_and(|o| o.is_out(partition_of(stream))) {
+                    continue;
+                }
                 readers.ask(i, stream, &self.cfg.group, &self.cfg.consumer, self.cfg.batch);
             }
             let mut out = Vec::new();
@@ -361,11 +395,22 @@ impl Consumer {
     /// batches) on every stream and processes them.
     async fn claim_idle<H: Handler>(&mut self, handler: &mut H) -> Result<()> {
         for i in 0..self.cfg.streams.len() {
+            let stream = &self.cfg.streams[i];
+            let p = partition_of(stream);
+            if self.outages.as_ref().is_some_and(|o| o.is_out(p)) {
+                continue;
+            }
             match self.claim_idle_on(handler, i).await {
-                // On a cluster a stream whose master is down waits for the next tick; the
-                // others go on.
+                // On a cluster a stream whose master is down waits (one that does not answer
+                // until it does: [`Outages`]); the others go on.
                 Err(e) if self.conn.is_cluster() && e.is_slot_outage() => {
-                    tracing::warn!(stream = %self.cfg.streams[i], error = %e, "claiming idle entries failed; tried again next tick")
+                    let stream = &self.cfg.streams[i];
+                    tracing::warn!(%stream, error = %e, "claiming idle entries failed; tried again later");
+                    if e.is_transient() {
+                        if let Some(o) = &self.outages {
+                            o.mark(p, stream.clone());
+                        }
+                    }
                 }
                 r => r?,
             }
@@ -566,8 +611,20 @@ impl Consumer {
             let p = pipes.into_values().next().expect("something to write");
             p.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis(&self.url, e))?;
         } else {
-            for r in self.conn.query_each::<()>(pipes.into_values().collect()).await {
-                r.map_err(|e| Error::redis(&self.url, e))?;
+            let parts: Vec<u32> = pipes.keys().copied().collect();
+            for (p, r) in parts.into_iter().zip(self.conn.query_each::<()>(pipes.into_values().collect()).await) {
+                match r.map_err(|e| Error::redis(&self.url, e)) {
+                    // One partition's master down or not answering: its entries stay pending
+                    // (claimed again once it is back) and the others' writes stand. Its
+                    // partition is not read from or claimed from until it answers.
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(partition = p, error = %e, "writing a partition's answers failed; its entries stay pending");
+                        if let Some(o) = &self.outages {
+                            o.mark(p, keys::coord_stream(p));
+                        }
+                    }
+                    r => r?,
+                }
             }
         }
         self.counts.dead += dead.len() as u64;

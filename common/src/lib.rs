@@ -20,6 +20,8 @@
 //!   to a Redis Cluster ([`conn::RedisTarget`], [`conn::RedisConn`]; what a cluster allows).
 //! - [`slots`]: connections pinned to the master serving one slot of a Redis Cluster (following
 //!   `MOVED` and `ASK`), for reads and `WAIT`s that must reach that very node.
+//! - [`outage`]: partitions whose cluster master stopped answering, skipped by a worker's loop
+//!   and probed off it until they answer.
 //! - [`server`]: starts private `redis-server` processes on free ports (for `redtx demo` and tests).
 //! - [`cluster_server`]: starts a private Redis Cluster (masters, replicas) on free ports, and
 //!   moves slots, fails masters over, kills and restarts nodes under load (for tests).
@@ -40,6 +42,7 @@ pub mod failpoint;
 pub mod keys;
 pub mod kv;
 pub mod machine;
+pub mod outage;
 pub mod pg_server;
 pub mod protocol;
 pub mod record;

@@ -43,7 +43,6 @@ impl SlotOwners {
 
     /// The node serving `slot`; `refresh` asks the cluster again first.
     pub(crate) async fn owner(&self, slot: u16, refresh: bool) -> Result<Node> {
-        let mut map = self.map.lock().await;
         let find = |m: &SlotMap| {
             m.moved
                 .get(&slot)
@@ -51,16 +50,22 @@ impl SlotOwners {
                 .cloned()
         };
         if !refresh {
-            if let Some(found) = find(&map) {
+            if let Some(found) = find(&*self.map.lock().await) {
                 return Ok(found);
             }
         }
-        let mut conn = self.conn.clone();
-        let reply: Vec<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut conn)
+        // Asked of the slot's own master as the cluster connection knows it, not of a node at
+        // random: a node that does not answer then holds up only the lookups of its own slots.
+        // Not under the lock, for the same reason.
+        let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
+        let reply: Vec<redis::Value> = self
+            .conn
+            .clone()
+            .query_at_slot(&slots, slot)
             .await
+            .and_then(|v| redis::from_redis_value(v).map_err(Into::into))
             .map_err(|e| Error::redis(&self.target, e))?;
+        let mut map = self.map.lock().await;
         // A node that does not know its own address (a lone master never met another node)
         // is listed with an empty, `?` or nil host, which means "where you asked": one of the
         // seeds; the first, as the cluster connection asks it first.

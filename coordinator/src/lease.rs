@@ -23,7 +23,9 @@
 use redtx_common::conn::{RedisConn, RedisTarget};
 use redtx_common::scripts::{self, LuaScript};
 use redtx_common::{keys, Error, Result};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 /// `lua/coordinator/lease_acquire.lua`.
 pub static ACQUIRE: LuaScript =
@@ -151,16 +153,121 @@ pub async fn renew(
     Ok(out)
 }
 
+/// Keeps this coordinator's leases renewed from a task of its own, on a connection of its own,
+/// so that a loop held up by one partition (a call waiting out a master that does not answer,
+/// a cluster connection refreshing its slot map) does not let the others' leases lapse.
+///
+/// The loop tells the keeper what it holds and that it is alive ([`Keeper::sync`], once per
+/// pass). The keeper renews every third of the lease's life, but only while the loop passed
+/// within the last half of it: a loop that stopped making progress lets its leases lapse, and
+/// its partitions move, about one and a half leases after its last pass at most. Safety does
+/// not rest on this: every write is fenced by the lease value it presents. A lease found lost
+/// is reported to the loop ([`Keeper::lost`]), which steps down.
+pub struct Keeper {
+    state: Arc<Mutex<KeeperState>>,
+}
+
+#[derive(Default)]
+struct KeeperState {
+    /// Partition -> lease value held.
+    held: BTreeMap<u32, String>,
+    /// When the loop last passed (ms).
+    beat_ms: u64,
+    /// Leases found lost since the loop last asked: (partition, value held, holder now).
+    lost: Vec<(u32, String, String)>,
+    /// Partitions whose renewal is under way.
+    renewing: BTreeSet<u32>,
+}
+
+impl Keeper {
+    /// Starts the renewing task on `conn` (one that reconnects by itself). It ends when the
+    /// keeper is dropped.
+    pub fn start(conn: RedisConn, url: RedisTarget, ttl_ms: u64) -> Keeper {
+        let state = Arc::new(Mutex::new(KeeperState { beat_ms: redtx_common::now_ms(), ..Default::default() }));
+        tokio::spawn(keep(conn, url, ttl_ms, Arc::downgrade(&state)));
+        Keeper { state }
+    }
+
+    /// The loop passed and holds `held` (partition, lease value).
+    pub fn sync(&self, held: impl IntoIterator<Item = (u32, String)>) {
+        let mut s = self.state.lock().expect("keeper lock");
+        s.held = held.into_iter().collect();
+        s.beat_ms = redtx_common::now_ms();
+    }
+
+    /// The leases found lost since the last call: (partition, value held, holder now, "" when
+    /// it lapsed).
+    pub fn lost(&self) -> Vec<(u32, String, String)> {
+        std::mem::take(&mut self.state.lock().expect("keeper lock").lost)
+    }
+}
+
+async fn keep(conn: RedisConn, url: RedisTarget, ttl_ms: u64, state: Weak<Mutex<KeeperState>>) {
+    let every = Duration::from_millis((ttl_ms / 3).max(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = state.upgrade() else { return };
+        let mut s = shared.lock().expect("keeper lock");
+        let idle = redtx_common::now_ms().saturating_sub(s.beat_ms);
+        if idle > ttl_ms / 2 {
+            tracing::warn!(
+                idle_ms = idle,
+                "the coordinator's loop has not passed for half a lease: leases not renewed"
+            );
+            continue;
+        }
+        // Each partition on its own: one whose master does not answer holds up no other.
+        let due: Vec<(u32, String)> =
+            s.held.iter().filter(|(p, _)| !s.renewing.contains(p)).map(|(p, v)| (*p, v.clone())).collect();
+        for (p, value) in due {
+            s.renewing.insert(p);
+            tokio::spawn(renew_one(conn.clone(), url.clone(), ttl_ms, p, value, state.clone()));
+        }
+    }
+}
+
+async fn renew_one(
+    mut conn: RedisConn,
+    url: RedisTarget,
+    ttl_ms: u64,
+    p: u32,
+    value: String,
+    state: Weak<Mutex<KeeperState>>,
+) {
+    let r = renew(&mut conn, &url, ttl_ms, &[(p, value.clone())]).await.and_then(|mut r| r.pop().expect("one reply").1);
+    let Some(shared) = state.upgrade() else { return };
+    let mut s = shared.lock().expect("keeper lock");
+    s.renewing.remove(&p);
+    match r {
+        Ok(None) => {}
+        Ok(Some(holder)) => s.lost.push((p, value, holder)),
+        Err(e) => {
+            tracing::warn!(partition = p, error = %e, "could not renew the lease of a partition; if it lapses, the fence refuses the partition's next write")
+        }
+    }
+}
+
 /// Gives up the lease of `p` if still held with `value`.
 pub async fn release(conn: &mut RedisConn, url: &RedisTarget, p: u32, value: &str) -> Result<bool> {
     let v = RELEASE.call().key(keys::lease(p)).arg(value).run(conn, url).await?;
     Ok(reply(RELEASE.name, &v)?.0)
 }
 
+/// What [`survey`] found.
+#[derive(Debug, Default)]
+pub struct Survey {
+    /// Live coordinators (at least 1); `None` when the membership's master did not answer (a
+    /// cluster).
+    pub live: Option<usize>,
+    /// Partitions nobody holds.
+    pub free: BTreeSet<u32>,
+    /// Partitions whose master did not answer (a cluster): not counted free.
+    pub unreachable: Vec<u32>,
+}
+
 /// Refreshes this coordinator's membership, drops lapsed members, and reads which partitions
-/// are free. Returns (live coordinators, free partitions). On a cluster, a partition whose
-/// master is unreachable is not counted free, and the live coordinators are `None` when the
-/// membership's master is unreachable.
+/// are free. On a cluster, the partitions in `skip` (known out of reach) are not asked and not
+/// counted free, and neither is a partition whose master does not answer.
 pub async fn survey(
     conn: &mut RedisConn,
     url: &RedisTarget,
@@ -168,7 +275,8 @@ pub async fn survey(
     now_ms: u64,
     ttl_ms: u64,
     partitions: u32,
-) -> Result<(Option<usize>, BTreeSet<u32>)> {
+    skip: &HashSet<u32>,
+) -> Result<Survey> {
     let members = keys::coordinators();
     let mut p = redis::pipe();
     p.cmd("ZADD").arg(&members).arg(now_ms + ttl_ms).arg(me).ignore();
@@ -177,32 +285,35 @@ pub async fn survey(
     if conn.is_cluster() {
         // Each lease is in its partition's slot, the membership in another: one pipeline per
         // slot, all sent at once.
+        let asked: Vec<u32> = (0..partitions).filter(|part| !skip.contains(part)).collect();
         let mut pipes = vec![p];
-        for part in 0..partitions {
+        for part in &asked {
             let mut e = redis::pipe();
-            e.cmd("EXISTS").arg(keys::lease(part));
+            e.cmd("EXISTS").arg(keys::lease(*part));
             pipes.push(e);
         }
-        let mut live = None;
-        let mut free = BTreeSet::new();
+        let mut out = Survey::default();
         for (i, r) in conn.query_each::<Vec<u64>>(pipes).await.into_iter().enumerate() {
             let r = match r.map_err(|e| Error::redis(url, e)) {
                 Ok(r) => r,
                 Err(e) if e.is_transient() => {
                     tracing::debug!(error = %e, "survey: a slot's master is unreachable");
+                    if i > 0 {
+                        out.unreachable.push(asked[i - 1]);
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             match (i, r.first()) {
-                (0, Some(&n)) => live = Some((n as usize).max(1)),
+                (0, Some(&n)) => out.live = Some((n as usize).max(1)),
                 (i, Some(0)) if i > 0 => {
-                    free.insert(i as u32 - 1);
+                    out.free.insert(asked[i - 1]);
                 }
                 _ => {}
             }
         }
-        return Ok((live, free));
+        return Ok(out);
     }
     for part in 0..partitions {
         p.cmd("EXISTS").arg(keys::lease(part));
@@ -210,7 +321,7 @@ pub async fn survey(
     let out: Vec<u64> = p.query_async(conn).await.map_err(|e| Error::redis(url, e))?;
     let live = out[0] as usize;
     let free = out[1..].iter().enumerate().filter(|(_, &e)| e == 0).map(|(i, _)| i as u32).collect();
-    Ok((Some(live.max(1)), free))
+    Ok(Survey { live: Some(live.max(1)), free, unreachable: Vec::new() })
 }
 
 /// Leaves the membership (on a clean shutdown).

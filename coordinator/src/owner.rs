@@ -37,9 +37,10 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadOptions, StreamRe
 use redis::AsyncCommands;
 use redtx_common::conn::{ClusterRetries, RedisConn, RedisTarget};
 use redtx_common::consumer::{
-    dead_letter_fields, ensure_group, replicated, retake_and_wait, trim_stream, StreamReaders,
+    dead_letter_fields, ensure_group, replicated, retake_and_wait, trim_stream, StreamReaders, CLAIM_RESPONSE_TIMEOUT,
 };
 use redtx_common::machine::{orphan, Effect, Event, Output, Timing, Txn};
+use redtx_common::outage::Outages;
 use redtx_common::protocol::{entry_fields, is_batch_entry, items_of_entry, submit_head, Message, PROTOCOL_VERSION};
 use redtx_common::record::{create_fields, progress_fields, txn_from_hash, TxnState};
 use redtx_common::scripts::{self, LuaScript};
@@ -64,9 +65,6 @@ pub const FP_AFTER_DECISION: &str = "coordinator-after-decision";
 /// Fail point: a batch decided transactions; nothing of it is written yet (the votes that
 /// decided it stay pending).
 pub const FP_BEFORE_DECISION: &str = "coordinator-before-decision";
-
-/// Response timeout of a pinned claimer's connection.
-const CLAIM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Outcome stream cap (`MAXLEN ~`).
 pub const OUTCOMES_MAXLEN: usize = 100_000;
@@ -257,7 +255,8 @@ pub struct Owner {
     /// The live coordinators at the last survey that could count them.
     live: usize,
     last_round: Option<Instant>,
-    last_renew: Instant,
+    /// Renews the leases off the loop ([`lease::Keeper`]).
+    keeper: lease::Keeper,
     last_trim: Instant,
     last_claim: Instant,
     consuming: HashMap<(String, u32), (bool, Instant)>,
@@ -271,6 +270,9 @@ pub struct Owner {
     /// The last fencing token this process acquired per partition
     /// ([`lease::counter_went_back`]).
     tokens: HashMap<u32, u64>,
+    /// A cluster: partitions whose master stopped answering, owned or not. The loop makes no
+    /// call of theirs until their probe hears from them ([`redtx_common::outage`]).
+    outages: Option<Outages>,
 }
 
 /// A fenced write sent and not yet answered.
@@ -307,7 +309,14 @@ impl Owner {
         }
         publish_version(&mut conn, &url).await?;
         let me = redtx_common::consumer::unique_consumer_name();
+        let outages = match url.is_cluster() {
+            true => Some(Outages::new(url.connect().await?)),
+            false => None,
+        };
+        let lease_ms = cfg.lease.as_millis().max(100) as u64;
+        let keeper = lease::Keeper::start(url.connect_managed(Duration::from_secs(1)).await?, url.clone(), lease_ms);
         Ok(Owner {
+            outages,
             writer: Writer::start(conn.clone(), url.clone()),
             in_flight: VecDeque::new(),
             stats: Publisher::coordinator(&me),
@@ -325,7 +334,7 @@ impl Owner {
             free_since: HashMap::new(),
             live: 1,
             last_round: None,
-            last_renew: Instant::now(),
+            keeper,
             last_trim: Instant::now(),
             last_claim: Instant::now(),
             consuming: HashMap::new(),
@@ -351,6 +360,12 @@ impl Owner {
         self.url.is_cluster() && e.is_slot_outage()
     }
 
+    /// Whether partition `p`'s master stopped answering (a cluster): no call of it until it
+    /// answers again.
+    fn is_out(&self, p: u32) -> bool {
+        self.outages.as_ref().is_some_and(|o| o.is_out(p))
+    }
+
     /// A step of partitions `parts` alone failed with `e`. When [tolerable](Self::tolerable),
     /// they are marked stale (their memory is reloaded from Redis and their pending entries
     /// handled again once they answer) and tried again after a pause that doubles up to
@@ -359,6 +374,15 @@ impl Owner {
     fn partition_failed(&mut self, parts: &[u32], e: Error) -> Result<()> {
         if !self.tolerable(&e) {
             return Err(e);
+        }
+        // Not answering (rather than answering too few replicas): no call of these partitions
+        // until their master answers again.
+        if e.is_transient() {
+            if let Some(o) = &self.outages {
+                for p in parts {
+                    o.mark(*p, keys::lease(*p));
+                }
+            }
         }
         for p in parts {
             if let Some(part) = self.parts.get_mut(p) {
@@ -421,15 +445,20 @@ impl Owner {
     }
 
     async fn reconnect(&mut self) -> Result<()> {
-        self.read_conn = self.url.connect_with(self.cfg.block + Duration::from_secs(10)).await?;
-        self.conn = self.url.connect().await?;
-        self.writer = Writer::start(self.conn.clone(), self.url.clone());
+        // A cluster connection reconnects by itself, and a new one would first wait for every
+        // node, one that does not answer too.
+        if !self.url.is_cluster() {
+            self.read_conn = self.url.connect_with(self.cfg.block + Duration::from_secs(10)).await?;
+            self.conn = self.url.connect().await?;
+            self.writer = Writer::start(self.conn.clone(), self.url.clone());
+        }
         // A Redis that restarted without persistence lost it.
         publish_version(&mut self.conn, &self.url).await
     }
 
     /// One pass of the loop (see the module doc).
     async fn round(&mut self) -> Result<()> {
+        self.keeper.sync(self.parts.iter().map(|(p, x)| (*p, x.lease.clone())));
         self.settle_ready().await?;
         if self.last_round.is_none_or(|t| t.elapsed() >= TICK) {
             self.last_round = Some(Instant::now());
@@ -445,7 +474,7 @@ impl Owner {
             }
             for p in owned {
                 let Some(part) = self.parts.get(&p) else { continue };
-                if part.retry_at.is_some_and(|t| t > Instant::now()) {
+                if part.retry_at.is_some_and(|t| t > Instant::now()) || self.is_out(p) {
                     continue;
                 }
                 if part.stale {
@@ -471,31 +500,28 @@ impl Owner {
         self.read_and_handle().await
     }
 
-    /// Renews leases, refreshes membership, acquires and releases partitions.
+    /// Steps down from leases found lost, refreshes membership, acquires and releases
+    /// partitions.
     async fn ownership(&mut self) -> Result<()> {
         let ttl = self.lease_ms();
-        if self.last_renew.elapsed() >= Duration::from_millis(ttl / 3) || self.parts.is_empty() {
-            self.last_renew = Instant::now();
-            let held: Vec<(u32, String)> = self.parts.iter().map(|(p, x)| (*p, x.lease.clone())).collect();
-            for (p, renewed) in lease::renew(&mut self.conn, &self.url, ttl, &held).await? {
-                match renewed {
-                    Ok(None) => {}
-                    Ok(Some(holder)) => {
-                        tracing::warn!(partition = p, holder = %holder, "lost the lease of a partition; stepping down");
-                        self.parts.remove(&p);
-                    }
-                    // Not renewed this time: if it lapses, the fence refuses the next write.
-                    Err(e) if self.tolerable(&e) => {
-                        tracing::warn!(partition = p, error = %e, "could not renew the lease of a partition")
-                    }
-                    Err(e) => return Err(e),
-                }
+        // Renewed by the keeper, off this loop.
+        for (p, value, holder) in self.keeper.lost() {
+            if self.parts.get(&p).is_some_and(|x| x.lease == value) {
+                tracing::warn!(partition = p, holder = %holder, "lost the lease of a partition; stepping down");
+                self.parts.remove(&p);
             }
         }
-        let (live, free) =
-            lease::survey(&mut self.conn, &self.url, &self.me, now_ms(), ttl, self.cfg.partitions).await?;
+        let out = self.outages.as_ref().map(Outages::out).unwrap_or_default();
+        let survey =
+            lease::survey(&mut self.conn, &self.url, &self.me, now_ms(), ttl, self.cfg.partitions, &out).await?;
+        if let Some(o) = &self.outages {
+            for p in &survey.unreachable {
+                o.mark(*p, keys::lease(*p));
+            }
+        }
+        let free = survey.free;
         // Unknown (the membership's master unreachable on a cluster): as last seen.
-        let live = live.unwrap_or(self.live);
+        let live = survey.live.unwrap_or(self.live);
         self.live = live;
         let owned: BTreeSet<u32> = self.parts.keys().copied().collect();
         self.free_since.retain(|p, _| free.contains(p));
@@ -692,7 +718,7 @@ impl Owner {
     }
 
     async fn trim(&mut self) -> Result<()> {
-        let owned: Vec<u32> = self.parts.keys().copied().collect();
+        let owned: Vec<u32> = self.parts.keys().copied().filter(|p| !self.is_out(*p)).collect();
         for p in owned {
             match trim_stream(&mut self.conn, &self.url, &keys::coord_stream(p), self.cfg.keep_history).await {
                 Err(e) if !self.tolerable(&e) => return Err(e),
@@ -919,6 +945,9 @@ impl Owner {
     /// Whether participant `name` reads its stream of partition `p` (its group exists and has
     /// nothing undelivered): re-sends to one that does not would only pile up.
     async fn consuming(&mut self, name: &str, p: u32) -> bool {
+        if self.is_out(p) {
+            return false;
+        }
         let key = (name.to_string(), p);
         if let Some((yes, at)) = self.consuming.get(&key) {
             if at.elapsed() < CONSUMING_TTL {

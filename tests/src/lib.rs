@@ -358,7 +358,9 @@ impl Drop for Proc {
         self.kill9();
         if std::thread::panicking() {
             let lines = self.lines.lock_lines();
-            let tail = &lines[lines.len().saturating_sub(60)..];
+            // `REDTX_TEST_TAIL=<n>` shows more of it.
+            let n = std::env::var("REDTX_TEST_TAIL").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+            let tail = &lines[lines.len().saturating_sub(n)..];
             eprintln!("----- last output of {} (pid {}) -----\n{}\n-----", self.label, self.pid(), tail.join("\n"));
         }
     }

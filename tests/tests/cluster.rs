@@ -432,14 +432,14 @@ fn killing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
 }
 
 #[test]
-#[ignore = "known gap: a frozen master holds the coordinator's loop past the other partitions' leases (docs/scaling.md)"]
 fn freezing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     // The same with partition 0's master frozen (SIGSTOP): its connections stay open and
     // unanswered, so every call to it waits for a timeout instead of failing at once. The
     // cluster elects its replica; 3 s later the frozen node goes on (SIGCONT), finds itself
-    // replaced and becomes the new master's replica. Fails today: the coordinator's loop waits
-    // out each call to the frozen master (the response timeout, then the retries), the other
-    // partitions' leases lapse meanwhile, and none of their transfers ends during the freeze.
+    // replaced and becomes the new master's replica. Each worker pays the timeout once per
+    // partition (then skips it until its probe hears from it: `common::outage`), renews its
+    // leases off its loop (`lease::Keeper`), and asks where a slot is of that slot's master,
+    // not of a node at random. This test failed until all three were in.
     a_master_lost_under_wait_replicas(
         "SIGSTOP",
         |streams, master| streams.freeze_and_fail_over(master).expect("the cluster fails the master over"),
