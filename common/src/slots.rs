@@ -67,8 +67,8 @@ impl SlotOwners {
             .map_err(|e| Error::redis(&self.target, e))?;
         let mut map = self.map.lock().await;
         // A node that does not know its own address (a lone master never met another node)
-        // is listed with an empty, `?` or nil host, which means "where you asked": one of the
-        // seeds; the first, as the cluster connection asks it first.
+        // is listed with an empty, `?` or nil host, which means "where you asked": that lone
+        // master, which is the seed (the first).
         let seed_host = match self.target.url().client().get_connection_info().addr() {
             redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host.clone(),
             _ => String::new(),
