@@ -213,7 +213,7 @@ impl Consumer {
         let stats = Publisher::participant(&cfg.group, &cfg.consumer);
         let counts = ConsumerCounts::default();
         let outages = match url.is_cluster() {
-            true => Some(Outages::new(url.connect().await?)),
+            true => Some(Outages::new(url.connect().await?, "partition")),
             false => None,
         };
         Ok(Consumer { url: url.clone(), cfg, read_conn, readers, claimers, conn, claim_from, counts, stats, outages })

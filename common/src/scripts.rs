@@ -83,6 +83,14 @@ impl Call {
         self.script
     }
 
+    /// Its first KEY, if it has one.
+    pub fn first_key(&self) -> Option<Vec<u8>> {
+        match self.keys.args_iter().next()? {
+            redis::Arg::Simple(k) => Some(k.to_vec()),
+            _ => None,
+        }
+    }
+
     /// One call of this script carrying every call of `calls` (all of this script), laid out
     /// as `lua/lib/batch.lua` reads a batch: KEYS concatenated; ARGV = the count, each call's
     /// KEYS and ARGV sizes, then every call's ARGV.

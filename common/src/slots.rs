@@ -42,7 +42,7 @@ impl SlotOwners {
     }
 
     /// The node serving `slot`; `refresh` asks the cluster again first.
-    pub(crate) async fn owner(&self, slot: u16, refresh: bool) -> Result<Node> {
+    pub async fn owner(&self, slot: u16, refresh: bool) -> Result<Node> {
         let find = |m: &SlotMap| {
             m.moved
                 .get(&slot)
@@ -86,6 +86,14 @@ impl SlotOwners {
             url: self.target.redacted().to_string(),
             source: redis::RedisError::from((redis::ErrorKind::ClusterConnectionNotFound, "no node serves the slot")),
         })
+    }
+
+    /// Every slot served by the node that serves `slot`, as last learnt (no lookup; `None`
+    /// before the first). A node that stops answering stops answering for all of them.
+    pub async fn served_with(&self, slot: u16) -> Option<Vec<u16>> {
+        let map = self.map.lock().await;
+        let node = &map.ranges.iter().find(|(a, b, _)| (*a..=*b).contains(&slot))?.2;
+        Some(map.ranges.iter().filter(|r| &r.2 == node).flat_map(|(a, b, _)| *a..=*b).collect())
     }
 
     /// Records that `slot` is now served by `node` (a `MOVED` answer).

@@ -310,7 +310,7 @@ impl Owner {
         publish_version(&mut conn, &url).await?;
         let me = redtx_common::consumer::unique_consumer_name();
         let outages = match url.is_cluster() {
-            true => Some(Outages::new(url.connect().await?)),
+            true => Some(Outages::new(url.connect().await?, "partition")),
             false => None,
         };
         let lease_ms = cfg.lease.as_millis().max(100) as u64;

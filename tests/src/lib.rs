@@ -1579,20 +1579,35 @@ impl Bank {
     /// [`TransferLoad::finish`]. Some transfers abort (insufficient funds, or a conflict on an
     /// account another transfer holds); none may fail to end within a minute.
     pub fn start_load(&self, accounts: &[(Side, String)], producers: usize) -> TransferLoad {
+        self.start_load_where(accounts, producers, |_| true)
+    }
+
+    /// [`start_load`](Self::start_load) with transaction ids drawn until `keep` takes one (to
+    /// keep a load off some partitions).
+    pub fn start_load_where(
+        &self,
+        accounts: &[(Side, String)],
+        producers: usize,
+        keep: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> TransferLoad {
+        let keep = Arc::new(keep);
         let stop = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(AtomicUsize::new(0));
         let tasks = (0..producers)
             .map(|p| {
                 let (client, accounts) = (self.client().clone(), accounts.to_vec());
-                let (stop, ended) = (stop.clone(), ended.clone());
+                let (stop, ended, keep) = (stop.clone(), ended.clone(), keep.clone());
                 self.rt.spawn(async move {
                     let mut done = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
                         let (from, to) = random_pair(accounts.len());
                         let amount = rand::Rng::random_range(&mut rand::rng(), 1..=60);
                         let (from, to) = (accounts[from].clone(), accounts[to].clone());
-                        let spec =
+                        let mut spec =
                             transfer((from.0, &from.1), (to.0, &to.1), amount).with_timeout(Duration::from_secs(10));
+                        while !keep(&spec.id) {
+                            spec = spec.with_id(redtx_common::spec::new_txn_id());
+                        }
                         let record = client
                             .submit_and_wait(&spec, Duration::from_secs(60))
                             .await

@@ -70,6 +70,64 @@ fn concurrent_transfers_with_both_banks_on_a_data_cluster_conserve_money() {
 }
 
 #[test]
+fn a_frozen_data_master_holds_up_only_the_transfers_that_touch_it() {
+    // Both banks' data on a cluster with a replica per master. The master of some accounts is
+    // frozen (SIGSTOP) while transfers run, until the cluster elects its replica; then it goes
+    // on and turns replica. Four producers move money between any accounts, two between
+    // accounts on the other masters only, in transactions whose home barriers are there too.
+    // Each participant pays the frozen master's timeout
+    // once, then fails its slots' transitions at once (they stay pending) until a probe hears
+    // from them; without that, every batch holding one of them waited out the timeout (1.5 s),
+    // and the transfers that never touch the frozen master crawled with them.
+    let started = Instant::now();
+    let opts = ClusterOptions::default().data_on_cluster("bank-a").data_on_cluster("bank-b");
+    let cluster = RedisCluster::start(3, 1).expect("start the cluster");
+    let mut bank = Bank::start_with_data(None, Some(cluster), opts);
+    let accounts = open(&bank, 10);
+    let mut data = bank.0.data.take().expect("a data cluster");
+    let frozen = data.master_of_slot(keys::slot(&accounts[0].1)).unwrap();
+    let apart: Vec<(Side, String)> =
+        accounts.iter().filter(|(_, k)| data.master_of_slot(keys::slot(k)).unwrap() != frozen).cloned().collect();
+    // Nor may their transactions keep their home barriers there (in the slot of `{P}`).
+    let homes_apart: Vec<bool> =
+        (0..PARTITIONS).map(|p| data.master_of_slot(keys::partition_slot(p)).unwrap() != frozen).collect();
+    assert!(homes_apart.iter().any(|a| *a), "some partition's home is on another master");
+    let any = bank.start_load(&accounts, 4);
+    let others = bank.start_load_where(&apart, 2, move |id| homes_apart[keys::partition(id, PARTITIONS) as usize]);
+    any.wait_progress(40);
+    let at = redtx_common::now_ms();
+    eprintln!("SIGSTOP of data node {frozen} at {:?}", started.elapsed());
+    let elected_node = data.freeze_and_fail_over(frozen).expect("the cluster fails the master over");
+    let elected = redtx_common::now_ms();
+    eprintln!("data node {elected_node} is master at {:?}", started.elapsed());
+    data.thaw(frozen).expect("the frozen node goes on");
+    bank.0.data = Some(data);
+    others.wait_progress(40);
+    any.wait_progress(40);
+    let mut done = any.finish(&bank.rt);
+    let apart_done = others.finish(&bank.rt);
+    // Created once the participants have met the frozen master (a timeout, 1.5 s), finished
+    // before the election: the cluster refuses every slot for a moment before it.
+    let meanwhile = apart_done
+        .iter()
+        .filter(|t| t.record.created_ms > at + 2000 && t.record.finished_ms.is_some_and(|f| f < elected))
+        .count();
+    assert!(
+        meanwhile >= 20,
+        "only {meanwhile} transfers between the other masters' accounts ended while data node {frozen} was frozen ({} ms)",
+        elected - at
+    );
+    done.extend(apart_done);
+    let (committed, aborted) = check(&bank, &accounts, &mut done);
+    eprintln!(
+        "{} transfers ({committed} committed, {aborted} aborted; {meanwhile} apart from the frozen master in {} ms of it) in {:?}",
+        done.len(),
+        elected - at,
+        started.elapsed()
+    );
+}
+
+#[test]
 fn a_refused_slot_group_aborts_the_whole_transaction() {
     let opts = ClusterOptions::default().data_on_cluster("bank-a").data_on_cluster("bank-b");
     let bank = Bank::start_with_data(None, Some(data_cluster()), opts);

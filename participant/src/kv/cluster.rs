@@ -73,6 +73,7 @@ use crate::barrier::{null_compensation, Barrier, BarrierState, Request, Work};
 use crate::resource::{Applied, Transition};
 use redis::Value;
 use redtx_common::kv::{decode_ops, keys_of, Op};
+use redtx_common::outage::Outages;
 use redtx_common::scripts::{Call, LuaScript};
 use redtx_common::{failpoint, keys, Error, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -721,7 +722,7 @@ impl KvResource {
                 _ => false,
             })
             .collect();
-        let mut homes = self.read_homes(batch, &reads).await?;
+        let (mut homes, mut unread) = self.read_homes(batch, &reads).await?;
         let ctx = Ctx {
             name: self.name.clone(),
             shown: self.target.redacted().to_string(),
@@ -734,6 +735,10 @@ impl KvResource {
             .enumerate()
             .map(|(i, t)| -> Flow<'_> {
                 if let Some(e) = self.misaddressed(t) {
+                    return Box::pin(std::future::ready(Err(e)));
+                }
+                // Its home barrier's slot did not answer: it fails alone, and stays pending.
+                if let Some(e) = unread.remove(&i) {
                     return Box::pin(std::future::ready(Err(e)));
                 }
                 let keys = self.prepared_keys.get(t.request.txn()).cloned();
@@ -791,10 +796,17 @@ impl KvResource {
         Ok(out.into_iter().map(|o| o.expect("every flow ended")).collect())
     }
 
-    /// The home barriers of transitions `at` of `batch`, read in one pipeline per slot.
-    async fn read_homes(&mut self, batch: &[Transition<'_>], at: &[usize]) -> Result<HashMap<usize, HomeRead>> {
+    /// The home barriers of transitions `at` of `batch`, read in one pipeline per slot; and,
+    /// for the transitions whose slot did not answer (or is out of reach, see
+    /// [`KvResource::run_batched`]), why: they fail alone and the others go on.
+    async fn read_homes(
+        &mut self,
+        batch: &[Transition<'_>],
+        at: &[usize],
+    ) -> Result<(HashMap<usize, HomeRead>, HashMap<usize, String>)> {
+        let mut unread = HashMap::new();
         if at.is_empty() {
-            return Ok(HashMap::new());
+            return Ok((HashMap::new(), unread));
         }
         let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for &i in at {
@@ -816,13 +828,40 @@ impl KvResource {
             })
             .collect();
         let target = self.target.clone();
-        let replies = self.conn().await?.query_each::<Vec<Vec<Option<Vec<u8>>>>>(pipes).await;
+        let out_slots = self.outages.as_ref().map(Outages::out).unwrap_or_default();
+        let (mut asked, mut pipes_asked) = (Vec::new(), Vec::new());
+        for ((slot, list), pipe) in by_slot.iter().zip(pipes) {
+            if out_slots.contains(&u32::from(*slot)) {
+                for &i in list {
+                    unread.insert(i, format!("slot {slot}: its master does not answer; retried once it does"));
+                }
+            } else {
+                asked.push((*slot, list));
+                pipes_asked.push(pipe);
+            }
+        }
+        let replies = self.conn().await?.query_each::<Vec<Vec<Option<Vec<u8>>>>>(pipes_asked).await;
         let mut out = HashMap::new();
-        for (list, reply) in by_slot.values().zip(replies) {
-            let rows = reply.map_err(|e| {
-                self.conn = None;
-                Error::redis(&target, e)
-            })?;
+        for ((slot, list), reply) in asked.into_iter().zip(replies) {
+            let rows = match reply {
+                Ok(rows) => rows,
+                // A slot that did not answer (its master down, frozen, or failing over): its
+                // transitions fail alone, and it is skipped until it answers if it timed out.
+                Err(e) if super::unreached(&e) => {
+                    if e.is_timeout() {
+                        let i = list[0];
+                        let p = keys::partition(batch[i].request.txn(), self.partitions);
+                        let key = keys::home_barrier(p, &self.name, batch[i].request.txn());
+                        self.out_of_reach(slot, key.into_bytes()).await;
+                    }
+                    let why = Error::redis(&target, e).to_string();
+                    for &i in list {
+                        unread.insert(i, format!("slot {slot}: {why}"));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(Error::redis(&target, e)),
+            };
             for (&i, row) in list.iter().zip(rows) {
                 let text = |j: usize| {
                     row.get(j)
@@ -847,7 +886,7 @@ impl KvResource {
                 );
             }
         }
-        Ok(out)
+        Ok((out, unread))
     }
 }
 

@@ -30,7 +30,9 @@ use crate::resource::{Applied, Resource, Transition};
 use redis::Value;
 use redtx_common::conn::{ClusterRetries, RedisConn, RedisTarget, RedisUrl};
 use redtx_common::kv::{decode_ops, keys_of, Op};
+use redtx_common::outage::Outages;
 use redtx_common::scripts::{self, Call, LuaScript};
+use redtx_common::slots::SlotOwners;
 use redtx_common::{keys, spec, Error, Result};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -244,6 +246,12 @@ pub struct KvResource {
     partitions: u32,
     retention: Duration,
     conn: Option<RedisConn>,
+    /// A cluster: slots whose master stopped answering; their transitions fail at once (and
+    /// stay pending) until it answers again ([`redtx_common::outage`]).
+    outages: Option<Outages>,
+    /// A cluster: which slots each master serves (learnt when connecting), so that a master
+    /// found not answering for one slot is skipped for all of its slots at once.
+    slot_map: Option<std::sync::Arc<SlotOwners>>,
     /// Keys of branches this process saw prepared (txn -> keys), for their commit/abort.
     prepared_keys: HashMap<String, Vec<String>>,
 }
@@ -267,6 +275,8 @@ impl KvResource {
             partitions: partitions.max(1),
             retention,
             conn: None,
+            outages: None,
+            slot_map: None,
             prepared_keys: HashMap::new(),
         }
     }
@@ -289,6 +299,16 @@ impl KvResource {
             let mut conn = self.target.connect().await?;
             for script in SCRIPTS {
                 script.load(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
+            }
+            if self.target.is_cluster() && self.outages.is_none() {
+                let side = self.target.connect().await?;
+                let map = SlotOwners::new(self.target.clone(), side.clone());
+                // Best effort: without it, a silent master's slots are found one by one.
+                if let Err(e) = map.owner(0, true).await {
+                    tracing::debug!(error = %e, "could not learn the data cluster's slots");
+                }
+                self.slot_map = Some(std::sync::Arc::new(map));
+                self.outages = Some(Outages::new(side, "data slot"));
             }
             self.conn = Some(conn);
         }
@@ -323,9 +343,23 @@ impl KvResource {
     /// as one call per script and slot, and returns one reply per call, in order. A batch call
     /// that failed as a whole is run again one call per transition, so each failure is that
     /// transition's own.
+    ///
+    /// On a cluster, a slot whose master did not answer a call in time is skipped (its
+    /// transitions fail at once, and stay pending) until a probe hears from it: a frozen
+    /// master costs one timeout per outage, not one per batch, and holds up no other slot's
+    /// transitions.
     async fn run_batched(&mut self, calls: &[(u16, Call)]) -> Result<Vec<redis::RedisResult<Value>>> {
+        let out_slots = self.outages.as_ref().map(Outages::out).unwrap_or_default();
+        let mut out: Vec<Option<redis::RedisResult<Value>>> = vec![None; calls.len()];
         let mut groups: Vec<((&'static str, u16), Vec<usize>)> = Vec::new();
         for (i, (slot, c)) in calls.iter().enumerate() {
+            if out_slots.contains(&u32::from(*slot)) {
+                out[i] = Some(Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the master of slot {slot} does not answer; retried once it does"),
+                ))));
+                continue;
+            }
             let key = (c.script().name, *slot);
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, at)) => at.push(i),
@@ -335,9 +369,15 @@ impl KvResource {
         let batched: Vec<Call> =
             groups.iter().map(|(_, at)| Call::batch(&at.iter().map(|&i| &calls[i].1).collect::<Vec<_>>())).collect();
         let replies = self.run(&batched).await?;
-        let mut out: Vec<Option<redis::RedisResult<Value>>> = vec![None; calls.len()];
         let mut alone = Vec::new();
-        for ((_, at), reply) in groups.iter().zip(replies) {
+        for (((_, slot), at), reply) in groups.iter().zip(replies) {
+            if let Err(e) = &reply {
+                if e.is_timeout() {
+                    if let Some(key) = calls[at[0]].1.first_key() {
+                        self.out_of_reach(*slot, key).await;
+                    }
+                }
+            }
             match reply {
                 Ok(Value::Array(items)) if items.len() == at.len() => {
                     for (&i, v) in at.iter().zip(items) {
@@ -399,6 +439,17 @@ impl KvResource {
                 r.inspect_err(|_| self.conn = None)
             }
         }
+    }
+
+    /// A call to `slot` timed out: its master does not answer. Every slot of that master is
+    /// skipped until `key` (a key of `slot`) answers again.
+    pub(super) async fn out_of_reach(&self, slot: u16, key: Vec<u8>) {
+        let Some(o) = &self.outages else { return };
+        let with = match &self.slot_map {
+            Some(map) => map.served_with(slot).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        o.mark_all(u32::from(slot), with.into_iter().map(u32::from).collect(), key);
     }
 
     /// Remembers (or forgets) the keys of a branch after a transition ended as `applied`.
