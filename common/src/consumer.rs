@@ -513,8 +513,8 @@ impl Consumer {
             }
         }
         let mut writes = Vec::new();
-        // Messages answered (counted once their answers are written).
-        let mut answered = 0u64;
+        // Messages answered, per partition (counted once their answers are written).
+        let mut answered: HashMap<u32, u64> = HashMap::new();
         if !batch.is_empty() {
             let handled = match handler.handle(batch).await {
                 Ok(h) => h,
@@ -529,7 +529,7 @@ impl Consumer {
             for ((n, own), d) in origin.into_iter().zip(dispositions) {
                 let (i, entry) = &entries[n];
                 match d {
-                    Disposition::Ack => answered += 1,
+                    Disposition::Ack => *answered.entry(partition_of(&self.cfg.streams[*i])).or_default() += 1,
                     Disposition::DeadLetter(reason) => match own {
                         None => dead.push((*i, entry.clone(), reason)),
                         Some(map) => {
@@ -548,8 +548,8 @@ impl Consumer {
             entries.iter().zip(&keep).filter(|(_, kept)| !**kept).map(|((i, e), _)| (*i, e.id.clone())).collect();
         let kept: std::collections::HashSet<(usize, String)> =
             entries.iter().zip(&keep).filter(|(_, k)| **k).map(|((i, e), _)| (*i, e.id.clone())).collect();
-        self.commit(writes, dead, ack, &kept).await?;
-        self.counts.handled += answered;
+        let unwritten = self.commit(writes, dead, ack, &kept).await?;
+        self.counts.handled += answered.iter().filter(|(p, _)| !unwritten.contains(p)).map(|(_, n)| n).sum::<u64>();
         Ok(())
     }
 
@@ -557,16 +557,18 @@ impl Consumer {
     /// partition of the stream they came from) and the `XACK`s of the handled and dead-lettered
     /// entries as one `MULTI`/`EXEC`: all or nothing, so an entry is never acked without what
     /// it caused (a Redis refusing writes, e.g. at its memory limit, aborts the whole
-    /// transaction and the entries stay pending).
+    /// transaction and the entries stay pending). On a cluster, one partition's transaction may
+    /// fail alone on a slot outage: its partitions are returned (their entries stay pending).
     async fn commit(
         &mut self,
         writes: Vec<(u32, redis::Cmd)>,
         dead: Vec<(usize, StreamId, String)>,
         mut ack: Vec<(usize, String)>,
         kept: &std::collections::HashSet<(usize, String)>,
-    ) -> Result<()> {
+    ) -> Result<Vec<u32>> {
+        let mut unwritten = Vec::new();
         if writes.is_empty() && dead.is_empty() && ack.is_empty() {
-            return Ok(());
+            return Ok(unwritten);
         }
         // One transaction on one server; on a cluster one per partition (each is one slot).
         let cluster = self.conn.is_cluster();
@@ -622,13 +624,16 @@ impl Consumer {
                         if let Some(o) = &self.outages {
                             o.mark(p, keys::coord_stream(p));
                         }
+                        unwritten.push(p);
                     }
                     r => r?,
                 }
             }
         }
-        self.counts.dead += dead.len() as u64;
-        Ok(())
+        let written =
+            |(i, _, _): &&(usize, StreamId, String)| !unwritten.contains(&partition_of(&self.cfg.streams[*i]));
+        self.counts.dead += dead.iter().filter(written).count() as u64;
+        Ok(unwritten)
     }
 }
 
