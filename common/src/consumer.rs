@@ -174,6 +174,9 @@ pub struct Consumer {
     stats: Publisher,
     /// A cluster: partitions whose master stopped answering, not claimed from until it does.
     outages: Option<Outages>,
+    /// A cluster with [`ConsumerConfig::wait_replicas`]: where the pinned connections look
+    /// slots up.
+    slots: Option<Arc<SlotOwners>>,
 }
 
 impl Consumer {
@@ -207,16 +210,28 @@ impl Consumer {
                 None => readers,
             }
         });
-        let claimers = slots.map(|slots| {
+        let claimers = slots.clone().map(|slots| {
             cfg.streams.iter().map(|s| Pinned::new(keys::slot(s), slots.clone(), CLAIM_RESPONSE_TIMEOUT)).collect()
         });
         let stats = Publisher::participant(&cfg.group, &cfg.consumer);
         let counts = ConsumerCounts::default();
         let outages = match url.is_cluster() {
-            true => Some(Outages::new(url.connect().await?, "partition")),
+            true => Some(Outages::connect(url, "partition").await?),
             false => None,
         };
-        Ok(Consumer { url: url.clone(), cfg, read_conn, readers, claimers, conn, claim_from, counts, stats, outages })
+        Ok(Consumer {
+            url: url.clone(),
+            cfg,
+            read_conn,
+            readers,
+            claimers,
+            conn,
+            claim_from,
+            counts,
+            stats,
+            outages,
+            slots,
+        })
     }
 
     /// Runs until `shutdown`: read, handle, ack; claim idle entries and tick on the way.
@@ -227,6 +242,7 @@ impl Consumer {
         tracing::info!(streams = ?self.cfg.streams, group = %self.cfg.group, consumer = %self.cfg.consumer, redis = %self.url, "participant started");
         while !shutdown.is_triggered() {
             let step = async {
+                self.follow_topology().await;
                 if last_tick.elapsed() >= self.cfg.tick_every {
                     last_tick = Instant::now();
                     self.claim_idle(handler).await?;
@@ -282,6 +298,25 @@ impl Consumer {
         self.read_conn = read_conn;
         self.conn = conn;
         Ok(())
+    }
+
+    /// A cluster: when a master that stopped answering was replaced meanwhile (a probe heard
+    /// from its partition only on a fresh connection), replaces the cluster connection too: one
+    /// that met only timeouts from the old master still routes its calls there.
+    async fn follow_topology(&mut self) {
+        if !self.outages.as_ref().is_some_and(Outages::take_topology_changed) {
+            return;
+        }
+        match self.url.connect().await {
+            Ok(conn) => {
+                tracing::info!("a master was replaced while it did not answer: using a fresh cluster connection");
+                if let Some(slots) = &self.slots {
+                    slots.set_conn(conn.clone());
+                }
+                self.conn = conn;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not open a fresh cluster connection; keeping the old one"),
+        }
     }
 
     /// A cluster, after a failed step: makes sure of the group of each stream whose master

@@ -20,30 +20,55 @@
 //! replicas, a write refused) is met again by the loop's next call, and paced by the loop's own
 //! back-off.
 
-use crate::conn::RedisConn;
+use crate::conn::{RedisConn, RedisTarget};
+use crate::Result;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// How often a probe asks a partition that is out.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 
+/// A probe that failed this many times in a row asks on a fresh connection: a cluster
+/// connection whose calls only time out keeps sending them to the same node, and never learns
+/// that its replica was elected meanwhile.
+const FRESH_AFTER: u32 = 4;
+
 /// The partitions out of reach (see the module doc). Clones share them.
 #[derive(Clone)]
 pub struct Outages {
+    target: RedisTarget,
     conn: RedisConn,
     out: Arc<Mutex<HashSet<u32>>>,
+    /// Set when a probe was answered only on a fresh connection: the caller's own cluster
+    /// connections may still point at the silent master, and should be replaced
+    /// ([`Outages::take_topology_changed`]).
+    moved: Arc<AtomicBool>,
     /// What the numbers are, for the logs: `partition`, `data slot`.
     label: &'static str,
 }
 
 impl Outages {
-    /// Probes go on `conn`: a cluster connection of their own, whose calls give up quickly
-    /// ([`crate::conn::ClusterRetries::QUICK`]). Not the caller's: each failed probe may make
-    /// the connection refresh its slot map, which holds every call on it meanwhile.
+    /// Probes go on a cluster connection of their own to `target` (whose calls should give up
+    /// quickly: [`crate::conn::ClusterRetries::QUICK`]). Not the caller's: each failed probe
+    /// may make the connection refresh its slot map, which holds every call on it meanwhile.
     /// `label` says what the numbers are, in the logs (`partition`, `data slot`).
-    pub fn new(conn: RedisConn, label: &'static str) -> Self {
-        Outages { conn, out: Arc::new(Mutex::new(HashSet::new())), label }
+    pub async fn connect(target: &RedisTarget, label: &'static str) -> Result<Self> {
+        Ok(Outages {
+            target: target.clone(),
+            conn: target.connect().await?,
+            out: Arc::new(Mutex::new(HashSet::new())),
+            moved: Arc::new(AtomicBool::new(false)),
+            label,
+        })
+    }
+
+    /// Whether a probe was answered only on a fresh connection since the last call: the
+    /// master it asked was replaced while it was silent, and a cluster connection that only
+    /// met timeouts from it still routes there. The caller replaces its cluster connections.
+    pub fn take_topology_changed(&self) -> bool {
+        self.moved.swap(false, Ordering::Relaxed)
     }
 
     /// Whether `p` is out: skip it until its probe hears from it.
@@ -78,30 +103,57 @@ impl Outages {
             1 => tracing::warn!("{what} {p} out of reach; skipped until its master answers"),
             n => tracing::warn!("{what} {p} out of reach, and {} more of its master; skipped until it answers", n - 1),
         }
-        let (conn, out) = (self.conn.clone(), Arc::downgrade(&self.out));
-        tokio::spawn(probe(conn, out, p, new, probe_key.into(), what));
+        let probe = Probe {
+            target: self.target.clone(),
+            conn: self.conn.clone(),
+            out: Arc::downgrade(&self.out),
+            moved: self.moved.clone(),
+            p,
+            all: new,
+            key: probe_key.into(),
+            what,
+        };
+        tokio::spawn(probe.run());
     }
 }
 
-async fn probe(
-    mut conn: RedisConn,
+struct Probe {
+    target: RedisTarget,
+    conn: RedisConn,
     out: Weak<Mutex<HashSet<u32>>>,
+    moved: Arc<AtomicBool>,
     p: u32,
     all: Vec<u32>,
     key: Vec<u8>,
     what: &'static str,
-) {
-    loop {
-        tokio::time::sleep(PROBE_EVERY).await;
-        let answered = redis::cmd("EXISTS").arg(&key).query_async::<i64>(&mut conn).await.is_ok();
-        let Some(out) = out.upgrade() else { return };
-        if answered {
-            let mut out = out.lock().expect("outages lock");
-            for q in &all {
-                out.remove(q);
+}
+
+impl Probe {
+    async fn run(mut self) {
+        let (mut failed, mut fresh) = (0u32, false);
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            let answered = redis::cmd("EXISTS").arg(&self.key).query_async::<i64>(&mut self.conn).await.is_ok();
+            let Some(out) = self.out.upgrade() else { return };
+            if answered {
+                let mut out = out.lock().expect("outages lock");
+                for q in &self.all {
+                    out.remove(q);
+                }
+                if fresh {
+                    self.moved.store(true, Ordering::Relaxed);
+                }
+                let (what, p) = (self.what, self.p);
+                tracing::info!("{what} {p} answers again");
+                return;
             }
-            tracing::info!("{what} {p} answers again");
-            return;
+            failed += 1;
+            if failed % FRESH_AFTER == 0 {
+                if let Ok(c) = self.target.connect().await {
+                    self.conn = c;
+                    fresh = true;
+                }
+            }
         }
     }
 }

@@ -21,7 +21,8 @@ use std::time::Duration;
 /// which itself follows the cluster) and from `MOVED` answers.
 pub struct SlotOwners {
     target: RedisTarget,
-    conn: RedisConn,
+    /// Replaced by [`SlotOwners::set_conn`] when the cluster's topology changed unseen.
+    conn: std::sync::Mutex<RedisConn>,
     map: tokio::sync::Mutex<SlotMap>,
 }
 
@@ -38,7 +39,13 @@ pub(crate) type Node = (String, u16);
 
 impl SlotOwners {
     pub fn new(target: RedisTarget, conn: RedisConn) -> Self {
-        SlotOwners { target, conn, map: tokio::sync::Mutex::default() }
+        SlotOwners { target, conn: std::sync::Mutex::new(conn), map: tokio::sync::Mutex::default() }
+    }
+
+    /// Looks slots up on `conn` from now on (a fresh cluster connection: the old one's slot
+    /// map may still point at a master that stopped answering and was replaced).
+    pub fn set_conn(&self, conn: RedisConn) {
+        *self.conn.lock().expect("slot owners lock") = conn;
     }
 
     /// The node serving `slot`; `refresh` asks the cluster again first.
@@ -58,9 +65,8 @@ impl SlotOwners {
         // random: a node that does not answer then holds up only the lookups of its own slots.
         // Not under the lock, for the same reason.
         let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
-        let reply: Vec<redis::Value> = self
-            .conn
-            .clone()
+        let mut conn = self.conn.lock().expect("slot owners lock").clone();
+        let reply: Vec<redis::Value> = conn
             .query_at_slot(&slots, slot)
             .await
             .and_then(|v| redis::from_redis_value(v).map_err(Into::into))

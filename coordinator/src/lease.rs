@@ -167,6 +167,10 @@ pub struct Keeper {
     state: Arc<Mutex<KeeperState>>,
 }
 
+/// The partition number [`survey`] reports for the membership key (`rtx:coordinators`, in a
+/// slot of its own) when its master does not answer.
+pub const MEMBERSHIP: u32 = u32::MAX;
+
 #[derive(Default)]
 struct KeeperState {
     /// Partition -> lease value held.
@@ -177,6 +181,8 @@ struct KeeperState {
     lost: Vec<(u32, String, String)>,
     /// Partitions whose renewal is under way.
     renewing: BTreeSet<u32>,
+    /// A fresh connection to renew on from now on ([`Keeper::replace_conn`]).
+    new_conn: Option<RedisConn>,
 }
 
 impl Keeper {
@@ -195,6 +201,12 @@ impl Keeper {
         s.beat_ms = redtx_common::now_ms();
     }
 
+    /// Renews on `conn` from now on (a fresh cluster connection: the old one may still route a
+    /// partition to a master that stopped answering and was replaced).
+    pub fn replace_conn(&self, conn: RedisConn) {
+        self.state.lock().expect("keeper lock").new_conn = Some(conn);
+    }
+
     /// The leases found lost since the last call: (partition, value held, holder now, "" when
     /// it lapsed).
     pub fn lost(&self) -> Vec<(u32, String, String)> {
@@ -202,12 +214,15 @@ impl Keeper {
     }
 }
 
-async fn keep(conn: RedisConn, url: RedisTarget, ttl_ms: u64, state: Weak<Mutex<KeeperState>>) {
+async fn keep(mut conn: RedisConn, url: RedisTarget, ttl_ms: u64, state: Weak<Mutex<KeeperState>>) {
     let every = Duration::from_millis((ttl_ms / 3).max(1));
     loop {
         tokio::time::sleep(every).await;
         let Some(shared) = state.upgrade() else { return };
         let mut s = shared.lock().expect("keeper lock");
+        if let Some(c) = s.new_conn.take() {
+            conn = c;
+        }
         let idle = redtx_common::now_ms().saturating_sub(s.beat_ms);
         if idle > ttl_ms / 2 {
             tracing::warn!(
@@ -261,13 +276,15 @@ pub struct Survey {
     pub live: Option<usize>,
     /// Partitions nobody holds.
     pub free: BTreeSet<u32>,
-    /// Partitions whose master did not answer (a cluster): not counted free.
+    /// Partitions whose master did not answer (a cluster): not counted free; and
+    /// [`MEMBERSHIP`] when the membership's master did not.
     pub unreachable: Vec<u32>,
 }
 
 /// Refreshes this coordinator's membership, drops lapsed members, and reads which partitions
 /// are free. On a cluster, the partitions in `skip` (known out of reach) are not asked and not
-/// counted free, and neither is a partition whose master does not answer.
+/// counted free, and neither is a partition whose master does not answer; with [`MEMBERSHIP`]
+/// in `skip`, the membership is not asked either (the live coordinators are then unknown).
 pub async fn survey(
     conn: &mut RedisConn,
     url: &RedisTarget,
@@ -286,21 +303,25 @@ pub async fn survey(
         // Each lease is in its partition's slot, the membership in another: one pipeline per
         // slot, all sent at once.
         let asked: Vec<u32> = (0..partitions).filter(|part| !skip.contains(part)).collect();
+        let members_asked = !skip.contains(&MEMBERSHIP);
         let mut pipes = vec![p];
         for part in &asked {
             let mut e = redis::pipe();
             e.cmd("EXISTS").arg(keys::lease(*part));
             pipes.push(e);
         }
+        if !members_asked {
+            pipes.remove(0);
+        }
+        let first = usize::from(!members_asked);
         let mut out = Survey::default();
         for (i, r) in conn.query_each::<Vec<u64>>(pipes).await.into_iter().enumerate() {
+            let i = i + first;
             let r = match r.map_err(|e| Error::redis(url, e)) {
                 Ok(r) => r,
                 Err(e) if e.is_transient() => {
                     tracing::debug!(error = %e, "survey: a slot's master is unreachable");
-                    if i > 0 {
-                        out.unreachable.push(asked[i - 1]);
-                    }
+                    out.unreachable.push(if i > 0 { asked[i - 1] } else { MEMBERSHIP });
                     continue;
                 }
                 Err(e) => return Err(e),

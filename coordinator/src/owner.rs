@@ -73,6 +73,9 @@ pub const OUTCOMES_MAXLEN: usize = 100_000;
 /// thousand arguments at most).
 const MAX_ACKS_PER_COMMAND: usize = 1000;
 
+/// Response timeout of the lease keeper's connection.
+const KEEPER_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How often leases, membership and idle entries are looked at.
 pub const TICK: Duration = Duration::from_millis(250);
 
@@ -310,11 +313,11 @@ impl Owner {
         publish_version(&mut conn, &url).await?;
         let me = redtx_common::consumer::unique_consumer_name();
         let outages = match url.is_cluster() {
-            true => Some(Outages::new(url.connect().await?, "partition")),
+            true => Some(Outages::connect(&url, "partition").await?),
             false => None,
         };
         let lease_ms = cfg.lease.as_millis().max(100) as u64;
-        let keeper = lease::Keeper::start(url.connect_managed(Duration::from_secs(1)).await?, url.clone(), lease_ms);
+        let keeper = lease::Keeper::start(url.connect_managed(KEEPER_RESPONSE_TIMEOUT).await?, url.clone(), lease_ms);
         Ok(Owner {
             outages,
             writer: Writer::start(conn.clone(), url.clone()),
@@ -444,6 +447,30 @@ impl Owner {
         Ok(())
     }
 
+    /// A cluster, with no write in flight: when a master that stopped answering was replaced
+    /// meanwhile (a probe heard from its partition only on a fresh connection), replaces the
+    /// cluster connections too (the loop's and the writer's, the slot look-ups', the keeper's):
+    /// one that met only timeouts from the old master still routes its calls there.
+    async fn follow_topology(&mut self) {
+        if !self.outages.as_ref().is_some_and(Outages::take_topology_changed) {
+            return;
+        }
+        match (self.url.connect().await, self.url.connect_managed(KEEPER_RESPONSE_TIMEOUT).await) {
+            (Ok(conn), Ok(keeper)) => {
+                tracing::info!("a master was replaced while it did not answer: using fresh cluster connections");
+                if let Some(slots) = &self.slots {
+                    slots.set_conn(conn.clone());
+                }
+                self.writer = Writer::start(conn.clone(), self.url.clone());
+                self.keeper.replace_conn(keeper);
+                self.conn = conn;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "could not open fresh cluster connections; keeping the old ones")
+            }
+        }
+    }
+
     async fn reconnect(&mut self) -> Result<()> {
         // A cluster connection reconnects by itself, and a new one would first wait for every
         // node, one that does not answer too.
@@ -464,6 +491,7 @@ impl Owner {
             self.last_round = Some(Instant::now());
             // Leases move and partitions reload with no write in flight.
             self.settle_all().await?;
+            self.follow_topology().await;
             self.ownership().await?;
             let owned: Vec<u32> = self.parts.keys().copied().collect();
             // Idle entries are looked for twice per `--claim-idle`, not every round: each look
@@ -516,7 +544,10 @@ impl Owner {
             lease::survey(&mut self.conn, &self.url, &self.me, now_ms(), ttl, self.cfg.partitions, &out).await?;
         if let Some(o) = &self.outages {
             for p in &survey.unreachable {
-                o.mark(*p, keys::lease(*p));
+                match *p {
+                    lease::MEMBERSHIP => o.mark(*p, keys::coordinators()),
+                    p => o.mark(p, keys::lease(p)),
+                }
             }
         }
         let free = survey.free;

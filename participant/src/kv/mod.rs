@@ -249,7 +249,7 @@ pub struct KvResource {
     /// A cluster: slots whose master stopped answering; their transitions fail at once (and
     /// stay pending) until it answers again ([`redtx_common::outage`]).
     outages: Option<Outages>,
-    /// A cluster: which slots each master serves (learnt when connecting), so that a master
+    /// A cluster: which slots each master serves (learnt with each new connection), so that a master
     /// found not answering for one slot is skipped for all of its slots at once.
     slot_map: Option<std::sync::Arc<SlotOwners>>,
     /// Keys of branches this process saw prepared (txn -> keys), for their commit/abort.
@@ -295,20 +295,27 @@ impl KvResource {
     /// Loading up front matters: `scripts::run` re-sends a call answered `NOSCRIPT` after the
     /// rest of its pipeline, which would reorder a batch.
     async fn conn(&mut self) -> Result<&mut RedisConn> {
+        // A master was replaced while it did not answer: a connection that met only timeouts
+        // from it still routes there. A fresh one, with a fresh slot map.
+        if self.outages.as_ref().is_some_and(Outages::take_topology_changed) {
+            tracing::info!("a data master was replaced while it did not answer: using a fresh cluster connection");
+            self.conn = None;
+        }
         if self.conn.is_none() {
             let mut conn = self.target.connect().await?;
             for script in SCRIPTS {
                 script.load(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
             }
-            if self.target.is_cluster() && self.outages.is_none() {
-                let side = self.target.connect().await?;
-                let map = SlotOwners::new(self.target.clone(), side.clone());
+            if self.target.is_cluster() {
+                if self.outages.is_none() {
+                    self.outages = Some(Outages::connect(&self.target, "data slot").await?);
+                }
+                let map = SlotOwners::new(self.target.clone(), conn.clone());
                 // Best effort: without it, a silent master's slots are found one by one.
                 if let Err(e) = map.owner(0, true).await {
                     tracing::debug!(error = %e, "could not learn the data cluster's slots");
                 }
                 self.slot_map = Some(std::sync::Arc::new(map));
-                self.outages = Some(Outages::new(side, "data slot"));
             }
             self.conn = Some(conn);
         }
