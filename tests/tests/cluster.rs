@@ -155,6 +155,19 @@ fn seeded(bank: &Bank) -> Vec<(Side, String)> {
     bank.seed_accounts(ACCOUNTS_PER_BANK, START)
 }
 
+/// A bank (with `opts`) whose streams are on a cluster with a replica per master, its accounts
+/// seeded and its client connected; the cluster, taken out of the fixture so that a test can
+/// fail over, kill or freeze its nodes (the client and the workers have their seeds already:
+/// put it back in `bank.0.streams` for the checks); and the master serving partition 0.
+fn partition_0_on_replicated_cluster(opts: ClusterOptions) -> (Bank, Vec<(Side, String)>, RedisCluster, usize) {
+    let mut bank = Bank::start_on_cluster(cluster_with_replicas(1), opts);
+    let accounts = seeded(&bank);
+    bank.client();
+    let streams = bank.0.streams.take().expect("a cluster");
+    let master = streams.master_of_slot(keys::partition_slot(0)).unwrap();
+    (bank, accounts, streams, master)
+}
+
 #[test]
 fn concurrent_transfers_on_a_cluster_conserve_money() {
     let started = Instant::now();
@@ -385,14 +398,8 @@ fn under_way(done: &[Done], p: u32, at: u64, after: u64) -> usize {
 #[test]
 fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
     let started = Instant::now();
-    let mut bank = Bank::start_on_cluster(cluster_with_replicas(1), opts());
-    let accounts = seeded(&bank);
-    bank.client();
-    // The cluster is taken out of the fixture while it fails over (the fixture's client and
-    // workers have their seeds already), and put back for the checks.
-    let mut streams = bank.0.streams.take().expect("a cluster");
+    let (mut bank, accounts, mut streams, master) = partition_0_on_replicated_cluster(opts());
     let p = 0;
-    let master = streams.master_of_slot(keys::partition_slot(p)).unwrap();
     // Transfers run before the failover and go on after it.
     let (mut done, at, after, new_master) = transfers_around(&bank, &accounts, "the failover", || {
         eprintln!("failover of node {master} at {:?}", started.elapsed());
@@ -464,12 +471,9 @@ fn a_master_lost_under_wait_replicas(
 ) {
     let started = Instant::now();
     let wait = ["--wait-replicas", "1"];
-    let mut bank = Bank::start_on_cluster(cluster_with_replicas(1), opts().coord_args(&wait).part_args(&wait));
-    let accounts = seeded(&bank);
-    bank.client();
-    let mut streams = bank.0.streams.take().expect("a cluster");
+    let (mut bank, accounts, mut streams, master) =
+        partition_0_on_replicated_cluster(opts().coord_args(&wait).part_args(&wait));
     let p = 0;
-    let master = streams.master_of_slot(keys::partition_slot(p)).unwrap();
     let others_stop = Arc::new(AtomicBool::new(false));
     let others = {
         let (client, accounts, stop) = (bank.client().clone(), accounts.clone(), others_stop.clone());
@@ -594,12 +598,8 @@ fn a_master_frozen_for_good_is_replaced_and_its_partition_goes_on() {
     // master while the old one is still frozen. (A producer `Client` does not follow yet: the
     // transfers of partition 0 after the election go through a client opened then.)
     let started = Instant::now();
-    let mut bank = Bank::start_on_cluster(cluster_with_replicas(1), opts());
-    let accounts = seeded(&bank);
-    bank.client();
-    let mut streams = bank.0.streams.take().expect("a cluster");
+    let (mut bank, accounts, mut streams, master) = partition_0_on_replicated_cluster(opts());
     let p = 0;
-    let master = streams.master_of_slot(keys::partition_slot(p)).unwrap();
     let mut done: Vec<Done> = (0..20)
         .map(|i| bank.rt.block_on(random_transfer_with(bank.client(), &accounts, format!("a-{i}"), Patience::Once)))
         .collect();
