@@ -157,8 +157,8 @@ pub async fn renew(
 /// so that a loop held up by one partition (a call waiting out a master that does not answer,
 /// a cluster connection refreshing its slot map) does not let the others' leases lapse.
 ///
-/// The loop tells the keeper what it holds and that it is alive ([`Keeper::sync`], once per
-/// pass). The keeper renews every third of the lease's life, but only while the loop passed
+/// The loop tells the keeper that it is alive ([`Keeper::beat`], once per pass) and what it
+/// holds ([`Keeper::sync`], once its ownership round has acquired and released). The keeper renews every third of the lease's life, but only while the loop passed
 /// within the last half of it: a loop that stopped making progress lets its leases lapse, and
 /// its partitions move, about one and a half leases after its last pass at most. Safety does
 /// not rest on this: every write is fenced by the lease value it presents. A lease found lost
@@ -192,6 +192,11 @@ impl Keeper {
         let state = Arc::new(Mutex::new(KeeperState { beat_ms: redtx_common::now_ms(), ..Default::default() }));
         tokio::spawn(keep(conn, url, ttl_ms, Arc::downgrade(&state)));
         Keeper { state }
+    }
+
+    /// The loop passed.
+    pub fn beat(&self) {
+        self.state.lock().expect("keeper lock").beat_ms = redtx_common::now_ms();
     }
 
     /// The loop passed and holds `held` (partition, lease value).

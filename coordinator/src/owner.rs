@@ -485,7 +485,7 @@ impl Owner {
 
     /// One pass of the loop (see the module doc).
     async fn round(&mut self) -> Result<()> {
-        self.keeper.sync(self.parts.iter().map(|(p, x)| (*p, x.lease.clone())));
+        self.keeper.beat();
         self.settle_ready().await?;
         if self.last_round.is_none_or(|t| t.elapsed() >= TICK) {
             self.last_round = Some(Instant::now());
@@ -493,6 +493,9 @@ impl Owner {
             self.settle_all().await?;
             self.follow_topology().await;
             self.ownership().await?;
+            // What the keeper renews changes only here (a lease lost or moved in a write is
+            // renewed in vain until then: its value no longer matches).
+            self.keeper.sync(self.parts.iter().map(|(p, x)| (*p, x.lease.clone())));
             let owned: Vec<u32> = self.parts.keys().copied().collect();
             // Idle entries are looked for twice per `--claim-idle`, not every round: each look
             // is a round trip per partition that delays the entries arriving meanwhile.
