@@ -429,7 +429,7 @@ fn failing_a_master_over_to_its_replica_during_transfers_loses_nothing() {
 #[test]
 fn killing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     // An unplanned failover: partition 0's master is killed (SIGKILL) while transfers run, and
-    // the cluster elects its replica by itself. The killed node stays down 5 s more, then is
+    // the cluster elects its replica by itself. The killed node stays down 8 s more, then is
     // restarted, empty: it rejoins as a replica of the new master and syncs.
     a_master_lost_under_wait_replicas(
         "kill -9",
@@ -442,7 +442,7 @@ fn killing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
 fn freezing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     // The same with partition 0's master frozen (SIGSTOP): its connections stay open and
     // unanswered, so every call to it waits for a timeout instead of failing at once. The
-    // cluster elects its replica; 5 s later the frozen node goes on (SIGCONT), finds itself
+    // cluster elects its replica; 8 s later the frozen node goes on (SIGCONT), finds itself
     // replaced and becomes the new master's replica. Each worker pays the timeout once per
     // partition (then skips it until its probe hears from it: `common::outage`), renews its
     // leases off its loop (`lease::Keeper`), and asks where a slot is of that slot's master,
@@ -455,7 +455,7 @@ fn freezing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
 }
 
 /// The master of partition 0 is lost (`lose`, which returns once the cluster elected a replica
-/// of it) while transfers run, stays lost 5 s more (the new master has no replica), then comes
+/// of it) while transfers run, stays lost 8 s more (the new master has no replica), then comes
 /// back (`recover`) as the new master's replica. The coordinator and the participants act on
 /// nothing a replica does not hold (`--wait-replicas 1`), so nothing they acted on is lost with
 /// the master, and nothing of its partitions goes on while the new master has no replica. A
@@ -496,7 +496,7 @@ fn a_master_lost_under_wait_replicas(
             let elected = redtx_common::now_ms();
             eprintln!("node {new_master} is master at {:?}", started.elapsed());
             // Down for a while yet (the fault itself, not a check): the new master has no replica.
-            std::thread::sleep(Duration::from_secs(5));
+            std::thread::sleep(Duration::from_secs(8));
             let restarting = redtx_common::now_ms();
             recover(&mut streams, master);
             eprintln!("node {master} back, a replica, at {:?}", started.elapsed());
