@@ -1,8 +1,9 @@
 //! `redtx bench`: how fast is a transaction, compared with the Redis work underneath it, and
 //! what it costs each process.
 //!
-//! Sets up like the demo (private `redis-server`s with AOF off, one per participant, or
-//! everything on `--redis`). The coordinator and the participants run as child processes of the
+//! Sets up private `redis-server`s with AOF off, one for the streams and records and one per
+//! participant for its data (the demo puts the streams on the first participant's server), or
+//! everything on `--redis`. The coordinator and the participants run as child processes of the
 //! real binaries (`redtx-coordinator`, `redtx-participant`, next to `redtx`) with the settings
 //! the demo's in-process workers use, so the CPU of each role can be told apart; `--inline` runs
 //! them in this process as the demo does. Then it runs:
@@ -404,16 +405,17 @@ async fn measure(args: &BenchArgs, participants: usize, streams: Streams) -> Res
     let names = bank_names(participants);
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut cluster = match streams {
-        Streams::Single => Cluster::start(args.redis.as_deref(), "bench", &name_refs, args.partitions)?,
+        Streams::Single => Cluster::start(args.redis.as_deref(), "bench", &name_refs, args.partitions, true)?,
         Streams::RedisCluster(masters) => Cluster::start_on_redis_cluster(&name_refs, args.partitions, masters)?,
     };
     let shared = cluster.shared();
     let nodes = cluster.stream_nodes()?;
     let banks = &cluster.members;
     let where_ = match streams {
+        Streams::Single if shared => format!("streams and every bank on {}", banks[0].url),
         Streams::Single => {
-            let on: Vec<String> = banks.iter().skip(1).map(|b| format!("{} on {}", b.name, b.url)).collect();
-            format!("streams and {} on {}, {}", banks[0].name, banks[0].url, on.join(", "))
+            let on: Vec<String> = banks.iter().map(|b| format!("{} on {}", b.name, b.url)).collect();
+            format!("streams on {}, {}", nodes[0].url, on.join(", "))
         }
         Streams::RedisCluster(masters) => {
             let parts: Vec<String> =
@@ -1246,7 +1248,8 @@ fn servers(cluster: &Cluster, names: &[String]) -> Result<Vec<Server>, Error> {
         None => out.push(Server {
             url: RedisUrl::parse(&cluster.stream_url)?,
             role: "streams".into(),
-            pid: None,
+            // Its own process when the streams are apart (else the first bank's, below).
+            pid: cluster.stream_nodes()?.first().and_then(|n| n.pid),
             partitions: None,
         }),
         Some(_) => {

@@ -54,8 +54,8 @@ impl std::ops::Index<usize> for Book {
 
 /// The servers, the participants and the in-process workers.
 pub struct Cluster {
-    /// Redis holding the streams (and the first member's data); on a Redis Cluster, its seed
-    /// nodes, comma-separated.
+    /// Redis holding the streams (and the first member's data, unless the streams are apart);
+    /// on a Redis Cluster, its seed nodes, comma-separated.
     pub stream_url: String,
     /// The private Redis Cluster holding the streams and records, when there is one
     /// ([`Cluster::start_on_redis_cluster`]).
@@ -64,8 +64,11 @@ pub struct Cluster {
     pub partitions: u32,
     /// The participants, in the order given to [`Cluster::start`].
     pub members: Vec<Member>,
-    /// Keeps the private servers alive until the cluster is dropped.
+    /// Keeps the private servers alive until the cluster is dropped (the members', in order).
     servers: Vec<RedisServer>,
+    /// The private server holding only the streams and records ([`Cluster::start`] with
+    /// `streams_apart`).
+    stream_server: Option<RedisServer>,
     shutdown: Shutdown,
     workers: tokio::task::JoinSet<redtx_common::Result<()>>,
 }
@@ -91,8 +94,16 @@ impl Cluster {
 
     /// Starts one private server (AOF off) per participant in `names`, or uses `redis` for the
     /// streams and every participant; on a shared Redis the keys carry `<label>:<run id>:` and
-    /// the participants are named `<label>-<run id>-<name>` so runs never mix. No workers yet.
-    pub fn start(redis: Option<&str>, label: &str, names: &[&str], partitions: u32) -> Result<Cluster, Error> {
+    /// the participants are named `<label>-<run id>-<name>` so runs never mix. The streams are
+    /// on the first participant's server, or, with `streams_apart` (private servers only), on
+    /// one more private server of their own. No workers yet.
+    pub fn start(
+        redis: Option<&str>,
+        label: &str,
+        names: &[&str],
+        partitions: u32,
+        streams_apart: bool,
+    ) -> Result<Cluster, Error> {
         let run = &redtx_common::spec::new_txn_id()[..8];
         let mut servers = Vec::new();
         let members = match redis {
@@ -119,13 +130,20 @@ impl Cluster {
                 members
             }
         };
-        let stream_url = members.first().map(|m| m.url.expose().to_string()).unwrap_or_default();
+        let mut stream_url = members.first().map(|m| m.url.expose().to_string()).unwrap_or_default();
+        let mut stream_server = None;
+        if redis.is_none() && streams_apart {
+            let s = RedisServer::start_with(ServerOptions { aof: false, ..Default::default() })?;
+            stream_url = s.url();
+            stream_server = Some(s);
+        }
         Ok(Cluster {
             stream_url,
             streams: None,
             partitions,
             members,
             servers,
+            stream_server,
             shutdown: Shutdown::new(),
             workers: tokio::task::JoinSet::new(),
         })
@@ -154,6 +172,7 @@ impl Cluster {
             partitions,
             members,
             servers,
+            stream_server: None,
             shutdown: Shutdown::new(),
             workers: tokio::task::JoinSet::new(),
         })
@@ -168,7 +187,11 @@ impl Cluster {
     /// Redis Cluster (in node order) with its process and the partitions it serves.
     pub fn stream_nodes(&self) -> Result<Vec<StreamNode>, Error> {
         let Some(streams) = &self.streams else {
-            let pid = if self.shared() { None } else { self.server_pid(0) };
+            let pid = match &self.stream_server {
+                Some(s) => s.pid(),
+                None if self.shared() => None,
+                None => self.server_pid(0),
+            };
             return Ok(vec![StreamNode {
                 url: RedisUrl::parse(&self.stream_url)?,
                 pid,

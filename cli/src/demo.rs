@@ -149,7 +149,7 @@ async fn demo(args: DemoArgs) -> Result<Exit, Error> {
     // Dropping the cluster kills the servers it started: keep it until the end.
     let names = ["bank-a", "bank-b"];
     let mut cluster = match args.cluster {
-        false => Cluster::start(args.redis.as_deref(), "demo", &names, args.partitions)?,
+        false => Cluster::start(args.redis.as_deref(), "demo", &names, args.partitions, false)?,
         true => Cluster::start_on_redis_cluster(&names, args.partitions, args.masters)?,
     };
     let banks = &cluster.members;

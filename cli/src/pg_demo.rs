@@ -47,7 +47,7 @@ pub async fn run(args: DemoArgs) -> Result<Exit, Error> {
     };
     let pg_url = given.unwrap_or_else(|| private.as_ref().expect("started").url());
     let shown = redtx_postgres::redact(&pg_url)?;
-    let mut cluster = Cluster::start(args.redis.as_deref(), "demo", &["bank-a"], args.partitions)?;
+    let mut cluster = Cluster::start(args.redis.as_deref(), "demo", &["bank-a"], args.partitions, false)?;
     let bank = cluster.members[0].name.clone();
     let ledger = bank.replace("bank-a", "ledger");
     let run = if cluster.shared() { format!("{}:", &bank[..bank.len() - "-bank-a".len()]) } else { String::new() };

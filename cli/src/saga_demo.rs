@@ -106,7 +106,7 @@ pub async fn run(args: DemoArgs) -> Result<Exit, Error> {
     }
     // Dropping the cluster kills the servers it started: keep it until the end.
     let mut cluster = match args.cluster {
-        false => Cluster::start(args.redis.as_deref(), "demo", &PARTICIPANTS, args.partitions)?,
+        false => Cluster::start(args.redis.as_deref(), "demo", &PARTICIPANTS, args.partitions, false)?,
         true => Cluster::start_on_redis_cluster(&PARTICIPANTS, args.partitions, args.masters)?,
     };
     let m = &cluster.members;
