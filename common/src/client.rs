@@ -55,9 +55,53 @@ pub struct Client {
     /// How often a waiter reads the record again in case its outcome was missed.
     recheck: Duration,
     /// Reconnects by itself (a connection manager, or a cluster connection), so a long-lived
-    /// producer survives a Redis restart or a failover.
-    conn: RedisConn,
+    /// producer survives a Redis restart or a failover; on a cluster it is also replaced after
+    /// calls keep going unanswered ([`Link`]).
+    link: Arc<Link>,
     waiters: Arc<Waiters>,
+}
+
+/// Calls in a row that went unanswered (timeouts, lost connections) after which a cluster
+/// client opens a fresh connection ([`Link`]).
+const FOLLOW_AFTER: u32 = 3;
+
+/// The least time between two fresh connections of one client.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// The client's connection, shared by its clones, and replaceable on a Redis Cluster.
+///
+/// A master that stops answering for good (a frozen process, a host gone without resetting its
+/// connections) never answers `MOVED` once the cluster has elected its replica, and the cluster
+/// connection keeps sending that master's slots to it: it retries a timed-out call on the same
+/// node and does not look the slot up again. So after [`FOLLOW_AFTER`] calls in a row went
+/// unanswered, the client opens a fresh cluster connection in the background (at most one
+/// every [`FOLLOW_EVERY`]); its slot map comes from the nodes that answer, and once it is open
+/// it replaces the old one, for the outcome readers' slot look-ups too. Nothing is lost by a
+/// replacement: a call that went unanswered is retried by its caller (a submit sent again is
+/// harmless).
+struct Link {
+    conn: std::sync::RwLock<RedisConn>,
+    /// Calls in a row that went unanswered.
+    unanswered: std::sync::atomic::AtomicU32,
+    /// A fresh connection is being opened.
+    following: std::sync::atomic::AtomicBool,
+    /// The outcome readers' slot look-ups (a cluster), once they run.
+    slots: std::sync::OnceLock<Arc<SlotOwners>>,
+}
+
+impl Link {
+    fn new(conn: RedisConn) -> Self {
+        Link {
+            conn: std::sync::RwLock::new(conn),
+            unanswered: Default::default(),
+            following: Default::default(),
+            slots: Default::default(),
+        }
+    }
+
+    fn conn(&self) -> RedisConn {
+        self.conn.read().expect("client connection lock").clone()
+    }
 }
 
 /// How often, by default, a waiter reads its record again although nothing woke it
@@ -162,7 +206,13 @@ impl Client {
                 Err(e) => return Err(Error::redis(&target, e)),
             }
         }
-        Ok(Client { target, partitions: keys::DEFAULT_PARTITIONS, recheck: RECHECK, conn, waiters: Arc::default() })
+        Ok(Client {
+            target,
+            partitions: keys::DEFAULT_PARTITIONS,
+            recheck: RECHECK,
+            link: Arc::new(Link::new(conn)),
+            waiters: Arc::default(),
+        })
     }
 
     /// Uses `partitions` (the deployment's `--partitions`) instead of the default.
@@ -212,8 +262,9 @@ impl Client {
         // next call: retry a few times. A submit that did land and is sent again is harmless.
         let mut backoff = crate::consumer::Backoff::default();
         for attempt in 1.. {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn();
             let r: redis::RedisResult<String> = conn.xadd(&stream, "*", &fields).await;
+            self.answered(&r);
             match r.map_err(|e| Error::redis(&self.target, e)) {
                 Ok(_) => break,
                 Err(e) if e.is_transient() && attempt < 4 => tokio::time::sleep(backoff.next()).await,
@@ -232,9 +283,11 @@ impl Client {
         for b in &spec.branches {
             p.cmd("XINFO").arg("GROUPS").arg(keys::participant_stream(&b.participant, self.partition(&spec.id)));
         }
-        let mut conn = self.conn.clone();
-        let replies: Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>> =
-            p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
+        let mut conn = self.link.conn();
+        let replies: redis::RedisResult<Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>>> =
+            p.query_async(&mut conn).await;
+        self.answered(&replies);
+        let replies = replies.map_err(|e| Error::redis(&self.target, e))?;
         let mut missing = Vec::new();
         for (b, r) in spec.branches.iter().zip(replies) {
             // No stream ("no such key") or no group of that name: nobody ever read it.
@@ -249,9 +302,11 @@ impl Client {
     /// Reads the record of `id`; `None` if there is none (never submitted, not yet picked up
     /// by a coordinator, or expired after its retention window).
     pub async fn status(&self, id: &str) -> Result<Option<TxnRecord>> {
-        let mut conn = self.conn.clone();
-        let h: HashMap<String, Vec<u8>> =
-            conn.hgetall(keys::txn_record(self.partition(id), id)).await.map_err(|e| Error::redis(&self.target, e))?;
+        let mut conn = self.link.conn();
+        let h: redis::RedisResult<HashMap<String, Vec<u8>>> =
+            conn.hgetall(keys::txn_record(self.partition(id), id)).await;
+        self.answered(&h);
+        let h = h.map_err(|e| Error::redis(&self.target, e))?;
         TxnRecord::from_hash(id, &h).map_err(|detail| Error::ScriptReply { script: "record", detail })
     }
 
@@ -434,7 +489,11 @@ impl Client {
                 let from = self.last_outcomes().await?;
                 let waiters = Arc::downgrade(&self.waiters);
                 let tasks = if self.target.is_cluster() {
-                    let slots = Arc::new(SlotOwners::new(self.target.clone(), self.conn.clone()));
+                    let slots = self
+                        .link
+                        .slots
+                        .get_or_init(|| Arc::new(SlotOwners::new(self.target.clone(), self.link.conn())))
+                        .clone();
                     from.into_iter()
                         .enumerate()
                         .map(|(p, from)| {
@@ -453,6 +512,47 @@ impl Client {
         Ok(())
     }
 
+    /// Notes how a call on the shared connection went: on a Redis Cluster, [`FOLLOW_AFTER`]
+    /// unanswered in a row open a fresh connection in the background, which replaces it once
+    /// open ([`Link`]).
+    fn answered<T>(&self, r: &redis::RedisResult<T>) {
+        use std::sync::atomic::Ordering;
+        let link = &self.link;
+        let unanswered = |e: &redis::RedisError| {
+            e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+        };
+        match r {
+            Err(e) if self.target.is_cluster() && unanswered(e) => {
+                if link.unanswered.fetch_add(1, Ordering::Relaxed) + 1 < FOLLOW_AFTER
+                    || link.following.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+                let (link, target) = (self.link.clone(), self.target.clone());
+                tokio::spawn(async move {
+                    match target.connect().await {
+                        Ok(fresh) => {
+                            tracing::info!(
+                                redis = %target.redacted(),
+                                "calls kept going unanswered: the client's cluster connection is replaced by a fresh one"
+                            );
+                            if let Some(slots) = link.slots.get() {
+                                slots.set_conn(fresh.clone());
+                            }
+                            *link.conn.write().expect("client connection lock") = fresh;
+                            link.unanswered.store(0, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "a fresh cluster connection could not be opened yet"),
+                    }
+                    tokio::time::sleep(FOLLOW_EVERY).await;
+                    link.following.store(false, Ordering::Release);
+                });
+            }
+            Err(_) => {}
+            Ok(_) => link.unanswered.store(0, Ordering::Relaxed),
+        }
+    }
+
     /// The id of the newest entry of every partition's outcomes stream (`0-0`: none): one
     /// pipeline on one server; on a cluster one command per partition (each is its own slot),
     /// sent together.
@@ -469,13 +569,13 @@ impl Client {
             for part in 0..self.partitions {
                 p.add_command(xrevrange(part));
             }
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn();
             let lasts: Vec<Entries> = p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
             return Ok(lasts.into_iter().map(first).collect());
         }
         let calls: Vec<_> = (0..self.partitions)
             .map(|part| {
-                let mut conn = self.conn.clone();
+                let mut conn = self.link.conn();
                 let cmd = xrevrange(part);
                 tokio::spawn(async move { cmd.query_async::<Entries>(&mut conn).await })
             })
@@ -483,6 +583,7 @@ impl Client {
         let mut out = Vec::with_capacity(calls.len());
         for c in calls {
             let r = c.await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            self.answered(&r);
             out.push(first(r.map_err(|e| Error::redis(&self.target, e))?));
         }
         Ok(out)

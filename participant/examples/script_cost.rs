@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use redtx_common::conn::RedisUrl;
 use redtx_common::kv::{encode_ops, IncrbyOp, Op};
 use redtx_common::protocol::{Prepare, Resolve};
-use redtx_common::server::RedisServer;
+use redtx_common::server::{RedisServer, ServerOptions};
 use redtx_participant::{worker, KvResource, Request};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -49,7 +49,8 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(30);
     let blocks: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
-    let server = RedisServer::start().expect("redis-server starts");
+    let server =
+        RedisServer::start_with(ServerOptions { aof: false, ..Default::default() }).expect("redis-server starts");
     let url = RedisUrl::parse(&server.url()).expect("url");
     let mut c = url.connect().await.expect("connect");
     let mut kv = KvResource::new(url, NAME, Duration::from_secs(3600));
@@ -76,10 +77,10 @@ async fn main() {
             (0..batch).map(|i| Request::Commit(Resolve { txn: txn(i), branch: 0, participant: NAME.into() })).collect();
         let s0 = stats(&mut c).await;
         let answers = worker::settle(&mut kv, &prepares, redtx_common::now_ms()).await.expect("prepare");
-        assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+        assert!(answers.iter().all(|a| a.is_ok()), "{:?}", answers.iter().find(|a| a.is_err()));
         let s1 = stats(&mut c).await;
         let answers = worker::settle(&mut kv, &commits, redtx_common::now_ms()).await.expect("commit");
-        assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+        assert!(answers.iter().all(|a| a.is_ok()), "{:?}", answers.iter().find(|a| a.is_err()));
         let s2 = stats(&mut c).await;
         let (p, pi) = delta(&s0, &s1);
         let (k, ki) = delta(&s1, &s2);

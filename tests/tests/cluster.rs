@@ -595,8 +595,9 @@ fn a_master_frozen_for_good_is_replaced_and_its_partition_goes_on() {
     // elects its replica. The workers' cluster connections met only timeouts from the old
     // master, which never answers MOVED to redirect them; once a probe on a fresh connection
     // hears from the partition, they replace their connections and run partition 0 on the new
-    // master while the old one is still frozen. (A producer `Client` does not follow yet: the
-    // transfers of partition 0 after the election go through a client opened then.)
+    // master while the old one is still frozen. The producer's `Client`, opened before the
+    // freeze, follows too: its calls to the old master go unanswered until it opens a fresh
+    // connection, which routes partition 0 to the new master.
     let started = Instant::now();
     let (mut bank, accounts, mut streams, master) = partition_0_on_replicated_cluster(opts());
     let p = 0;
@@ -609,15 +610,9 @@ fn a_master_frozen_for_good_is_replaced_and_its_partition_goes_on() {
     let new_master = streams.freeze_and_fail_over(master).expect("the cluster fails the master over");
     let elected = redtx_common::now_ms();
     eprintln!("node {new_master} is master at {:?}; node {master} stays frozen", started.elapsed());
-    let frozen_port = format!(":{}", streams.port(master));
-    let seeds: Vec<String> = streams.seed_urls().into_iter().filter(|u| !u.ends_with(&frozen_port)).collect();
-    let fresh = bank.rt.block_on(async {
-        let seeds: Vec<&str> = seeds.iter().map(String::as_str).collect();
-        redtx_common::Client::connect_cluster(&seeds).await.expect("a client").with_partitions(PARTITIONS)
-    });
     let ids = (0..).map(|i| format!("z-{i}")).filter(|id| keys::partition(id, PARTITIONS) == p).take(10);
     for id in ids {
-        done.push(bank.rt.block_on(random_transfer_with(&fresh, &accounts, id, Patience::Once)));
+        done.push(bank.rt.block_on(random_transfer_with(bank.client(), &accounts, id, Patience::Once)));
     }
     // Each answered with its outcome (committed, or an abort decided) before the old master
     // was let go.
