@@ -61,8 +61,8 @@ pub struct Client {
     waiters: Arc<Waiters>,
 }
 
-/// Calls in a row that went unanswered (timeouts, lost connections) after which a cluster
-/// client opens a fresh connection ([`Link`]).
+/// Calls in a row to one partition that went unanswered (timeouts, lost connections) after
+/// which a cluster client opens a fresh connection ([`Link`]).
 const FOLLOW_AFTER: u32 = 3;
 
 /// The least time between two fresh connections of one client.
@@ -73,34 +73,62 @@ const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 /// A master that stops answering for good (a frozen process, a host gone without resetting its
 /// connections) never answers `MOVED` once the cluster has elected its replica, and the cluster
 /// connection keeps sending that master's slots to it: it retries a timed-out call on the same
-/// node and does not look the slot up again. So after [`FOLLOW_AFTER`] calls in a row went
-/// unanswered, the client opens a fresh cluster connection in the background (at most one
-/// every [`FOLLOW_EVERY`]); its slot map comes from the nodes that answer, and once it is open
-/// it replaces the old one, for the outcome readers' slot look-ups too. Nothing is lost by a
-/// replacement: a call that went unanswered is retried by its caller (a submit sent again is
-/// harmless).
+/// node and does not look the slot up again. So after [`FOLLOW_AFTER`] calls in a row to one
+/// partition went unanswered (counted per partition: the other masters' answers meanwhile say
+/// nothing about this one), the client opens a fresh cluster connection in the background (at
+/// most one every [`FOLLOW_EVERY`]); its slot map comes from the nodes that answer, and once it
+/// is open it replaces the old one, for the outcome readers' slot look-ups too. Nothing is lost
+/// by a replacement: a call that went unanswered is retried by its caller (a submit sent again
+/// is harmless).
 struct Link {
     conn: std::sync::RwLock<RedisConn>,
-    /// Calls in a row that went unanswered.
-    unanswered: std::sync::atomic::AtomicU32,
+    /// A cluster: the outcome readers' slot look-ups.
+    slots: Option<Arc<SlotOwners>>,
+    /// A cluster: unanswered calls in a row, by partition (only partitions with some).
+    unanswered: Mutex<HashMap<u32, u32>>,
+    /// Whether `unanswered` holds any partition (so that an answer costs no lock otherwise).
+    suspect: std::sync::atomic::AtomicBool,
     /// A fresh connection is being opened.
     following: std::sync::atomic::AtomicBool,
-    /// The outcome readers' slot look-ups (a cluster), once they run.
-    slots: std::sync::OnceLock<Arc<SlotOwners>>,
+    /// The runtime the client was opened on: the fresh connection's driver runs there, whoever
+    /// made the call that asked for it.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Link {
-    fn new(conn: RedisConn) -> Self {
+    fn new(target: &RedisTarget, conn: RedisConn) -> Self {
         Link {
+            slots: target.is_cluster().then(|| Arc::new(SlotOwners::new(target.clone(), conn.clone()))),
             conn: std::sync::RwLock::new(conn),
-            unanswered: Default::default(),
+            unanswered: Mutex::default(),
+            suspect: Default::default(),
             following: Default::default(),
-            slots: Default::default(),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
     fn conn(&self) -> RedisConn {
         self.conn.read().expect("client connection lock").clone()
+    }
+
+    /// Replaces the connection (and the slot look-ups' one) with `fresh`.
+    fn replace(&self, fresh: RedisConn) {
+        if let Some(slots) = &self.slots {
+            slots.set_conn(fresh.clone());
+        }
+        *self.conn.write().expect("client connection lock") = fresh;
+        self.unanswered.lock().expect("client counts lock").clear();
+        self.suspect.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Lowers [`Link::following`] when the task that opens a fresh connection ends, however it
+/// ends (cancelled with its runtime, or panicking).
+struct Following(Arc<Link>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.following.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -207,10 +235,10 @@ impl Client {
             }
         }
         Ok(Client {
+            link: Arc::new(Link::new(&target, conn)),
             target,
             partitions: keys::DEFAULT_PARTITIONS,
             recheck: RECHECK,
-            link: Arc::new(Link::new(conn)),
             waiters: Arc::default(),
         })
     }
@@ -264,7 +292,7 @@ impl Client {
         for attempt in 1.. {
             let mut conn = self.link.conn();
             let r: redis::RedisResult<String> = conn.xadd(&stream, "*", &fields).await;
-            self.answered(&r);
+            self.answered(self.partition(&spec.id), &r);
             match r.map_err(|e| Error::redis(&self.target, e)) {
                 Ok(_) => break,
                 Err(e) if e.is_transient() && attempt < 4 => tokio::time::sleep(backoff.next()).await,
@@ -286,7 +314,7 @@ impl Client {
         let mut conn = self.link.conn();
         let replies: redis::RedisResult<Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>>> =
             p.query_async(&mut conn).await;
-        self.answered(&replies);
+        self.answered(self.partition(&spec.id), &replies);
         let replies = replies.map_err(|e| Error::redis(&self.target, e))?;
         let mut missing = Vec::new();
         for (b, r) in spec.branches.iter().zip(replies) {
@@ -305,7 +333,7 @@ impl Client {
         let mut conn = self.link.conn();
         let h: redis::RedisResult<HashMap<String, Vec<u8>>> =
             conn.hgetall(keys::txn_record(self.partition(id), id)).await;
-        self.answered(&h);
+        self.answered(self.partition(id), &h);
         let h = h.map_err(|e| Error::redis(&self.target, e))?;
         TxnRecord::from_hash(id, &h).map_err(|detail| Error::ScriptReply { script: "record", detail })
     }
@@ -489,11 +517,7 @@ impl Client {
                 let from = self.last_outcomes().await?;
                 let waiters = Arc::downgrade(&self.waiters);
                 let tasks = if self.target.is_cluster() {
-                    let slots = self
-                        .link
-                        .slots
-                        .get_or_init(|| Arc::new(SlotOwners::new(self.target.clone(), self.link.conn())))
-                        .clone();
+                    let slots = self.link.slots.clone().expect("a cluster client has slot look-ups");
                     from.into_iter()
                         .enumerate()
                         .map(|(p, from)| {
@@ -512,44 +536,57 @@ impl Client {
         Ok(())
     }
 
-    /// Notes how a call on the shared connection went: on a Redis Cluster, [`FOLLOW_AFTER`]
-    /// unanswered in a row open a fresh connection in the background, which replaces it once
-    /// open ([`Link`]).
-    fn answered<T>(&self, r: &redis::RedisResult<T>) {
+    /// Notes how a call to partition `p` on the shared connection went: on a Redis Cluster,
+    /// [`FOLLOW_AFTER`] unanswered in a row open a fresh connection in the background, which
+    /// replaces it once open ([`Link`]).
+    fn answered<T>(&self, p: u32, r: &redis::RedisResult<T>) {
         use std::sync::atomic::Ordering;
+        if !self.target.is_cluster() {
+            return;
+        }
         let link = &self.link;
+        // After the cluster connection's own retries, a call no node answered comes back as an
+        // I/O error (a timeout, a connection lost or refused).
         let unanswered = |e: &redis::RedisError| {
-            e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+            e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
         };
         match r {
-            Err(e) if self.target.is_cluster() && unanswered(e) => {
-                if link.unanswered.fetch_add(1, Ordering::Relaxed) + 1 < FOLLOW_AFTER
-                    || link.following.swap(true, Ordering::AcqRel)
-                {
+            Ok(_) => {
+                if link.suspect.load(Ordering::Acquire) {
+                    let mut counts = link.unanswered.lock().expect("client counts lock");
+                    counts.remove(&p);
+                    link.suspect.store(!counts.is_empty(), Ordering::Release);
+                }
+            }
+            Err(e) if unanswered(e) => {
+                let in_a_row = {
+                    let mut counts = link.unanswered.lock().expect("client counts lock");
+                    let n = counts.entry(p).or_default();
+                    *n += 1;
+                    link.suspect.store(true, Ordering::Release);
+                    *n
+                };
+                if in_a_row < FOLLOW_AFTER || link.following.swap(true, Ordering::AcqRel) {
                     return;
                 }
-                let (link, target) = (self.link.clone(), self.target.clone());
-                tokio::spawn(async move {
+                let (guard, target) = (Following(self.link.clone()), self.target.clone());
+                link.runtime.spawn(async move {
                     match target.connect().await {
                         Ok(fresh) => {
                             tracing::info!(
                                 redis = %target.redacted(),
+                                partition = p,
                                 "calls kept going unanswered: the client's cluster connection is replaced by a fresh one"
                             );
-                            if let Some(slots) = link.slots.get() {
-                                slots.set_conn(fresh.clone());
-                            }
-                            *link.conn.write().expect("client connection lock") = fresh;
-                            link.unanswered.store(0, Ordering::Relaxed);
+                            guard.0.replace(fresh);
                         }
                         Err(e) => tracing::debug!(error = %e, "a fresh cluster connection could not be opened yet"),
                     }
                     tokio::time::sleep(FOLLOW_EVERY).await;
-                    link.following.store(false, Ordering::Release);
+                    drop(guard);
                 });
             }
             Err(_) => {}
-            Ok(_) => link.unanswered.store(0, Ordering::Relaxed),
         }
     }
 
@@ -581,9 +618,9 @@ impl Client {
             })
             .collect();
         let mut out = Vec::with_capacity(calls.len());
-        for c in calls {
+        for (part, c) in calls.into_iter().enumerate() {
             let r = c.await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
-            self.answered(&r);
+            self.answered(part as u32, &r);
             out.push(first(r.map_err(|e| Error::redis(&self.target, e))?));
         }
         Ok(out)

@@ -610,10 +610,31 @@ fn a_master_frozen_for_good_is_replaced_and_its_partition_goes_on() {
     let new_master = streams.freeze_and_fail_over(master).expect("the cluster fails the master over");
     let elected = redtx_common::now_ms();
     eprintln!("node {new_master} is master at {:?}; node {master} stays frozen", started.elapsed());
+    // Meanwhile another producer of the same client keeps the other partitions busy: their
+    // answers must not hide that partition 0's calls go unanswered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let others = {
+        let (client, accounts, stop) = (bank.client().clone(), accounts.clone(), stop.clone());
+        bank.rt.spawn(async move {
+            let ids = (0..).map(|i| format!("o-{i}")).filter(|id| keys::partition(id, PARTITIONS) != p);
+            let mut done = Vec::new();
+            for id in ids {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                done.push(random_transfer_with(&client, &accounts, id, Patience::Once).await);
+            }
+            done
+        })
+    };
     let ids = (0..).map(|i| format!("z-{i}")).filter(|id| keys::partition(id, PARTITIONS) == p).take(10);
     for id in ids {
         done.push(bank.rt.block_on(random_transfer_with(bank.client(), &accounts, id, Patience::Once)));
     }
+    stop.store(true, Ordering::Relaxed);
+    let others = bank.rt.block_on(others).expect("the other producer");
+    let on_others = others.len();
+    done.extend(others);
     // Each answered with its outcome (committed, or an abort decided) before the old master
     // was let go.
     let settled = [TxnState::Committed, TxnState::Aborting, TxnState::Aborted];
@@ -630,7 +651,7 @@ fn a_master_frozen_for_good_is_replaced_and_its_partition_goes_on() {
     drained_and_running(&mut bank);
     eprintln!(
         "{} transfers ({committed} committed, aborted {aborted}), 10 of partition {p} on the new master while the old \
-         one was frozen, in {:?}",
+         one was frozen and {on_others} of other partitions through the same client meanwhile, in {:?}",
         done.len(),
         started.elapsed()
     );
