@@ -154,6 +154,15 @@ const PIPELINE: usize = 64;
 const BALANCE: i64 = 1000;
 /// How long a producer waits for an outcome before counting the transaction as given up.
 const WAIT: Duration = Duration::from_secs(30);
+impl BenchArgs {
+    /// Whether the load may run on one thread: the workers are processes of their own (not
+    /// `--inline`), so this process only submits and waits, which one thread does with less CPU
+    /// than two (no wake-ups across threads).
+    pub fn single_threaded(&self) -> bool {
+        !self.inline
+    }
+}
+
 /// Most banks: `bank-a` to `bank-z`.
 const MAX_PARTICIPANTS: usize = 26;
 

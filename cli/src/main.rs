@@ -170,7 +170,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) { "error" } else { "warn" };
     redtx_common::init_logging(default_level);
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let rt = match &cli.command {
+        Command::Bench(args) if args.single_threaded() => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
+        _ => tokio::runtime::Runtime::new(),
+    }
+    .expect("tokio runtime");
     let code = rt.block_on(async {
         match cli.command {
             Command::Submit { redis, cluster, partitions, wait, final_only, timeout, json, file } => {
