@@ -29,12 +29,15 @@
 //! connection (each touches one partition, hence one slot). One `XREAD` cannot name streams of
 //! several slots (`CROSSSLOT`, even on one node), and a blocking read holds its connection, so
 //! the waiter runs one reader per partition, each blocking on its own connection to the node
-//! serving that partition: a `Client` costs `partitions` reader connections plus one per node,
-//! however many transactions it waits for, and still never polls. A reader follows `MOVED`
-//! (a slot moved, a failover) and `ASK` (a slot migrating) and, when its node goes away, asks
-//! the cluster where the slot is now; meanwhile the waiters' periodic record check covers it.
+//! serving that partition: a `Client` costs `partitions` reader connections plus two per node
+//! (its cluster connection, and the one that probes a partition whose master stopped
+//! answering), however many transactions it waits for, and still never polls. A
+//! reader follows `MOVED` (a slot moved, a failover) and `ASK` (a slot migrating) and, when its
+//! node goes away, asks the cluster where the slot is now; meanwhile the waiters' periodic
+//! record check covers it.
 
 use crate::conn::{RedisConn, RedisTarget, RedisUrl};
+use crate::outage::Outages;
 use crate::protocol::{Message, Submit};
 use crate::record::{TxnRecord, TxnState};
 use crate::slots::{Pinned, SlotOwners};
@@ -61,33 +64,32 @@ pub struct Client {
     waiters: Arc<Waiters>,
 }
 
-/// Calls in a row to one partition that went unanswered (timeouts, lost connections) after
-/// which a cluster client opens a fresh connection ([`Link`]).
-const FOLLOW_AFTER: u32 = 3;
-
 /// The least time between two fresh connections of one client.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
-/// The client's connection, shared by its clones, and replaceable on a Redis Cluster.
+/// The client's connection, shared by its clones; on a Redis Cluster, with the partitions
+/// whose master stopped answering, and replaceable.
 ///
-/// A master that stops answering for good (a frozen process, a host gone without resetting its
-/// connections) never answers `MOVED` once the cluster has elected its replica, and the cluster
-/// connection keeps sending that master's slots to it: it retries a timed-out call on the same
-/// node and does not look the slot up again. So after [`FOLLOW_AFTER`] calls in a row to one
-/// partition went unanswered (counted per partition: the other masters' answers meanwhile say
-/// nothing about this one), the client opens a fresh cluster connection in the background (at
-/// most one every [`FOLLOW_EVERY`]); its slot map comes from the nodes that answer, and once it
-/// is open it replaces the old one, for the outcome readers' slot look-ups too. Nothing is lost
-/// by a replacement: a call that went unanswered is retried by its caller (a submit sent again
-/// is harmless).
+/// A master that stops answering (frozen, its host gone, the network cut) makes every call to
+/// it wait out its timeout, and each timed-out call may make the cluster connection refresh its
+/// slot map, which holds every other call on it meanwhile: one silent master would slow the
+/// client's calls to every partition. So the first unanswered call of a partition marks it
+/// *out* ([`Outages`]): the client's calls to it then fail at once with a transient error (the
+/// caller's retry paces them) until a probe of its own hears from the partition again, from the
+/// old master or the elected one.
+///
+/// A master silent for good never answers `MOVED` once its replica is elected, and the cluster
+/// connection would keep sending its slots to it. When a probe is answered only on a fresh
+/// connection, the client opens a fresh cluster connection in the background (at most one every
+/// [`FOLLOW_EVERY`]) and, once it is open, replaces the shared one with it, for the outcome
+/// readers' slot look-ups too. Nothing is lost: a call that failed is retried by its caller (a
+/// submit sent again is harmless).
 struct Link {
     conn: std::sync::RwLock<RedisConn>,
     /// A cluster: the outcome readers' slot look-ups.
     slots: Option<Arc<SlotOwners>>,
-    /// A cluster: unanswered calls in a row, by partition (only partitions with some).
-    unanswered: Mutex<HashMap<u32, u32>>,
-    /// Whether `unanswered` holds any partition (so that an answer costs no lock otherwise).
-    suspect: std::sync::atomic::AtomicBool,
+    /// A cluster: the partitions whose master does not answer.
+    outages: Option<Outages>,
     /// A fresh connection is being opened.
     following: std::sync::atomic::AtomicBool,
     /// The runtime the client was opened on: the fresh connection's driver runs there, whoever
@@ -96,12 +98,11 @@ struct Link {
 }
 
 impl Link {
-    fn new(target: &RedisTarget, conn: RedisConn) -> Self {
+    fn new(target: &RedisTarget, conn: RedisConn, outages: Option<Outages>) -> Self {
         Link {
             slots: target.is_cluster().then(|| Arc::new(SlotOwners::new(target.clone(), conn.clone()))),
             conn: std::sync::RwLock::new(conn),
-            unanswered: Mutex::default(),
-            suspect: Default::default(),
+            outages,
             following: Default::default(),
             runtime: tokio::runtime::Handle::current(),
         }
@@ -117,8 +118,6 @@ impl Link {
             slots.set_conn(fresh.clone());
         }
         *self.conn.write().expect("client connection lock") = fresh;
-        self.unanswered.lock().expect("client counts lock").clear();
-        self.suspect.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -234,8 +233,12 @@ impl Client {
                 Err(e) => return Err(Error::redis(&target, e)),
             }
         }
+        let outages = match target.is_cluster() {
+            true => Some(Outages::connect(&target, "partition").await?),
+            false => None,
+        };
         Ok(Client {
-            link: Arc::new(Link::new(&target, conn)),
+            link: Arc::new(Link::new(&target, conn, outages)),
             target,
             partitions: keys::DEFAULT_PARTITIONS,
             recheck: RECHECK,
@@ -289,10 +292,12 @@ impl Client {
         // A connection that just dropped (a Redis restart) is re-opened by the manager on the
         // next call: retry a few times. A submit that did land and is sent again is harmless.
         let mut backoff = crate::consumer::Backoff::default();
+        let p = self.partition(&spec.id);
         for attempt in 1.. {
+            self.open(p)?;
             let mut conn = self.link.conn();
             let r: redis::RedisResult<String> = conn.xadd(&stream, "*", &fields).await;
-            self.answered(self.partition(&spec.id), &r);
+            self.answered(p, &r);
             match r.map_err(|e| Error::redis(&self.target, e)) {
                 Ok(_) => break,
                 Err(e) if e.is_transient() && attempt < 4 => tokio::time::sleep(backoff.next()).await,
@@ -330,10 +335,11 @@ impl Client {
     /// Reads the record of `id`; `None` if there is none (never submitted, not yet picked up
     /// by a coordinator, or expired after its retention window).
     pub async fn status(&self, id: &str) -> Result<Option<TxnRecord>> {
+        let p = self.partition(id);
+        self.open(p)?;
         let mut conn = self.link.conn();
-        let h: redis::RedisResult<HashMap<String, Vec<u8>>> =
-            conn.hgetall(keys::txn_record(self.partition(id), id)).await;
-        self.answered(self.partition(id), &h);
+        let h: redis::RedisResult<HashMap<String, Vec<u8>>> = conn.hgetall(keys::txn_record(p, id)).await;
+        self.answered(p, &h);
         let h = h.map_err(|e| Error::redis(&self.target, e))?;
         TxnRecord::from_hash(id, &h).map_err(|detail| Error::ScriptReply { script: "record", detail })
     }
@@ -536,58 +542,58 @@ impl Client {
         Ok(())
     }
 
-    /// Notes how a call to partition `p` on the shared connection went: on a Redis Cluster,
-    /// [`FOLLOW_AFTER`] unanswered in a row open a fresh connection in the background, which
-    /// replaces it once open ([`Link`]).
+    /// Whether partition `p` may be called now: not while its master does not answer (a
+    /// transient error at once, with no call made; [`Link`]). Also starts replacing the
+    /// connection when a probe was answered only on a fresh one.
+    fn open(&self, p: u32) -> Result<()> {
+        let Some(outages) = &self.link.outages else { return Ok(()) };
+        if outages.take_topology_changed() {
+            self.follow();
+        }
+        if !outages.is_out(p) {
+            return Ok(());
+        }
+        let e = std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the master of partition {p} does not answer; calls to it wait until a probe hears from it"),
+        );
+        Err(Error::redis(&self.target, redis::RedisError::from(e)))
+    }
+
+    /// Notes how a call to partition `p` went: on a Redis Cluster, a call no node answered
+    /// (after the cluster connection's retries: a timeout, a connection lost or refused) marks
+    /// the partition out until a probe hears from it ([`Link`]).
     fn answered<T>(&self, p: u32, r: &redis::RedisResult<T>) {
+        let Some(outages) = &self.link.outages else { return };
+        if let Err(e) = r {
+            if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+                outages.mark(p, keys::coord_stream(p));
+            }
+        }
+    }
+
+    /// Opens a fresh cluster connection in the background and, once it is open, makes it the
+    /// shared one (at most one every [`FOLLOW_EVERY`]).
+    fn follow(&self) {
         use std::sync::atomic::Ordering;
-        if !self.target.is_cluster() {
+        if self.link.following.swap(true, Ordering::AcqRel) {
             return;
         }
-        let link = &self.link;
-        // After the cluster connection's own retries, a call no node answered comes back as an
-        // I/O error (a timeout, a connection lost or refused).
-        let unanswered = |e: &redis::RedisError| {
-            e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
-        };
-        match r {
-            Ok(_) => {
-                if link.suspect.load(Ordering::Acquire) {
-                    let mut counts = link.unanswered.lock().expect("client counts lock");
-                    counts.remove(&p);
-                    link.suspect.store(!counts.is_empty(), Ordering::Release);
+        let (guard, target) = (Following(self.link.clone()), self.target.clone());
+        self.link.runtime.spawn(async move {
+            match target.connect().await {
+                Ok(fresh) => {
+                    tracing::info!(
+                        redis = %target.redacted(),
+                        "a master was replaced while it did not answer: the client's cluster connection is replaced by a fresh one"
+                    );
+                    guard.0.replace(fresh);
                 }
+                Err(e) => tracing::debug!(error = %e, "a fresh cluster connection could not be opened yet"),
             }
-            Err(e) if unanswered(e) => {
-                let in_a_row = {
-                    let mut counts = link.unanswered.lock().expect("client counts lock");
-                    let n = counts.entry(p).or_default();
-                    *n += 1;
-                    link.suspect.store(true, Ordering::Release);
-                    *n
-                };
-                if in_a_row < FOLLOW_AFTER || link.following.swap(true, Ordering::AcqRel) {
-                    return;
-                }
-                let (guard, target) = (Following(self.link.clone()), self.target.clone());
-                link.runtime.spawn(async move {
-                    match target.connect().await {
-                        Ok(fresh) => {
-                            tracing::info!(
-                                redis = %target.redacted(),
-                                partition = p,
-                                "calls kept going unanswered: the client's cluster connection is replaced by a fresh one"
-                            );
-                            guard.0.replace(fresh);
-                        }
-                        Err(e) => tracing::debug!(error = %e, "a fresh cluster connection could not be opened yet"),
-                    }
-                    tokio::time::sleep(FOLLOW_EVERY).await;
-                    drop(guard);
-                });
-            }
-            Err(_) => {}
-        }
+            tokio::time::sleep(FOLLOW_EVERY).await;
+            drop(guard);
+        });
     }
 
     /// The id of the newest entry of every partition's outcomes stream (`0-0`: none): one

@@ -160,12 +160,38 @@ fn seeded(bank: &Bank) -> Vec<(Side, String)> {
 /// fail over, kill or freeze its nodes (the client and the workers have their seeds already:
 /// put it back in `bank.0.streams` for the checks); and the master serving partition 0.
 fn partition_0_on_replicated_cluster(opts: ClusterOptions) -> (Bank, Vec<(Side, String)>, RedisCluster, usize) {
+    let (bank, accounts, streams, master, _) = master_on_replicated_cluster(opts, Lost::Partition0);
+    (bank, accounts, streams, master)
+}
+
+/// Which master a test loses.
+#[derive(Clone, Copy, Debug)]
+enum Lost {
+    /// Partition 0's.
+    Partition0,
+    /// The one serving the coordinators' membership (`rtx:coordinators`, a slot of its own):
+    /// the coordinators' survey of their peers meets it, besides its partitions.
+    Membership,
+}
+
+/// [`partition_0_on_replicated_cluster`] for the master `lost` names; also returns a partition
+/// that master serves.
+fn master_on_replicated_cluster(
+    opts: ClusterOptions,
+    lost: Lost,
+) -> (Bank, Vec<(Side, String)>, RedisCluster, usize, u32) {
     let mut bank = Bank::start_on_cluster(cluster_with_replicas(1), opts);
     let accounts = seeded(&bank);
     bank.client();
     let streams = bank.0.streams.take().expect("a cluster");
-    let master = streams.master_of_slot(keys::partition_slot(0)).unwrap();
-    (bank, accounts, streams, master)
+    let master = match lost {
+        Lost::Partition0 => streams.master_of_slot(keys::partition_slot(0)).unwrap(),
+        Lost::Membership => streams.master_of_slot(keys::slot(&keys::coordinators())).unwrap(),
+    };
+    let p = (0..PARTITIONS)
+        .find(|p| streams.master_of_slot(keys::partition_slot(*p)).unwrap() == master)
+        .expect("every master serves some partition");
+    (bank, accounts, streams, master, p)
 }
 
 #[test]
@@ -433,6 +459,7 @@ fn killing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     // restarted, empty: it rejoins as a replica of the new master and syncs.
     a_master_lost_under_wait_replicas(
         "kill -9",
+        Lost::Partition0,
         |streams, master| streams.kill_and_fail_over(master).expect("the cluster fails the master over"),
         |streams, master| streams.restart(master).expect("the killed node back"),
     );
@@ -449,37 +476,58 @@ fn freezing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     // not of a node at random. This test failed until all three were in.
     a_master_lost_under_wait_replicas(
         "SIGSTOP",
+        Lost::Partition0,
         |streams, master| streams.freeze_and_fail_over(master).expect("the cluster fails the master over"),
         |streams, master| streams.thaw(master).expect("the frozen node goes on"),
     );
 }
 
-/// The master of partition 0 is lost (`lose`, which returns once the cluster elected a replica
-/// of it) while transfers run, stays lost 8 s more (the new master has no replica), then comes
+#[test]
+fn freezing_the_membership_master_holds_up_only_its_own_partitions() {
+    // The master frozen is the one serving the coordinators' membership (`rtx:coordinators`):
+    // each round the coordinator's survey of its peers meets it too. The survey skips it while
+    // it does not answer and counts the coordinators as last seen, so the partitions on the
+    // other masters go on, the coordinator never fails a whole round, and nothing is lost.
+    a_master_lost_under_wait_replicas(
+        "SIGSTOP",
+        Lost::Membership,
+        |streams, master| streams.freeze_and_fail_over(master).expect("the cluster fails the master over"),
+        |streams, master| streams.thaw(master).expect("the frozen node goes on"),
+    );
+}
+
+/// The master `lost` names (partition `p` among those it serves) is lost (`lose`, which returns
+/// once the cluster elected a replica of it) while transfers run, stays lost 8 s more (the new master has no replica), then comes
 /// back (`recover`) as the new master's replica. The coordinator and the participants act on
 /// nothing a replica does not hold (`--wait-replicas 1`), so nothing they acted on is lost with
 /// the master, and nothing of its partitions goes on while the new master has no replica. A
 /// submit the master acknowledged but did not pass on is lost with it: the producers submit
 /// again after 15 s without an outcome. Meanwhile the other partitions go on: a seventh
-/// producer, whose transfers avoid partition 0, has transfers created and finished while
+/// producer, whose transfers avoid every partition of the lost master, has transfers created and finished while
 /// partition 0's master is lost, and while its new master has no replica; and the coordinator
 /// never fails a whole round.
 fn a_master_lost_under_wait_replicas(
     how: &str,
+    lost: Lost,
     lose: impl FnOnce(&mut RedisCluster, usize) -> usize,
     recover: impl FnOnce(&mut RedisCluster, usize),
 ) {
     let started = Instant::now();
     let wait = ["--wait-replicas", "1"];
-    let (mut bank, accounts, mut streams, master) =
-        partition_0_on_replicated_cluster(opts().coord_args(&wait).part_args(&wait));
-    let p = 0;
+    let (mut bank, accounts, mut streams, master, p) =
+        master_on_replicated_cluster(opts().coord_args(&wait).part_args(&wait), lost);
+    // Every partition the lost master serves (their transfers wait for the election).
+    let held: BTreeSet<u32> =
+        (0..PARTITIONS).filter(|q| streams.master_of_slot(keys::partition_slot(*q)).unwrap() == master).collect();
+    eprintln!("losing the master of {lost:?}: node {master}, serving partitions {held:?}");
     let others_stop = Arc::new(AtomicBool::new(false));
     let others = {
         let (client, accounts, stop) = (bank.client().clone(), accounts.clone(), others_stop.clone());
+        let held = held.clone();
         bank.rt.spawn(async move {
             let mut done = Vec::new();
-            let ids = (0..).map(|i| format!("o-{i}")).filter(|id| keys::partition(id, PARTITIONS) != p);
+            let ids =
+                (0..).map(|i| format!("o-{i}")).filter(move |id| !held.contains(&keys::partition(id, PARTITIONS)));
             for id in ids {
                 if stop.load(Ordering::Relaxed) {
                     break;
