@@ -1092,7 +1092,7 @@ async fn closed_loop(load: &Load, name: &str, concurrency: usize, length: Durati
 
 /// Submits transfers on a fixed schedule at `rate` per second for `length`, each in its own task;
 /// a latency runs from the scheduled submit time to the outcome.
-/// About [`stages::SAMPLE`] of them are followed (`follow`), for where their time went.
+/// About `stages::SAMPLE` of them are followed (`follow`), for where their time went.
 async fn open_loop(load: &Load, rate: f64, length: Duration, follow: &Arc<Follow>) -> Result<Phase, Error> {
     let counts = Arc::new(Counts::default());
     let done = Arc::new(AtomicU64::new(0));

@@ -6,7 +6,7 @@
 //! - [`status`]: show a transaction's record.
 //! - [`demo`]: self-contained runs on private Redis servers: money transfers between two banks
 //!   (2PC), or an order flow over three participants (saga).
-//! - [`bench`]: throughput and latency of transactions (2PC or saga), as ratios against raw
+//! - [`mod@bench`]: throughput and latency of transactions (2PC or saga), as ratios against raw
 //!   Redis calls, with Redis commands per server and CPU per process (the workers run as child
 //!   processes of the real binaries: `--coordinators N`, `--instances M` per participant, each
 //!   one's share of the work reported; `--cluster`: the streams on a private Redis Cluster,

@@ -56,7 +56,7 @@ pub struct ConsumerConfig {
     pub block: Duration,
     /// Pending entries idle this long are taken over from their (presumably dead) consumer.
     pub claim_idle: Duration,
-    /// How often to look for such entries (and to run [`Handler::tick`]).
+    /// How often to look for such entries.
     pub tick_every: Duration,
     /// Entries younger than this are never trimmed, even when every group is done with them
     /// (history for inspection and replay).
@@ -980,7 +980,7 @@ fn retake(stream: &str, group: &str, consumer: &str, ids: &[&str]) -> redis::Cmd
 }
 
 /// On one server: takes the entries `conn` just read or claimed again (`taken`: per stream, the
-/// ids; [`retake`]), then `WAIT`s on `conn`, in one round trip, until `replicas` replicas hold
+/// ids; `retake`), then `WAIT`s on `conn`, in one round trip, until `replicas` replicas hold
 /// them; fewer within [`WAIT_REPLICAS_TIMEOUT`]: [`Error::NotReplicated`] (the entries stay
 /// pending). Used by participants and coordinators with `--wait-replicas`.
 pub async fn retake_and_wait(
@@ -1006,7 +1006,7 @@ pub async fn retake_and_wait(
     Ok(())
 }
 
-/// `WAIT` on `conn` (after `before`, [`retake`]) until `replicas` replicas hold what it read or
+/// `WAIT` on `conn` (after `before`, `retake`) until `replicas` replicas hold what it read or
 /// claimed; fewer within [`WAIT_REPLICAS_TIMEOUT`]: [`Error::NotReplicated`] (the entries stay
 /// pending).
 pub async fn replicated(conn: &mut Pinned, before: Option<&redis::Cmd>, replicas: u32) -> Result<()> {

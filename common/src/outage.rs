@@ -13,7 +13,7 @@
 //! cluster connection, so it finds a newly elected master too) every [`PROBE_EVERY`] until it
 //! answers, and marks the partition back in. The loop then handles it again (a coordinator
 //! reloads it first). The loop pays one timeout per outage, not one per round. The key-value
-//! participant does the same for the slots of its data ([`Outages::new`] with the label `data
+//! participant does the same for the slots of its data ([`Outages::connect`] with the label `data
 //! slot`).
 //!
 //! A probe only says the slot answers: whatever made the partition's calls fail (too few

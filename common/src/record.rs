@@ -7,7 +7,7 @@
 //! Hash fields: `v` (record version, `2`), `mode`, `state`, `reason` (why it aborted,
 //! compensated or was rejected), `created`, `deadline`, `finished` (ms since the epoch), `spec` (MessagePack
 //! [`TxnSpec`], as submitted first, written once; for a `rejected` submit only its id and mode)
-//! and `st` (MessagePack [`Progress`](crate::machine::Progress): every branch's phase, attempts
+//! and `st` (MessagePack [`Progress`]: every branch's phase, attempts
 //! and reasons).
 
 use crate::machine::{Phase, Progress, Txn};

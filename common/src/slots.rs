@@ -173,7 +173,7 @@ impl Pinned {
     /// Sends `cmd` to the node serving the slot (after `ASKING` when the last answer was
     /// `ASK`). An error is learnt from (`MOVED`: where the slot went; `ASK`: where to ask next;
     /// anything else: the connection is dropped and the slot looked up again) and returned: the
-    /// caller tries again, after a pause unless [`redirected`](Self::redirected).
+    /// caller tries again, after a pause unless `redirected`.
     pub async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T> {
         let target = self.slots.target.clone();
         let (addr, ask) = match self.next.take() {

@@ -565,7 +565,7 @@ impl Lane {
     /// record (`committing`/`committed`: commit; `aborting`/`aborted`: roll back), and rolls
     /// back those older than `orphan_after` whose transaction has no record at all. Normally
     /// the decision messages finish them; this covers decisions that can no longer arrive (a
-    /// stream Redis that lost its data). Returns how many it finished. [`sweep_every`] says how
+    /// stream Redis that lost its data). Returns how many it finished. `sweep_every` says how
     /// often to run it.
     pub async fn sweep(&mut self) -> redtx_common::Result<usize> {
         let what = self.what();
