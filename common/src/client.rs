@@ -92,6 +92,9 @@ struct Link {
     outages: Option<Outages>,
     /// A fresh connection is being opened.
     following: std::sync::atomic::AtomicBool,
+    /// A fresh connection is wanted (a probe was answered only on a fresh one), and none was
+    /// opened since: kept until a follow starts, so that none is missed while one runs.
+    wanted: std::sync::atomic::AtomicBool,
     /// The runtime the client was opened on: the fresh connection's driver runs there, whoever
     /// made the call that asked for it.
     runtime: tokio::runtime::Handle,
@@ -104,6 +107,7 @@ impl Link {
             conn: std::sync::RwLock::new(conn),
             outages,
             following: Default::default(),
+            wanted: Default::default(),
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -283,7 +287,11 @@ impl Client {
     }
 
     /// Validates `spec` and enqueues it; returns its id. Nothing is enqueued if it is invalid.
-    /// Submitting an id that exists already does not create a second transaction.
+    /// Submitting an id that exists already does not create a second transaction. A transient
+    /// failure (a lost connection, a Redis restarting) is tried again a few times, then
+    /// returned: on a Redis Cluster, a partition whose master stopped answering fails at once
+    /// until the client hears from it again ([`Error::is_transient`]: submit again, with the same
+    /// id; [`submit_and_wait`](Self::submit_and_wait) does, until its timeout).
     pub async fn submit(&self, spec: &TxnSpec) -> Result<String> {
         spec.validate()?;
         let msg = Message::Submit(Submit { spec: spec.clone(), submitted_ms: crate::now_ms() });
@@ -294,11 +302,18 @@ impl Client {
         let mut backoff = crate::consumer::Backoff::default();
         let p = self.partition(&spec.id);
         for attempt in 1.. {
-            self.open(p)?;
-            let mut conn = self.link.conn();
-            let r: redis::RedisResult<String> = conn.xadd(&stream, "*", &fields).await;
-            self.answered(p, &r);
-            match r.map_err(|e| Error::redis(&self.target, e)) {
+            let r = match self.open(p) {
+                // A partition whose master does not answer: an attempt too (its probe may hear
+                // from it meanwhile).
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let mut conn = self.link.conn();
+                    let r: redis::RedisResult<String> = conn.xadd(&stream, "*", &fields).await;
+                    self.answered(p, &r);
+                    r.map_err(|e| Error::redis(&self.target, e))
+                }
+            };
+            match r {
                 Ok(_) => break,
                 Err(e) if e.is_transient() && attempt < 4 => tokio::time::sleep(backoff.next()).await,
                 Err(e) => return Err(e),
@@ -546,8 +561,12 @@ impl Client {
     /// transient error at once, with no call made; [`Link`]). Also starts replacing the
     /// connection when a probe was answered only on a fresh one.
     fn open(&self, p: u32) -> Result<()> {
+        use std::sync::atomic::Ordering;
         let Some(outages) = &self.link.outages else { return Ok(()) };
         if outages.take_topology_changed() {
+            self.link.wanted.store(true, Ordering::Release);
+        }
+        if self.link.wanted.load(Ordering::Acquire) {
             self.follow();
         }
         if !outages.is_out(p) {
@@ -579,6 +598,7 @@ impl Client {
         if self.link.following.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.link.wanted.store(false, Ordering::Release);
         let (guard, target) = (Following(self.link.clone()), self.target.clone());
         self.link.runtime.spawn(async move {
             match target.connect().await {
@@ -589,7 +609,11 @@ impl Client {
                     );
                     guard.0.replace(fresh);
                 }
-                Err(e) => tracing::debug!(error = %e, "a fresh cluster connection could not be opened yet"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a fresh cluster connection could not be opened yet");
+                    // Still wanted: the next call asks again.
+                    guard.0.wanted.store(true, Ordering::Release);
+                }
             }
             tokio::time::sleep(FOLLOW_EVERY).await;
             drop(guard);

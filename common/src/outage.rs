@@ -39,7 +39,11 @@ const FRESH_AFTER: u32 = 4;
 #[derive(Clone)]
 pub struct Outages {
     target: RedisTarget,
-    conn: RedisConn,
+    /// The probes' connection; replaced by a probe answered only on a fresh one, so that the
+    /// next probes do not start on a connection that still routes to the silent master.
+    conn: Arc<std::sync::RwLock<RedisConn>>,
+    /// The runtime these outages were made on: probes run there, whoever marks a partition.
+    runtime: tokio::runtime::Handle,
     out: Arc<Mutex<HashSet<u32>>>,
     /// Set when a probe was answered only on a fresh connection: the caller's own cluster
     /// connections may still point at the silent master, and should be replaced
@@ -57,7 +61,8 @@ impl Outages {
     pub async fn connect(target: &RedisTarget, label: &'static str) -> Result<Self> {
         Ok(Outages {
             target: target.clone(),
-            conn: target.connect().await?,
+            conn: Arc::new(std::sync::RwLock::new(target.connect().await?)),
+            runtime: tokio::runtime::Handle::current(),
             out: Arc::new(Mutex::new(HashSet::new())),
             moved: Arc::new(AtomicBool::new(false)),
             label,
@@ -105,7 +110,8 @@ impl Outages {
         }
         let probe = Probe {
             target: self.target.clone(),
-            conn: self.conn.clone(),
+            conn: self.conn.read().expect("outages connection lock").clone(),
+            shared: self.conn.clone(),
             out: Arc::downgrade(&self.out),
             moved: self.moved.clone(),
             p,
@@ -113,13 +119,14 @@ impl Outages {
             key: probe_key.into(),
             what,
         };
-        tokio::spawn(probe.run());
+        self.runtime.spawn(probe.run());
     }
 }
 
 struct Probe {
     target: RedisTarget,
     conn: RedisConn,
+    shared: Arc<std::sync::RwLock<RedisConn>>,
     out: Weak<Mutex<HashSet<u32>>>,
     moved: Arc<AtomicBool>,
     p: u32,
@@ -133,7 +140,13 @@ impl Probe {
         let (mut failed, mut fresh) = (0u32, false);
         loop {
             tokio::time::sleep(PROBE_EVERY).await;
-            let answered = redis::cmd("EXISTS").arg(&self.key).query_async::<i64>(&mut self.conn).await.is_ok();
+            let reply = redis::cmd("EXISTS").arg(&self.key).query_async::<i64>(&mut self.conn).await;
+            // Any reply of the node says it answers (an ACL refusal too), except those that say
+            // the slot is not served yet.
+            let answered = match &reply {
+                Ok(_) => true,
+                Err(e) => e.code().is_some_and(|c| !matches!(c, "CLUSTERDOWN" | "TRYAGAIN" | "LOADING" | "MASTERDOWN")),
+            };
             let Some(out) = self.out.upgrade() else { return };
             if answered {
                 let mut out = out.lock().expect("outages lock");
@@ -141,6 +154,7 @@ impl Probe {
                     out.remove(q);
                 }
                 if fresh {
+                    *self.shared.write().expect("outages connection lock") = self.conn.clone();
                     self.moved.store(true, Ordering::Relaxed);
                 }
                 let (what, p) = (self.what, self.p);
