@@ -474,12 +474,7 @@ fn freezing_a_master_under_wait_replicas_and_failing_over_loses_nothing() {
     // partition (then skips it until its probe hears from it: `common::outage`), renews its
     // leases off its loop (`lease::Keeper`), and asks where a slot is of that slot's master,
     // not of a node at random. This test failed until all three were in.
-    a_master_lost_under_wait_replicas(
-        "SIGSTOP",
-        Lost::Partition0,
-        |streams, master| streams.freeze_and_fail_over(master).expect("the cluster fails the master over"),
-        |streams, master| streams.thaw(master).expect("the frozen node goes on"),
-    );
+    a_master_frozen_under_wait_replicas(Lost::Partition0);
 }
 
 #[test]
@@ -488,24 +483,29 @@ fn freezing_the_membership_master_holds_up_only_its_own_partitions() {
     // each round the coordinator's survey of its peers meets it too. The survey skips it while
     // it does not answer and counts the coordinators as last seen, so the partitions on the
     // other masters go on, the coordinator never fails a whole round, and nothing is lost.
+    a_master_frozen_under_wait_replicas(Lost::Membership);
+}
+
+/// [`a_master_lost_under_wait_replicas`] by `SIGSTOP`, then `SIGCONT`.
+fn a_master_frozen_under_wait_replicas(lost: Lost) {
     a_master_lost_under_wait_replicas(
         "SIGSTOP",
-        Lost::Membership,
+        lost,
         |streams, master| streams.freeze_and_fail_over(master).expect("the cluster fails the master over"),
         |streams, master| streams.thaw(master).expect("the frozen node goes on"),
     );
 }
 
 /// The master `lost` names (partition `p` among those it serves) is lost (`lose`, which returns
-/// once the cluster elected a replica of it) while transfers run, stays lost 8 s more (the new master has no replica), then comes
-/// back (`recover`) as the new master's replica. The coordinator and the participants act on
-/// nothing a replica does not hold (`--wait-replicas 1`), so nothing they acted on is lost with
-/// the master, and nothing of its partitions goes on while the new master has no replica. A
-/// submit the master acknowledged but did not pass on is lost with it: the producers submit
-/// again after 15 s without an outcome. Meanwhile the other partitions go on: a seventh
-/// producer, whose transfers avoid every partition of the lost master, has transfers created and finished while
-/// partition 0's master is lost, and while its new master has no replica; and the coordinator
-/// never fails a whole round.
+/// once the cluster elected a replica of it) while transfers run, stays lost 8 s more (the new
+/// master has no replica), then comes back (`recover`) as the new master's replica. The
+/// coordinator and the participants act on nothing a replica does not hold (`--wait-replicas
+/// 1`), so nothing they acted on is lost with the master, and nothing of its partitions goes on
+/// while the new master has no replica. A submit the master acknowledged but did not pass on is
+/// lost with it: the producers submit again after 15 s without an outcome. Meanwhile the other
+/// partitions go on: a seventh producer, whose transfers avoid every partition of the lost
+/// master, has transfers created and finished while that master is lost, and while its
+/// replacement has no replica; and the coordinator never fails a whole round.
 fn a_master_lost_under_wait_replicas(
     how: &str,
     lost: Lost,
