@@ -295,12 +295,12 @@ impl Client {
     pub async fn submit(&self, spec: &TxnSpec) -> Result<String> {
         spec.validate()?;
         let msg = Message::Submit(Submit { spec: spec.clone(), submitted_ms: crate::now_ms() });
-        let stream = keys::coord_stream(self.partition(&spec.id));
+        let p = self.partition(&spec.id);
+        let stream = keys::coord_stream(p);
         let fields = msg.fields();
         // A connection that just dropped (a Redis restart) is re-opened by the manager on the
         // next call: retry a few times. A submit that did land and is sent again is harmless.
         let mut backoff = crate::consumer::Backoff::default();
-        let p = self.partition(&spec.id);
         for attempt in 1.. {
             let r = match self.open(p) {
                 // A partition whose master does not answer: an attempt too (its probe may hear
@@ -326,15 +326,17 @@ impl Client {
     /// their stream yet): likely typos, or workers not started. Such a transaction aborts at its
     /// deadline and stays `aborting` until the participant applies the abort.
     pub async fn missing_participants(&self, spec: &TxnSpec) -> Result<Vec<String>> {
+        let part = self.partition(&spec.id);
+        self.open(part)?;
         let mut p = redis::pipe();
         p.ignore_errors();
         for b in &spec.branches {
-            p.cmd("XINFO").arg("GROUPS").arg(keys::participant_stream(&b.participant, self.partition(&spec.id)));
+            p.cmd("XINFO").arg("GROUPS").arg(keys::participant_stream(&b.participant, part));
         }
         let mut conn = self.link.conn();
         let replies: redis::RedisResult<Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>>> =
             p.query_async(&mut conn).await;
-        self.answered(self.partition(&spec.id), &replies);
+        self.answered(part, &replies);
         let replies = replies.map_err(|e| Error::redis(&self.target, e))?;
         let mut missing = Vec::new();
         for (b, r) in spec.branches.iter().zip(replies) {

@@ -73,7 +73,8 @@ impl Outages {
     /// master it asked was replaced while it was silent, and a cluster connection that only
     /// met timeouts from it still routes there. The caller replaces its cluster connections.
     pub fn take_topology_changed(&self) -> bool {
-        self.moved.swap(false, Ordering::Relaxed)
+        // Read first: asked at every call, and almost always false (no write to share).
+        self.moved.load(Ordering::Relaxed) && self.moved.swap(false, Ordering::Relaxed)
     }
 
     /// Whether `p` is out: skip it until its probe hears from it.
