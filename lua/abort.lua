@@ -8,7 +8,7 @@ Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th key the branch was prepared with (the barrier's `keys`, in order)
   KEYS[2i+1]    its lock, rtx:lock:<key>
-  ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is 'prepared'
+  ARGV[1..2]    the common input (lua/lib/barrier.lua); the expected state is 'prepared'
 
 Output (of each transition, in the batch's reply array):
   {1, 'aborted', reason}              aborted
@@ -24,7 +24,7 @@ local function one()
     return moved_from(b)
   end
   local reason = name .. ': transaction was aborted'
-  rcall('HSET', bar, 'state', 'aborted', 'reason', reason, 'done', ARGV[4], 'ops', '')
+  rcall('HSET', bar, 'state', 'aborted', 'reason', reason, 'done', at, 'ops', '')
   unlock()
   expire(b[3])
   return {1, 'aborted', reason}

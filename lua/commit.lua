@@ -16,7 +16,7 @@ Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th key the branch was prepared with (the barrier's `keys`, in order)
   KEYS[2i+1]    its lock, rtx:lock:<key>
-  ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is 'prepared'
+  ARGV[1..2]    the common input (lua/lib/barrier.lua); the expected state is 'prepared'
 
 Output (of each transition, in the batch's reply array):
   {1, 'committed', ''}                applied
@@ -51,7 +51,7 @@ local function one()
     end
   end
 
-  rcall('HSET', bar, 'state', 'committed', 'done', ARGV[4], 'ops', '')
+  rcall('HSET', bar, 'state', 'committed', 'done', at, 'ops', '')
   if not lone then
     apply(staged)
   end

@@ -9,14 +9,14 @@ Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
   KEYS[2i]      i-th distinct user key of the compensation (i = 1..n), in first-use order
   KEYS[2i+1]    its lock, rtx:lock:<key> (only read)
-  ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is 'done'
-  ARGV[8]       refusal: "" or a reason to refuse without looking at the ops (the payload did
+  ARGV[1..2]    the common input (lua/lib/barrier.lua); the expected state is 'done'
+  ARGV[3]       refusal: "" or a reason to refuse without looking at the ops (the payload did
                 not decode); then there are no ops and no key pairs
-  ARGV[9..]     the compensation's ops, six slots each (lua/lib/ops.lua)
+  ARGV[4..]     the compensation's ops, six slots each (lua/lib/ops.lua)
 
 Output (of each transition, in the batch's reply array):
   {1, 'compensated', ''}              undone
-  {1, 'done', reason}                 a guard failed, or ARGV[8]; nothing changed (still done)
+  {1, 'done', reason}                 a guard failed, or ARGV[3]; nothing changed (still done)
   {2, state, reason, deadline, keys} MOVED: the barrier is not in the expected state
   {3, reason}                         BUSY: a key is locked by a 2PC branch; nothing changed
 ]]
@@ -28,12 +28,12 @@ local function one()
   if m then
     return m
   end
-  local ops, bad = read_ops(9)
+  local ops, bad = read_ops(4)
   if not ops then
     return redis.error_reply('compensate: ' .. bad)
   end
-  if ARGV[8] ~= '' then
-    return {1, 'done', ARGV[8]}
+  if ARGV[3] ~= '' then
+    return {1, 'done', ARGV[3]}
   end
   local b = busy()
   if b then
@@ -43,7 +43,7 @@ local function one()
   if not writes then
     return {1, 'done', why}
   end
-  rcall('HSET', bar, 'state', 'compensated', 'at', ARGV[4])
+  rcall('HSET', bar, 'state', 'compensated', 'at', at)
   apply(writes)
   expire(nil)
   return {1, 'compensated', ''}

@@ -13,14 +13,14 @@ waits for its decision); every other state does, as below.
 
 Input (of each transition: a call carries a batch, see lua/lib/batch.lua):
   KEYS[1]       barrier, rtx:bar:<participant>:<txn>
-  ARGV[1..7]    the common input (lua/lib/barrier.lua); the expected state is the one the runtime saw ("" = none)
-  ARGV[8]       the new state
-  ARGV[9]       the reason to record ("" = none)
-  ARGV[10]      the deadline to record ("" = none; the barrier's own, if any, sets its expiry)
-  ARGV[11]      the branch's user keys to record as `keys` (MessagePack array; "" = none)
+  ARGV[1..2]    the common input (lua/lib/barrier.lua); the expected state is the one the runtime saw ("" = none)
+  ARGV[3]       the new state
+  ARGV[4]       the reason to record ("" = none)
+  ARGV[5]       the deadline to record ("" = none; the barrier's own, if any, sets its expiry)
+  ARGV[6]       the branch's user keys to record as `keys` (MessagePack array; "" = none)
 
 Output (of each transition, in the batch's reply array):
-  {1, state, reason}                  recorded (state = ARGV[8])
+  {1, state, reason}                  recorded (state = ARGV[3])
   {2, state, reason, deadline, keys} MOVED: the barrier is not in the expected state
 ]]
 -- rcall, bar, moved, expire: lua/lib/barrier.lua (prepended)
@@ -30,28 +30,28 @@ local function one()
   if m then
     return m
   end
-  local fields = {'state', ARGV[8], 'at', ARGV[4]}
-  if ARGV[9] ~= '' then
+  local fields = {'state', ARGV[3], 'at', at}
+  if ARGV[4] ~= '' then
     fields[#fields + 1] = 'reason'
-    fields[#fields + 1] = ARGV[9]
+    fields[#fields + 1] = ARGV[4]
   end
-  if ARGV[10] ~= '' then
+  if ARGV[5] ~= '' then
     fields[#fields + 1] = 'deadline'
-    fields[#fields + 1] = ARGV[10]
+    fields[#fields + 1] = ARGV[5]
   end
-  if (ARGV[11] or '') ~= '' then
+  if (ARGV[6] or '') ~= '' then
     fields[#fields + 1] = 'keys'
-    fields[#fields + 1] = ARGV[11]
+    fields[#fields + 1] = ARGV[6]
   end
   rcall('HSET', bar, unpack(fields))
-  if ARGV[8] == 'prepared' or ARGV[8] == 'running' then
+  if ARGV[3] == 'prepared' or ARGV[3] == 'running' then
     rcall('PERSIST', bar)
-  elseif ARGV[10] ~= '' then
-    expire(ARGV[10])
+  elseif ARGV[5] ~= '' then
+    expire(ARGV[5])
   else
     expire(rcall('HGET', bar, 'deadline'))
   end
-  return {1, ARGV[8], ARGV[9]}
+  return {1, ARGV[3], ARGV[4]}
 end
 
 return batch(one)

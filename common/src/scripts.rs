@@ -39,7 +39,12 @@ impl LuaScript {
     pub fn call(&'static self) -> Call {
         // Room for a typical participant transition (a barrier, a key and its lock; a dozen
         // arguments), so building one does not regrow the buffers.
-        Call { script: self, keys: redis::Cmd::with_capacity(4, 128), args: redis::Cmd::with_capacity(16, 256) }
+        Call {
+            script: self,
+            keys: redis::Cmd::with_capacity(4, 128),
+            args: redis::Cmd::with_capacity(16, 256),
+            shared: redis::Cmd::new(),
+        }
     }
 
     /// `SCRIPT LOAD`s this script.
@@ -52,11 +57,16 @@ impl LuaScript {
 /// One pending call of a script with its KEYS and ARGV. Each list is one contiguous buffer
 /// (a `redis::Cmd` used as an argument list): appending an argument copies its bytes once and
 /// allocates nothing per argument.
+///
+/// A call may also have *shared* values: input that every call of a batch has alike (a
+/// participant's name, the clock, its retention), sent once per [`Call::batch`] instead of once
+/// per call. Sent alone ([`Call::run`]), a call's ARGV is its shared values then its own.
 #[derive(Clone)]
 pub struct Call {
     script: &'static LuaScript,
     keys: redis::Cmd,
     args: redis::Cmd,
+    shared: redis::Cmd,
 }
 
 impl Call {
@@ -70,6 +80,18 @@ impl Call {
     pub fn arg(mut self, a: impl ToRedisArgs) -> Self {
         self.args.arg(a);
         self
+    }
+
+    /// Appends to the shared values.
+    pub fn shared(mut self, a: impl ToRedisArgs) -> Self {
+        self.shared.arg(a);
+        self
+    }
+
+    /// Whether this call and `other` may go in one [`Call::batch`]: the same script and the
+    /// same shared values.
+    pub fn batches_with(&self, other: &Call) -> bool {
+        std::ptr::eq(self.script, other.script) && self.shared.args_iter().eq(other.shared.args_iter())
     }
 
     /// Appends every argument of `list` to ARGV.
@@ -91,14 +113,16 @@ impl Call {
         }
     }
 
-    /// One call of this script carrying every call of `calls` (all of this script), laid out
-    /// as `lua/lib/batch.lua` reads a batch: KEYS concatenated; ARGV = the count, each call's
-    /// KEYS and ARGV sizes, then every call's ARGV.
+    /// One call of this script carrying every call of `calls` (all [`Call::batches_with`] the
+    /// first), laid out as `lua/lib/batch.lua` reads a batch: KEYS concatenated; ARGV = the
+    /// count, the number of shared values and the values (once), each call's KEYS and ARGV
+    /// sizes, then every call's own ARGV.
     pub fn batch(calls: &[&Call]) -> Call {
-        let script = calls.first().expect("a batch holds at least one call").script;
-        assert!(calls.iter().all(|c| std::ptr::eq(c.script, script)), "a batch runs one script");
-        let mut out = script.call();
-        out.args.arg(calls.len());
+        let first = calls.first().expect("a batch holds at least one call");
+        assert!(calls.iter().all(|c| c.batches_with(first)), "a batch runs one script with one set of shared values");
+        let mut out = first.script.call();
+        out.args.arg(calls.len()).arg(first.shared.args_iter().len());
+        append(&mut out.args, &first.shared);
         for c in calls {
             out.args.arg(c.keys.args_iter().len()).arg(c.args.args_iter().len());
         }
@@ -113,6 +137,7 @@ impl Call {
         let mut c = redis::cmd("EVALSHA");
         c.arg(self.script.sha()).arg(self.keys.args_iter().len());
         append(&mut c, &self.keys);
+        append(&mut c, &self.shared);
         append(&mut c, &self.args);
         c
     }
@@ -230,4 +255,39 @@ pub fn reply_strings(script: &'static str, v: &Value) -> Result<Vec<String>> {
             other => Err(Error::ScriptReply { script, detail: format!("unexpected item {other:?}") }),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static S: LuaScript = LuaScript::new("s", "return 1");
+
+    fn strings(c: &redis::Cmd) -> Vec<String> {
+        c.args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "<cursor>".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_sends_the_shared_values_once() {
+        let a = S.call().key("k1").shared("x").shared(7).arg("a1").arg("a2");
+        let b = S.call().key("k2").key("k3").shared("x").shared(7).arg("b1");
+        assert!(a.batches_with(&b));
+        assert!(!a.batches_with(&S.call().shared("x").shared(8)), "other shared values");
+        let e = Call::batch(&[&a, &b]).evalsha();
+        let want = ["EVALSHA", S.sha(), "3", "k1", "k2", "k3", "2", "2", "x", "7", "1", "2", "2", "1", "a1", "a2", "b1"];
+        assert_eq!(strings(&e), want);
+        // Alone, a call's ARGV is its shared values then its own.
+        assert_eq!(strings(&a.evalsha()), ["EVALSHA", S.sha(), "1", "k1", "x", "7", "a1", "a2"]);
+    }
+
+    #[test]
+    #[should_panic(expected = "one set of shared values")]
+    fn a_batch_refuses_calls_of_other_shared_values() {
+        let _ = Call::batch(&[&S.call().shared(1), &S.call().shared(2)]);
+    }
 }

@@ -9,6 +9,15 @@ first: on a Redis at its memory limit that first write is refused, so nothing ch
 script fails (the request stays pending and is retried); once a script has written, Redis does
 not refuse its later writes. Writes use redis.call (never pcall): an error aborts the script.
 
+Shared input (of the whole call, sent once and bound before the first transition; the
+`shared` values of lib/batch.lua):
+  [1]          participant name (prefix of every reason)
+  [2]          now, ms since the epoch (the worker's clock)
+  [3]          retention, ms: a finished barrier is kept at least this long
+  [4]          clock-skew margin, ms: a barrier with a deadline is kept until deadline + margin
+  [5]          longest transaction timeout, ms: a finished barrier without a deadline (a
+               tombstone, a saga step) is kept at least this long + margin
+
 Common input (of each transition; a call carries a batch of them, laid out as lib/batch.lua
 says):
   KEYS[1]      barrier, rtx:bar:<participant>:<txn> (hash: state, reason, deadline, keys,
@@ -17,13 +26,7 @@ says):
   KEYS[2i]     i-th distinct user key of the branch (i = 1..n), in first-use order
   KEYS[2i+1]   its lock, rtx:lock:<key> (string: the owner of the lock, ARGV[1])
   ARGV[1]      owner: this branch's lock value, "<participant> <txn>"
-  ARGV[2]      participant name (prefix of every reason)
-  ARGV[3]      expected barrier state ("" = no barrier yet)
-  ARGV[4]      now, ms since the epoch (the worker's clock)
-  ARGV[5]      retention, ms: a finished barrier is kept at least this long
-  ARGV[6]      clock-skew margin, ms: a barrier with a deadline is kept until deadline + margin
-  ARGV[7]      longest transaction timeout, ms: a finished barrier without a deadline (a
-               tombstone, a saga step) is kept at least this long + margin
+  ARGV[2]      expected barrier state ("" = no barrier yet)
 
 Common output (participant/src/kv.rs: ScriptCode):
   {1, state, reason}             DONE: the barrier is now `state` ("reason" may be "")
@@ -42,13 +45,27 @@ local rcall = redis.call
 -- `bind` points them at the next transition.
 local BATCH_KEYS, BATCH_ARGV = KEYS, ARGV
 local KEYS, ARGV = {}, {}
-local bar, owner, name, expected, now, nkeys
+-- The shared input (name; at = now as the string to record; numbers: now, retention, skew
+-- margin, longest timeout) and the current transition's.
+local name, at, now, retention, skew, longest
+local bar, owner, expected, nkeys
+
+-- Binds the call's shared input; returns an error text if it is not five values, the last four
+-- integers.
+local function bind_shared(s)
+  name, at = s[1], s[2]
+  now, retention, skew, longest = tonumber(s[2] or ''), tonumber(s[3] or ''), tonumber(s[4] or ''), tonumber(s[5] or '')
+  if #s ~= 5 or not (now and retention and skew and longest) then
+    return 'the shared input must be name, now, retention, skew margin, longest timeout'
+  end
+  return nil
+end
 
 -- Makes transition (keys, argv) the current one; returns an error text if its KEYS are not the
 -- barrier then (key, lock) pairs.
 local function bind(keys, argv)
   KEYS, ARGV = keys, argv
-  bar, owner, name, expected, now = keys[1], argv[1], argv[2], argv[3], tonumber(argv[4])
+  bar, owner, expected = keys[1], argv[1], argv[2]
   if #keys % 2 ~= 1 then
     return 'KEYS must be the barrier then (key, lock) pairs'
   end
@@ -118,11 +135,11 @@ local function expire(deadline)
   local d = tonumber(deadline or '')
   local floor
   if d then
-    floor = d - now + tonumber(ARGV[6])
+    floor = d - now + skew
   else
-    floor = tonumber(ARGV[7]) + tonumber(ARGV[6])
+    floor = longest + skew
   end
-  rcall('PEXPIRE', bar, string.format('%d', math.max(tonumber(ARGV[5]), floor)))
+  rcall('PEXPIRE', bar, string.format('%d', math.max(retention, floor)))
 end
 
 -- 2PC prepare: nil if every lock is free or already ours, else why the branch is refused.

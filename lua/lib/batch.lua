@@ -7,9 +7,12 @@ dominate a participant's Redis time.
 Input (the whole call):
   KEYS          every transition's KEYS, one after the other
   ARGV[1]       n, the number of transitions
-  ARGV[2j]      number of KEYS of transition j (j = 1..n)
-  ARGV[2j+1]    number of ARGV of transition j
-  ARGV[2n+2..]  every transition's ARGV, one after the other
+  ARGV[2]       s, the number of values every transition shares (sent once: lib/barrier.lua's
+                shared input)
+  ARGV[3..s+2]  the shared values
+  ARGV[s+1+2j]  number of KEYS of transition j (j = 1..n)
+  ARGV[s+2+2j]  number of ARGV of transition j
+  ARGV[s+2n+3..] every transition's own ARGV, one after the other
 
 Output:
   an array of n replies, in order: each the verb's own reply for that transition, or
@@ -22,14 +25,18 @@ transitions one per call, so one bad transition never holds the others back. Tra
 independent: each does all its checks before its first write, as if it were alone.
 ]]
 local function batch(one)
-  local n = tonumber(BATCH_ARGV[1])
-  if not n or #BATCH_ARGV < 2 * n + 1 then
-    return redis.error_reply('batch: ARGV[1] must be the number of transitions, then their sizes')
+  local n, s = tonumber(BATCH_ARGV[1]), tonumber(BATCH_ARGV[2])
+  if not n or not s or #BATCH_ARGV < s + 2 * n + 2 then
+    return redis.error_reply('batch: ARGV must be the number of transitions, the shared values, then their sizes')
+  end
+  local bad = bind_shared({unpack(BATCH_ARGV, 3, s + 2)})
+  if bad then
+    return redis.error_reply('batch: ' .. bad)
   end
   local out = {}
-  local k, a = 1, 2 * n + 2
+  local k, a = 1, s + 2 * n + 3
   for j = 1, n do
-    local nk, na = tonumber(BATCH_ARGV[2 * j]), tonumber(BATCH_ARGV[2 * j + 1])
+    local nk, na = tonumber(BATCH_ARGV[s + 1 + 2 * j]), tonumber(BATCH_ARGV[s + 2 + 2 * j])
     -- unpack sizes each table once, in C (a loop of appends regrows it step by step).
     local bad = bind({unpack(BATCH_KEYS, k, k + nk - 1)}, {unpack(BATCH_ARGV, a, a + na - 1)})
     k, a = k + nk, a + na

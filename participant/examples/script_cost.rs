@@ -3,7 +3,9 @@
 //! `min` guard per branch, as `redtx bench` sends), settled through the real runtime
 //! (`worker::settle`, so the calls are exactly the participant's). Reports the server's
 //! `EVALSHA` microseconds per transition (`INFO commandstats`), and how much of it the Redis
-//! commands inside the scripts took.
+//! commands inside the scripts took, and the server's whole CPU (`/proc/<pid>/stat`: the
+//! `EVALSHA`s with the parsing of their arguments and the writing of their replies) per
+//! prepared-and-committed transaction.
 //!
 //! ```sh
 //! cargo run --release -p redtx-participant --example script_cost -- [batch] [blocks]
@@ -57,6 +59,7 @@ async fn main() {
     for i in 0..batch {
         let _: () = c.set(format!("acct:{i}"), 1_000_000_000).await.expect("SET");
     }
+    let cpu0 = server.pid().and_then(cpu_ticks);
     let (mut prep, mut commit) = (Vec::new(), Vec::new());
     let (mut prep_inner, mut commit_inner) = (Vec::new(), Vec::new());
     for block in 0..blocks {
@@ -90,15 +93,28 @@ async fn main() {
         commit.push(per(k));
         commit_inner.push(per(ki));
     }
+    let cpu = match (cpu0, server.pid().and_then(cpu_ticks)) {
+        // Clock ticks of 10 ms (CLK_TCK is 100 on Linux).
+        (Some(a), Some(b)) => format!("{:.1} us", (b - a) as f64 * 10_000.0 / (blocks * batch) as f64),
+        _ => "not measured".into(),
+    };
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
     println!(
-        "per transition, median of {blocks} blocks of {batch}: prepare {:.1} us (commands inside {:.1}), commit {:.1} us (commands inside {:.1})",
+        "per transition, median of {blocks} blocks of {batch}: prepare {:.1} us (commands inside {:.1}), commit {:.1} us (commands inside {:.1}); server CPU per prepare + commit {cpu}",
         median(&mut prep),
         median(&mut prep_inner),
         median(&mut commit),
         median(&mut commit_inner)
     );
+}
+
+/// User and system clock ticks of process `pid` so far.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }

@@ -649,3 +649,49 @@ async fn a_batch_call_that_fails_as_a_whole_is_run_one_transition_per_call() {
     let answers = redtx_participant::worker::settle(&mut r, &reqs, redtx_common::now_ms()).await.unwrap();
     assert!(answers.iter().all(|a| a.as_ref() == Ok(&yes())), "{answers:?}");
 }
+
+#[tokio::test]
+async fn a_batch_with_a_malformed_shared_input_is_refused_whole() {
+    // The values every transition of a call shares (name, clock, retention, margins) come once
+    // per call (lua/lib/batch.lua, lib/barrier.lua). A call whose shared input is not five values,
+    // the last four integers, is refused as a whole with an error naming it, and writes nothing;
+    // the same transition with a well-formed shared input prepares.
+    use redtx_common::scripts::Call;
+    use redtx_participant::kv::PREPARE;
+    let s = server();
+    let mut c = conn(&s).await;
+    let now = now_ms().to_string();
+    let deadline = (now_ms() + 60_000).to_string();
+    let transition = |shared: &[&str]| {
+        let mut call = PREPARE.call().key(keys::barrier(NAME, "z")).key("k").key(keys::lock("k"));
+        for v in shared {
+            call = call.shared(*v);
+        }
+        // owner, expected state, deadline, refusal, then one op (incrby k by 5, no bounds).
+        call.arg("bank-a z").arg("").arg(&deadline).arg("").arg("incrby").arg(1).arg("").arg(5).arg("").arg("")
+    };
+    for bad in [vec![NAME, now.as_str(), "1000", "1000"], vec![NAME, "soon", "1000", "1000", "60000"], vec![]] {
+        let e = Call::batch(&[&transition(&bad)]).run(&mut c, &s.url()).await.unwrap_err().to_string();
+        assert!(e.contains("batch") && e.contains("the shared input must be name, now, retention"), "{bad:?}: {e}");
+    }
+    let written: Vec<String> = c.keys("*").await.unwrap();
+    assert!(written.is_empty(), "a refused call wrote {written:?}");
+    let ok = transition(&[NAME, &now, "1000", "1000", "60000"]);
+    // Twice in one call: the second finds the first's barrier (MOVED, state prepared).
+    let v = Call::batch(&[&ok, &ok]).run(&mut c, &s.url()).await.unwrap();
+    let text = |r: &redis::Value| match r {
+        redis::Value::Int(n) => n.to_string(),
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        other => format!("{other:?}"),
+    };
+    let replies: Vec<Vec<String>> = match &v {
+        redis::Value::Array(rs) => {
+            rs.iter().map(|r| if let redis::Value::Array(f) = r { f.iter().map(text).collect() } else { vec![text(r)] }).collect()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(replies[0], ["1", "prepared", ""]);
+    assert_eq!(replies[1][..2], ["2", "prepared"]);
+    assert_eq!(hget(&mut c, &keys::barrier(NAME, "z"), "state").await.as_deref(), Some("prepared"));
+    assert_eq!(get(&mut c, &keys::lock("k")).await.as_deref(), Some("bank-a z"));
+}

@@ -96,7 +96,7 @@ pub fn lock_owner(participant: &str, txn: &str) -> String {
     format!("{participant} {txn}")
 }
 
-/// The script and the common KEYS/ARGV (`lua/lib/barrier.lua`) of one transition on barrier
+/// The script, the shared input and the common KEYS/ARGV (`lua/lib/barrier.lua`) of one transition on barrier
 /// `bar` over the user `keys`, each followed by its lock (named by `lock`), expecting the
 /// barrier in state `expected` ("" = none).
 #[allow(clippy::too_many_arguments)]
@@ -115,13 +115,13 @@ fn base(
     for k in keys {
         call = call.key(k.as_str()).key(lock(k));
     }
-    call.arg(lock_owner(name, txn))
-        .arg(name)
+    call.shared(name)
+        .shared(now_ms)
+        .shared(retention.as_millis() as u64)
+        .shared(SKEW.as_millis() as u64)
+        .shared(spec::MAX_TIMEOUT.as_millis() as u64)
+        .arg(lock_owner(name, txn))
         .arg(expected)
-        .arg(now_ms)
-        .arg(retention.as_millis() as u64)
-        .arg(SKEW.as_millis() as u64)
-        .arg(spec::MAX_TIMEOUT.as_millis() as u64)
 }
 
 /// Appends the ops in six slots each (`lua/lib/ops.lua`); `keys` is [`keys_of`] the ops.
@@ -368,7 +368,7 @@ impl KvResource {
                 continue;
             }
             let key = (c.script().name, *slot);
-            match groups.iter_mut().find(|(k, _)| *k == key) {
+            match groups.iter_mut().find(|(k, at)| *k == key && calls[at[0]].1.batches_with(c)) {
                 Some((_, at)) => at.push(i),
                 None => groups.push((key, vec![i])),
             }
