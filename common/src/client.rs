@@ -159,7 +159,11 @@ impl From<TxnRecord> for Outcome {
 #[derive(Default)]
 struct Waiters {
     by_txn: Mutex<HashMap<String, Vec<oneshot::Sender<Option<Outcome>>>>>,
+    /// One server: the one reader of every partition's outcomes.
     readers: OnceCell<Vec<tokio::task::AbortHandle>>,
+    /// A cluster: each partition's reader, started by the first wait on that partition (a
+    /// master that does not answer holds up only the start of its own partitions' readers).
+    partition_readers: Mutex<HashMap<u32, Arc<OnceCell<tokio::task::AbortHandle>>>>,
     /// Told by an outcome reader whose read failed: outcomes may have gone by unseen (a
     /// restart that lost them, a connection lost while they were trimmed), so every waiter
     /// reads its record again.
@@ -170,6 +174,11 @@ impl Drop for Waiters {
     fn drop(&mut self) {
         for h in self.readers.get().into_iter().flatten() {
             h.abort();
+        }
+        for cell in self.partition_readers.get_mut().unwrap().values() {
+            if let Some(h) = cell.get() {
+                h.abort();
+            }
         }
     }
 }
@@ -397,7 +406,7 @@ impl Client {
                 if let Some(rx) = woken.take() {
                     self.woken_or_reread(rx, left).await;
                 }
-                self.start_reader().await?;
+                self.start_reader(self.partition(id)).await?;
                 let rx = self.register(id);
                 // Listening before the record is read: a reader back from failed reads after
                 // that read is not missed.
@@ -501,7 +510,7 @@ impl Client {
         started: Instant,
         timeout: Duration,
     ) -> Result<(String, Option<oneshot::Receiver<Option<Outcome>>>)> {
-        let woken = match self.start_reader().await {
+        let woken = match self.start_reader(self.partition(&spec.id)).await {
             Ok(()) => Some(self.register(&spec.id)),
             Err(_) => None,
         };
@@ -531,31 +540,32 @@ impl Client {
         }
     }
 
-    async fn start_reader(&self) -> Result<()> {
-        self.waiters
-            .readers
-            .get_or_try_init(|| async {
-                // Start after the newest outcome now present in each partition: older ones are
-                // visible in records.
-                let from = self.last_outcomes().await?;
-                let waiters = Arc::downgrade(&self.waiters);
-                let tasks = if self.target.is_cluster() {
-                    let slots = self.link.slots.clone().expect("a cluster client has slot look-ups");
-                    from.into_iter()
-                        .enumerate()
-                        .map(|(p, from)| {
-                            let reader = PartitionReader::new(p as u32, from, slots.clone());
-                            tokio::spawn(reader.run(waiters.clone())).abort_handle()
-                        })
-                        .collect()
-                } else {
+    /// Starts the reader of partition `p`'s outcomes if it does not run yet: one reader of every
+    /// partition on one server, one reader per partition on a cluster. Each starts after the
+    /// newest outcome present when it starts (older ones are visible in records), and is
+    /// started before anything it waits for is submitted.
+    async fn start_reader(&self, p: u32) -> Result<()> {
+        if !self.target.is_cluster() {
+            self.waiters
+                .readers
+                .get_or_try_init(|| async {
+                    let from = self.last_outcomes().await?;
                     let conn = self.target.connect_managed(Duration::from_secs(15)).await?;
                     let streams: Vec<String> = (0..self.partitions).map(keys::outcomes_stream).collect();
-                    vec![tokio::spawn(read_outcomes(conn, waiters, streams, from)).abort_handle()]
-                };
-                Ok::<_, Error>(tasks)
-            })
-            .await?;
+                    let waiters = Arc::downgrade(&self.waiters);
+                    Ok::<_, Error>(vec![tokio::spawn(read_outcomes(conn, waiters, streams, from)).abort_handle()])
+                })
+                .await?;
+            return Ok(());
+        }
+        let cell = self.waiters.partition_readers.lock().unwrap().entry(p).or_default().clone();
+        cell.get_or_try_init(|| async {
+            let from = self.last_outcome(p).await?;
+            let slots = self.link.slots.clone().expect("a cluster client has slot look-ups");
+            let reader = PartitionReader::new(p, from, slots);
+            Ok::<_, Error>(tokio::spawn(reader.run(Arc::downgrade(&self.waiters))).abort_handle())
+        })
+        .await?;
         Ok(())
     }
 
@@ -622,41 +632,41 @@ impl Client {
         });
     }
 
-    /// The id of the newest entry of every partition's outcomes stream (`0-0`: none): one
-    /// pipeline on one server; on a cluster one command per partition (each is its own slot),
-    /// sent together.
+    /// The id of the newest entry of every partition's outcomes stream (`0-0`: none), on one
+    /// server: one pipeline.
     async fn last_outcomes(&self) -> Result<Vec<String>> {
-        type Entries = Vec<(String, HashMap<String, redis::Value>)>;
-        let first = |l: Entries| l.into_iter().next().map(|(id, _)| id).unwrap_or_else(|| "0-0".into());
-        let xrevrange = |p: u32| {
-            let mut c = redis::cmd("XREVRANGE");
-            c.arg(keys::outcomes_stream(p)).arg("+").arg("-").arg("COUNT").arg(1);
-            c
-        };
-        if !self.target.is_cluster() {
-            let mut p = redis::pipe();
-            for part in 0..self.partitions {
-                p.add_command(xrevrange(part));
-            }
-            let mut conn = self.link.conn();
-            let lasts: Vec<Entries> = p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
-            return Ok(lasts.into_iter().map(first).collect());
+        let mut p = redis::pipe();
+        for part in 0..self.partitions {
+            p.add_command(newest_outcome(part));
         }
-        let calls: Vec<_> = (0..self.partitions)
-            .map(|part| {
-                let mut conn = self.link.conn();
-                let cmd = xrevrange(part);
-                tokio::spawn(async move { cmd.query_async::<Entries>(&mut conn).await })
-            })
-            .collect();
-        let mut out = Vec::with_capacity(calls.len());
-        for (part, c) in calls.into_iter().enumerate() {
-            let r = c.await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
-            self.answered(part as u32, &r);
-            out.push(first(r.map_err(|e| Error::redis(&self.target, e))?));
-        }
-        Ok(out)
+        let mut conn = self.link.conn();
+        let lasts: Vec<Entries> = p.query_async(&mut conn).await.map_err(|e| Error::redis(&self.target, e))?;
+        Ok(lasts.into_iter().map(first_id).collect())
     }
+
+    /// The id of the newest entry of partition `p`'s outcomes stream (`0-0`: none), on a
+    /// cluster: at once a transient error while `p`'s master does not answer ([`Link`]).
+    async fn last_outcome(&self, p: u32) -> Result<String> {
+        self.open(p)?;
+        let r = newest_outcome(p).query_async::<Entries>(&mut self.link.conn()).await;
+        self.answered(p, &r);
+        Ok(first_id(r.map_err(|e| Error::redis(&self.target, e))?))
+    }
+}
+
+/// Stream entries as `XRANGE` returns them.
+type Entries = Vec<(String, HashMap<String, redis::Value>)>;
+
+/// `XREVRANGE` of the newest entry of partition `p`'s outcomes stream.
+fn newest_outcome(p: u32) -> redis::Cmd {
+    let mut c = redis::cmd("XREVRANGE");
+    c.arg(keys::outcomes_stream(p)).arg("+").arg("-").arg("COUNT").arg(1);
+    c
+}
+
+/// The id of the first of `entries`, `0-0` if there is none.
+fn first_id(entries: Entries) -> String {
+    entries.into_iter().next().map(|(id, _)| id).unwrap_or_else(|| "0-0".into())
 }
 
 /// One server: every partition's outcomes stream in one blocking `XREAD`.

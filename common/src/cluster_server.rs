@@ -413,7 +413,17 @@ impl RedisCluster {
         self.elected_instead_of(master, &replicas)
     }
 
-    /// Lets a node frozen by [`freeze_and_fail_over`](Self::freeze_and_fail_over) go on, and
+    /// Freezes `node` (SIGSTOP) and returns at once: with a replica the cluster fails it over
+    /// after the node timeout; without one its slots go unanswered (and, unless
+    /// `cluster-require-full-coverage` is `no`, the cluster refuses every slot) until
+    /// [`thaw`](Self::thaw).
+    pub fn freeze(&mut self, node: usize) -> Result<()> {
+        self.signal(node, "STOP")?;
+        self.nodes[node].frozen = true;
+        Ok(())
+    }
+
+    /// Lets a node frozen by [`freeze`](Self::freeze) or [`freeze_and_fail_over`](Self::freeze_and_fail_over) go on, and
     /// waits until the cluster is settled again.
     pub fn thaw(&mut self, node: usize) -> Result<()> {
         self.signal(node, "CONT")?;

@@ -143,9 +143,11 @@ impl Probe {
             tokio::time::sleep(PROBE_EVERY).await;
             let reply = redis::cmd("EXISTS").arg(&self.key).query_async::<i64>(&mut self.conn).await;
             // Any reply of the node says it answers (an ACL refusal too), except those that say
-            // the slot is not served yet.
+            // the slot is not served yet, and a redirect left to us: another node names the
+            // slot's master, which the cluster connection could not reach.
             let answered = match &reply {
                 Ok(_) => true,
+                Err(e) if e.redirect_node().is_some() => false,
                 Err(e) => e.code().is_some_and(|c| !matches!(c, "CLUSTERDOWN" | "TRYAGAIN" | "LOADING" | "MASTERDOWN")),
             };
             let Some(out) = self.out.upgrade() else { return };

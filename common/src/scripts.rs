@@ -279,7 +279,8 @@ mod tests {
         assert!(a.batches_with(&b));
         assert!(!a.batches_with(&S.call().shared("x").shared(8)), "other shared values");
         let e = Call::batch(&[&a, &b]).evalsha();
-        let want = ["EVALSHA", S.sha(), "3", "k1", "k2", "k3", "2", "2", "x", "7", "1", "2", "2", "1", "a1", "a2", "b1"];
+        let want =
+            ["EVALSHA", S.sha(), "3", "k1", "k2", "k3", "2", "2", "x", "7", "1", "2", "2", "1", "a1", "a2", "b1"];
         assert_eq!(strings(&e), want);
         // Alone, a call's ARGV is its shared values then its own.
         assert_eq!(strings(&a.evalsha()), ["EVALSHA", S.sha(), "1", "k1", "x", "7", "a1", "a2"]);

@@ -685,9 +685,10 @@ async fn a_batch_with_a_malformed_shared_input_is_refused_whole() {
         other => format!("{other:?}"),
     };
     let replies: Vec<Vec<String>> = match &v {
-        redis::Value::Array(rs) => {
-            rs.iter().map(|r| if let redis::Value::Array(f) = r { f.iter().map(text).collect() } else { vec![text(r)] }).collect()
-        }
+        redis::Value::Array(rs) => rs
+            .iter()
+            .map(|r| if let redis::Value::Array(f) = r { f.iter().map(text).collect() } else { vec![text(r)] })
+            .collect(),
         other => panic!("{other:?}"),
     };
     assert_eq!(replies[0], ["1", "prepared", ""]);

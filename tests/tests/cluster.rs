@@ -591,6 +591,72 @@ fn a_master_lost_under_wait_replicas(
     );
 }
 
+#[test]
+fn a_client_that_first_waits_while_a_master_is_frozen_waits_only_on_that_masters_partitions() {
+    // A producer's `Client`, opened before the freeze, has not waited for anything yet: its
+    // outcome readers start with its first wait. Partition 0's master is frozen (SIGSTOP) and
+    // stays so, with no replica to take over (the other masters keep serving their slots:
+    // `cluster-require-full-coverage no`). The client's transfers on the other masters'
+    // partitions must end meanwhile: the reader of a partition starts on that partition alone.
+    // Before, the first wait looked up every partition's stream first, met the frozen master,
+    // and no wait of the client ended until it was back.
+    let started = Instant::now();
+    let full_coverage_off = vec![("cluster-require-full-coverage".to_string(), "no".to_string())];
+    let nodes = redtx_common::cluster_server::ClusterOptions { extra: full_coverage_off, ..Default::default() };
+    let mut bank = Bank::start_on_cluster(cluster_with(0, nodes), opts());
+    let accounts = seeded(&bank);
+    bank.client();
+    let mut streams = bank.0.streams.take().expect("a cluster");
+    let master = streams.master_of_slot(keys::partition_slot(0)).unwrap();
+    let held: BTreeSet<u32> =
+        (0..PARTITIONS).filter(|q| streams.master_of_slot(keys::partition_slot(*q)).unwrap() == master).collect();
+    // The workers under way first (their start is not what this test is about), through the
+    // deployment's own client.
+    let warm: Vec<Done> =
+        (0..12).map(|i| bank.rt.block_on(random_transfer(bank.client(), &accounts, format!("w-{i}")))).collect();
+    let seeds = streams.seed_urls();
+    let fresh = bank
+        .rt
+        .block_on(redtx_common::Client::connect_cluster(&seeds.iter().map(String::as_str).collect::<Vec<_>>()))
+        .expect("a client connects")
+        .with_partitions(PARTITIONS);
+    streams.freeze(master).expect("the master is frozen");
+    let frozen_at = redtx_common::now_ms();
+    eprintln!("SIGSTOP of node {master} (partitions {held:?}) at {:?}", started.elapsed());
+    // Each transfer is waited for up to 45 s (and panics then): the master stays frozen all along.
+    let done: Vec<(Done, u64)> = bank.rt.block_on(async {
+        let ids = (0..).map(|i| format!("f-{i}")).filter(|id| !held.contains(&keys::partition(id, PARTITIONS)));
+        let mut done = Vec::new();
+        for id in ids.take(20) {
+            let d = random_transfer_with(&fresh, &accounts, id, Patience::Once).await;
+            done.push((d, redtx_common::now_ms() - frozen_at));
+        }
+        done
+    });
+    let (first, last) = (done[0].1, done[done.len() - 1].1);
+    assert!(streams.pid(master).is_some_and(stopped), "the master was frozen all along");
+    streams.thaw(master).expect("the frozen node goes on");
+    bank.0.streams = Some(streams);
+    let mut done: Vec<Done> = done.into_iter().map(|(d, _)| d).collect();
+    let fresh_ones = done.len();
+    done.extend(warm);
+    let (committed, aborted) = check(&bank, &accounts, &mut done);
+    drained_and_running(&mut bank);
+    eprintln!(
+        "{fresh_ones} transfers of a client that first waited while a master was frozen ({committed} committed, {aborted} \
+         aborted, with the 12 before): the first ended {first} ms after the freeze, the last {last} ms after; in {:?}",
+        started.elapsed()
+    );
+}
+
+/// Whether process `pid` is stopped (`T` in `/proc/<pid>/stat`).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+        .unwrap_or(false)
+}
+
 /// Nothing pending or unread in any stream, nothing dead-lettered (no acknowledged write was
 /// lost), and every worker still running.
 fn drained_and_running(bank: &mut Bank) {
