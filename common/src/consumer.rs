@@ -194,8 +194,31 @@ impl Consumer {
         let url = &url.clone().with_cluster_retries(crate::conn::ClusterRetries::QUICK);
         let read_conn = url.connect_with(cfg.block + Duration::from_secs(10)).await?;
         let mut conn = url.connect().await?;
+        let outages = match url.is_cluster() {
+            true => Some(Outages::connect(url, "partition").await?),
+            false => None,
+        };
+        let (mut made, mut unmade) = (0, None);
         for stream in &cfg.streams {
-            ensure_group(&mut conn, url, stream, &cfg.group).await?;
+            match ensure_group(&mut conn, url, stream, &cfg.group).await {
+                Ok(()) => made += 1,
+                // A cluster: a stream whose master does not answer does not hold up the others.
+                // Its partition is out until a probe hears from it; then the first step that
+                // meets its missing group (the claim of idle entries) fails, and the failure
+                // makes sure of every group (`ensure_groups`).
+                Err(e) if e.is_transient() && outages.is_some() => {
+                    tracing::warn!(%stream, error = %e, "could not make sure of a stream's group; its partition waits until its master answers");
+                    if let Some(o) = &outages {
+                        o.mark(partition_of(stream), stream.clone());
+                    }
+                    unmade = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Not one stream answered: the start fails (and is retried) as on one server.
+        if let (0, Some(e)) = (made, unmade) {
+            return Err(e);
         }
         let claim_from = vec!["0-0".to_string(); cfg.streams.len()];
         // On a cluster with `wait_replicas`, reads and claims go on connections pinned to their
@@ -215,10 +238,6 @@ impl Consumer {
         });
         let stats = Publisher::participant(&cfg.group, &cfg.consumer);
         let counts = ConsumerCounts::default();
-        let outages = match url.is_cluster() {
-            true => Some(Outages::connect(url, "partition").await?),
-            false => None,
-        };
         Ok(Consumer {
             url: url.clone(),
             cfg,

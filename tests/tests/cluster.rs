@@ -592,14 +592,15 @@ fn a_master_lost_under_wait_replicas(
 }
 
 #[test]
-fn a_client_that_first_waits_while_a_master_is_frozen_waits_only_on_that_masters_partitions() {
+fn a_client_and_a_participant_that_start_while_a_master_is_frozen_serve_the_other_partitions() {
     // A producer's `Client`, opened before the freeze, has not waited for anything yet: its
     // outcome readers start with its first wait. Partition 0's master is frozen (SIGSTOP) and
     // stays so, with no replica to take over (the other masters keep serving their slots:
     // `cluster-require-full-coverage no`). The client's transfers on the other masters'
     // partitions must end meanwhile: the reader of a partition starts on that partition alone.
     // Before, the first wait looked up every partition's stream first, met the frozen master,
-    // and no wait of the client ended until it was back.
+    // and no wait of the client ended until it was back. Then a participant instance is started
+    // while the master is still frozen: it must start on the other partitions.
     let started = Instant::now();
     let full_coverage_off = vec![("cluster-require-full-coverage".to_string(), "no".to_string())];
     let nodes = redtx_common::cluster_server::ClusterOptions { extra: full_coverage_off, ..Default::default() };
@@ -634,17 +635,46 @@ fn a_client_that_first_waits_while_a_master_is_frozen_waits_only_on_that_masters
         done
     });
     let (first, last) = (done[0].1, done[done.len() - 1].1);
+    // A participant instance started while the master is frozen: bank-a's only one is killed
+    // (kill -9) and a new one started. It starts on the partitions whose masters answer (before,
+    // it retried its whole start until the frozen master answered), and transfers of those
+    // partitions that need bank-a commit through it.
+    bank.bank(Side::A)[0].kill9();
+    let restarted = Instant::now();
+    // (The fixture starts workers on the cluster it holds.)
+    bank.0.streams = Some(streams);
+    bank.start_participant(Side::A, None).wait_for_line("participant started", Duration::from_secs(30));
+    let started_in = restarted.elapsed();
+    let mut streams = bank.0.streams.take().expect("a cluster");
+    let later: Vec<Done> = bank.rt.block_on(async {
+        let ids = (0..).map(|i| format!("g-{i}")).filter(|id| !held.contains(&keys::partition(id, PARTITIONS)));
+        let mut later = Vec::new();
+        for id in ids.take(10) {
+            later.push(random_transfer_with(&fresh, &accounts, id, Patience::Once).await);
+        }
+        later
+    });
+    let through_a = |d: &&Done| accounts[d.from].0 == Side::A || accounts[d.to].0 == Side::A;
+    let committed_through_a = later.iter().filter(through_a).filter(|d| d.record.state == TxnState::Committed).count();
+    assert!(
+        committed_through_a > 0,
+        "transfers needing bank-a committed through the instance started while the master was frozen: {:?}",
+        later.iter().map(|d| (&d.record.id, d.record.state, accounts[d.from].0, accounts[d.to].0)).collect::<Vec<_>>()
+    );
     assert!(streams.pid(master).is_some_and(stopped), "the master was frozen all along");
     streams.thaw(master).expect("the frozen node goes on");
     bank.0.streams = Some(streams);
     let mut done: Vec<Done> = done.into_iter().map(|(d, _)| d).collect();
     let fresh_ones = done.len();
     done.extend(warm);
+    done.extend(later);
     let (committed, aborted) = check(&bank, &accounts, &mut done);
-    drained_and_running(&mut bank);
+    drained_and_running_as(&mut bank, &["coordinator#1", "bank-a#2", "bank-b#1", "bank-b#2"]);
     eprintln!(
         "{fresh_ones} transfers of a client that first waited while a master was frozen ({committed} committed, {aborted} \
-         aborted, with the 12 before): the first ended {first} ms after the freeze, the last {last} ms after; in {:?}",
+         aborted, with the 12 before and the 10 after): the first ended {first} ms after the freeze, the last {last} ms \
+         after; a bank-a instance started meanwhile was under way in {started_in:?}, {committed_through_a} of its \
+         transfers committed; in {:?}",
         started.elapsed()
     );
 }
@@ -660,13 +690,18 @@ fn stopped(pid: u32) -> bool {
 /// Nothing pending or unread in any stream, nothing dead-lettered (no acknowledged write was
 /// lost), and every worker still running.
 fn drained_and_running(bank: &mut Bank) {
+    drained_and_running_as(bank, &["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
+}
+
+/// [`drained_and_running`], the workers running being those `labels` names.
+fn drained_and_running_as(bank: &mut Bank, labels: &[&str]) {
     bank.wait_drained();
     let mut c = bank.stream_cluster_conn();
     for q in 0..PARTITIONS {
         let n: u64 = redis::Commands::xlen(&mut c, keys::dead_letter_stream(q)).unwrap();
         assert_eq!(n, 0, "dead letters in partition {q}");
     }
-    bank.assert_running(&["coordinator#1", "bank-a#1", "bank-b#1", "bank-b#2"]);
+    bank.assert_running(labels);
 }
 
 #[test]
