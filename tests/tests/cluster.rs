@@ -635,6 +635,16 @@ fn a_client_and_a_participant_that_start_while_a_master_is_frozen_serve_the_othe
         done
     });
     let (first, last) = (done[0].1, done[done.len() - 1].1);
+    // A submit to partition 0 itself fails with a transient error; once the client has met the
+    // silent master (the first submit's calls went unanswered), the next one fails without
+    // calling it, naming the partition. (A refused transfer: if the first submit reached the
+    // frozen master's socket and is applied after the thaw, it moves no money.)
+    let id0 = (0..).map(|i| format!("p0-{i}")).find(|id| keys::partition(id, PARTITIONS) == 0).unwrap();
+    let spec0 = transfer((accounts[0].0, &accounts[0].1), (accounts[1].0, &accounts[1].1), 1_000_000_000).with_id(&id0);
+    let first_submit = bank.rt.block_on(fresh.submit(&spec0)).expect_err("partition 0's master is frozen");
+    assert!(first_submit.is_transient(), "{first_submit}");
+    let again = bank.rt.block_on(fresh.submit(&spec0)).expect_err("partition 0's master is frozen");
+    assert!(again.is_transient() && again.to_string().contains("master of partition 0 does not answer"), "{again}");
     // A participant instance started while the master is frozen: bank-a's only one is killed
     // (kill -9) and a new one started. It starts on the partitions whose masters answer (before,
     // it retried its whole start until the frozen master answered), and transfers of those
