@@ -1308,7 +1308,7 @@ struct CpuSample {
 impl CpuSample {
     fn take(procs: &[(String, u32)]) -> Self {
         CpuSample {
-            ticks: procs.iter().map(|(_, pid)| cpu_ticks(*pid)).collect(),
+            ticks: procs.iter().map(|(_, pid)| redtx_common::server::cpu_ticks(*pid)).collect(),
             machine: machine_ticks(),
             at: Instant::now(),
         }
@@ -1333,15 +1333,6 @@ impl CpuSample {
         };
         Some(Cpu { used, wall: self.at - before.at, txns: txns.max(1), cores, hz, busy })
     }
-}
-
-/// `utime + stime` of process `pid` (all its threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid ...`: the name may hold spaces and parentheses, so count fields
-    // from the last `)`; utime and stime are fields 14 and 15, the 12th and 13th after it.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Busy and all clock ticks of every core so far, from the `cpu` line of `/proc/stat`: what

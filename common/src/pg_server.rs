@@ -448,9 +448,9 @@ mod tests {
     fn is_gone(pid: u32) -> bool {
         let started = Instant::now();
         loop {
-            let gone = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                Ok(stat) => stat.rfind(')').is_some_and(|i| stat[i + 1..].trim_start().starts_with(['Z', 'X'])),
-                Err(_) => true,
+            let gone = match crate::server::proc_stat(pid) {
+                Some(f) => f.first().is_some_and(|state| state.starts_with(['Z', 'X'])),
+                None => true,
             };
             if gone || started.elapsed() > Duration::from_secs(2) {
                 return gone;

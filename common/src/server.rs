@@ -217,6 +217,21 @@ impl Drop for RedisServer {
     }
 }
 
+/// The fields of `/proc/<pid>/stat` after the process name, the state first (`R`, `S`, `T`
+/// stopped, `Z` zombie, ...); `None` when the process is gone (or there is no `/proc`). The
+/// name may hold spaces and parentheses, so the fields are counted from its last `)`.
+pub fn proc_stat(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_string).collect())
+}
+
+/// `utime + stime` of process `pid` (all its threads), in clock ticks: fields 14 and 15 of
+/// `/proc/<pid>/stat`, the 12th and 13th after the name.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let f = proc_stat(pid)?;
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -59,7 +59,7 @@ async fn main() {
     for i in 0..batch {
         let _: () = c.set(format!("acct:{i}"), 1_000_000_000).await.expect("SET");
     }
-    let cpu0 = server.pid().and_then(cpu_ticks);
+    let cpu0 = server.pid().and_then(redtx_common::server::cpu_ticks);
     let (mut prep, mut commit) = (Vec::new(), Vec::new());
     let (mut prep_inner, mut commit_inner) = (Vec::new(), Vec::new());
     for block in 0..blocks {
@@ -93,7 +93,7 @@ async fn main() {
         commit.push(per(k));
         commit_inner.push(per(ki));
     }
-    let cpu = match (cpu0, server.pid().and_then(cpu_ticks)) {
+    let cpu = match (cpu0, server.pid().and_then(redtx_common::server::cpu_ticks)) {
         // Clock ticks of 10 ms (CLK_TCK is 100 on Linux).
         (Some(a), Some(b)) => format!("{:.1} us", (b - a) as f64 * 10_000.0 / (blocks * batch) as f64),
         _ => "not measured".into(),
@@ -109,12 +109,4 @@ async fn main() {
         median(&mut commit),
         median(&mut commit_inner)
     );
-}
-
-/// User and system clock ticks of process `pid` so far.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }

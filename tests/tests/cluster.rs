@@ -691,10 +691,7 @@ fn a_client_and_a_participant_that_start_while_a_master_is_frozen_serve_the_othe
 
 /// Whether process `pid` is stopped (`T` in `/proc/<pid>/stat`).
 fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
-        .unwrap_or(false)
+    redtx_common::server::proc_stat(pid).is_some_and(|f| f.first().is_some_and(|state| state == "T"))
 }
 
 /// Nothing pending or unread in any stream, nothing dead-lettered (no acknowledged write was
