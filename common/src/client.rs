@@ -64,9 +64,6 @@ pub struct Client {
     waiters: Arc<Waiters>,
 }
 
-/// The least time between two fresh connections of one client.
-const FOLLOW_EVERY: Duration = Duration::from_secs(1);
-
 /// The client's connection, shared by its clones; on a Redis Cluster, with the partitions
 /// whose master stopped answering, and replaceable.
 ///
@@ -75,29 +72,21 @@ const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 /// slot map, which holds every other call on it meanwhile: one silent master would slow the
 /// client's calls to every partition. So the first unanswered call of a partition marks it
 /// *out* ([`Outages`]): the client's calls to it then fail at once with a transient error (the
-/// caller's retry paces them) until a probe of its own hears from the partition again, from the
-/// old master or the elected one.
+/// caller's retry paces them, and is woken when a partition comes back) until a probe of its
+/// own hears from the partition again, from the old master or the elected one.
 ///
 /// A master silent for good never answers `MOVED` once its replica is elected, and the cluster
 /// connection would keep sending its slots to it. When a probe is answered only on a fresh
-/// connection, the client opens a fresh cluster connection in the background (at most one every
-/// [`FOLLOW_EVERY`]) and, once it is open, replaces the shared one with it, for the outcome
-/// readers' slot look-ups too. Nothing is lost: a call that failed is retried by its caller (a
-/// submit sent again is harmless).
+/// connection, the next call takes that connection up as the client's own (for the outcome
+/// readers' slot look-ups too) before it is made: it routes the partition to its new master.
+/// Nothing is lost: a call that failed is retried by its caller (a submit sent again is
+/// harmless).
 struct Link {
     conn: std::sync::RwLock<RedisConn>,
     /// A cluster: the outcome readers' slot look-ups.
     slots: Option<Arc<SlotOwners>>,
     /// A cluster: the partitions whose master does not answer.
     outages: Option<Outages>,
-    /// A fresh connection is being opened.
-    following: std::sync::atomic::AtomicBool,
-    /// A fresh connection is wanted (a probe was answered only on a fresh one), and none was
-    /// opened since: kept until a follow starts, so that none is missed while one runs.
-    wanted: std::sync::atomic::AtomicBool,
-    /// The runtime the client was opened on: the fresh connection's driver runs there, whoever
-    /// made the call that asked for it.
-    runtime: tokio::runtime::Handle,
 }
 
 impl Link {
@@ -106,9 +95,6 @@ impl Link {
             slots: target.is_cluster().then(|| Arc::new(SlotOwners::new(target.clone(), conn.clone()))),
             conn: std::sync::RwLock::new(conn),
             outages,
-            following: Default::default(),
-            wanted: Default::default(),
-            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -116,22 +102,23 @@ impl Link {
         self.conn.read().expect("client connection lock").clone()
     }
 
-    /// Replaces the connection (and the slot look-ups' one) with `fresh`.
-    fn replace(&self, fresh: RedisConn) {
+    /// A cluster: when a probe was answered only on a fresh connection (its master was
+    /// replaced while it was silent), takes that connection up as the client's own and the slot
+    /// look-ups', before the next call is made: it routes the partition to its new master.
+    fn follow(&self, target: &RedisTarget) {
+        let Some(outages) = &self.outages else { return };
+        if !outages.take_topology_changed() {
+            return;
+        }
+        tracing::info!(
+            redis = %target.redacted(),
+            "a master was replaced while it did not answer: the client takes up the fresh cluster connection that reached its successor"
+        );
+        let fresh = outages.conn();
         if let Some(slots) = &self.slots {
             slots.set_conn(fresh.clone());
         }
         *self.conn.write().expect("client connection lock") = fresh;
-    }
-}
-
-/// Lowers [`Link::following`] when the task that opens a fresh connection ends, however it
-/// ends (cancelled with its runtime, or panicking).
-struct Following(Arc<Link>);
-
-impl Drop for Following {
-    fn drop(&mut self) {
-        self.0.following.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -324,7 +311,7 @@ impl Client {
             };
             match r {
                 Ok(_) => break,
-                Err(e) if e.is_transient() && attempt < 4 => tokio::time::sleep(backoff.next()).await,
+                Err(e) if e.is_transient() && attempt < 4 => self.pause(backoff.next()).await,
                 Err(e) => return Err(e),
             }
         }
@@ -429,7 +416,7 @@ impl Client {
                 Ok(None) => backoff.reset(),
                 Err(e) if e.is_transient() && !left.is_zero() => {
                     tracing::debug!(error = %e, "waiting for an outcome: Redis unavailable; retrying");
-                    tokio::time::sleep(backoff.next().min(left)).await;
+                    self.pause(backoff.next().min(left)).await;
                 }
                 Err(e) => {
                     self.forget(id);
@@ -520,7 +507,7 @@ impl Client {
                 Ok(id) => return Ok((id, woken)),
                 Err(e) if e.is_transient() && started.elapsed() < timeout => {
                     tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
-                    tokio::time::sleep(backoff.next()).await;
+                    self.pause(backoff.next()).await;
                 }
                 Err(e) => {
                     self.forget(&spec.id);
@@ -561,8 +548,7 @@ impl Client {
         let cell = self.waiters.partition_readers.lock().unwrap().entry(p).or_default().clone();
         cell.get_or_try_init(|| async {
             let from = self.last_outcome(p).await?;
-            let slots = self.link.slots.clone().expect("a cluster client has slot look-ups");
-            let reader = PartitionReader::new(p, from, slots);
+            let reader = PartitionReader::new(p, from, self.link.clone(), self.target.clone());
             Ok::<_, Error>(tokio::spawn(reader.run(Arc::downgrade(&self.waiters))).abort_handle())
         })
         .await?;
@@ -573,15 +559,12 @@ impl Client {
     /// transient error at once, with no call made; [`Link`]). Also starts replacing the
     /// connection when a probe was answered only on a fresh one.
     fn open(&self, p: u32) -> Result<()> {
-        use std::sync::atomic::Ordering;
         let Some(outages) = &self.link.outages else { return Ok(()) };
-        if outages.take_topology_changed() {
-            self.link.wanted.store(true, Ordering::Release);
-        }
-        if self.link.wanted.load(Ordering::Acquire) {
-            self.follow();
-        }
-        if !outages.is_out(p) {
+        // Out first: a probe that marks a partition back in has made its connection the one to
+        // take up before it does.
+        let out = outages.is_out(p);
+        self.link.follow(&self.target);
+        if !out {
             return Ok(());
         }
         let e = std::io::Error::new(
@@ -589,6 +572,15 @@ impl Client {
             format!("the master of partition {p} does not answer; calls to it wait until a probe hears from it"),
         );
         Err(Error::redis(&self.target, redis::RedisError::from(e)))
+    }
+
+    /// Pauses a retry for `at_most`, or until a partition whose master did not answer is heard
+    /// from again (a cluster).
+    async fn pause(&self, at_most: Duration) {
+        match &self.link.outages {
+            Some(outages) => outages.back(at_most).await,
+            None => tokio::time::sleep(at_most).await,
+        }
     }
 
     /// Notes how a call to partition `p` went: on a Redis Cluster, a call no node answered
@@ -601,35 +593,6 @@ impl Client {
                 outages.mark(p, keys::coord_stream(p));
             }
         }
-    }
-
-    /// Opens a fresh cluster connection in the background and, once it is open, makes it the
-    /// shared one (at most one every [`FOLLOW_EVERY`]).
-    fn follow(&self) {
-        use std::sync::atomic::Ordering;
-        if self.link.following.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.link.wanted.store(false, Ordering::Release);
-        let (guard, target) = (Following(self.link.clone()), self.target.clone());
-        self.link.runtime.spawn(async move {
-            match target.connect().await {
-                Ok(fresh) => {
-                    tracing::info!(
-                        redis = %target.redacted(),
-                        "a master was replaced while it did not answer: the client's cluster connection is replaced by a fresh one"
-                    );
-                    guard.0.replace(fresh);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "a fresh cluster connection could not be opened yet");
-                    // Still wanted: the next call asks again.
-                    guard.0.wanted.store(true, Ordering::Release);
-                }
-            }
-            tokio::time::sleep(FOLLOW_EVERY).await;
-            drop(guard);
-        });
     }
 
     /// The id of the newest entry of every partition's outcomes stream (`0-0`: none), on one
@@ -703,10 +666,18 @@ async fn read_outcomes(mut conn: RedisConn, waiters: Weak<Waiters>, streams: Vec
 
 /// A cluster: the blocking reader of one partition's outcomes stream, on a connection of its
 /// own to the node serving the partition's slot.
+///
+/// A read sent to a master that then stopped answering would wait out its whole timeout, long
+/// after the replica was elected. So whenever a partition comes back in ([`Outages`]), the
+/// reader gives up the read in flight (an `XREAD` from an id: nothing is lost), takes up the
+/// client's fresh connection if there is one ([`Link::follow`]), and reads again where the slot
+/// is served now.
 struct PartitionReader {
     stream: String,
     from: String,
     conn: Pinned,
+    link: Arc<Link>,
+    target: RedisTarget,
 }
 
 /// How long one blocking read waits, and how long a reply may take beyond that.
@@ -714,13 +685,15 @@ const READ_BLOCK: Duration = Duration::from_secs(5);
 const READ_SLACK: Duration = Duration::from_secs(10);
 
 impl PartitionReader {
-    fn new(partition: u32, from: String, slots: Arc<SlotOwners>) -> Self {
+    fn new(partition: u32, from: String, link: Arc<Link>, target: RedisTarget) -> Self {
+        let slots = link.slots.clone().expect("a cluster client has slot look-ups");
         let conn = Pinned::new(keys::partition_slot(partition), slots, READ_BLOCK + READ_SLACK);
-        PartitionReader { stream: keys::outcomes_stream(partition), from, conn }
+        PartitionReader { stream: keys::outcomes_stream(partition), from, conn, link, target }
     }
 
     async fn run(mut self, waiters: Weak<Waiters>) {
         let opts = StreamReadOptions::default().count(1024).block(READ_BLOCK.as_millis() as usize);
+        let mut comebacks = self.link.outages.as_ref().map(Outages::comebacks);
         let mut failed = false;
         loop {
             if waiters.strong_count() == 0 {
@@ -728,7 +701,20 @@ impl PartitionReader {
             }
             let mut read = redis::cmd("XREAD");
             read.arg(&opts).arg("STREAMS").arg(&self.stream).arg(&self.from);
-            let r: Result<Option<StreamReadReply>> = self.conn.query(&read).await;
+            let r: Result<Option<StreamReadReply>> = match comebacks.as_mut() {
+                None => self.conn.query(&read).await,
+                Some(back) => tokio::select! {
+                    r = self.conn.query(&read) => r,
+                    changed = back.changed() => {
+                        if changed.is_err() {
+                            comebacks = None;
+                        }
+                        self.link.follow(&self.target);
+                        self.conn.forget();
+                        continue;
+                    }
+                },
+            };
             let Some(waiters) = waiters.upgrade() else { return };
             if r.is_ok() && std::mem::take(&mut failed) {
                 // Back after failed reads: outcomes may have gone by unseen.

@@ -361,6 +361,7 @@ impl Consumer {
                 // Not from a partition whose master stopped answering: its answers could not
                 // be written.
                 if self.outages.as_ref().is_some_and(|o| o.is_out(partition_of(stream))) {
+                    readers.give_up(i);
                     continue;
                 }
                 readers.ask(i, stream, &self.cfg.group, &self.cfg.consumer, self.cfg.batch);
@@ -865,6 +866,16 @@ impl StreamReaders {
         });
         if !reader.busy && reader.ask.send(()).is_ok() {
             reader.busy = true;
+        }
+    }
+
+    /// Gives up the reader of the caller's `key` (a stream whose master stopped answering: its
+    /// read in flight went there, and would hold the stream until its timeout, long after a
+    /// replica was elected). The next [`ask`](Self::ask) starts a new one, which looks up where
+    /// the stream is served. Entries the given-up read took stay pending and are claimed.
+    pub fn give_up(&mut self, key: usize) {
+        if let Some(r) = self.readers.remove(&key) {
+            r.task.abort();
         }
     }
 

@@ -30,9 +30,11 @@ use std::time::Duration;
 /// How often a probe asks a partition that is out.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 
-/// A probe that failed this many times in a row asks on a fresh connection: a cluster
-/// connection whose calls only time out keeps sending them to the same node, and never learns
-/// that its replica was elected meanwhile.
+/// A probe that was refused this many times in a row (`CLUSTERDOWN`, a redirect) asks on a
+/// fresh connection. One that went unanswered (a timeout, a connection lost) asks on a fresh
+/// connection at once: a cluster connection whose calls only time out keeps sending them to the
+/// same node, and never learns that its replica was elected meanwhile, so the first probe after
+/// the election must not be spent on it.
 const FRESH_AFTER: u32 = 4;
 
 /// The partitions out of reach (see the module doc). Clones share them.
@@ -49,6 +51,8 @@ pub struct Outages {
     /// connections may still point at the silent master, and should be replaced
     /// ([`Outages::take_topology_changed`]).
     moved: Arc<AtomicBool>,
+    /// How many times a partition came back in ([`Outages::back`], [`Outages::comebacks`]).
+    back: Arc<tokio::sync::watch::Sender<u64>>,
     /// What the numbers are, for the logs: `partition`, `data slot`.
     label: &'static str,
 }
@@ -65,6 +69,7 @@ impl Outages {
             runtime: tokio::runtime::Handle::current(),
             out: Arc::new(Mutex::new(HashSet::new())),
             moved: Arc::new(AtomicBool::new(false)),
+            back: Arc::new(tokio::sync::watch::Sender::new(0)),
             label,
         })
     }
@@ -74,7 +79,28 @@ impl Outages {
     /// met timeouts from it still routes there. The caller replaces its cluster connections.
     pub fn take_topology_changed(&self) -> bool {
         // Read first: asked at every call, and almost always false (no write to share).
-        self.moved.load(Ordering::Relaxed) && self.moved.swap(false, Ordering::Relaxed)
+        self.moved.load(Ordering::Acquire) && self.moved.swap(false, Ordering::AcqRel)
+    }
+
+    /// The probes' connection: after [`take_topology_changed`](Self::take_topology_changed)
+    /// said yes, the fresh one that was answered, which routes the partition to its new master.
+    /// A caller may take it up as its own instead of opening another.
+    pub fn conn(&self) -> RedisConn {
+        self.conn.read().expect("outages connection lock").clone()
+    }
+
+    /// Waits until some partition comes back in, or `at_most` passed: a caller that met a
+    /// partition out retries as soon as it answers again, not after a long back-off.
+    pub async fn back(&self, at_most: Duration) {
+        let mut back = self.back.subscribe();
+        let _ = tokio::time::timeout(at_most, back.changed()).await;
+    }
+
+    /// Changes each time a partition comes back in: a caller blocked on a call that may have
+    /// gone to a silent master (a blocking read) gives it up and calls again, on a connection
+    /// that follows the slot to its new master.
+    pub fn comebacks(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.back.subscribe()
     }
 
     /// Whether `p` is out: skip it until its probe hears from it.
@@ -115,6 +141,7 @@ impl Outages {
             shared: self.conn.clone(),
             out: Arc::downgrade(&self.out),
             moved: self.moved.clone(),
+            back: self.back.clone(),
             p,
             all: new,
             key: probe_key.into(),
@@ -130,6 +157,7 @@ struct Probe {
     shared: Arc<std::sync::RwLock<RedisConn>>,
     out: Weak<Mutex<HashSet<u32>>>,
     moved: Arc<AtomicBool>,
+    back: Arc<tokio::sync::watch::Sender<u64>>,
     p: u32,
     all: Vec<u32>,
     key: Vec<u8>,
@@ -139,6 +167,15 @@ struct Probe {
 impl Probe {
     async fn run(mut self) {
         let (mut failed, mut fresh) = (0u32, false);
+        // On a cluster, the first probe too goes on a fresh connection: the call that marked
+        // the partition out went unanswered, and the shared connection most likely routes the
+        // slot where that call went. A partition first called after its replica was elected
+        // is then heard from one probe later, not after a probe's whole timeout.
+        if self.target.is_cluster() {
+            if let Ok(c) = self.target.connect().await {
+                (self.conn, fresh) = (c, true);
+            }
+        }
         loop {
             tokio::time::sleep(PROBE_EVERY).await;
             let reply = redis::cmd("EXISTS").arg(&self.key).query_async::<i64>(&mut self.conn).await;
@@ -152,20 +189,25 @@ impl Probe {
             };
             let Some(out) = self.out.upgrade() else { return };
             if answered {
+                if fresh {
+                    *self.shared.write().expect("outages connection lock") = self.conn.clone();
+                    self.moved.store(true, Ordering::Release);
+                }
                 let mut out = out.lock().expect("outages lock");
                 for q in &self.all {
                     out.remove(q);
                 }
-                if fresh {
-                    *self.shared.write().expect("outages connection lock") = self.conn.clone();
-                    self.moved.store(true, Ordering::Relaxed);
-                }
+                drop(out);
+                self.back.send_modify(|n| *n += 1);
                 let (what, p) = (self.what, self.p);
                 tracing::info!("{what} {p} answers again");
                 return;
             }
             failed += 1;
-            if failed % FRESH_AFTER == 0 {
+            let unanswered = reply.as_ref().err().is_some_and(|e| {
+                e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+            });
+            if unanswered || failed % FRESH_AFTER == 0 {
                 if let Ok(c) = self.target.connect().await {
                     self.conn = c;
                     fresh = true;

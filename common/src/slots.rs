@@ -230,6 +230,14 @@ impl Pinned {
         Err(Error::redis(&target, e))
     }
 
+    /// Drops the connection and looks the slot up again before the next command (a command
+    /// given up on: its node may no longer serve the slot).
+    pub fn forget(&mut self) {
+        self.node = None;
+        self.next = None;
+        self.refresh = true;
+    }
+
     /// `host:port` of the node the last command went to (for messages; no credentials).
     pub(crate) fn node_name(&self) -> String {
         match &self.node {

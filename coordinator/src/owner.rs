@@ -838,7 +838,12 @@ impl Owner {
     /// reader still blocked goes on; its answer is handled in a later round.
     async fn read_cluster(&mut self, owned: Vec<u32>, block: Duration) -> Result<()> {
         let reads = self.cluster_reads.as_mut().expect("a cluster");
-        for &p in &owned {
+        // A partition out of reach: its read in flight went to a master that stopped answering.
+        let out = self.outages.as_ref().map(Outages::out).unwrap_or_default();
+        for &p in &out {
+            reads.give_up(p as usize);
+        }
+        for p in owned.into_iter().filter(|p| !out.contains(p)) {
             reads.ask(p as usize, &keys::coord_stream(p), keys::COORD_GROUP, &self.me, self.cfg.batch);
         }
         let answers = reads.answers(block).await;
