@@ -171,12 +171,13 @@ pub struct Keeper {
 /// slot of its own) when its master does not answer.
 pub const MEMBERSHIP: u32 = u32::MAX;
 
-#[derive(Default)]
 struct KeeperState {
     /// Partition -> lease value held.
     held: BTreeMap<u32, String>,
-    /// When the loop last passed (ms).
-    beat_ms: u64,
+    /// When the loop last passed: the monotonic clock, so that a step of the wall clock
+    /// (an NTP correction, a suspended VM) neither skips a renewal nor renews for a loop that
+    /// stopped.
+    beat: tokio::time::Instant,
     /// Leases found lost since the loop last asked: (partition, value held, holder now).
     lost: Vec<(u32, String, String)>,
     /// Partitions whose renewal is under way.
@@ -189,21 +190,27 @@ impl Keeper {
     /// Starts the renewing task on `conn` (one that reconnects by itself). It ends when the
     /// keeper is dropped.
     pub fn start(conn: RedisConn, url: RedisTarget, ttl_ms: u64) -> Keeper {
-        let state = Arc::new(Mutex::new(KeeperState { beat_ms: redtx_common::now_ms(), ..Default::default() }));
+        let state = Arc::new(Mutex::new(KeeperState {
+            held: BTreeMap::new(),
+            beat: tokio::time::Instant::now(),
+            lost: Vec::new(),
+            renewing: BTreeSet::new(),
+            new_conn: None,
+        }));
         tokio::spawn(keep(conn, url, ttl_ms, Arc::downgrade(&state)));
         Keeper { state }
     }
 
     /// The loop passed.
     pub fn beat(&self) {
-        self.state.lock().expect("keeper lock").beat_ms = redtx_common::now_ms();
+        self.state.lock().expect("keeper lock").beat = tokio::time::Instant::now();
     }
 
     /// The loop passed and holds `held` (partition, lease value).
     pub fn sync(&self, held: impl IntoIterator<Item = (u32, String)>) {
         let mut s = self.state.lock().expect("keeper lock");
         s.held = held.into_iter().collect();
-        s.beat_ms = redtx_common::now_ms();
+        s.beat = tokio::time::Instant::now();
     }
 
     /// Renews on `conn` from now on (a fresh cluster connection: the old one may still route a
@@ -228,7 +235,7 @@ async fn keep(mut conn: RedisConn, url: RedisTarget, ttl_ms: u64, state: Weak<Mu
         if let Some(c) = s.new_conn.take() {
             conn = c;
         }
-        let idle = redtx_common::now_ms().saturating_sub(s.beat_ms);
+        let idle = s.beat.elapsed().as_millis() as u64;
         if idle > ttl_ms / 2 {
             tracing::warn!(
                 idle_ms = idle,
