@@ -31,11 +31,16 @@ use std::time::Duration;
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// A probe that was refused this many times in a row (`CLUSTERDOWN`, a redirect) asks on a
-/// fresh connection. One that went unanswered (a timeout, a connection lost) asks on a fresh
-/// connection at once: a cluster connection whose calls only time out keeps sending them to the
-/// same node, and never learns that its replica was elected meanwhile, so the first probe after
-/// the election must not be spent on it.
+/// fresh connection. One that went unanswered (a timeout, a connection lost or refused) asks on
+/// a fresh connection next, at most one every [`FRESH_EVERY`]: a cluster connection whose calls
+/// only time out keeps sending them to the same node, and never learns that its replica was
+/// elected meanwhile, so the first probe after the election must not be spent on it.
 const FRESH_AFTER: u32 = 4;
+
+/// The least time between two fresh connections of one probe after unanswered probes: a master
+/// that refuses connections (its process gone) fails a probe at once, and a fresh cluster
+/// connection connects to every node.
+const FRESH_EVERY: Duration = Duration::from_secs(1);
 
 /// The partitions out of reach (see the module doc). Clones share them.
 #[derive(Clone)]
@@ -166,12 +171,13 @@ struct Probe {
 
 impl Probe {
     async fn run(mut self) {
-        let (mut failed, mut fresh) = (0u32, false);
+        let (mut failed, mut fresh, mut opened) = (0u32, false, None::<tokio::time::Instant>);
         // On a cluster, the first probe too goes on a fresh connection: the call that marked
         // the partition out went unanswered, and the shared connection most likely routes the
         // slot where that call went. A partition first called after its replica was elected
         // is then heard from one probe later, not after a probe's whole timeout.
         if self.target.is_cluster() {
+            opened = Some(tokio::time::Instant::now());
             if let Ok(c) = self.target.connect().await {
                 (self.conn, fresh) = (c, true);
             }
@@ -207,7 +213,9 @@ impl Probe {
             let unanswered = reply.as_ref().err().is_some_and(|e| {
                 e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
             });
-            if unanswered || failed % FRESH_AFTER == 0 {
+            let due = opened.is_none_or(|t| t.elapsed() >= FRESH_EVERY);
+            if (unanswered && due) || failed % FRESH_AFTER == 0 {
+                opened = Some(tokio::time::Instant::now());
                 if let Ok(c) = self.target.connect().await {
                     self.conn = c;
                     fresh = true;
