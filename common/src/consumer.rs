@@ -174,6 +174,10 @@ pub struct Consumer {
     stats: Publisher,
     /// A cluster: partitions whose master stopped answering, not claimed from until it does.
     outages: Option<Outages>,
+    /// A cluster: changes when a partition comes back in ([`Outages::comebacks`]); a wait for
+    /// the readers' answers ends then, so the partition is read again at once, not after the
+    /// block (or after a read stuck on a silent master times out).
+    comebacks: Option<tokio::sync::watch::Receiver<u64>>,
     /// A cluster with [`ConsumerConfig::wait_replicas`]: where the pinned connections look
     /// slots up.
     slots: Option<Arc<SlotOwners>>,
@@ -248,6 +252,7 @@ impl Consumer {
             claim_from,
             counts,
             stats,
+            comebacks: outages.as_ref().map(Outages::comebacks),
             outages,
             slots,
         })
@@ -293,6 +298,7 @@ impl Consumer {
                     // reconnects by itself, and a new one would first wait for every node, a
                     // frozen one too: only the groups are made sure of.
                     if self.conn.is_cluster() {
+                        self.follow_topology().await;
                         self.ensure_groups().await;
                     } else if let Err(e) = self.reconnect().await {
                         tracing::debug!(error = %e, "reconnect failed; retrying after the next pause");
@@ -323,8 +329,18 @@ impl Consumer {
     /// from its partition only on a fresh connection), replaces the cluster connection too: one
     /// that met only timeouts from the old master still routes its calls there.
     async fn follow_topology(&mut self) {
-        if !self.outages.as_ref().is_some_and(Outages::take_topology_changed) {
+        let moved = self.outages.as_ref().map(Outages::take_moved).unwrap_or_default();
+        if moved.is_empty() {
             return;
+        }
+        // A read of theirs may still wait on the silent master (sent before the partition was
+        // found out, or while it was): given up, it is sent again where the stream is now.
+        if let Some(readers) = self.readers.as_mut() {
+            for (i, stream) in self.cfg.streams.iter().enumerate() {
+                if moved.contains(&partition_of(stream)) {
+                    readers.give_up(i);
+                }
+            }
         }
         match self.url.connect().await {
             Ok(conn) => {
@@ -368,7 +384,16 @@ impl Consumer {
             }
             let mut out = Vec::new();
             let (mut failed, mut failures) = (None, 0);
-            for (i, r) in readers.answers(self.cfg.block + Duration::from_millis(50)).await {
+            let wait = self.cfg.block + Duration::from_millis(50);
+            let answers = match self.comebacks.as_mut() {
+                // Cancel-safe: an answer is taken whole, or stays queued for the next call.
+                Some(back) => tokio::select! {
+                    a = readers.answers(wait) => a,
+                    _ = back.changed() => Vec::new(),
+                },
+                None => readers.answers(wait).await,
+            };
+            for (i, r) in answers {
                 match r {
                     Ok(reply) => out.extend(reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).map(|e| (i, e))),
                     Err(e) => {
@@ -433,7 +458,25 @@ impl Consumer {
     pub async fn trim(&mut self) -> Result<()> {
         for i in 0..self.cfg.streams.len() {
             let stream = self.cfg.streams[i].clone();
-            self.trim_stream(&stream).await?;
+            let p = partition_of(&stream);
+            // On a cluster a stream whose master does not answer is trimmed another time; the
+            // others go on.
+            if self.outages.as_ref().is_some_and(|o| o.is_out(p)) {
+                continue;
+            }
+            match self.trim_stream(&stream).await {
+                Err(e) if self.conn.is_cluster() && e.is_slot_outage() => {
+                    tracing::warn!(%stream, error = %e, "trimming failed; tried again later");
+                    if e.is_transient() {
+                        if let Some(o) = &self.outages {
+                            o.mark(p, stream.clone());
+                        }
+                    }
+                }
+                r => {
+                    r?;
+                }
+            }
         }
         Ok(())
     }

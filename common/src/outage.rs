@@ -56,6 +56,9 @@ pub struct Outages {
     /// connections may still point at the silent master, and should be replaced
     /// ([`Outages::take_topology_changed`]).
     moved: Arc<AtomicBool>,
+    /// The partitions whose probe was answered only on a fresh connection since the last
+    /// [`Outages::take_moved`] (with `moved`).
+    moved_parts: Arc<Mutex<Vec<u32>>>,
     /// How many times a partition came back in ([`Outages::back`], [`Outages::comebacks`]).
     back: Arc<tokio::sync::watch::Sender<u64>>,
     /// What the numbers are, for the logs: `partition`, `data slot`.
@@ -74,6 +77,7 @@ impl Outages {
             runtime: tokio::runtime::Handle::current(),
             out: Arc::new(Mutex::new(HashSet::new())),
             moved: Arc::new(AtomicBool::new(false)),
+            moved_parts: Arc::new(Mutex::new(Vec::new())),
             back: Arc::new(tokio::sync::watch::Sender::new(0)),
             label,
         })
@@ -83,8 +87,18 @@ impl Outages {
     /// master it asked was replaced while it was silent, and a cluster connection that only
     /// met timeouts from it still routes there. The caller replaces its cluster connections.
     pub fn take_topology_changed(&self) -> bool {
+        !self.take_moved().is_empty()
+    }
+
+    /// [`take_topology_changed`](Self::take_topology_changed), saying which partitions were
+    /// heard from only on a fresh connection (empty: none since the last call). A blocking read
+    /// of theirs may still wait on the silent master: the caller gives it up.
+    pub fn take_moved(&self) -> Vec<u32> {
         // Read first: asked at every call, and almost always false (no write to share).
-        self.moved.load(Ordering::Acquire) && self.moved.swap(false, Ordering::AcqRel)
+        if !(self.moved.load(Ordering::Acquire) && self.moved.swap(false, Ordering::AcqRel)) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.moved_parts.lock().expect("outages lock"))
     }
 
     /// The probes' connection: after [`take_topology_changed`](Self::take_topology_changed)
@@ -146,6 +160,7 @@ impl Outages {
             shared: self.conn.clone(),
             out: Arc::downgrade(&self.out),
             moved: self.moved.clone(),
+            moved_parts: self.moved_parts.clone(),
             back: self.back.clone(),
             p,
             all: new,
@@ -162,6 +177,7 @@ struct Probe {
     shared: Arc<std::sync::RwLock<RedisConn>>,
     out: Weak<Mutex<HashSet<u32>>>,
     moved: Arc<AtomicBool>,
+    moved_parts: Arc<Mutex<Vec<u32>>>,
     back: Arc<tokio::sync::watch::Sender<u64>>,
     p: u32,
     all: Vec<u32>,
@@ -197,6 +213,7 @@ impl Probe {
             if answered {
                 if fresh {
                     *self.shared.write().expect("outages connection lock") = self.conn.clone();
+                    self.moved_parts.lock().expect("outages lock").extend(&self.all);
                     self.moved.store(true, Ordering::Release);
                 }
                 let mut out = out.lock().expect("outages lock");

@@ -89,3 +89,50 @@ async fn a_consumer_started_while_a_master_is_frozen_reads_the_other_streams_the
     shutdown.trigger();
     run.await.unwrap().unwrap();
 }
+
+/// A consumer whose blocking read of a stream went to that stream's master just before the
+/// master froze gives that read up once a probe hears from the stream's partition on a fresh
+/// connection (the elected replica), and reads the stream there. Left to itself, the read would
+/// hold the stream until its timeout: its block (10 s here) plus 10 s after the freeze. With the
+/// give-up, the stream is read after the block (when the loop's claim meets the silent master and
+/// marks the partition out: about 11.5 s after the freeze) plus one probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_stuck_on_a_frozen_master_is_given_up_and_the_elected_replica_is_read() {
+    let mut cluster = tokio::task::spawn_blocking(move || RedisCluster::start(3, 1).expect("a cluster")).await.unwrap();
+    let p = 0;
+    let stream = keys::coord_stream(p);
+    let seeds: Vec<RedisUrl> = cluster.seed_urls().iter().map(|u| RedisUrl::parse(u).unwrap()).collect();
+    let target = RedisTarget::cluster(seeds).unwrap();
+    let mut cfg = ConsumerConfig::new(vec![stream.clone()], "g".into());
+    cfg.block = Duration::from_secs(10);
+    let consumer = Consumer::connect_target(&target, cfg).await.expect("the consumer starts");
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let shutdown = Shutdown::new();
+    let run = {
+        let (handled, shutdown) = (handled.clone(), shutdown.clone());
+        tokio::spawn(async move { consumer.run(&mut Collect(handled), shutdown).await })
+    };
+    let mut conn = target.connect().await.unwrap();
+    add(&mut conn, &stream, "before").await;
+    seen(&handled, "before", "the stream before the freeze").await;
+
+    // The consumer's next read is blocked on the master now; freeze it and elect its replica.
+    let master = cluster.master_of_slot(keys::partition_slot(p)).unwrap();
+    let frozen = Instant::now();
+    let elected = tokio::task::block_in_place(|| cluster.freeze_and_fail_over(master)).expect("a failover");
+    let election = Instant::now();
+    let mut conn = target.connect().await.unwrap();
+    add(&mut conn, &stream, "after").await;
+    seen(&handled, "after", "the stream on the elected replica").await;
+    let (after_election, after_freeze) = (election.elapsed(), frozen.elapsed());
+    eprintln!("read on node {elected} {after_election:?} after the election, {after_freeze:?} after the freeze");
+    assert!(
+        after_freeze < Duration::from_secs(16),
+        "the stream was read {after_election:?} after the election ({after_freeze:?} after the freeze): the read \
+         stuck on the frozen master was waited out"
+    );
+
+    tokio::task::block_in_place(|| cluster.thaw(master)).unwrap();
+    shutdown.trigger();
+    run.await.unwrap().unwrap();
+}

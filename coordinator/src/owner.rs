@@ -452,8 +452,16 @@ impl Owner {
     /// cluster connections too (the loop's and the writer's, the slot look-ups', the keeper's):
     /// one that met only timeouts from the old master still routes its calls there.
     async fn follow_topology(&mut self) {
-        if !self.outages.as_ref().is_some_and(Outages::take_topology_changed) {
+        let moved = self.outages.as_ref().map(Outages::take_moved).unwrap_or_default();
+        if moved.is_empty() {
             return;
+        }
+        // A read of theirs may still wait on the silent master: given up, it is sent again
+        // where the partition is now.
+        if let Some(reads) = self.cluster_reads.as_mut() {
+            for p in &moved {
+                reads.give_up(*p as usize);
+            }
         }
         match (self.url.connect().await, self.url.connect_managed(KEEPER_RESPONSE_TIMEOUT).await) {
             (Ok(conn), Ok(keeper)) => {
