@@ -107,6 +107,12 @@ impl Link {
     /// look-ups', before the next call is made: it routes the partition to its new master.
     fn follow(&self, target: &RedisTarget) {
         let Some(outages) = &self.outages else { return };
+        if !outages.moved() {
+            return;
+        }
+        // Taken and replaced under the lock: a call that finds the change taken already waits
+        // for the fresh connection instead of going out on the old one.
+        let mut conn = self.conn.write().expect("client connection lock");
         if !outages.take_topology_changed() {
             return;
         }
@@ -118,7 +124,7 @@ impl Link {
         if let Some(slots) = &self.slots {
             slots.set_conn(fresh.clone());
         }
-        *self.conn.write().expect("client connection lock") = fresh;
+        *conn = fresh;
     }
 }
 
@@ -311,7 +317,7 @@ impl Client {
             };
             match r {
                 Ok(_) => break,
-                Err(e) if e.is_transient() && attempt < 4 => self.pause(backoff.next()).await,
+                Err(e) if e.is_transient() && attempt < 4 => self.pause(p, backoff.next()).await,
                 Err(e) => return Err(e),
             }
         }
@@ -416,7 +422,7 @@ impl Client {
                 Ok(None) => backoff.reset(),
                 Err(e) if e.is_transient() && !left.is_zero() => {
                     tracing::debug!(error = %e, "waiting for an outcome: Redis unavailable; retrying");
-                    self.pause(backoff.next().min(left)).await;
+                    self.pause(self.partition(id), backoff.next().min(left)).await;
                 }
                 Err(e) => {
                     self.forget(id);
@@ -507,7 +513,7 @@ impl Client {
                 Ok(id) => return Ok((id, woken)),
                 Err(e) if e.is_transient() && started.elapsed() < timeout => {
                     tracing::debug!(error = %e, "submit: Redis unavailable; retrying");
-                    self.pause(backoff.next()).await;
+                    self.pause(self.partition(&spec.id), backoff.next()).await;
                 }
                 Err(e) => {
                     self.forget(&spec.id);
@@ -556,8 +562,8 @@ impl Client {
     }
 
     /// Whether partition `p` may be called now: not while its master does not answer (a
-    /// transient error at once, with no call made; [`Link`]). Also starts replacing the
-    /// connection when a probe was answered only on a fresh one.
+    /// transient error at once, with no call made; [`Link`]). Also takes up the probe's fresh
+    /// connection when a probe was answered only on a fresh one ([`Link::follow`]).
     fn open(&self, p: u32) -> Result<()> {
         let Some(outages) = &self.link.outages else { return Ok(()) };
         // Out first: a probe that marks a partition back in has made its connection the one to
@@ -574,12 +580,12 @@ impl Client {
         Err(Error::redis(&self.target, redis::RedisError::from(e)))
     }
 
-    /// Pauses a retry for `at_most`, or until a partition whose master did not answer is heard
-    /// from again (a cluster).
-    async fn pause(&self, at_most: Duration) {
+    /// Pauses a retry of a call to partition `p` for `at_most`; on a cluster, while `p` is
+    /// out, only until its master is heard from again.
+    async fn pause(&self, p: u32, at_most: Duration) {
         match &self.link.outages {
-            Some(outages) => outages.back(at_most).await,
-            None => tokio::time::sleep(at_most).await,
+            Some(outages) if outages.is_out(p) => outages.wait_in(p, at_most).await,
+            _ => tokio::time::sleep(at_most).await,
         }
     }
 

@@ -48,7 +48,7 @@ pub struct Outages {
     target: RedisTarget,
     /// The probes' connection; replaced by a probe answered only on a fresh one, so that the
     /// next probes do not start on a connection that still routes to the silent master.
-    conn: Arc<std::sync::RwLock<RedisConn>>,
+    conn: Arc<std::sync::RwLock<(RedisConn, tokio::time::Instant)>>,
     /// The runtime these outages were made on: probes run there, whoever marks a partition.
     runtime: tokio::runtime::Handle,
     out: Arc<Mutex<HashSet<u32>>>,
@@ -67,13 +67,15 @@ pub struct Outages {
 
 impl Outages {
     /// Probes go on a cluster connection of their own to `target` (whose calls should give up
-    /// quickly: [`crate::conn::ClusterRetries::QUICK`]). Not the caller's: each failed probe
-    /// may make the connection refresh its slot map, which holds every call on it meanwhile.
+    /// quickly: [`crate::conn::ClusterRetries::QUICK`]), not the caller's: each failed probe
+    /// may make the connection refresh its slot map, which holds every call on it meanwhile
+    /// (probes after the first of an outage go on fresh connections; a caller may take up the
+    /// one that was answered, [`Outages::conn`]).
     /// `label` says what the numbers are, in the logs (`partition`, `data slot`).
     pub async fn connect(target: &RedisTarget, label: &'static str) -> Result<Self> {
         Ok(Outages {
             target: target.clone(),
-            conn: Arc::new(std::sync::RwLock::new(target.connect().await?)),
+            conn: Arc::new(std::sync::RwLock::new((target.connect().await?, tokio::time::Instant::now()))),
             runtime: tokio::runtime::Handle::current(),
             out: Arc::new(Mutex::new(HashSet::new())),
             moved: Arc::new(AtomicBool::new(false)),
@@ -88,6 +90,12 @@ impl Outages {
     /// met timeouts from it still routes there. The caller replaces its cluster connections.
     pub fn take_topology_changed(&self) -> bool {
         !self.take_moved().is_empty()
+    }
+
+    /// Whether a probe was answered only on a fresh connection and that was not taken yet: a
+    /// look that takes nothing ([`take_topology_changed`](Self::take_topology_changed) takes).
+    pub fn moved(&self) -> bool {
+        self.moved.load(Ordering::Acquire)
     }
 
     /// [`take_topology_changed`](Self::take_topology_changed), saying which partitions were
@@ -105,7 +113,7 @@ impl Outages {
     /// said yes, the fresh one that was answered, which routes the partition to its new master.
     /// A caller may take it up as its own instead of opening another.
     pub fn conn(&self) -> RedisConn {
-        self.conn.read().expect("outages connection lock").clone()
+        self.conn.read().expect("outages connection lock").0.clone()
     }
 
     /// Waits until some partition comes back in, or `at_most` passed: a caller that met a
@@ -113,6 +121,20 @@ impl Outages {
     pub async fn back(&self, at_most: Duration) {
         let mut back = self.back.subscribe();
         let _ = tokio::time::timeout(at_most, back.changed()).await;
+    }
+
+    /// Waits until `p` is in (at once if it is), or `at_most` passed.
+    pub async fn wait_in(&self, p: u32, at_most: Duration) {
+        let mut back = self.back.subscribe();
+        let _ = tokio::time::timeout(at_most, async {
+            // Subscribed before looking: a comeback in between is not missed.
+            while self.is_out(p) {
+                if back.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     /// Changes each time a partition comes back in: a caller blocked on a call that may have
@@ -154,9 +176,11 @@ impl Outages {
             1 => tracing::warn!("{what} {p} out of reach; skipped until its master answers"),
             n => tracing::warn!("{what} {p} out of reach, and {} more of its master; skipped until it answers", n - 1),
         }
+        let (conn, opened_at) = self.conn.read().expect("outages connection lock").clone();
         let probe = Probe {
             target: self.target.clone(),
-            conn: self.conn.read().expect("outages connection lock").clone(),
+            conn,
+            opened_at,
             shared: self.conn.clone(),
             out: Arc::downgrade(&self.out),
             moved: self.moved.clone(),
@@ -174,7 +198,9 @@ impl Outages {
 struct Probe {
     target: RedisTarget,
     conn: RedisConn,
-    shared: Arc<std::sync::RwLock<RedisConn>>,
+    /// When `conn` was opened.
+    opened_at: tokio::time::Instant,
+    shared: Arc<std::sync::RwLock<(RedisConn, tokio::time::Instant)>>,
     out: Weak<Mutex<HashSet<u32>>>,
     moved: Arc<AtomicBool>,
     moved_parts: Arc<Mutex<Vec<u32>>>,
@@ -193,9 +219,10 @@ impl Probe {
         // slot where that call went. A partition first called after its replica was elected
         // is then heard from one probe later, not after a probe's whole timeout.
         if self.target.is_cluster() {
-            opened = Some(tokio::time::Instant::now());
+            let now = tokio::time::Instant::now();
+            opened = Some(now);
             if let Ok(c) = self.target.connect().await {
-                (self.conn, fresh) = (c, true);
+                (self.conn, self.opened_at, fresh) = (c, now, true);
             }
         }
         loop {
@@ -212,7 +239,13 @@ impl Probe {
             let Some(out) = self.out.upgrade() else { return };
             if answered {
                 if fresh {
-                    *self.shared.write().expect("outages connection lock") = self.conn.clone();
+                    // Not over a connection opened later by another probe (it knows a newer
+                    // slot map).
+                    let mut shared = self.shared.write().expect("outages connection lock");
+                    if shared.1 < self.opened_at {
+                        *shared = (self.conn.clone(), self.opened_at);
+                    }
+                    drop(shared);
                     self.moved_parts.lock().expect("outages lock").extend(&self.all);
                     self.moved.store(true, Ordering::Release);
                 }
@@ -232,10 +265,10 @@ impl Probe {
             });
             let due = opened.is_none_or(|t| t.elapsed() >= FRESH_EVERY);
             if (unanswered && due) || failed % FRESH_AFTER == 0 {
-                opened = Some(tokio::time::Instant::now());
+                let now = tokio::time::Instant::now();
+                opened = Some(now);
                 if let Ok(c) = self.target.connect().await {
-                    self.conn = c;
-                    fresh = true;
+                    (self.conn, self.opened_at, fresh) = (c, now, true);
                 }
             }
         }

@@ -24,6 +24,9 @@ pub struct SlotOwners {
     /// Replaced by [`SlotOwners::set_conn`] when the cluster's topology changed unseen.
     conn: std::sync::Mutex<RedisConn>,
     map: tokio::sync::Mutex<SlotMap>,
+    /// Set by [`SlotOwners::set_conn`]: the next lookup asks the cluster again (the map may
+    /// still name a master that stopped answering and was replaced).
+    stale: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -39,13 +42,19 @@ pub(crate) type Node = (String, u16);
 
 impl SlotOwners {
     pub fn new(target: RedisTarget, conn: RedisConn) -> Self {
-        SlotOwners { target, conn: std::sync::Mutex::new(conn), map: tokio::sync::Mutex::default() }
+        SlotOwners {
+            target,
+            conn: std::sync::Mutex::new(conn),
+            map: tokio::sync::Mutex::default(),
+            stale: Default::default(),
+        }
     }
 
     /// Looks slots up on `conn` from now on (a fresh cluster connection: the old one's slot
     /// map may still point at a master that stopped answering and was replaced).
     pub fn set_conn(&self, conn: RedisConn) {
         *self.conn.lock().expect("slot owners lock") = conn;
+        self.stale.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The node serving `slot`; `refresh` asks the cluster again first.
@@ -56,7 +65,9 @@ impl SlotOwners {
                 .or_else(|| m.ranges.iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).map(|r| &r.2))
                 .cloned()
         };
-        if !refresh {
+        let stale = self.stale.load(std::sync::atomic::Ordering::Acquire)
+            && self.stale.swap(false, std::sync::atomic::Ordering::AcqRel);
+        if !refresh && !stale {
             if let Some(found) = find(&*self.map.lock().await) {
                 return Ok(found);
             }
