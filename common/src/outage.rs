@@ -59,7 +59,7 @@ pub struct Outages {
     /// The partitions whose probe was answered only on a fresh connection since the last
     /// [`Outages::take_moved`] (with `moved`).
     moved_parts: Arc<Mutex<Vec<u32>>>,
-    /// How many times a partition came back in ([`Outages::back`], [`Outages::comebacks`]).
+    /// How many times a partition came back in ([`Outages::wait_in`], [`Outages::comebacks`]).
     back: Arc<tokio::sync::watch::Sender<u64>>,
     /// What the numbers are, for the logs: `partition`, `data slot`.
     label: &'static str,
@@ -116,14 +116,8 @@ impl Outages {
         self.conn.read().expect("outages connection lock").0.clone()
     }
 
-    /// Waits until some partition comes back in, or `at_most` passed: a caller that met a
-    /// partition out retries as soon as it answers again, not after a long back-off.
-    pub async fn back(&self, at_most: Duration) {
-        let mut back = self.back.subscribe();
-        let _ = tokio::time::timeout(at_most, back.changed()).await;
-    }
-
-    /// Waits until `p` is in (at once if it is), or `at_most` passed.
+    /// Waits until `p` is in (at once if it is), or `at_most` passed: a caller that met `p`
+    /// out retries as soon as it answers again, not after a long back-off.
     pub async fn wait_in(&self, p: u32, at_most: Duration) {
         let mut back = self.back.subscribe();
         let _ = tokio::time::timeout(at_most, async {
