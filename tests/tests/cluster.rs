@@ -787,6 +787,8 @@ fn a_master_frozen_for_good_is_replaced_and_its_partition_goes_on() {
     for id in ids {
         done.push(bank.rt.block_on(random_transfer_with(bank.client(), &accounts, id, Patience::Once)));
     }
+    // When the producer had the outcomes of all 10, after the election.
+    let answered_after = redtx_common::now_ms().saturating_sub(elected);
     stop.store(true, Ordering::Relaxed);
     let others = bank.rt.block_on(others).expect("the other producer");
     let on_others = others.len();
@@ -817,6 +819,14 @@ fn a_master_frozen_for_good_is_replaced_and_its_partition_goes_on() {
         back_after.is_some_and(|ms| ms < 7_000),
         "partition {p} came back {back_after:?} ms after the election; expected within 7 s"
     );
+    // The producer's outcome reader of partition 0 had a blocking read out to the old master
+    // since the freeze: it gives it up when the partition comes back and reads the new master.
+    // Left to its timeout (15 s after the freeze), the first outcome reached the producer about
+    // 6.5 s after the election.
+    assert!(
+        answered_after < 5_000,
+        "the producer had the 10 outcomes of partition {p} {answered_after} ms after the election; expected within 5 s"
+    );
     streams.thaw(master).expect("the frozen node goes on");
     bank.0.streams = Some(streams);
     let (committed, aborted) = check(&bank, &accounts, &mut done);
@@ -824,7 +834,8 @@ fn a_master_frozen_for_good_is_replaced_and_its_partition_goes_on() {
     drained_and_running(&mut bank);
     eprintln!(
         "{} transfers ({committed} committed, aborted {aborted}), 10 of partition {p} on the new master while the old \
-         one was frozen (the first ended {back_after:?} ms after the election) and {on_others} of other partitions \
+         one was frozen (the first ended {back_after:?} ms after the election, the producer had all 10 outcomes \
+         {answered_after} ms after it) and {on_others} of other partitions \
          through the same client meanwhile, in {:?}",
         done.len(),
         started.elapsed()
