@@ -458,25 +458,13 @@ impl Consumer {
     pub async fn trim(&mut self) -> Result<()> {
         for i in 0..self.cfg.streams.len() {
             let stream = self.cfg.streams[i].clone();
-            let p = partition_of(&stream);
             // On a cluster a stream whose master does not answer is trimmed another time; the
             // others go on.
-            if self.outages.as_ref().is_some_and(|o| o.is_out(p)) {
+            if self.outages.as_ref().is_some_and(|o| o.is_out(partition_of(&stream))) {
                 continue;
             }
-            match self.trim_stream(&stream).await {
-                Err(e) if self.conn.is_cluster() && e.is_slot_outage() => {
-                    tracing::warn!(%stream, error = %e, "trimming failed; tried again later");
-                    if e.is_transient() {
-                        if let Some(o) = &self.outages {
-                            o.mark(p, stream.clone());
-                        }
-                    }
-                }
-                r => {
-                    r?;
-                }
-            }
+            let r = self.trim_stream(&stream).await.map(drop);
+            self.unless_slot_outage(i, r, "trimming")?;
         }
         Ok(())
     }
@@ -489,6 +477,25 @@ impl Consumer {
         trim_stream(&mut self.conn, &self.url, stream, self.cfg.keep).await
     }
 
+    /// `r`, what `what` did on stream `i`, except a slot outage on a cluster: that is logged,
+    /// the stream's partition marked out when its master did not answer ([`Outages`]), and the
+    /// other streams go on.
+    fn unless_slot_outage(&self, i: usize, r: Result<()>, what: &str) -> Result<()> {
+        match r {
+            Err(e) if self.conn.is_cluster() && e.is_slot_outage() => {
+                let stream = &self.cfg.streams[i];
+                tracing::warn!(%stream, error = %e, "{what} failed; tried again later");
+                if e.is_transient() {
+                    if let Some(o) = &self.outages {
+                        o.mark(partition_of(stream), stream.clone());
+                    }
+                }
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
     /// Takes over entries idle longer than `claim_idle` (from dead consumers, or our own failed
     /// batches) on every stream and processes them.
     async fn claim_idle<H: Handler>(&mut self, handler: &mut H) -> Result<()> {
@@ -498,20 +505,8 @@ impl Consumer {
             if self.outages.as_ref().is_some_and(|o| o.is_out(p)) {
                 continue;
             }
-            match self.claim_idle_on(handler, i).await {
-                // On a cluster a stream whose master is down waits (one that does not answer
-                // until it does: [`Outages`]); the others go on.
-                Err(e) if self.conn.is_cluster() && e.is_slot_outage() => {
-                    let stream = &self.cfg.streams[i];
-                    tracing::warn!(%stream, error = %e, "claiming idle entries failed; tried again later");
-                    if e.is_transient() {
-                        if let Some(o) = &self.outages {
-                            o.mark(p, stream.clone());
-                        }
-                    }
-                }
-                r => r?,
-            }
+            let r = self.claim_idle_on(handler, i).await;
+            self.unless_slot_outage(i, r, "claiming idle entries")?;
         }
         Ok(())
     }
