@@ -90,6 +90,14 @@ impl Default for ClusterOptions {
     }
 }
 
+impl ClusterOptions {
+    /// The defaults with `cluster-require-full-coverage no`: while a master is down with no
+    /// replica to take over, the other masters keep serving their slots.
+    pub fn partial_coverage() -> Self {
+        ClusterOptions { extra: vec![("cluster-require-full-coverage".into(), "no".into())], ..Default::default() }
+    }
+}
+
 struct Node {
     server: RedisServer,
     /// The cluster node id (`CLUSTER MYID`), kept across restarts by `nodes.conf`.

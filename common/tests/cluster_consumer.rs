@@ -50,8 +50,7 @@ async fn seen(seen: &Arc<Mutex<Vec<String>>>, txn: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_started_while_a_master_is_frozen_reads_the_other_streams_then_that_one() {
     // No replica; the other masters keep serving their slots while one is silent.
-    let opts =
-        ClusterOptions { extra: vec![("cluster-require-full-coverage".into(), "no".into())], ..Default::default() };
+    let opts = ClusterOptions::partial_coverage();
     let mut cluster =
         tokio::task::spawn_blocking(move || RedisCluster::start_with(3, 0, opts).expect("a cluster")).await.unwrap();
     let master_of = |p: u32| cluster.master_of_slot(keys::partition_slot(p)).unwrap();

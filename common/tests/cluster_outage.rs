@@ -29,8 +29,7 @@ fn moved_replies(cluster: &RedisCluster, frozen: usize) -> u64 {
 /// master is thawed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_redirected_to_a_frozen_master_keeps_its_partition_out() {
-    let opts =
-        ClusterOptions { extra: vec![("cluster-require-full-coverage".into(), "no".into())], ..Default::default() };
+    let opts = ClusterOptions::partial_coverage();
     let mut cluster =
         tokio::task::spawn_blocking(move || RedisCluster::start_with(3, 0, opts).expect("a cluster")).await.unwrap();
     let p = 0;

@@ -602,8 +602,7 @@ fn a_client_and_a_participant_that_start_while_a_master_is_frozen_serve_the_othe
     // and no wait of the client ended until it was back. Then a participant instance is started
     // while the master is still frozen: it must start on the other partitions.
     let started = Instant::now();
-    let full_coverage_off = vec![("cluster-require-full-coverage".to_string(), "no".to_string())];
-    let nodes = redtx_common::cluster_server::ClusterOptions { extra: full_coverage_off, ..Default::default() };
+    let nodes = redtx_common::cluster_server::ClusterOptions::partial_coverage();
     let mut bank = Bank::start_on_cluster(cluster_with(0, nodes), opts());
     let accounts = seeded(&bank);
     bank.client();
