@@ -243,7 +243,7 @@ impl Pinned {
 
     /// Drops the connection and looks the slot up again before the next command (a command
     /// given up on: its node may no longer serve the slot).
-    pub fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         self.node = None;
         self.next = None;
         self.refresh = true;
